@@ -1,0 +1,91 @@
+// Repository format v1: constants, the on-disk records and their codecs.
+// man/cbtfs-format.5 is the prose version of this file; keep them together.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "cbtfs/storage.hpp"
+
+namespace cbtfs {
+
+inline constexpr uint32_t kFormatVersion = 1;
+inline constexpr uint32_t kBlockSize = 64 * 1024;  // CBT granularity
+inline constexpr uint32_t kFanout = 1024;          // refs per index node
+inline constexpr uint32_t kRefSize = 24;
+inline constexpr uint32_t kNodeSize = kFanout * kRefSize;
+inline constexpr std::array<char, 8> kPackMagic = {'C', 'B', 'T', 'F', 'S', 'P', 'K', '1'};
+inline constexpr uint32_t kPackHeaderSize = 16;
+
+// Where one stored record (a data block or an index node) lives.
+// pack == 0 means "nothing stored": an all-zero block or an all-zero subtree.
+struct BlockRef {
+  uint32_t pack = 0;
+  uint32_t stored_len = 0;  // bytes in the pack; bit 31 set: stored uncompressed
+  uint64_t offset = 0;      // byte offset in the pack
+  uint64_t hash = 0;        // XXH3-64 of the uncompressed record
+
+  static constexpr uint32_t kRawFlag = 0x80000000u;
+  bool is_zero() const { return pack == 0; }
+  bool raw() const { return stored_len & kRawFlag; }
+  uint32_t length() const { return stored_len & ~kRawFlag; }
+  bool operator==(const BlockRef&) const = default;
+};
+
+void encode_ref(const BlockRef& r, std::byte* out);
+BlockRef decode_ref(const std::byte* in);
+
+// Depth of the index tree for a disk of n blocks: 1 when one node covers it.
+uint32_t tree_depth(uint64_t nblocks);
+uint64_t block_count(uint64_t virtual_size);
+
+// What a pack header holds: magic, format version, pack id.
+Bytes encode_pack_header(uint32_t pack);
+void check_pack_header(std::span<const std::byte> header, uint32_t pack, const std::string& where);
+
+// LZ4 + XXH3 codec for one record. encode returns the bytes to store and
+// fills ref.stored_len/hash (pack/offset are the caller's).
+Bytes encode_record(std::span<const std::byte> plain, BlockRef& ref);
+// Verifies the checksum and decompresses into out (whose size is the
+// record's uncompressed size). Throws CorruptError, never returns bad data.
+void decode_record(std::span<const std::byte> stored, const BlockRef& ref, std::span<std::byte> out);
+uint64_t hash_bytes(std::span<const std::byte> data);
+bool all_zero(std::span<const std::byte> data);
+
+// One point in time of one VDI: the manifest file points/<seq>.point.
+struct Manifest {
+  std::string vdi;  // uuid
+  uint32_t seq = 0;
+  int64_t time = 0;  // seconds since the epoch, UTC
+  uint64_t virtual_size = 0;
+  uint32_t depth = 1;
+  BlockRef root;
+  uint32_t pack = 0;    // pack this point created (0: none, nothing changed)
+  uint32_t chain = 0;   // seq of the full base this point's chain started at
+  uint32_t parent = 0;  // previous point it is a delta of (0: a full base)
+  std::string chain_reason;  // why a new chain started, for ls
+  std::string vdi_name, vm_name, vm_uuid, snapshot_uuid;
+  uint64_t blocks_written = 0;  // data records this point stored
+  uint64_t bytes_stored = 0;    // bytes of its pack, records and nodes
+};
+
+Bytes encode_manifest(const Manifest& m);
+// Throws FormatError (VersionError for a newer format) naming `where`.
+Manifest decode_manifest(std::span<const std::byte> data, const std::string& where);
+
+// The repository header file "cbtfs-repository".
+Bytes encode_repo_header();
+void check_repo_header(std::span<const std::byte> data, const std::string& where);
+
+// "2026-11-24T030000Z" and back; both throw UsageError on nonsense.
+std::string format_point_name(int64_t t);
+int64_t parse_time(const std::string& iso8601);
+std::string format_iso_time(int64_t t);
+bool is_uuid(const std::string& s);
+std::string random_uuid();
+
+}  // namespace cbtfs

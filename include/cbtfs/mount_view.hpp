@@ -1,0 +1,50 @@
+// The file tree a mount shows, independent of FUSE:
+//   /<vdi-uuid>/<YYYY-MM-DDTHHMMSSZ>.raw   one image per point
+//   /<vdi-uuid>/latest.raw                  symlink to the newest
+//   /by-name/<vm name>/<vdi name>           symlink to ../../<vdi-uuid>
+// Every call looks at the repository afresh (a directory listing, manifests
+// from cache), so a point committed while mounted shows up at once.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "cbtfs/repository.hpp"
+
+namespace cbtfs {
+
+struct ViewEntry {
+  enum class Kind { Dir, Image, Link };
+  Kind kind = Kind::Dir;
+  std::string target;  // Link
+  ManifestPtr point;   // Image
+  int64_t mtime = 0;  // 0: the mount time
+};
+
+// Makes a user-controlled name safe as one path component: no '/', no NUL or
+// control characters, no "." or "..", valid UTF-8, at most 200 bytes.
+std::string sanitize_name(const std::string& name);
+
+class MountView {
+ public:
+  explicit MountView(std::shared_ptr<Repository> repo) : repo_(std::move(repo)) {}
+  std::optional<ViewEntry> lookup(const std::string& path);
+  // nullopt when path is not a directory.
+  std::optional<std::vector<std::pair<std::string, ViewEntry>>> list(const std::string& path);
+  // user.cbtfs.* attributes of an image.
+  static std::vector<std::pair<std::string, std::string>> xattrs(const Manifest& m);
+  Repository& repo() { return *repo_; }
+  std::shared_ptr<Repository> repo_ptr() { return repo_; }
+
+ private:
+  // vm name -> vdi name -> uuid, sanitized and de-duplicated.
+  std::map<std::string, std::map<std::string, std::string>> by_name();
+  std::vector<std::pair<std::string, ViewEntry>> vdi_dir(const std::string& vdi);
+  std::shared_ptr<Repository> repo_;
+};
+
+}  // namespace cbtfs

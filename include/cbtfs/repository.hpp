@@ -1,0 +1,163 @@
+// The backup repository: VDIs, their points, and the record store below them.
+//
+// Layout (see cbtfs-format(5)):
+//   cbtfs-repository                  header: format name and version
+//   vdis/<uuid>/points/<seq>.point    one manifest per committed point
+//   vdis/<uuid>/packs/<seq>.pack      the records (data blocks, index nodes) it added
+//   vdis/<uuid>/lock                  the writer lock
+// A point exists exactly when its manifest exists; the manifest is written
+// last, after its pack is durable. Anything else is invisible garbage that the
+// next writer of that VDI removes.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "cbtfs/format.hpp"
+#include "cbtfs/lru_cache.hpp"
+#include "cbtfs/storage.hpp"
+
+namespace cbtfs {
+
+using ManifestPtr = std::shared_ptr<const Manifest>;
+
+struct PointList {
+  std::vector<ManifestPtr> points;  // by seq, oldest first
+  std::vector<std::string> errors;  // manifests that could not be read
+};
+
+struct RecordKey {
+  const void* vdi;  // interned per VDI by the Repository
+  uint32_t pack;
+  uint64_t offset;
+  bool operator==(const RecordKey&) const = default;
+};
+struct RecordKeyHash {
+  size_t operator()(const RecordKey& k) const noexcept {
+    return std::hash<const void*>()(k.vdi) ^ (std::hash<uint64_t>()(k.offset) * 31 + k.pack);
+  }
+};
+
+class Repository {
+ public:
+  // Creates the repository directory (mode 0700) and its header.
+  static void init(const std::string& path);
+  // Opens and checks the header; throws FormatError/VersionError/StorageError.
+  static std::shared_ptr<Repository> open(const std::string& path);
+  explicit Repository(std::unique_ptr<Storage> storage);
+
+  Storage& storage() { return *storage_; }
+  std::vector<std::string> vdis();
+  bool has_vdi(const std::string& vdi);
+  // Manifests are immutable, so they are parsed once and kept.
+  PointList points(const std::string& vdi);
+  ManifestPtr latest(const std::string& vdi);
+
+  // Reads and verifies one record. Index nodes are cached (they are few and
+  // hot); data blocks go through a small cache for small random reads.
+  std::shared_ptr<const Bytes> node(const std::string& vdi, const BlockRef& ref);
+  void read_block(const std::string& vdi, const BlockRef& ref, std::span<std::byte> out, bool cache);
+
+  static std::string point_key(const std::string& vdi, uint32_t seq);
+  static std::string pack_key(const std::string& vdi, uint32_t pack);
+  static std::string lock_key(const std::string& vdi);
+
+  // Drops cached manifests of points that no longer exist (after prune).
+  void forget_point(const std::string& vdi, uint32_t seq);
+
+ private:
+  const void* intern(const std::string& vdi);
+  void read_record(const std::string& vdi, const BlockRef& ref, std::span<std::byte> out);
+
+  std::unique_ptr<Storage> storage_;
+  std::mutex mu_;
+  std::map<std::string, std::unique_ptr<std::string>> interned_;
+  std::map<std::pair<std::string, uint32_t>, ManifestPtr> manifests_;
+  LruCache<RecordKey, Bytes, RecordKeyHash> nodes_{1024};   // 24 MiB at most
+  LruCache<RecordKey, Bytes, RecordKeyHash> blocks_{64};    // 4 MiB
+};
+
+// Random access to one point as a raw disk image. Thread-safe.
+class PointReader {
+ public:
+  PointReader(std::shared_ptr<Repository> repo, ManifestPtr point);
+  uint64_t size() const { return point_->virtual_size; }
+  const Manifest& point() const { return *point_; }
+  // Reads min(out.size(), size()-offset) bytes; returns the count.
+  // Throws CorruptError naming the block when a record fails its checksum.
+  size_t read(uint64_t offset, std::span<std::byte> out);
+  BlockRef lookup(uint64_t block);
+  // The first offset >= offset that holds data (or is a hole); size() if none.
+  uint64_t next_data(uint64_t offset);
+  uint64_t next_hole(uint64_t offset);
+
+ private:
+  std::shared_ptr<Repository> repo_;
+  ManifestPtr point_;
+};
+
+// What a new point says about itself; everything else the writer derives.
+struct PointInfo {
+  int64_t time = 0;
+  uint64_t virtual_size = 0;
+  std::string vdi_name, vm_name, vm_uuid, snapshot_uuid;
+  bool force_full = false;   // start a new chain even if the last point fits
+  std::string chain_reason;  // said in ls when force_full
+};
+
+// Writes one new point of one VDI. Holds the VDI's writer lock from
+// construction to destruction. Blocks are given in increasing order; a block
+// never given keeps the parent's content (zero without a parent).
+class PointWriter {
+ public:
+  // Throws LockedError if another writer holds the VDI, UsageError if the
+  // time is not after the latest point's.
+  PointWriter(std::shared_ptr<Repository> repo, const std::string& vdi, PointInfo info, const std::string& holder);
+  ~PointWriter();
+  PointWriter(const PointWriter&) = delete;
+  PointWriter& operator=(const PointWriter&) = delete;
+
+  // The point this one is a delta of, or nullptr for a full base.
+  ManifestPtr parent() const { return parent_; }
+  uint64_t block_count() const { return nblocks_; }
+  // data.size() == kBlockSize (the last block zero-padded).
+  void put_block(uint64_t block, std::span<const std::byte> data);
+  // Makes the point durable and visible; returns its manifest.
+  Manifest commit();
+
+  uint64_t blocks_written() const { return blocks_written_; }
+  uint64_t bytes_written() const;
+
+ private:
+  struct Level {
+    int64_t index = -1;  // which node of this level is loaded
+    BlockRef old_ref;    // what the parent pointed at before
+    std::vector<BlockRef> entries;
+    bool dirty = false;
+  };
+  uint32_t clean_leftovers();  // returns the highest point seq in use
+  void ensure(uint32_t level, uint64_t index);
+  void finish(uint32_t level);
+  BlockRef store(std::span<const std::byte> plain);
+  std::vector<BlockRef> load_node(const BlockRef& ref);
+
+  std::shared_ptr<Repository> repo_;
+  std::string vdi_;
+  std::unique_ptr<StorageLock> lock_;
+  PointInfo info_;
+  ManifestPtr parent_;
+  Manifest m_;
+  uint64_t nblocks_ = 0;
+  int64_t last_block_ = -1;
+  std::vector<Level> levels_;
+  std::unique_ptr<ObjectWriter> pack_;
+  uint64_t blocks_written_ = 0;
+  bool committed_ = false;
+};
+
+}  // namespace cbtfs

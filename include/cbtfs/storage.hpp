@@ -1,0 +1,69 @@
+// The narrow interface through which the repository reaches its bytes.
+// Keys are relative '/'-separated names ("vdis/<uuid>/points/00000001.point").
+// Everything the repository guarantees (atomic commit, one writer per VDI)
+// rests on three promises made here:
+//   - an object created with create() is invisible under its key until
+//     commit() returns, and durable once it has returned;
+//   - objects are never modified after commit, only removed;
+//   - try_lock() gives one holder at a time and is released when the
+//     holder dies.
+// A local directory implements it with rename/fsync/flock; an object store
+// with conditional PUTs.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace cbtfs {
+
+using Bytes = std::vector<std::byte>;
+
+class ObjectWriter {
+ public:
+  virtual ~ObjectWriter() = default;  // without commit(): discarded
+  virtual void append(std::span<const std::byte> data) = 0;
+  virtual uint64_t size() const = 0;
+  // Makes the object durable and visible under its key. Fails if it exists.
+  virtual void commit() = 0;
+};
+
+class StorageLock {
+ public:
+  virtual ~StorageLock() = default;
+};
+
+class Storage {
+ public:
+  virtual ~Storage() = default;
+
+  // Reads exactly out.size() bytes at offset; throws StorageError on I/O
+  // errors and FormatError when the object is shorter than asked.
+  virtual void read(const std::string& key, uint64_t offset, std::span<std::byte> out) = 0;
+  // Whole small object, or nullopt when it does not exist.
+  virtual std::optional<Bytes> get(const std::string& key) = 0;
+  virtual std::optional<uint64_t> size(const std::string& key) = 0;
+  // Names directly below prefix ("vdis/"), sorted; empty when none.
+  virtual std::vector<std::string> list(const std::string& prefix) = 0;
+  virtual std::unique_ptr<ObjectWriter> create(const std::string& key) = 0;
+  void put(const std::string& key, std::span<const std::byte> data) {
+    auto w = create(key);
+    w->append(data);
+    w->commit();
+  }
+  virtual void remove(const std::string& key) = 0;
+  // nullptr when someone else holds it; holder() then says who, if known.
+  virtual std::unique_ptr<StorageLock> try_lock(const std::string& key, const std::string& holder) = 0;
+  virtual std::string lock_holder(const std::string& key) = 0;
+  // A human name for messages ("/srv/backup").
+  virtual std::string describe() const = 0;
+};
+
+// The local-directory backend. The directory must exist.
+std::unique_ptr<Storage> open_local_storage(const std::string& root);
+
+}  // namespace cbtfs

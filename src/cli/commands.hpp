@@ -1,0 +1,32 @@
+// The subcommands of cbtfs-repo, one file each. They return the exit code;
+// errors thrown out of them are mapped in repo_main.cpp.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace cbtfs {
+
+// Exit codes of cbtfs-repo (documented in cbtfs-repo(1)).
+enum ExitCode : int {
+  kExitOk = 0,
+  kExitDamaged = 1,   // verify found damage
+  kExitUsage = 2,     // bad command line or request
+  kExitRepo = 3,      // repository missing, unreadable or of a newer version
+  kExitLocked = 4,    // another writer holds the VDI
+  kExitIo = 5,        // I/O error, full disk
+};
+
+struct ImportArgs {
+  std::string repo, image, vdi, vm_name, vdi_name, time;
+  bool quiet = false;
+};
+
+int cmd_init(const std::string& repo);
+int cmd_import(const ImportArgs& a);
+int cmd_ls(const std::string& repo, bool json);
+int cmd_info(const std::string& repo, const std::string& vdi);
+int cmd_verify(const std::string& repo, const std::string& vdi);
+
+}  // namespace cbtfs

@@ -1,0 +1,92 @@
+// cbtfs-repo COMMAND [OPTIONS] REPO: command-line parsing and the one place
+// where errors become exit codes and messages.
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cstdio>
+
+#include "cbtfs/errors.hpp"
+#include "cbtfs/format.hpp"
+#include "commands.hpp"
+
+using namespace cbtfs;
+
+namespace {
+
+std::string lower(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
+  return s;
+}
+
+int run(int argc, char** argv) {
+  CLI::App app{"cbtfs-repo: inspect and maintain a cbtfs backup repository", "cbtfs-repo"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", std::string("cbtfs-repo ") + CBTFS_VERSION);
+  std::string repo, vdi;
+  bool json = false;
+  ImportArgs ia;
+
+  auto* init = app.add_subcommand("init", "create an empty repository");
+  init->add_option("REPO", repo, "repository directory")->required();
+
+  auto* imp = app.add_subcommand("import", "store a raw disk image as the next point of a VDI");
+  imp->add_option("--vdi", ia.vdi, "VDI uuid (default: a new VDI)");
+  imp->add_option("--vm-name", ia.vm_name, "name of the VM the disk belongs to");
+  imp->add_option("--vdi-name", ia.vdi_name, "name of the disk");
+  imp->add_option("--time", ia.time, "time of the point, ISO 8601 (default: now)");
+  imp->add_flag("-q,--quiet", ia.quiet, "print nothing on success");
+  imp->add_option("REPO", ia.repo, "repository")->required();
+  imp->add_option("IMAGE", ia.image, "raw image file or block device")->required();
+
+  auto* ls = app.add_subcommand("ls", "list VDIs and their points");
+  ls->add_flag("--json", json, "machine-readable output");
+  ls->add_option("REPO", repo, "repository")->required();
+
+  auto* info = app.add_subcommand("info", "summary of the repository or of one VDI");
+  info->add_option("REPO", repo, "repository")->required();
+  info->add_option("VDI", vdi, "VDI uuid");
+
+  auto* verify = app.add_subcommand("verify", "read every stored block and check every checksum");
+  verify->add_option("REPO", repo, "repository")->required();
+  verify->add_option("VDI", vdi, "VDI uuid (default: all)");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int rc = app.exit(e);
+    return rc == 0 ? kExitOk : kExitUsage;
+  }
+  vdi = lower(vdi);
+  ia.vdi = lower(ia.vdi);
+  if (!vdi.empty() && !is_uuid(vdi)) throw UsageError("'" + vdi + "' is not a VDI uuid");
+  if (!ia.vdi.empty() && !is_uuid(ia.vdi)) throw UsageError("--vdi '" + ia.vdi + "' is not a uuid");
+
+  if (*init) return cmd_init(repo);
+  if (*imp) return cmd_import(ia);
+  if (*ls) return cmd_ls(repo, json);
+  if (*info) return cmd_info(repo, vdi);
+  if (*verify) return cmd_verify(repo, vdi);
+  return kExitUsage;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "cbtfs-repo: %s\n", e.what());
+    return kExitUsage;
+  } catch (const LockedError& e) {
+    std::fprintf(stderr, "cbtfs-repo: %s\n", e.what());
+    return kExitLocked;
+  } catch (const FormatError& e) {
+    std::fprintf(stderr, "cbtfs-repo: %s\n", e.what());
+    return kExitRepo;
+  } catch (const StorageError& e) {
+    std::fprintf(stderr, "cbtfs-repo: %s\n", e.what());
+    return e.error_number() == ENOENT ? kExitRepo : kExitIo;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "cbtfs-repo: %s\n", e.what());
+    return kExitIo;
+  }
+}

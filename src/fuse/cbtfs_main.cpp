@@ -1,0 +1,154 @@
+// cbtfs REPO MOUNTPOINT [-f] [-o OPTIONS]: mounts a repository read-only.
+// Works as a mount helper too: mount.fuse3 runs "cbtfs REPO MNT -o opts".
+// Exit codes (cbtfs(1)): 0 unmounted cleanly, 1 usage, 2 repository cannot be
+// opened, 3 the mount failed.
+#include <fuse3/fuse.h>
+#include <fuse3/fuse_lowlevel.h>
+#include <sys/stat.h>
+#include <syslog.h>
+#include <unistd.h>
+
+#include <climits>
+#include <cstddef>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <cerrno>
+#include <string>
+
+#include "cbtfs/repository.hpp"
+#include "fuse_ops.hpp"
+
+namespace {
+
+enum ExitCode { kOk = 0, kUsage = 1, kBadRepo = 2, kMountFailed = 3 };
+
+struct Options {
+  char* repo = nullptr;
+  char* mountpoint = nullptr;
+  unsigned mode = 0400;
+  int help = 0;
+  int version = 0;
+};
+
+#define CBTFS_OPT(t, p) {t, offsetof(Options, p), 1}
+const fuse_opt kOptions[] = {CBTFS_OPT("mode=%o", mode), CBTFS_OPT("-h", help), CBTFS_OPT("--help", help),
+                             CBTFS_OPT("-V", version), CBTFS_OPT("--version", version), FUSE_OPT_END};
+
+int collect(void* data, const char* arg, int key, fuse_args*) {
+  auto* o = static_cast<Options*>(data);
+  if (key == FUSE_OPT_KEY_NONOPT) {
+    if (!o->repo) {
+      o->repo = strdup(arg);
+      return 0;
+    }
+    if (!o->mountpoint) {
+      o->mountpoint = strdup(arg);
+      return 1;  // fuse_parse_cmdline wants it too
+    }
+    std::fprintf(stderr, "cbtfs: unexpected argument '%s'\n", arg);
+    return -1;
+  }
+  return 1;
+}
+
+void usage() {
+  std::printf(
+      "usage: cbtfs [OPTIONS] REPO MOUNTPOINT\n"
+      "Mounts a cbtfs backup repository: one directory per VDI, one read-only\n"
+      "raw image per point in time.\n\n"
+      "  -f                 stay in the foreground\n"
+      "  -d                 debug output (implies -f)\n"
+      "  -s                 single-threaded\n"
+      "  -o mode=OCTAL      permission bits of the images (default 0400)\n"
+      "  -o allow_other     let other users in (the mode still applies)\n"
+      "  -o OPTION          any other FUSE mount option\n"
+      "See cbtfs(1).\n");
+}
+
+std::string escape_commas(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    if (c == ',' || c == '\\') out += '\\';
+    out += c;
+  }
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char* argv[]) {
+  fuse_args args = FUSE_ARGS_INIT(argc, argv);
+  Options o;
+  if (fuse_opt_parse(&args, &o, kOptions, collect) != 0) return kUsage;
+  if (o.help) {
+    usage();
+    return kOk;
+  }
+  if (o.version) {
+    std::printf("cbtfs %s (FUSE %s)\n", CBTFS_VERSION, fuse_pkgversion());
+    return kOk;
+  }
+  if (!o.repo || !o.mountpoint) {
+    usage();
+    return kUsage;
+  }
+  if (o.mode & ~0777u || (o.mode & 0222u)) {
+    std::fprintf(stderr, "cbtfs: mode=%o: images are read-only; give read bits only (e.g. 0440)\n", o.mode);
+    return kUsage;
+  }
+
+  char real[PATH_MAX];
+  if (!realpath(o.repo, real)) {
+    std::fprintf(stderr, "cbtfs: cannot open repository %s: %s\n", o.repo, std::strerror(errno));
+    return kBadRepo;
+  }
+  std::shared_ptr<cbtfs::Repository> repo;
+  try {
+    repo = cbtfs::Repository::open(real);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "cbtfs: cannot open repository %s: %s\n", real, e.what());
+    return kBadRepo;
+  }
+
+  // Read-only, and the kernel enforces the mode bits even with allow_other.
+  std::string fixed = "-oro,default_permissions,fsname=" + escape_commas(real) + ",subtype=cbtfs";
+  fuse_opt_add_arg(&args, fixed.c_str());
+
+  fuse_cmdline_opts cmd{};
+  if (fuse_parse_cmdline(&args, &cmd) != 0) return kUsage;
+  if (!cmd.mountpoint) {
+    usage();
+    return kUsage;
+  }
+  openlog("cbtfs", LOG_PID | (cmd.foreground ? LOG_PERROR : 0), LOG_DAEMON);
+
+  cbtfs::MountState st{cbtfs::MountView(repo), static_cast<mode_t>(o.mode), getuid(), getgid(), time(nullptr)};
+  fuse* f = fuse_new(&args, &cbtfs::fuse_operations_table(), sizeof(fuse_operations), &st);
+  if (!f) return kUsage;
+  int rc = kMountFailed;
+  if (fuse_mount(f, cmd.mountpoint) == 0) {
+    if (fuse_daemonize(cmd.foreground) == 0) {
+      fuse_session* se = fuse_get_session(f);
+      if (fuse_set_signal_handlers(se) == 0) {
+        int err;
+        if (cmd.singlethread) {
+          err = fuse_loop(f);
+        } else {
+          fuse_loop_config* lc = fuse_loop_cfg_create();
+          fuse_loop_cfg_set_clone_fd(lc, cmd.clone_fd);
+          fuse_loop_cfg_set_max_threads(lc, cmd.max_threads);
+          err = fuse_loop_mt(f, lc);
+          fuse_loop_cfg_destroy(lc);
+        }
+        rc = err == 0 ? kOk : kMountFailed;
+        fuse_remove_signal_handlers(se);
+      }
+    }
+    fuse_unmount(f);
+  }
+  fuse_destroy(f);
+  free(cmd.mountpoint);
+  fuse_opt_free_args(&args);
+  return rc;
+}

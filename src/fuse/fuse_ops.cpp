@@ -1,0 +1,226 @@
+// FUSE callbacks. Points are immutable, so images are cached by the kernel
+// (keep_cache) and reads need no locking beyond the caches' own.
+#include "fuse_ops.hpp"
+
+#include <sys/xattr.h>
+#include <syslog.h>
+
+#include <cerrno>
+#include <cstring>
+#include <new>
+
+#include "cbtfs/errors.hpp"
+
+namespace cbtfs {
+namespace {
+
+MountState& state() { return *static_cast<MountState*>(fuse_get_context()->private_data); }
+
+// One translation from exceptions to errno for every callback.
+template <typename F>
+int guarded(const char* verb, const char* path, F&& f) {
+  try {
+    return f();
+  } catch (const CorruptError& e) {
+    syslog(LOG_ERR, "Cannot %s %s: %s", verb, path ? path : "?", e.what());
+    return -EIO;
+  } catch (const StorageError& e) {
+    syslog(LOG_ERR, "Cannot %s %s: %s", verb, path ? path : "?", e.what());
+    return e.error_number() == ENOSPC || e.error_number() == EACCES ? -e.error_number() : -EIO;
+  } catch (const std::bad_alloc&) {
+    return -ENOMEM;
+  } catch (const std::exception& e) {
+    syslog(LOG_ERR, "Cannot %s %s: %s", verb, path ? path : "?", e.what());
+    return -EIO;
+  }
+}
+
+mode_t dir_mode(mode_t image_mode) {
+  // A directory is searchable by whoever may read the images in it.
+  mode_t m = 0500;
+  if (image_mode & 0040) m |= 0050;
+  if (image_mode & 0004) m |= 0005;
+  return m;
+}
+
+void fill_stat(const ViewEntry& e, struct stat* st) {
+  auto& s = state();
+  std::memset(st, 0, sizeof *st);
+  st->st_uid = s.uid;
+  st->st_gid = s.gid;
+  st->st_mtim.tv_sec = st->st_ctim.tv_sec = st->st_atim.tv_sec = e.mtime ? e.mtime : s.mount_time;
+  switch (e.kind) {
+    case ViewEntry::Kind::Dir:
+      st->st_mode = S_IFDIR | dir_mode(s.image_mode);
+      st->st_nlink = 2;
+      break;
+    case ViewEntry::Kind::Image:
+      st->st_mode = S_IFREG | s.image_mode;
+      st->st_nlink = 1;
+      st->st_size = static_cast<off_t>(e.point->virtual_size);
+      st->st_blksize = kBlockSize;
+      // Allocated size: what this point's own pack holds is a fair, cheap
+      // answer; du on a mount is not a space report of the repository.
+      st->st_blocks = static_cast<blkcnt_t>((e.point->virtual_size + 511) / 512);
+      break;
+    case ViewEntry::Kind::Link:
+      st->st_mode = S_IFLNK | 0777;
+      st->st_nlink = 1;
+      st->st_size = static_cast<off_t>(e.target.size());
+      break;
+  }
+}
+
+struct OpenImage {
+  ManifestPtr point;
+  PointReader reader;
+};
+
+OpenImage* image_of(fuse_file_info* fi) { return reinterpret_cast<OpenImage*>(fi->fh); }
+
+void* op_init(fuse_conn_info* conn, fuse_config* cfg) {
+  // Names can appear (new points) but never change meaning, and image
+  // contents never change at all.
+  cfg->entry_timeout = 1;
+  cfg->attr_timeout = 1;
+  cfg->negative_timeout = 0;
+  cfg->kernel_cache = 1;
+  conn->max_write = 1 << 20;  // also raises max_pages, hence the largest read
+  conn->max_readahead = 1 << 20;
+  return fuse_get_context()->private_data;
+}
+
+int op_getattr(const char* path, struct stat* st, fuse_file_info* fi) {
+  return guarded("stat", path, [&] {
+    if (fi && fi->fh) {
+      auto& p = image_of(fi)->point;
+      ViewEntry e{ViewEntry::Kind::Image, {}, p, p->time};
+      fill_stat(e, st);
+      return 0;
+    }
+    auto e = state().view.lookup(path);
+    if (!e) return -ENOENT;
+    fill_stat(*e, st);
+    return 0;
+  });
+}
+
+int op_readlink(const char* path, char* buf, size_t size) {
+  return guarded("read link", path, [&] {
+    auto e = state().view.lookup(path);
+    if (!e) return -ENOENT;
+    if (e->kind != ViewEntry::Kind::Link) return -EINVAL;
+    if (size == 0) return -EINVAL;
+    size_t n = std::min(size - 1, e->target.size());
+    std::memcpy(buf, e->target.data(), n);
+    buf[n] = '\0';
+    return 0;
+  });
+}
+
+int op_readdir(const char* path, void* buf, fuse_fill_dir_t fill, off_t, fuse_file_info*, fuse_readdir_flags) {
+  return guarded("list", path, [&] {
+    auto entries = state().view.list(path);
+    if (!entries) return state().view.lookup(path) ? -ENOTDIR : -ENOENT;
+    fill(buf, ".", nullptr, 0, static_cast<fuse_fill_dir_flags>(0));
+    fill(buf, "..", nullptr, 0, static_cast<fuse_fill_dir_flags>(0));
+    for (auto& [name, e] : *entries) {
+      struct stat st;
+      fill_stat(e, &st);
+      if (fill(buf, name.c_str(), &st, 0, static_cast<fuse_fill_dir_flags>(0))) break;
+    }
+    return 0;
+  });
+}
+
+int op_open(const char* path, fuse_file_info* fi) {
+  return guarded("open", path, [&] {
+    if ((fi->flags & O_ACCMODE) != O_RDONLY) return -EROFS;
+    auto e = state().view.lookup(path);
+    if (!e) return -ENOENT;
+    if (e->kind != ViewEntry::Kind::Image) return -EISDIR;
+    fi->fh = reinterpret_cast<uint64_t>(new OpenImage{e->point, PointReader(state().view.repo_ptr(), e->point)});
+    fi->keep_cache = 1;
+    return 0;
+  });
+}
+
+int op_read(const char* path, char* buf, size_t size, off_t off, fuse_file_info* fi) {
+  return guarded("read", path ? path : image_of(fi)->reader.point().vdi.c_str(), [&] {
+    if (off < 0) return -EINVAL;
+    size_t n = image_of(fi)->reader.read(static_cast<uint64_t>(off), {reinterpret_cast<std::byte*>(buf), size});
+    return static_cast<int>(n);
+  });
+}
+
+int op_release(const char*, fuse_file_info* fi) {
+  delete image_of(fi);
+  return 0;
+}
+
+off_t op_lseek(const char* path, off_t off, int whence, fuse_file_info* fi) {
+  return guarded("seek in", path, [&]() -> off_t {
+    auto& r = image_of(fi)->reader;
+    if (off < 0) return -EINVAL;
+    auto pos = static_cast<uint64_t>(off);
+    if (whence != SEEK_DATA && whence != SEEK_HOLE) return -EINVAL;
+    if (pos >= r.size()) return -ENXIO;
+    uint64_t found = whence == SEEK_DATA ? r.next_data(pos) : r.next_hole(pos);
+    if (whence == SEEK_DATA && found >= r.size()) return -ENXIO;
+    return static_cast<off_t>(found);
+  });
+}
+
+int op_getxattr(const char* path, const char* name, char* value, size_t size) {
+  return guarded("read attributes of", path, [&] {
+    auto e = state().view.lookup(path);
+    if (!e) return -ENOENT;
+    if (e->kind != ViewEntry::Kind::Image) return -ENODATA;
+    for (auto& [k, v] : MountView::xattrs(*e->point)) {
+      if (k != name) continue;
+      if (size == 0) return static_cast<int>(v.size());
+      if (size < v.size()) return -ERANGE;
+      std::memcpy(value, v.data(), v.size());
+      return static_cast<int>(v.size());
+    }
+    return -ENODATA;
+  });
+}
+
+int op_listxattr(const char* path, char* list, size_t size) {
+  return guarded("list attributes of", path, [&] {
+    auto e = state().view.lookup(path);
+    if (!e) return -ENOENT;
+    std::string all;
+    if (e->kind == ViewEntry::Kind::Image)
+      for (auto& [k, v] : MountView::xattrs(*e->point)) all.append(k).push_back('\0');
+    if (size == 0) return static_cast<int>(all.size());
+    if (size < all.size()) return -ERANGE;
+    std::memcpy(list, all.data(), all.size());
+    return static_cast<int>(all.size());
+  });
+}
+
+fuse_operations make_table() {
+  fuse_operations ops{};
+  ops.init = op_init;
+  ops.getattr = op_getattr;
+  ops.readlink = op_readlink;
+  ops.readdir = op_readdir;
+  ops.open = op_open;
+  ops.read = op_read;
+  ops.release = op_release;
+  ops.lseek = op_lseek;
+  ops.getxattr = op_getxattr;
+  ops.listxattr = op_listxattr;
+  return ops;
+}
+
+}  // namespace
+
+const fuse_operations& fuse_operations_table() {
+  static const fuse_operations ops = make_table();
+  return ops;
+}
+
+}  // namespace cbtfs

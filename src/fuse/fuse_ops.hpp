@@ -1,0 +1,24 @@
+// The FUSE operations table of cbtfs. It only translates: paths go to a
+// MountView, reads to a PointReader, exceptions to errno.
+#pragma once
+
+#include <fuse3/fuse.h>
+#include <sys/types.h>
+
+#include "cbtfs/mount_view.hpp"
+
+namespace cbtfs {
+
+struct MountState {
+  MountView view;
+  mode_t image_mode = 0400;
+  uid_t uid = 0;
+  gid_t gid = 0;
+  time_t mount_time = 0;
+};
+
+// The state is reached through fuse_get_context()->private_data, so tests
+// can call the callbacks without a kernel mount.
+const fuse_operations& fuse_operations_table();
+
+}  // namespace cbtfs

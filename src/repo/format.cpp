@@ -1,0 +1,315 @@
+// Encoding and decoding of every repository record. Every decoder treats its
+// input as hostile: it checks lengths, magic, version and checksum before it
+// believes a field, and throws FormatError with the file name on any doubt.
+#include "cbtfs/format.hpp"
+
+#include <lz4.h>
+#include <xxhash.h>
+
+#include <cstring>
+#include <ctime>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <regex>
+
+#include "cbtfs/errors.hpp"
+
+namespace cbtfs {
+
+using nlohmann::json;
+
+namespace {
+
+template <typename T>
+void put_le(std::byte* p, T v) {
+  for (size_t i = 0; i < sizeof(T); ++i) p[i] = static_cast<std::byte>((v >> (8 * i)) & 0xff);
+}
+
+template <typename T>
+T get_le(const std::byte* p) {
+  T v = 0;
+  for (size_t i = 0; i < sizeof(T); ++i) v |= static_cast<T>(std::to_integer<uint8_t>(p[i])) << (8 * i);
+  return v;
+}
+
+std::string hex64(uint64_t v) {
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
+uint64_t parse_hex64(const std::string& s) {
+  if (s.size() != 16 || s.find_first_not_of("0123456789abcdef") != std::string::npos)
+    throw FormatError("bad checksum field '" + s + "'");
+  return std::stoull(s, nullptr, 16);
+}
+
+json ref_to_json(const BlockRef& r) {
+  return json{{"pack", r.pack}, {"stored_len", r.stored_len}, {"offset", r.offset}, {"hash", hex64(r.hash)}};
+}
+
+BlockRef ref_from_json(const json& j) {
+  BlockRef r;
+  r.pack = j.at("pack").get<uint32_t>();
+  r.stored_len = j.at("stored_len").get<uint32_t>();
+  r.offset = j.at("offset").get<uint64_t>();
+  r.hash = parse_hex64(j.at("hash").get<std::string>());
+  return r;
+}
+
+// Signed JSON: {"<kind>": {...}, "xxh3": hex(XXH3(dump of the object))}.
+// nlohmann's dump is deterministic (keys sorted), so the check is exact.
+Bytes sign(const char* kind, const json& body) {
+  std::string text = body.dump();
+  json outer{{kind, body}, {"xxh3", hex64(XXH3_64bits(text.data(), text.size()))}};
+  std::string s = outer.dump(1) + "\n";
+  Bytes out(s.size());
+  std::memcpy(out.data(), s.data(), s.size());
+  return out;
+}
+
+json verify(const char* kind, std::span<const std::byte> data, const std::string& where) {
+  json outer = json::parse(reinterpret_cast<const char*>(data.data()),
+                           reinterpret_cast<const char*>(data.data()) + data.size(), nullptr, false);
+  if (outer.is_discarded() || !outer.is_object() || !outer.contains(kind) || !outer.contains("xxh3"))
+    throw FormatError(where + ": not a cbtfs " + kind + " file (truncated or damaged)");
+  const json& body = outer[kind];
+  std::string text = body.dump();
+  if (!outer["xxh3"].is_string() || parse_hex64(outer["xxh3"].get<std::string>()) != XXH3_64bits(text.data(), text.size()))
+    throw CorruptError(where + ": checksum mismatch (the file is damaged)");
+  if (!body.is_object() || !body.contains("version") || !body["version"].is_number_unsigned())
+    throw FormatError(where + ": no format version");
+  auto v = body["version"].get<uint64_t>();
+  if (v > kFormatVersion)
+    throw VersionError(where + ": written by a newer cbtfs (format version " + std::to_string(v) +
+                       ", this cbtfs reads up to " + std::to_string(kFormatVersion) + "); upgrade cbtfs");
+  if (v == 0) throw FormatError(where + ": invalid format version 0");
+  return body;
+}
+
+}  // namespace
+
+void encode_ref(const BlockRef& r, std::byte* out) {
+  put_le<uint32_t>(out, r.pack);
+  put_le<uint32_t>(out + 4, r.stored_len);
+  put_le<uint64_t>(out + 8, r.offset);
+  put_le<uint64_t>(out + 16, r.hash);
+}
+
+BlockRef decode_ref(const std::byte* in) {
+  return BlockRef{get_le<uint32_t>(in), get_le<uint32_t>(in + 4), get_le<uint64_t>(in + 8), get_le<uint64_t>(in + 16)};
+}
+
+uint64_t block_count(uint64_t virtual_size) { return (virtual_size + kBlockSize - 1) / kBlockSize; }
+
+uint32_t tree_depth(uint64_t nblocks) {
+  uint32_t depth = 1;
+  for (uint64_t cover = kFanout; cover < nblocks; cover *= kFanout) ++depth;
+  return depth;
+}
+
+Bytes encode_pack_header(uint32_t pack) {
+  Bytes h(kPackHeaderSize);
+  std::memcpy(h.data(), kPackMagic.data(), kPackMagic.size());
+  put_le<uint32_t>(h.data() + 8, kFormatVersion);
+  put_le<uint32_t>(h.data() + 12, pack);
+  return h;
+}
+
+void check_pack_header(std::span<const std::byte> h, uint32_t pack, const std::string& where) {
+  if (h.size() < kPackHeaderSize || std::memcmp(h.data(), kPackMagic.data(), kPackMagic.size()) != 0)
+    throw FormatError(where + ": not a cbtfs pack file");
+  auto v = get_le<uint32_t>(h.data() + 8);
+  if (v > kFormatVersion) throw VersionError(where + ": pack of a newer format version " + std::to_string(v));
+  if (get_le<uint32_t>(h.data() + 12) != pack) throw FormatError(where + ": pack id does not match its name");
+}
+
+uint64_t hash_bytes(std::span<const std::byte> d) { return XXH3_64bits(d.data(), d.size()); }
+
+bool all_zero(std::span<const std::byte> d) {
+  // Word-at-a-time compare; blocks are 64 KiB-aligned buffers.
+  const std::byte* p = d.data();
+  size_t n = d.size();
+  uint64_t acc = 0;
+  while (n >= 64) {
+    uint64_t w[8];
+    std::memcpy(w, p, 64);
+    acc |= w[0] | w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7];
+    if (acc) return false;
+    p += 64;
+    n -= 64;
+  }
+  while (n--) acc |= std::to_integer<uint8_t>(*p++);
+  return acc == 0;
+}
+
+Bytes encode_record(std::span<const std::byte> plain, BlockRef& ref) {
+  ref.hash = hash_bytes(plain);
+  Bytes out(static_cast<size_t>(LZ4_compressBound(static_cast<int>(plain.size()))));
+  int n = LZ4_compress_default(reinterpret_cast<const char*>(plain.data()), reinterpret_cast<char*>(out.data()),
+                               static_cast<int>(plain.size()), static_cast<int>(out.size()));
+  if (n > 0 && static_cast<size_t>(n) < plain.size()) {
+    out.resize(static_cast<size_t>(n));
+    ref.stored_len = static_cast<uint32_t>(n);
+  } else {
+    // Incompressible: storing it raw makes reads a plain copy.
+    out.assign(plain.begin(), plain.end());
+    ref.stored_len = static_cast<uint32_t>(plain.size()) | BlockRef::kRawFlag;
+  }
+  return out;
+}
+
+void decode_record(std::span<const std::byte> stored, const BlockRef& ref, std::span<std::byte> out) {
+  if (stored.size() != ref.length()) throw CorruptError("record length mismatch");
+  if (ref.raw()) {
+    if (stored.size() != out.size()) throw CorruptError("raw record has the wrong size");
+    std::memcpy(out.data(), stored.data(), out.size());
+  } else {
+    int n = LZ4_decompress_safe(reinterpret_cast<const char*>(stored.data()), reinterpret_cast<char*>(out.data()),
+                                static_cast<int>(stored.size()), static_cast<int>(out.size()));
+    if (n != static_cast<int>(out.size())) throw CorruptError("record does not decompress");
+  }
+  if (hash_bytes(out) != ref.hash) throw CorruptError("checksum mismatch");
+}
+
+Bytes encode_manifest(const Manifest& m) {
+  json body{{"version", kFormatVersion},
+            {"vdi", m.vdi},
+            {"seq", m.seq},
+            {"time", format_iso_time(m.time)},
+            {"virtual_size", m.virtual_size},
+            {"block_size", kBlockSize},
+            {"fanout", kFanout},
+            {"depth", m.depth},
+            {"root", ref_to_json(m.root)},
+            {"pack", m.pack},
+            {"chain", m.chain},
+            {"parent", m.parent},
+            {"chain_reason", m.chain_reason},
+            {"vdi_name", m.vdi_name},
+            {"vm_name", m.vm_name},
+            {"vm_uuid", m.vm_uuid},
+            {"snapshot_uuid", m.snapshot_uuid},
+            {"blocks_written", m.blocks_written},
+            {"bytes_stored", m.bytes_stored}};
+  return sign("point", body);
+}
+
+Manifest decode_manifest(std::span<const std::byte> data, const std::string& where) {
+  json b = verify("point", data, where);
+  try {
+    Manifest m;
+    if (b.at("block_size").get<uint32_t>() != kBlockSize || b.at("fanout").get<uint32_t>() != kFanout)
+      throw FormatError("unsupported block size or fan-out");
+    m.vdi = b.at("vdi").get<std::string>();
+    m.seq = b.at("seq").get<uint32_t>();
+    m.time = parse_time(b.at("time").get<std::string>());
+    m.virtual_size = b.at("virtual_size").get<uint64_t>();
+    m.depth = b.at("depth").get<uint32_t>();
+    m.root = ref_from_json(b.at("root"));
+    m.pack = b.at("pack").get<uint32_t>();
+    m.chain = b.at("chain").get<uint32_t>();
+    m.parent = b.at("parent").get<uint32_t>();
+    m.chain_reason = b.value("chain_reason", "");
+    m.vdi_name = b.value("vdi_name", "");
+    m.vm_name = b.value("vm_name", "");
+    m.vm_uuid = b.value("vm_uuid", "");
+    m.snapshot_uuid = b.value("snapshot_uuid", "");
+    m.blocks_written = b.value("blocks_written", uint64_t{0});
+    m.bytes_stored = b.value("bytes_stored", uint64_t{0});
+    if (!is_uuid(m.vdi)) throw FormatError("bad VDI uuid");
+    if (m.seq == 0 || m.depth != tree_depth(block_count(m.virtual_size)) || m.depth > 6)
+      throw FormatError("inconsistent sequence number, size or depth");
+    if (m.virtual_size > (uint64_t{1} << 50)) throw FormatError("virtual size out of range");
+    return m;
+  } catch (const json::exception& e) {
+    throw FormatError(where + ": malformed point manifest: " + e.what());
+  } catch (const UsageError& e) {
+    throw FormatError(where + ": malformed point manifest: " + e.what());
+  } catch (const FormatError& e) {
+    throw FormatError(where + ": " + e.what());
+  }
+}
+
+Bytes encode_repo_header() {
+  return sign("repository", json{{"version", kFormatVersion}, {"format", "cbtfs"}, {"block_size", kBlockSize}});
+}
+
+void check_repo_header(std::span<const std::byte> data, const std::string& where) {
+  json b = verify("repository", data, where);
+  if (b.value("format", "") != "cbtfs") throw FormatError(where + ": not a cbtfs repository");
+}
+
+std::string format_point_name(int64_t t) {
+  std::time_t tt = t;
+  std::tm tm{};
+  if (!gmtime_r(&tt, &tm)) throw UsageError("time out of range");
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H%M%SZ", &tm);
+  return buf;
+}
+
+std::string format_iso_time(int64_t t) {
+  std::time_t tt = t;
+  std::tm tm{};
+  if (!gmtime_r(&tt, &tm)) throw UsageError("time out of range");
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+// Accepts 2026-11-24T03:00:00Z, 2026-11-24T030000Z, 2026-11-24 03:00:00,
+// an optional fraction and +HH:MM / -HHMM offsets, or "@<epoch seconds>".
+int64_t parse_time(const std::string& s) {
+  if (!s.empty() && s[0] == '@') {
+    try {
+      size_t pos = 0;
+      long long v = std::stoll(s.substr(1), &pos);
+      if (pos + 1 == s.size()) return v;
+    } catch (const std::exception&) {
+    }
+    throw UsageError("bad time '" + s + "'");
+  }
+  static const std::regex re(
+      R"(^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):?(\d{2})(?::?(\d{2})(?:\.\d+)?)?)?\s*(Z|[+-]\d{2}:?\d{2})?$)");
+  std::smatch m;
+  if (!std::regex_match(s, m, re)) throw UsageError("bad time '" + s + "' (want ISO 8601, e.g. 2026-11-24T03:00:00Z)");
+  std::tm tm{};
+  tm.tm_year = std::stoi(m[1]) - 1900;
+  tm.tm_mon = std::stoi(m[2]) - 1;
+  tm.tm_mday = std::stoi(m[3]);
+  tm.tm_hour = m[4].matched ? std::stoi(m[4]) : 0;
+  tm.tm_min = m[5].matched ? std::stoi(m[5]) : 0;
+  tm.tm_sec = m[6].matched ? std::stoi(m[6]) : 0;
+  if (tm.tm_mon > 11 || tm.tm_mday < 1 || tm.tm_mday > 31 || tm.tm_hour > 23 || tm.tm_min > 59 || tm.tm_sec > 60)
+    throw UsageError("bad time '" + s + "'");
+  int64_t t = timegm(&tm);
+  if (m[7].matched && m[7].str() != "Z") {
+    std::string off = m[7].str();
+    int sign = off[0] == '-' ? -1 : 1;
+    std::string digits;
+    for (char c : off.substr(1))
+      if (c != ':') digits += c;
+    t -= sign * (std::stoi(digits.substr(0, 2)) * 3600 + std::stoi(digits.substr(2, 2)) * 60);
+  }
+  return t;
+}
+
+bool is_uuid(const std::string& s) {
+  static const std::regex re("^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$");
+  return std::regex_match(s, re);
+}
+
+std::string random_uuid() {
+  std::random_device rd;
+  std::array<uint8_t, 16> b;
+  for (auto& x : b) x = static_cast<uint8_t>(rd());
+  b[6] = (b[6] & 0x0f) | 0x40;
+  b[8] = (b[8] & 0x3f) | 0x80;
+  char buf[37];
+  std::snprintf(buf, sizeof buf, "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0], b[1],
+                b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]);
+  return buf;
+}
+
+}  // namespace cbtfs

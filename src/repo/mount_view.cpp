@@ -1,0 +1,139 @@
+// MountView: names in the mount, derived from manifests on every call.
+#include "cbtfs/mount_view.hpp"
+
+#include <algorithm>
+
+namespace cbtfs {
+
+namespace {
+
+std::vector<std::string> split(const std::string& path) {
+  std::vector<std::string> parts;
+  size_t i = 0;
+  while (i < path.size()) {
+    size_t j = path.find('/', i);
+    if (j == std::string::npos) j = path.size();
+    if (j > i) parts.push_back(path.substr(i, j - i));
+    i = j + 1;
+  }
+  return parts;
+}
+
+// Length of the valid UTF-8 sequence at s[i], or 0.
+size_t utf8_len(const std::string& s, size_t i) {
+  auto c = static_cast<unsigned char>(s[i]);
+  size_t n = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xe ? 3 : (c >> 3) == 0x1e ? 4 : 0;
+  if (n == 0 || i + n > s.size()) return 0;
+  for (size_t k = 1; k < n; ++k)
+    if ((static_cast<unsigned char>(s[i + k]) >> 6) != 0x2) return 0;
+  if (n == 2 && c < 0xc2) return 0;  // overlong
+  return n;
+}
+
+constexpr const char* kLatest = "latest.raw";
+constexpr const char* kByName = "by-name";
+
+}  // namespace
+
+std::string sanitize_name(const std::string& name) {
+  std::string out;
+  for (size_t i = 0; i < name.size();) {
+    size_t n = utf8_len(name, i);
+    auto c = static_cast<unsigned char>(name[i]);
+    if (n == 0 || c < 0x20 || c == 0x7f || c == '/') {
+      out += '_';
+      i += n ? n : 1;
+      continue;
+    }
+    if (out.size() + n > 200) break;
+    out.append(name, i, n);
+    i += n;
+  }
+  if (out.empty()) out = "_";
+  if (out == "." || out == "..") out = "_" + out;
+  return out;
+}
+
+std::map<std::string, std::map<std::string, std::string>> MountView::by_name() {
+  std::map<std::string, std::map<std::string, std::string>> tree;
+  for (auto& vdi : repo_->vdis()) {
+    auto m = repo_->latest(vdi);
+    if (!m) continue;
+    std::string vm = m->vm_name.empty() ? "_no-vm" : sanitize_name(m->vm_name);
+    std::string name = m->vdi_name.empty() ? vdi : sanitize_name(m->vdi_name);
+    auto& dir = tree[vm];
+    // uuids are listed in sorted order, so the suffixes are stable.
+    if (dir.count(name)) name += " (" + vdi.substr(0, 8) + ")";
+    dir[name] = vdi;
+  }
+  return tree;
+}
+
+std::vector<std::pair<std::string, ViewEntry>> MountView::vdi_dir(const std::string& vdi) {
+  std::vector<std::pair<std::string, ViewEntry>> out;
+  auto pl = repo_->points(vdi);
+  for (auto& m : pl.points) {
+    ViewEntry e{ViewEntry::Kind::Image, {}, m, m->time};
+    out.emplace_back(format_point_name(m->time) + ".raw", std::move(e));
+  }
+  if (!pl.points.empty()) {
+    auto& last = pl.points.back();
+    out.emplace_back(kLatest, ViewEntry{ViewEntry::Kind::Link, format_point_name(last->time) + ".raw", nullptr, last->time});
+  }
+  return out;
+}
+
+std::optional<std::vector<std::pair<std::string, ViewEntry>>> MountView::list(const std::string& path) {
+  auto parts = split(path);
+  std::vector<std::pair<std::string, ViewEntry>> out;
+  if (parts.empty()) {
+    out.emplace_back(kByName, ViewEntry{});
+    for (auto& vdi : repo_->vdis())
+      if (repo_->has_vdi(vdi)) out.emplace_back(vdi, ViewEntry{});
+    return out;
+  }
+  if (parts[0] == kByName) {
+    auto tree = by_name();
+    if (parts.size() == 1) {
+      for (auto& [vm, _] : tree) out.emplace_back(vm, ViewEntry{});
+      return out;
+    }
+    if (parts.size() == 2) {
+      auto it = tree.find(parts[1]);
+      if (it == tree.end()) return std::nullopt;
+      for (auto& [name, vdi] : it->second) out.emplace_back(name, ViewEntry{ViewEntry::Kind::Link, "../../" + vdi, nullptr, 0});
+      return out;
+    }
+    return std::nullopt;
+  }
+  if (parts.size() == 1 && repo_->has_vdi(parts[0])) return vdi_dir(parts[0]);
+  return std::nullopt;
+}
+
+std::optional<ViewEntry> MountView::lookup(const std::string& path) {
+  auto parts = split(path);
+  if (parts.empty()) return ViewEntry{};
+  if (parts.size() == 1) {
+    if (parts[0] == kByName || repo_->has_vdi(parts[0])) return ViewEntry{};
+    return std::nullopt;
+  }
+  auto dir = list(path.substr(0, path.rfind('/')));
+  if (!dir || parts.size() > 3) return std::nullopt;
+  for (auto& [name, e] : *dir)
+    if (name == parts.back()) return e;
+  return std::nullopt;
+}
+
+std::vector<std::pair<std::string, std::string>> MountView::xattrs(const Manifest& m) {
+  return {{"user.cbtfs.vdi_uuid", m.vdi},
+          {"user.cbtfs.vdi_name", m.vdi_name},
+          {"user.cbtfs.vm_name", m.vm_name},
+          {"user.cbtfs.vm_uuid", m.vm_uuid},
+          {"user.cbtfs.snapshot_uuid", m.snapshot_uuid},
+          {"user.cbtfs.time", format_iso_time(m.time)},
+          {"user.cbtfs.chain", std::to_string(m.chain)},
+          {"user.cbtfs.seq", std::to_string(m.seq)},
+          {"user.cbtfs.virtual_size", std::to_string(m.virtual_size)}};
+}
+
+}  // namespace cbtfs

@@ -1,0 +1,194 @@
+// PointWriter: builds a new point as a copy-on-write of its parent's index.
+// Only the index nodes on the path to a changed block are written anew, so a
+// delta costs its changed blocks plus about 24 bytes per block of touched
+// leaves, and every point still has a complete index of its own.
+//
+// Crash safety: records go to this point's pack, which becomes visible only
+// after it is complete and fsync'ed; the manifest is written after that. A
+// crash before the manifest leaves an orphan pack that the next writer of the
+// VDI removes (clean_leftovers), under the same lock.
+#include <unistd.h>
+
+#include <cstring>
+
+#include "cbtfs/errors.hpp"
+#include "cbtfs/repository.hpp"
+
+namespace cbtfs {
+
+uint32_t parse_point_name(const std::string& name);
+uint32_t parse_pack_name(const std::string& name);
+
+PointWriter::PointWriter(std::shared_ptr<Repository> repo, const std::string& vdi, PointInfo info,
+                         const std::string& holder)
+    : repo_(std::move(repo)), vdi_(vdi), info_(std::move(info)) {
+  if (!is_uuid(vdi_)) throw UsageError("'" + vdi_ + "' is not a VDI uuid");
+  if (info_.virtual_size == 0) throw UsageError("a disk of size 0 cannot be backed up");
+  if (info_.virtual_size > (uint64_t{1} << 50)) throw UsageError("virtual size above 1 PiB is not supported");
+  auto& st = repo_->storage();
+  lock_ = st.try_lock(Repository::lock_key(vdi_), holder);
+  if (!lock_) {
+    std::string who = st.lock_holder(Repository::lock_key(vdi_));
+    throw LockedError("VDI " + vdi_ + " is being written by another process" + (who.empty() ? "" : " (" + who + ")") +
+                      "; try again when it has finished");
+  }
+  uint32_t max_seq = clean_leftovers();
+
+  auto latest = repo_->latest(vdi_);
+  if (latest && info_.time <= latest->time)
+    throw UsageError("point time " + format_iso_time(info_.time) + " is not after the latest point of VDI " + vdi_ +
+                     " (" + format_iso_time(latest->time) + ")");
+  m_.vdi = vdi_;
+  m_.seq = max_seq + 1;  // past damaged manifests too: never reuse a name
+  m_.time = info_.time;
+  m_.virtual_size = info_.virtual_size;
+  m_.depth = tree_depth(cbtfs::block_count(info_.virtual_size));
+  m_.vdi_name = info_.vdi_name;
+  m_.vm_name = info_.vm_name;
+  m_.vm_uuid = info_.vm_uuid;
+  m_.snapshot_uuid = info_.snapshot_uuid;
+  nblocks_ = cbtfs::block_count(info_.virtual_size);
+
+  if (latest && !info_.force_full && latest->virtual_size == info_.virtual_size) {
+    parent_ = latest;
+    m_.parent = latest->seq;
+    m_.chain = latest->chain;
+    m_.root = latest->root;
+  } else {
+    m_.chain = m_.seq;
+    if (info_.force_full)
+      m_.chain_reason = info_.chain_reason;
+    else if (latest)
+      m_.chain_reason = "virtual size changed from " + std::to_string(latest->virtual_size) + " to " +
+                        std::to_string(info_.virtual_size);
+  }
+  levels_.resize(m_.depth);
+}
+
+PointWriter::~PointWriter() = default;  // an uncommitted pack is discarded by its writer
+
+uint32_t PointWriter::clean_leftovers() {
+  auto& st = repo_->storage();
+  std::string base = "vdis/" + vdi_;
+  std::vector<bool> has_point;
+  for (auto& n : st.list(base + "/points")) {
+    if (n.rfind(".tmp.", 0) == 0) st.remove(base + "/points/" + n);
+    else if (uint32_t s = parse_point_name(n)) {
+      if (has_point.size() <= s) has_point.resize(s + 1);
+      has_point[s] = true;
+    }
+  }
+  for (auto& n : st.list(base + "/packs")) {
+    uint32_t s = parse_pack_name(n);
+    // A pack whose point never got its manifest belongs to a crashed writer.
+    if (n.rfind(".tmp.", 0) == 0 || (s && (s >= has_point.size() || !has_point[s]))) st.remove(base + "/packs/" + n);
+  }
+  return has_point.empty() ? 0 : static_cast<uint32_t>(has_point.size() - 1);
+}
+
+std::vector<BlockRef> PointWriter::load_node(const BlockRef& ref) {
+  std::vector<BlockRef> entries(kFanout);
+  if (ref.is_zero()) return entries;
+  auto node = repo_->node(vdi_, ref);
+  for (uint32_t i = 0; i < kFanout; ++i) entries[i] = decode_ref(node->data() + i * kRefSize);
+  return entries;
+}
+
+BlockRef PointWriter::store(std::span<const std::byte> plain) {
+  if (!pack_) {
+    pack_ = repo_->storage().create(Repository::pack_key(vdi_, m_.seq));
+    pack_->append(encode_pack_header(m_.seq));
+  }
+  BlockRef ref;
+  ref.pack = m_.seq;
+  ref.offset = pack_->size();
+  Bytes stored = encode_record(plain, ref);
+  pack_->append(stored);
+  return ref;
+}
+
+// Loads node `index` of `level`, first finishing the node it replaces there.
+void PointWriter::ensure(uint32_t level, uint64_t index) {
+  Level& l = levels_[level];
+  if (l.index == static_cast<int64_t>(index)) return;
+  if (l.index >= 0) finish(level);
+  BlockRef old;
+  if (level + 1 < m_.depth) {
+    ensure(level + 1, index / kFanout);
+    old = levels_[level + 1].entries[index % kFanout];
+  } else {
+    old = m_.root;
+  }
+  l.index = static_cast<int64_t>(index);
+  l.old_ref = old;
+  l.entries = load_node(old);
+  l.dirty = false;
+}
+
+void PointWriter::finish(uint32_t level) {
+  Level& l = levels_[level];
+  BlockRef ref = l.old_ref;
+  if (l.dirty) {
+    bool empty = true;
+    for (auto& e : l.entries) empty = empty && e.is_zero();
+    if (empty) {
+      ref = BlockRef{};
+    } else {
+      Bytes node(kNodeSize);
+      for (uint32_t i = 0; i < kFanout; ++i) encode_ref(l.entries[i], node.data() + i * kRefSize);
+      ref = store(node);
+    }
+  }
+  if (level + 1 < m_.depth) {
+    Level& p = levels_[level + 1];
+    auto& slot = p.entries[static_cast<uint64_t>(l.index) % kFanout];
+    if (!(slot == ref)) {
+      slot = ref;
+      p.dirty = true;
+    }
+  } else {
+    m_.root = ref;
+  }
+  l.index = -1;
+}
+
+void PointWriter::put_block(uint64_t block, std::span<const std::byte> data) {
+  if (committed_) throw std::logic_error("put_block after commit");
+  if (block >= nblocks_) throw UsageError("block " + std::to_string(block) + " is beyond the end of the disk");
+  if (static_cast<int64_t>(block) <= last_block_) throw std::logic_error("blocks must be given in increasing order");
+  if (data.size() != kBlockSize) throw std::logic_error("put_block wants exactly one block");
+  last_block_ = static_cast<int64_t>(block);
+  ensure(0, block / kFanout);
+  Level& leaf = levels_[0];
+  BlockRef& slot = leaf.entries[block % kFanout];
+  BlockRef ref;
+  if (!all_zero(data)) {
+    uint64_t h = hash_bytes(data);
+    if (!slot.is_zero() && slot.hash == h) return;  // unchanged since the parent
+    ref = store(data);
+    ++blocks_written_;
+  }
+  if (!(slot == ref)) {
+    slot = ref;
+    leaf.dirty = true;
+  }
+}
+
+uint64_t PointWriter::bytes_written() const { return pack_ ? pack_->size() : 0; }
+
+Manifest PointWriter::commit() {
+  if (committed_) throw std::logic_error("commit twice");
+  for (uint32_t level = 0; level < m_.depth; ++level)
+    if (levels_[level].index >= 0) finish(level);
+  m_.blocks_written = blocks_written_;
+  if (pack_) {
+    m_.pack = m_.seq;
+    m_.bytes_stored = pack_->size();
+    pack_->commit();
+  }
+  repo_->storage().put(Repository::point_key(vdi_, m_.seq), encode_manifest(m_));
+  committed_ = true;
+  return m_;
+}
+
+}  // namespace cbtfs

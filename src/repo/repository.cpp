@@ -1,0 +1,158 @@
+// Repository: header, VDI and point listing, verified record reads.
+#include "cbtfs/repository.hpp"
+
+#include <sys/stat.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+
+#include "cbtfs/errors.hpp"
+
+namespace cbtfs {
+
+namespace {
+constexpr const char* kHeaderKey = "cbtfs-repository";
+
+std::string seq_name(uint32_t seq, const char* suffix) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%08u%s", seq, suffix);
+  return buf;
+}
+
+// "00000012.point" -> 12; 0 for anything else (temporaries, strangers).
+uint32_t parse_seq(const std::string& name, const std::string& suffix) {
+  if (name.size() != 8 + suffix.size() || name.compare(8, suffix.size(), suffix) != 0) return 0;
+  uint32_t v = 0;
+  for (size_t i = 0; i < 8; ++i) {
+    if (name[i] < '0' || name[i] > '9') return 0;
+    v = v * 10 + static_cast<uint32_t>(name[i] - '0');
+  }
+  return v;
+}
+}  // namespace
+
+uint32_t parse_point_name(const std::string& name) { return parse_seq(name, ".point"); }
+uint32_t parse_pack_name(const std::string& name) { return parse_seq(name, ".pack"); }
+
+void Repository::init(const std::string& path) {
+  if (::mkdir(path.c_str(), 0700) != 0 && errno != EEXIST)
+    throw StorageError("cannot create " + path + ": " + std::strerror(errno), errno);
+  auto st = open_local_storage(path);
+  if (st->size(kHeaderKey)) throw UsageError(path + " is already a cbtfs repository");
+  if (!st->list("").empty()) throw UsageError(path + " is not empty; refusing to create a repository in it");
+  st->put(kHeaderKey, encode_repo_header());
+}
+
+std::shared_ptr<Repository> Repository::open(const std::string& path) {
+  auto st = open_local_storage(path);
+  auto header = st->get(kHeaderKey);
+  if (!header) throw UsageError(path + " is not a cbtfs repository (no " + kHeaderKey + " file; create one with 'cbtfs-repo init')");
+  check_repo_header(*header, path + "/" + kHeaderKey);
+  return std::make_shared<Repository>(std::move(st));
+}
+
+Repository::Repository(std::unique_ptr<Storage> storage) : storage_(std::move(storage)) {}
+
+std::string Repository::point_key(const std::string& vdi, uint32_t seq) {
+  return "vdis/" + vdi + "/points/" + seq_name(seq, ".point");
+}
+std::string Repository::pack_key(const std::string& vdi, uint32_t pack) {
+  return "vdis/" + vdi + "/packs/" + seq_name(pack, ".pack");
+}
+std::string Repository::lock_key(const std::string& vdi) { return "vdis/" + vdi + "/lock"; }
+
+std::vector<std::string> Repository::vdis() {
+  std::vector<std::string> out;
+  for (auto& n : storage_->list("vdis"))
+    if (is_uuid(n)) out.push_back(n);
+  return out;
+}
+
+bool Repository::has_vdi(const std::string& vdi) { return is_uuid(vdi) && !storage_->list("vdis/" + vdi + "/points").empty(); }
+
+PointList Repository::points(const std::string& vdi) {
+  PointList out;
+  if (!is_uuid(vdi)) return out;
+  for (auto& name : storage_->list("vdis/" + vdi + "/points")) {
+    uint32_t seq = parse_point_name(name);
+    if (seq == 0) continue;
+    {
+      std::lock_guard g(mu_);
+      if (auto it = manifests_.find({vdi, seq}); it != manifests_.end()) {
+        out.points.push_back(it->second);
+        continue;
+      }
+    }
+    std::string where = storage_->describe() + "/" + point_key(vdi, seq);
+    try {
+      auto data = storage_->get(point_key(vdi, seq));
+      if (!data) continue;  // removed meanwhile
+      auto m = std::make_shared<const Manifest>(decode_manifest(*data, where));
+      if (m->vdi != vdi || m->seq != seq) throw FormatError(where + ": belongs to another VDI or point");
+      std::lock_guard g(mu_);
+      manifests_.emplace(std::make_pair(vdi, seq), m);
+      out.points.push_back(std::move(m));
+    } catch (const std::exception& e) {
+      out.errors.push_back(e.what());
+    }
+  }
+  return out;
+}
+
+ManifestPtr Repository::latest(const std::string& vdi) {
+  auto pl = points(vdi);
+  return pl.points.empty() ? nullptr : pl.points.back();
+}
+
+void Repository::forget_point(const std::string& vdi, uint32_t seq) {
+  std::lock_guard g(mu_);
+  manifests_.erase({vdi, seq});
+}
+
+const void* Repository::intern(const std::string& vdi) {
+  std::lock_guard g(mu_);
+  auto& slot = interned_[vdi];
+  if (!slot) slot = std::make_unique<std::string>(vdi);
+  return slot.get();
+}
+
+void Repository::read_record(const std::string& vdi, const BlockRef& ref, std::span<std::byte> out) {
+  if (ref.length() == 0 || ref.length() > kBlockSize + 1024 || ref.offset < kPackHeaderSize)
+    throw CorruptError("pack " + std::to_string(ref.pack) + " offset " + std::to_string(ref.offset) +
+                       ": impossible record reference");
+  Bytes stored(ref.length());
+  std::string key = pack_key(vdi, ref.pack);
+  try {
+    storage_->read(key, ref.offset, stored);
+    decode_record(stored, ref, out);
+  } catch (const CorruptError& e) {
+    throw CorruptError(storage_->describe() + "/" + key + " offset " + std::to_string(ref.offset) + ": " + e.what());
+  } catch (const StorageError& e) {
+    if (e.error_number() == ENOENT) throw CorruptError(std::string(e.what()) + " (a pack file is missing)");
+    throw;
+  }
+}
+
+std::shared_ptr<const Bytes> Repository::node(const std::string& vdi, const BlockRef& ref) {
+  RecordKey k{intern(vdi), ref.pack, ref.offset};
+  if (auto hit = nodes_.get(k)) return hit;
+  auto n = std::make_shared<Bytes>(kNodeSize);
+  read_record(vdi, ref, *n);
+  nodes_.put(k, n);
+  return n;
+}
+
+void Repository::read_block(const std::string& vdi, const BlockRef& ref, std::span<std::byte> out, bool cache) {
+  RecordKey k{intern(vdi), ref.pack, ref.offset};
+  if (cache) {
+    if (auto hit = blocks_.get(k)) {
+      std::memcpy(out.data(), hit->data(), kBlockSize);
+      return;
+    }
+  }
+  read_record(vdi, ref, out);
+  if (cache) blocks_.put(k, std::make_shared<Bytes>(out.begin(), out.end()));
+}
+
+}  // namespace cbtfs
