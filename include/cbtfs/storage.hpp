@@ -47,7 +47,7 @@ class Storage {
   // Whole small object, or nullopt when it does not exist.
   virtual std::optional<Bytes> get(const std::string& key) = 0;
   virtual std::optional<uint64_t> size(const std::string& key) = 0;
-  // Names directly below prefix ("vdis/"), sorted; empty when none.
+  // Committed names directly below prefix ("vdis"), sorted; empty when none.
   virtual std::vector<std::string> list(const std::string& prefix) = 0;
   virtual std::unique_ptr<ObjectWriter> create(const std::string& key) = 0;
   void put(const std::string& key, std::span<const std::byte> data) {
@@ -56,6 +56,9 @@ class Storage {
     w->commit();
   }
   virtual void remove(const std::string& key) = 0;
+  // Removes what dead writers left under prefix (objects never committed).
+  // Only safe while holding the lock that guards that prefix.
+  virtual void remove_temporaries(const std::string& prefix) = 0;
   // nullptr when someone else holds it; holder() then says who, if known.
   virtual std::unique_ptr<StorageLock> try_lock(const std::string& key, const std::string& holder) = 0;
   virtual std::string lock_holder(const std::string& key) = 0;

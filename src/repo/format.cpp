@@ -75,7 +75,8 @@ json verify(const char* kind, std::span<const std::byte> data, const std::string
     throw FormatError(where + ": not a cbtfs " + kind + " file (truncated or damaged)");
   const json& body = outer[kind];
   std::string text = body.dump();
-  if (!outer["xxh3"].is_string() || parse_hex64(outer["xxh3"].get<std::string>()) != XXH3_64bits(text.data(), text.size()))
+  const json& sum = outer["xxh3"];
+  if (!sum.is_string() || sum.get<std::string>() != hex64(XXH3_64bits(text.data(), text.size())))
     throw CorruptError(where + ": checksum mismatch (the file is damaged)");
   if (!body.is_object() || !body.contains("version") || !body["version"].is_number_unsigned())
     throw FormatError(where + ": no format version");

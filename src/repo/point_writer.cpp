@@ -70,10 +70,11 @@ PointWriter::~PointWriter() = default;  // an uncommitted pack is discarded by i
 uint32_t PointWriter::clean_leftovers() {
   auto& st = repo_->storage();
   std::string base = "vdis/" + vdi_;
+  st.remove_temporaries(base + "/points");
+  st.remove_temporaries(base + "/packs");
   std::vector<bool> has_point;
   for (auto& n : st.list(base + "/points")) {
-    if (n.rfind(".tmp.", 0) == 0) st.remove(base + "/points/" + n);
-    else if (uint32_t s = parse_point_name(n)) {
+    if (uint32_t s = parse_point_name(n)) {
       if (has_point.size() <= s) has_point.resize(s + 1);
       has_point[s] = true;
     }
@@ -81,7 +82,7 @@ uint32_t PointWriter::clean_leftovers() {
   for (auto& n : st.list(base + "/packs")) {
     uint32_t s = parse_pack_name(n);
     // A pack whose point never got its manifest belongs to a crashed writer.
-    if (n.rfind(".tmp.", 0) == 0 || (s && (s >= has_point.size() || !has_point[s]))) st.remove(base + "/packs/" + n);
+    if (s && (s >= has_point.size() || !has_point[s])) st.remove(base + "/packs/" + n);
   }
   return has_point.empty() ? 0 : static_cast<uint32_t>(has_point.size() - 1);
 }

@@ -126,7 +126,7 @@ void Repository::read_record(const std::string& vdi, const BlockRef& ref, std::s
   try {
     storage_->read(key, ref.offset, stored);
     decode_record(stored, ref, out);
-  } catch (const CorruptError& e) {
+  } catch (const FormatError& e) {  // damaged or truncated: never data
     throw CorruptError(storage_->describe() + "/" + key + " offset " + std::to_string(ref.offset) + ": " + e.what());
   } catch (const StorageError& e) {
     if (e.error_number() == ENOENT) throw CorruptError(std::string(e.what()) + " (a pack file is missing)");

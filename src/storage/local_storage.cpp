@@ -24,6 +24,8 @@
 namespace cbtfs {
 namespace {
 
+constexpr const char* kTmpPrefix = ".tmp.";
+
 [[noreturn]] void fail(const std::string& what, const std::string& path, int err = errno) {
   throw StorageError(what + " " + path + ": " + std::strerror(err), err);
 }
@@ -84,7 +86,7 @@ class LocalWriter final : public ObjectWriter {
     make_dirs(parent_of(final_));
     std::random_device rd;
     auto slash = final_.rfind('/');
-    tmp_ = final_.substr(0, slash + 1) + ".tmp." + final_.substr(slash + 1) + "." +
+    tmp_ = final_.substr(0, slash + 1) + kTmpPrefix + final_.substr(slash + 1) + "." +
            std::to_string(::getpid()) + "." + std::to_string(rd());
     fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
     if (fd_ < 0) fail("cannot create", tmp_);
@@ -148,9 +150,8 @@ class LocalStorage final : public Storage {
         fail("cannot read", path(key));
       }
       if (n == 0)
-        throw StorageError("short read from " + path(key) + " at offset " + std::to_string(offset + done) +
-                               ": file is truncated",
-                           EIO);
+        throw FormatError("short read from " + path(key) + " at offset " + std::to_string(offset + done) +
+                          ": the file is truncated");
       done += static_cast<size_t>(n);
     }
   }
@@ -195,12 +196,27 @@ class LocalStorage final : public Storage {
     }
     while (struct dirent* e = ::readdir(d)) {
       std::string n = e->d_name;
-      if (n == "." || n == "..") continue;
+      if (n == "." || n == ".." || n.rfind(kTmpPrefix, 0) == 0) continue;
       names.push_back(std::move(n));
     }
     ::closedir(d);
     std::sort(names.begin(), names.end());
     return names;
+  }
+
+  void remove_temporaries(const std::string& prefix) override {
+    std::string dir = path(prefix);
+    DIR* d = ::opendir(dir.c_str());
+    if (!d) {
+      if (errno == ENOENT) return;
+      fail("cannot list", dir);
+    }
+    std::vector<std::string> junk;
+    while (struct dirent* e = ::readdir(d))
+      if (std::string(e->d_name).rfind(kTmpPrefix, 0) == 0) junk.push_back(dir + "/" + e->d_name);
+    ::closedir(d);
+    for (auto& j : junk)
+      if (::unlink(j.c_str()) != 0 && errno != ENOENT) fail("cannot remove", j);
   }
 
   std::unique_ptr<ObjectWriter> create(const std::string& key) override {
