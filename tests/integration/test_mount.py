@@ -1,0 +1,187 @@
+"""A GPT + ext4 disk through several states, each imported; every point read
+through a real mount must equal the state it came from."""
+
+import errno
+import os
+import random
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from conftest import BLOCK, CBTFS, Mount, files_equal, import_image, ls_json, repo_tool, run, write_at
+from disk import PART_START, Disk, mount_ro
+
+VDI = "6f4b1c2e-0a3d-4e5f-8a9b-0c1d2e3f4a5b"
+TIMES = ["2026-11-20T03:00:00Z", "2026-11-21T03:00:00Z", "2026-11-22T03:00:00Z", "2026-11-23T03:00:00Z"]
+NAMES = ["2026-11-20T030000Z.raw", "2026-11-21T030000Z.raw", "2026-11-22T030000Z.raw", "2026-11-23T030000Z.raw"]
+
+
+@pytest.fixture
+def chain(tmp_path, repo):
+    """Four states of a 48 MiB + 12 KiB disk (not a multiple of 64 KiB)."""
+    rnd = random.Random(42)
+    disk = Disk(tmp_path / "disk.img", 48 * 1024 * 1024 + 12 * 1024)
+    states = []
+    # 1: files added
+    with disk.mount_fs() as fs:
+        for i in range(20):
+            with open(os.path.join(fs, f"file{i}.bin"), "wb") as f:
+                f.write(rnd.randbytes(rnd.randint(1, 300_000)))
+        with open(os.path.join(fs, "hello.txt"), "w") as f:
+            f.write("state one\n")
+    states.append(disk.snapshot(tmp_path / "s1.img"))
+    # 2: files changed and deleted
+    with disk.mount_fs() as fs:
+        with open(os.path.join(fs, "hello.txt"), "w") as f:
+            f.write("state two\n")
+        for i in range(0, 20, 3):
+            os.unlink(os.path.join(fs, f"file{i}.bin"))
+        with open(os.path.join(fs, "file1.bin"), "r+b") as f:
+            f.seek(1000)
+            f.write(b"changed")
+    states.append(disk.snapshot(tmp_path / "s2.img"))
+    # 3: raw writes: one byte, a whole range, and the last partial block
+    size = os.path.getsize(disk.path)
+    write_at(disk.path, 40 * 1024 * 1024 + 7, b"\x01")
+    write_at(disk.path, 44 * 1024 * 1024, rnd.randbytes(3 * BLOCK + 100))
+    write_at(disk.path, size - 100, rnd.randbytes(100))
+    states.append(disk.snapshot(tmp_path / "s3.img"))
+    # 4: zeroed ranges (written zeros and a punched hole)
+    write_at(disk.path, 44 * 1024 * 1024, bytes(2 * BLOCK))
+    subprocess.run(["fallocate", "-p", "-o", str(40 * 1024 * 1024), "-l", str(BLOCK), disk.path], check=True)
+    states.append(disk.snapshot(tmp_path / "s4.img"))
+    for s, t in zip(states, TIMES):
+        import_image(repo, s, VDI, t, vm="test vm", name="system disk")
+    return states
+
+
+def test_every_point_reads_back_exactly(chain, repo, mnt):
+    with Mount(repo, mnt) as m:
+        listing = sorted(os.listdir(m.path(VDI)))
+        assert listing == sorted(NAMES + ["latest.raw"])
+        for state, name in zip(chain, NAMES):
+            assert os.path.getsize(m.path(VDI, name)) == os.path.getsize(state)
+            assert files_equal(m.path(VDI, name), state), name
+        assert os.readlink(m.path(VDI, "latest.raw")) == NAMES[-1]
+        assert files_equal(m.path(VDI, "latest.raw"), chain[-1])
+        # Deltas stored only what changed.
+        pts = ls_json(repo)["vdis"][0]["points"]
+        assert pts[0]["full"] and not any(p["full"] for p in pts[1:])
+        assert pts[2]["blocks_written"] <= 6  # 1 + 4 (range over 4 blocks) + 1 (tail)
+        assert pts[3]["blocks_written"] == 0  # only zeros: nothing stored
+
+
+def test_old_point_loop_mounts_with_its_files(chain, repo, mnt, tmp_path):
+    with Mount(repo, mnt) as m:
+        with mount_ro(m.path(VDI, NAMES[0])) as fs:
+            assert open(os.path.join(fs, "hello.txt")).read() == "state one\n"
+            assert os.path.exists(os.path.join(fs, "file0.bin"))
+        with mount_ro(m.path(VDI, NAMES[1])) as fs:
+            assert open(os.path.join(fs, "hello.txt")).read() == "state two\n"
+            assert not os.path.exists(os.path.join(fs, "file0.bin"))
+        # The GPT reads back through the mount (primary and backup copies:
+        # sgdisk checks both, the backup lives in the last, partial block).
+        out = run("sgdisk", "-v", m.path(VDI, NAMES[1])).stdout
+        assert "No problems found" in out
+        out = run("sgdisk", "-i", "1", m.path(VDI, NAMES[1])).stdout
+        assert "First sector: 2048" in out
+
+
+def test_sparse_copy_is_identical_and_sparse(chain, repo, mnt, tmp_path):
+    with Mount(repo, mnt) as m:
+        dst = tmp_path / "copy.img"
+        run("cp", "--sparse=always", m.path(VDI, NAMES[2]), dst)
+        assert files_equal(dst, chain[2])
+        allocated = os.stat(dst).st_blocks * 512
+        assert allocated < os.path.getsize(dst) // 2, allocated
+        # SEEK_DATA / SEEK_HOLE agree with the content.
+        fd = os.open(m.path(VDI, NAMES[2]), os.O_RDONLY)
+        try:
+            data = os.lseek(fd, 0, os.SEEK_DATA)
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            assert data % BLOCK == 0 and hole > data
+            with pytest.raises(OSError) as e:
+                os.lseek(fd, os.path.getsize(dst), os.SEEK_DATA)
+            assert e.value.errno == errno.ENXIO
+        finally:
+            os.close(fd)
+
+
+def test_point_committed_while_mounted_appears(chain, repo, mnt, tmp_path):
+    with Mount(repo, mnt) as m:
+        assert os.readlink(m.path(VDI, "latest.raw")) == NAMES[-1]
+        new = tmp_path / "s5.img"
+        shutil.copyfile(chain[-1], new)
+        write_at(new, 1000 * BLOCK // 2, b"new point")
+        import_image(repo, new, VDI, "2026-11-24T03:00:00Z")
+        name = "2026-11-24T030000Z.raw"
+        deadline = time.monotonic() + 5
+        while name not in os.listdir(m.path(VDI)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert files_equal(m.path(VDI, name), new)
+        deadline = time.monotonic() + 5
+        while os.readlink(m.path(VDI, "latest.raw")) != name and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert os.readlink(m.path(VDI, "latest.raw")) == name
+        # A new VDI appears too.
+        other = "7f4b1c2e-0a3d-4e5f-8a9b-0c1d2e3f4a5b"
+        import_image(repo, new, other, "2026-11-24T03:00:00Z")
+        deadline = time.monotonic() + 5
+        while other not in os.listdir(m.mnt) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert files_equal(m.path(other, name), new)
+
+
+def test_read_only_modes_xattrs_and_names(chain, repo, mnt):
+    with Mount(repo, mnt) as m:
+        img = m.path(VDI, NAMES[0])
+        st = os.stat(img)
+        assert st.st_mode & 0o777 == 0o400
+        with pytest.raises(OSError) as e:
+            os.open(img, os.O_RDWR)
+        assert e.value.errno in (errno.EROFS, errno.EACCES)
+        assert os.getxattr(img, "user.cbtfs.vdi_uuid").decode() == VDI
+        assert os.getxattr(img, "user.cbtfs.time").decode() == TIMES[0]
+        assert os.getxattr(img, "user.cbtfs.vm_name").decode() == "test vm"
+        assert "user.cbtfs.snapshot_uuid" in os.listxattr(img)
+        link = m.path("by-name", "test vm", "system disk")
+        assert os.readlink(link) == f"../../{VDI}"
+        assert sorted(os.listdir(link)) == sorted(NAMES + ["latest.raw"])
+    with Mount(repo, mnt, "-o", "mode=0444") as m:
+        assert os.stat(m.path(VDI, NAMES[0])).st_mode & 0o777 == 0o444
+
+
+def test_mount_helper_and_fstab_style(chain, repo, mnt, tmp_path):
+    # mount(8) runs mount.fuse3, which runs "cbtfs REPO MNT -o ..." with a
+    # fixed PATH: the built binary is linked into /usr/local/bin for the test.
+    link = "/usr/local/bin/cbtfs"
+    if os.path.exists(link) and os.path.realpath(link) != os.path.realpath(CBTFS):
+        pytest.skip(f"{link} is another cbtfs; not replacing it")
+    made = not os.path.exists(link)
+    if made:
+        os.symlink(CBTFS, link)
+    try:
+        run("mount", "-t", "fuse.cbtfs", "-o", "mode=0440", repo, mnt)
+        assert os.path.ismount(mnt)
+        img = os.path.join(mnt, VDI, NAMES[1])
+        assert os.stat(img).st_mode & 0o777 == 0o440
+        assert files_equal(img, chain[1])
+        run("umount", mnt)
+    finally:
+        if os.path.ismount(mnt):
+            run("umount", "-l", mnt, check=False)
+        if made:
+            os.unlink(link)
+
+
+def test_mount_refuses_bad_repositories(tmp_path, mnt):
+    p = run(CBTFS, tmp_path / "missing", mnt, check=False)
+    assert p.returncode == 2 and "cannot open repository" in p.stderr
+    (tmp_path / "empty").mkdir()
+    p = run(CBTFS, tmp_path / "empty", mnt, check=False)
+    assert p.returncode == 2 and "not a cbtfs repository" in p.stderr
+    p = run(CBTFS, tmp_path / "empty", mnt, "-o", "mode=0644", check=False)
+    assert p.returncode == 1
+    assert not os.path.ismount(mnt)
