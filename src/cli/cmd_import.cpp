@@ -79,7 +79,13 @@ int cmd_import(const ImportArgs& a) {
   while (b < nblocks) {
     uint64_t pos = b * kBlockSize;
     off_t data = ::lseek(fd, static_cast<off_t>(pos), SEEK_DATA);
-    uint64_t data_pos = data < 0 ? size : static_cast<uint64_t>(data);  // ENXIO: only a hole remains
+    uint64_t data_pos = pos;  // file systems without SEEK_DATA: read everything
+    if (data >= 0)
+      data_pos = static_cast<uint64_t>(data);
+    else if (errno == ENXIO)
+      data_pos = size;  // only a hole remains
+    else if (errno != EINVAL && errno != EOPNOTSUPP)
+      throw StorageError("cannot seek in " + a.image + ": " + std::strerror(errno), errno);
     uint64_t data_block = data_pos / kBlockSize;
     if (data_block > b) {
       if (w.parent())
@@ -96,6 +102,7 @@ int cmd_import(const ImportArgs& a) {
   }
   progress.finish();
   Manifest m = w.commit();
+  if (a.quiet && a.vdi.empty()) std::printf("%s\n", vdi.c_str());  // scripts need the new uuid
   if (!a.quiet) {
     std::printf("%s point %s of VDI %s: %llu blocks stored, %s written%s\n", m.parent ? "delta" : "full",
                 format_point_name(m.time).c_str(), vdi.c_str(), static_cast<unsigned long long>(m.blocks_written),

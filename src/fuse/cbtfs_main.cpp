@@ -141,7 +141,9 @@ int main(int argc, char* argv[]) {
           err = fuse_loop_mt(f, lc);
           fuse_loop_cfg_destroy(lc);
         }
-        rc = err == 0 ? kOk : kMountFailed;
+        // A positive value is the signal (SIGTERM, SIGINT) that ended a
+        // clean unmount; only a negative one is a failure.
+        rc = err >= 0 ? kOk : kMountFailed;
         fuse_remove_signal_handlers(se);
       }
     }

@@ -59,8 +59,8 @@ void fill_stat(const ViewEntry& e, struct stat* st) {
       st->st_nlink = 1;
       st->st_size = static_cast<off_t>(e.point->virtual_size);
       st->st_blksize = kBlockSize;
-      // Allocated size: what this point's own pack holds is a fair, cheap
-      // answer; du on a mount is not a space report of the repository.
+      // Reported fully allocated: the true figure would need a walk of the
+      // index, and sparse copies use SEEK_DATA/SEEK_HOLE, not st_blocks.
       st->st_blocks = static_cast<blkcnt_t>((e.point->virtual_size + 511) / 512);
       break;
     case ViewEntry::Kind::Link:

@@ -57,12 +57,18 @@ BlockRef ref_from_json(const json& j) {
   return r;
 }
 
+// Names come from users and hypervisors; invalid UTF-8 becomes U+FFFD
+// instead of an error, identically when signing and when checking.
+std::string canonical(const json& j, int indent = -1) {
+  return j.dump(indent, ' ', false, json::error_handler_t::replace);
+}
+
 // Signed JSON: {"<kind>": {...}, "xxh3": hex(XXH3(dump of the object))}.
 // nlohmann's dump is deterministic (keys sorted), so the check is exact.
 Bytes sign(const char* kind, const json& body) {
-  std::string text = body.dump();
+  std::string text = canonical(body);
   json outer{{kind, body}, {"xxh3", hex64(XXH3_64bits(text.data(), text.size()))}};
-  std::string s = outer.dump(1) + "\n";
+  std::string s = canonical(outer, 1) + "\n";
   Bytes out(s.size());
   std::memcpy(out.data(), s.data(), s.size());
   return out;
@@ -74,7 +80,7 @@ json verify(const char* kind, std::span<const std::byte> data, const std::string
   if (outer.is_discarded() || !outer.is_object() || !outer.contains(kind) || !outer.contains("xxh3"))
     throw FormatError(where + ": not a cbtfs " + kind + " file (truncated or damaged)");
   const json& body = outer[kind];
-  std::string text = body.dump();
+  std::string text = canonical(body);
   const json& sum = outer["xxh3"];
   if (!sum.is_string() || sum.get<std::string>() != hex64(XXH3_64bits(text.data(), text.size())))
     throw CorruptError(where + ": checksum mismatch (the file is damaged)");

@@ -40,14 +40,11 @@ std::string sanitize_name(const std::string& name) {
   for (size_t i = 0; i < name.size();) {
     size_t n = utf8_len(name, i);
     auto c = static_cast<unsigned char>(name[i]);
-    if (n == 0 || c < 0x20 || c == 0x7f || c == '/') {
-      out += '_';
-      i += n ? n : 1;
-      continue;
-    }
-    if (out.size() + n > 200) break;
-    out.append(name, i, n);
-    i += n;
+    bool bad = n == 0 || c < 0x20 || c == 0x7f || c == '/';
+    if (out.size() + (bad ? 1 : n) > 200) break;
+    if (bad) out += '_';
+    else out.append(name, i, n);
+    i += n ? n : 1;
   }
   if (out.empty()) out = "_";
   if (out == "." || out == "..") out = "_" + out;

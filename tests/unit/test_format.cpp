@@ -134,6 +134,13 @@ TEST_CASE("manifests round-trip") {
   CHECK(back.bytes_stored == m.bytes_stored);
 }
 
+TEST_CASE("names that are not UTF-8 are stored, not refused") {
+  Manifest m = sample_manifest();
+  m.vm_name = "bad \xff\xfe name";
+  Manifest back = decode_manifest(encode_manifest(m), "test");
+  CHECK(back.vm_name == "bad \xef\xbf\xbd\xef\xbf\xbd name");
+}
+
 TEST_CASE("manifests: truncation at every length and every bit flip give a clear error") {
   Bytes good = encode_manifest(sample_manifest());
   for (size_t len = 0; len + 1 < good.size(); ++len) {

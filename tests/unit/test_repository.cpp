@@ -272,6 +272,8 @@ TEST_CASE("names in the mount view cannot escape their directory") {
   CHECK(sanitize_name("caf\xc3\xa9") == "caf\xc3\xa9");
   CHECK(sanitize_name(std::string(500, 'x')).size() == 200);
   CHECK(sanitize_name(std::string(300, 'x') + "/").size() == 200);
+  CHECK(sanitize_name(std::string(300, '/')).size() == 200);
+  CHECK(sanitize_name(std::string(300, '\xff')).size() == 200);
 }
 
 TEST_CASE("the mount view lists points, latest and by-name") {

@@ -1,0 +1,12 @@
+#!/bin/sh
+# Installs what cbtfs needs to build, test and run its demo on Debian 12.
+# Run as root. Every package is from Debian's archive; README.md says why each is there.
+set -eu
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends \
+  g++ meson ninja-build pkg-config \
+  libfuse3-dev fuse3 liblz4-dev libxxhash-dev nlohmann-json3-dev libcli11-dev \
+  catch2 python3 python3-pytest \
+  gdisk e2fsprogs util-linux attr kmod \
+  >/dev/null
