@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <cerrno>
+#include <memory>
 #include <string>
 
 #include "cbtfs/repository.hpp"
@@ -24,8 +25,7 @@ namespace {
 enum ExitCode { kOk = 0, kUsage = 1, kBadRepo = 2, kMountFailed = 3 };
 
 struct Options {
-  char* repo = nullptr;
-  char* mountpoint = nullptr;
+  std::string repo, mountpoint;
   unsigned mode = 0400;
   int help = 0;
   int version = 0;
@@ -38,12 +38,12 @@ const fuse_opt kOptions[] = {CBTFS_OPT("mode=%o", mode), CBTFS_OPT("-h", help), 
 int collect(void* data, const char* arg, int key, fuse_args*) {
   auto* o = static_cast<Options*>(data);
   if (key == FUSE_OPT_KEY_NONOPT) {
-    if (!o->repo) {
-      o->repo = strdup(arg);
+    if (o->repo.empty()) {
+      o->repo = arg;
       return 0;
     }
-    if (!o->mountpoint) {
-      o->mountpoint = strdup(arg);
+    if (o->mountpoint.empty()) {
+      o->mountpoint = arg;
       return 1;  // fuse_parse_cmdline wants it too
     }
     std::fprintf(stderr, "cbtfs: unexpected argument '%s'\n", arg);
@@ -79,6 +79,10 @@ std::string escape_commas(const std::string& s) {
 
 int main(int argc, char* argv[]) {
   fuse_args args = FUSE_ARGS_INIT(argc, argv);
+  struct ArgsGuard {
+    fuse_args* a;
+    ~ArgsGuard() { fuse_opt_free_args(a); }
+  } args_guard{&args};
   Options o;
   if (fuse_opt_parse(&args, &o, kOptions, collect) != 0) return kUsage;
   if (o.help) {
@@ -89,7 +93,7 @@ int main(int argc, char* argv[]) {
     std::printf("cbtfs %s (FUSE %s)\n", CBTFS_VERSION, fuse_pkgversion());
     return kOk;
   }
-  if (!o.repo || !o.mountpoint) {
+  if (o.repo.empty() || o.mountpoint.empty()) {
     usage();
     return kUsage;
   }
@@ -99,8 +103,8 @@ int main(int argc, char* argv[]) {
   }
 
   char real[PATH_MAX];
-  if (!realpath(o.repo, real)) {
-    std::fprintf(stderr, "cbtfs: cannot open repository %s: %s\n", o.repo, std::strerror(errno));
+  if (!realpath(o.repo.c_str(), real)) {
+    std::fprintf(stderr, "cbtfs: cannot open repository %s: %s\n", o.repo.c_str(), std::strerror(errno));
     return kBadRepo;
   }
   std::shared_ptr<cbtfs::Repository> repo;
@@ -117,6 +121,7 @@ int main(int argc, char* argv[]) {
 
   fuse_cmdline_opts cmd{};
   if (fuse_parse_cmdline(&args, &cmd) != 0) return kUsage;
+  std::unique_ptr<char, decltype(&free)> mountpoint_guard(cmd.mountpoint, &free);
   if (!cmd.mountpoint) {
     usage();
     return kUsage;
@@ -150,7 +155,5 @@ int main(int argc, char* argv[]) {
     fuse_unmount(f);
   }
   fuse_destroy(f);
-  free(cmd.mountpoint);
-  fuse_opt_free_args(&args);
   return rc;
 }

@@ -28,7 +28,12 @@ PointWriter::PointWriter(std::shared_ptr<Repository> repo, const std::string& vd
   auto& st = repo_->storage();
   lock_ = st.try_lock(Repository::lock_key(vdi_), holder);
   if (!lock_) {
-    std::string who = st.lock_holder(Repository::lock_key(vdi_));
+    // The holder writes its name just after locking; give it a moment.
+    std::string who;
+    for (int i = 0; i < 10 && who.empty(); ++i) {
+      if (i) ::usleep(20000);
+      who = st.lock_holder(Repository::lock_key(vdi_));
+    }
     throw LockedError("VDI " + vdi_ + " is being written by another process" + (who.empty() ? "" : " (" + who + ")") +
                       "; try again when it has finished");
   }

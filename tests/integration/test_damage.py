@@ -141,7 +141,8 @@ def test_kill_9_during_import_never_loses_a_point(tmp_path, repo, mnt):
     # No leftovers of the killed writers remain.
     packs = os.listdir(repo / "vdis" / VDI / "packs")
     points = os.listdir(repo / "vdis" / VDI / "points")
-    assert len(packs) == len(points), (packs, points)
+    assert {p.split(".")[0] for p in packs} <= {p.split(".")[0] for p in points}, (packs, points)
+    assert not [n for n in os.listdir(repo / "vdis" / VDI / "packs") if n.startswith(".tmp")]
 
 
 def test_two_imports_of_one_vdi(tmp_path, repo):
