@@ -107,7 +107,7 @@ Manifest sample_manifest() {
 std::string as_text(const Bytes& b) { return std::string(reinterpret_cast<const char*>(b.data()), b.size()); }
 Bytes as_bytes(const std::string& s) {
   Bytes b(s.size());
-  std::memcpy(b.data(), s.data(), s.size());
+  if (!s.empty()) std::memcpy(b.data(), s.data(), s.size());
   return b;
 }
 
