@@ -127,6 +127,9 @@ class PointWriter {
   uint64_t block_count() const { return nblocks_; }
   // data.size() == kBlockSize (the last block zero-padded).
   void put_block(uint64_t block, std::span<const std::byte> data);
+  // Blocks [first, end) are all zero. Cheap where the parent has nothing
+  // there either: a sparse 1 TiB disk costs one pass over its leaves.
+  void put_zeros(uint64_t first, uint64_t end);
   // Makes the point durable and visible; returns its manifest.
   Manifest commit();
 

@@ -72,7 +72,6 @@ int cmd_import(const ImportArgs& a) {
   // had data there, the writer records zeros.
   constexpr size_t kChunk = 64 * kBlockSize;  // 4 MiB reads
   Bytes buf(kChunk);
-  Bytes zero(kBlockSize);
   Progress progress("import " + vdi.substr(0, 8), size);
   const uint64_t nblocks = w.block_count();
   uint64_t b = 0;
@@ -88,8 +87,7 @@ int cmd_import(const ImportArgs& a) {
       throw StorageError("cannot seek in " + a.image + ": " + std::strerror(errno), errno);
     uint64_t data_block = data_pos / kBlockSize;
     if (data_block > b) {
-      if (w.parent())
-        for (; b < data_block && b < nblocks; ++b) w.put_block(b, zero);
+      w.put_zeros(b, data_block);
       b = data_block;
       continue;
     }

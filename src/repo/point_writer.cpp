@@ -180,6 +180,29 @@ void PointWriter::put_block(uint64_t block, std::span<const std::byte> data) {
   }
 }
 
+void PointWriter::put_zeros(uint64_t first, uint64_t end) {
+  if (committed_) throw std::logic_error("put_zeros after commit");
+  end = std::min(end, nblocks_);
+  if (first >= end) return;
+  if (static_cast<int64_t>(first) <= last_block_) throw std::logic_error("blocks must be given in increasing order");
+  last_block_ = static_cast<int64_t>(end - 1);
+  for (uint64_t b = first; b < end;) {
+    uint64_t leaf_end = std::min(end, (b / kFanout + 1) * kFanout);
+    ensure(0, b / kFanout);
+    Level& leaf = levels_[0];
+    if (!leaf.old_ref.is_zero() || leaf.dirty) {
+      for (; b < leaf_end; ++b) {
+        BlockRef& slot = leaf.entries[b % kFanout];
+        if (!slot.is_zero()) {
+          slot = BlockRef{};
+          leaf.dirty = true;
+        }
+      }
+    }
+    b = leaf_end;
+  }
+}
+
 uint64_t PointWriter::bytes_written() const { return pack_ ? pack_->size() : 0; }
 
 Manifest PointWriter::commit() {

@@ -131,6 +131,25 @@ TEST_CASE("zero blocks and zero subtrees cost nothing; seek finds data and holes
   CHECK(r.next_hole(0) == 0);
 }
 
+TEST_CASE("put_zeros clears what the parent had and skips what it did not") {
+  TestRepo t;
+  Bytes d = mixed_disk(3000, 0, 11);
+  t.write(kVdi, d, 1);
+  PointInfo info;
+  info.time = 2;
+  info.virtual_size = d.size();
+  PointWriter w(t.repo, kVdi, info, "t");
+  w.put_block(0, {d.data(), kBlockSize});
+  w.put_zeros(1, 1500);
+  w.put_block(1500, {d.data() + 1500 * kBlockSize, kBlockSize});
+  w.put_zeros(2000, 99999);  // clamped to the disk
+  Manifest m = w.commit();
+  std::memset(d.data() + kBlockSize, 0, 1499 * kBlockSize);
+  std::memset(d.data() + 2000 * kBlockSize, 0, 1000 * kBlockSize);
+  CHECK(t.read_all(kVdi, 2) == d);
+  CHECK(m.blocks_written == 0);
+}
+
 TEST_CASE("a new size starts a new chain") {
   TestRepo t;
   t.write(kVdi, mixed_disk(4, 0, 1), 1);
