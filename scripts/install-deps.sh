@@ -7,6 +7,7 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
   g++ meson ninja-build pkg-config \
   libfuse3-dev fuse3 liblz4-dev libxxhash-dev nlohmann-json3-dev libcli11-dev \
-  catch2 python3 python3-pytest \
+  libcurl4-openssl-dev libpugixml-dev libnbd-dev libssl-dev \
+  catch2 python3 python3-pytest nbdkit libnbd-bin openssl \
   gdisk e2fsprogs util-linux attr kmod \
   >/dev/null

@@ -125,6 +125,9 @@ class PointWriter {
   // The point this one is a delta of, or nullptr for a full base.
   ManifestPtr parent() const { return parent_; }
   uint64_t block_count() const { return nblocks_; }
+  // Drops the parent before any block is given: this point becomes a full
+  // base of a new chain, for the reason shown in ls.
+  void start_new_chain(const std::string& reason);
   // data.size() == kBlockSize (the last block zero-padded).
   void put_block(uint64_t block, std::span<const std::byte> data);
   // Blocks [first, end) are all zero. Cheap where the parent has nothing

@@ -15,6 +15,7 @@ class Progress {
   Progress(std::string label, uint64_t total);
   ~Progress();
   void update(uint64_t done);
+  void set_total(uint64_t total) { total_ = total; }
   void finish();
 
  private:

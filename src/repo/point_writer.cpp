@@ -180,6 +180,15 @@ void PointWriter::put_block(uint64_t block, std::span<const std::byte> data) {
   }
 }
 
+void PointWriter::start_new_chain(const std::string& reason) {
+  if (last_block_ >= 0 || committed_) throw std::logic_error("start_new_chain after blocks were given");
+  parent_ = nullptr;
+  m_.parent = 0;
+  m_.chain = m_.seq;
+  m_.root = BlockRef{};
+  m_.chain_reason = reason;
+}
+
 void PointWriter::put_zeros(uint64_t first, uint64_t end) {
   if (committed_) throw std::logic_error("put_zeros after commit");
   end = std::min(end, nblocks_);

@@ -1,0 +1,133 @@
+// cbtfs-ingest [OPTIONS] REPO: pulls new points from XenServer into REPO.
+// Exit codes (cbtfs-ingest(1)): 0 every selected VDI got a new point,
+// 1 at least one did not, 2 usage, 3 repository unusable, 4 XAPI unreachable
+// or login refused.
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <fstream>
+#include <mutex>
+#include <nlohmann/json.hpp>
+
+#include "cbtfs/errors.hpp"
+#include "cbtfs/repository.hpp"
+#include "ingest/ingest.hpp"
+#include "progress.hpp"
+
+using namespace cbtfs;
+
+namespace {
+
+enum Exit { kOk = 0, kSomeFailed = 1, kUsage = 2, kRepo = 3, kXapi = 4 };
+
+std::string read_password(const std::string& file) {
+  std::string pw;
+  if (!file.empty()) {
+    std::ifstream in(file);
+    if (!in) throw UsageError("cannot read the password file " + file);
+    std::getline(in, pw);
+  } else if (const char* env = std::getenv("CBTFS_PASSWORD")) {
+    pw = env;
+  } else {
+    throw UsageError("no password: give --password-file FILE or set CBTFS_PASSWORD");
+  }
+  while (!pw.empty() && (pw.back() == '\r' || pw.back() == '\n')) pw.pop_back();
+  return pw;
+}
+
+nlohmann::json to_json(const ingest::Outcome& o) {
+  return {{"vdi_uuid", o.vdi_uuid},     {"vdi_name", o.vdi_name},         {"vm_name", o.vm_name},
+          {"vm_uuid", o.vm_uuid},       {"ok", o.ok},                     {"error", o.error},
+          {"full", o.full},             {"chain_reason", o.chain_reason}, {"point", o.point},
+          {"snapshot_uuid", o.snapshot_uuid}, {"virtual_size", o.virtual_size}, {"blocks_read", o.blocks_changed},
+          {"bytes_read", o.bytes_read}, {"bytes_stored", o.bytes_stored}, {"seconds", o.seconds}};
+}
+
+int run(int argc, char** argv) {
+  CLI::App app{"cbtfs-ingest: back up XenServer disks into a cbtfs repository with changed block tracking",
+               "cbtfs-ingest"};
+  app.set_version_flag("--version", std::string("cbtfs-ingest ") + CBTFS_VERSION);
+  xapi::ClientOptions co;
+  ingest::Options io;
+  std::string repo_path, password_file;
+  bool json = false, quiet = false;
+  app.add_option("--xapi", co.url, "XAPI address, e.g. https://pool-master")->required();
+  app.add_option("--user", co.user, "user name")->default_val("root");
+  app.add_option("--password-file", password_file, "file holding the password (else $CBTFS_PASSWORD)");
+  app.add_option("--vm", io.vms, "VM name or uuid: all its disks, from one snapshot (repeatable)");
+  app.add_option("--vdi", io.vdis, "VDI uuid (repeatable)");
+  app.add_option("--ca-file", co.ca_file, "CA certificate(s) to verify the host with (default: the system's)");
+  app.add_flag("--insecure", co.insecure, "do not verify TLS certificates (XAPI and NBD)");
+  app.add_option("--jobs", io.jobs, "VDIs backed up in parallel")->default_val(2)->check(CLI::Range(1, 16));
+  app.add_option("--connections", io.connections, "NBD connections per VDI")->default_val(4)->check(CLI::Range(1, 16));
+  app.add_flag("--json", json, "print a JSON summary on standard output");
+  app.add_flag("-q,--quiet", quiet, "no progress and no log lines, errors only");
+  app.add_option("REPO", repo_path, "repository")->required();
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? kOk : kUsage;
+  }
+  if (io.vms.empty() && io.vdis.empty()) throw UsageError("nothing to back up: give --vm or --vdi");
+  for (auto& v : io.vdis) {
+    std::transform(v.begin(), v.end(), v.begin(), [](unsigned char ch) { return std::tolower(ch); });
+    if (!is_uuid(v)) throw UsageError("--vdi " + v + " is not a uuid");
+  }
+  if (co.url.find("://") == std::string::npos) co.url = "https://" + co.url;
+  co.password = read_password(password_file);
+  io.nbd.verify = !co.insecure;
+  io.progress = !quiet && isatty(STDERR_FILENO);
+
+  std::shared_ptr<Repository> repo;
+  try {
+    repo = Repository::open(repo_path);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "cbtfs-ingest: cannot open repository %s: %s\n", repo_path.c_str(), e.what());
+    return kRepo;
+  }
+
+  xapi::Client client(co);
+  try {
+    client.login();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "cbtfs-ingest: cannot log in to %s as %s: %s\n", co.url.c_str(), co.user.c_str(), e.what());
+    return kXapi;
+  }
+  std::mutex log_mu;
+  ingest::Log log = [&](const std::string& line) {
+    std::lock_guard g(log_mu);
+    if (!quiet || line.find("FAILED") != std::string::npos) {
+      if (io.progress) std::fprintf(stderr, "\r\033[K");
+      std::fprintf(stderr, "cbtfs-ingest: %s\n", line.c_str());
+    }
+  };
+  auto outcomes = ingest::run(client, repo, io, log);
+  client.logout();
+
+  size_t failed = 0;
+  nlohmann::json summary = nlohmann::json::array();
+  for (auto& o : outcomes) {
+    failed += !o.ok;
+    summary.push_back(to_json(o));
+  }
+  if (json) std::printf("%s\n", nlohmann::json{{"ok", failed == 0}, {"vdis", summary}}.dump(2).c_str());
+  if (!quiet || failed)
+    std::fprintf(stderr, "cbtfs-ingest: %zu of %zu VDI(s) backed up%s\n", outcomes.size() - failed, outcomes.size(),
+                 failed ? "; see the FAILED lines above" : "");
+  return failed ? kSomeFailed : kOk;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "cbtfs-ingest: %s\n", e.what());
+    return kUsage;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "cbtfs-ingest: %s\n", e.what());
+    return kSomeFailed;
+  }
+}

@@ -1,0 +1,369 @@
+#include "ingest.hpp"
+
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <ctime>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <thread>
+
+#include "cbtfs/errors.hpp"
+#include "changed_blocks.hpp"
+#include "cli/progress.hpp"
+#include "transfer.hpp"
+#include "xapi_ops.hpp"
+
+namespace cbtfs::ingest {
+
+namespace {
+
+constexpr const char* kSnapshotPrefix = "cbtfs-ingest ";
+constexpr uint64_t kMaxExtentBlocks = 32;  // 2 MiB NBD requests
+
+// One disk of the run, from lock to cleanup.
+struct Task {
+  VdiInfo vdi;
+  std::string vm_name, vm_uuid;
+  std::optional<VdiInfo> snap;
+  std::unique_ptr<PointWriter> writer;
+  bool cbt_was_off = false;
+  bool committed = false;
+  Outcome out;
+};
+
+// A set of disks snapshotted together: a VM (one VM.snapshot) or one VDI.
+struct Group {
+  std::optional<VmInfo> vm;
+  std::string snapshot_vm_ref;
+  std::vector<size_t> tasks;
+};
+
+
+std::string holder_text() {
+  char host[256] = "?";
+  gethostname(host, sizeof host - 1);
+  return "cbtfs-ingest, pid " + std::to_string(getpid()) + " on " + host;
+}
+
+class Run {
+ public:
+  Run(xapi::Client& c, std::shared_ptr<Repository> repo, const Options& opts, const Log& log)
+      : c_(c), repo_(std::move(repo)), opts_(opts), log_(log) {}
+
+  std::vector<Outcome> go() {
+    select();
+    for (auto& g : groups_) prepare(g);
+    for (auto& g : groups_) snapshot(g);
+    transfer_all();
+    for (auto& g : groups_) finish(g);
+    std::vector<Outcome> out;
+    for (auto& e : errors_) out.push_back(e);
+    for (auto& t : tasks_) out.push_back(t.out);
+    return out;
+  }
+
+ private:
+  void say(const Task& t, const std::string& msg) {
+    log_("VDI " + t.vdi.uuid + " (" + (t.vm_name.empty() ? "" : t.vm_name + "/") + t.vdi.name + "): " + msg);
+  }
+
+  void fail(Task& t, const std::string& why) {
+    if (t.out.error.empty()) t.out.error = why;
+    t.out.ok = false;
+    say(t, "FAILED: " + why);
+  }
+
+  void add_task(Group& g, const VdiInfo& vdi, const std::string& vm_name, const std::string& vm_uuid) {
+    if (!seen_.insert(vdi.uuid).second) return;
+    Task t;
+    t.vdi = vdi;
+    t.vm_name = vm_name;
+    t.vm_uuid = vm_uuid;
+    t.out.vdi_uuid = vdi.uuid;
+    t.out.vdi_name = vdi.name;
+    t.out.vm_name = vm_name;
+    t.out.vm_uuid = vm_uuid;
+    t.out.virtual_size = vdi.virtual_size;
+    g.tasks.push_back(tasks_.size());
+    tasks_.push_back(std::move(t));
+  }
+
+  void select_error(const std::string& what, const std::string& why) {
+    Outcome o;
+    o.vdi_uuid = what;
+    o.error = why;
+    log_(what + ": FAILED: " + why);
+    errors_.push_back(o);
+  }
+
+  void select() {
+    for (auto& key : opts_.vms) {
+      try {
+        Group g;
+        g.vm = find_vm(c_, key);
+        if (g.vm->disks.empty()) throw std::runtime_error("VM '" + g.vm->name + "' has no disks");
+        for (auto& d : g.vm->disks) add_task(g, d, g.vm->name, g.vm->uuid);
+        groups_.push_back(std::move(g));
+      } catch (const std::exception& e) {
+        select_error("VM " + key, e.what());
+      }
+    }
+    for (auto& uuid : opts_.vdis) {
+      try {
+        Group g;
+        add_task(g, vdi_by_uuid(c_, uuid), "", "");
+        if (!g.tasks.empty()) groups_.push_back(std::move(g));
+      } catch (const std::exception& e) {
+        select_error("VDI " + uuid, e.what());
+      }
+    }
+  }
+
+  // Lock each disk in the repository, remove leftovers of interrupted runs
+  // and make sure CBT is on, all before the snapshot.
+  void prepare(Group& g) {
+    for (size_t i : g.tasks) {
+      Task& t = tasks_[i];
+      try {
+        if (t.vdi.is_snapshot) throw std::runtime_error("it is itself a snapshot; give the VDI it was taken of");
+        auto latest = repo_->latest(t.vdi.uuid);
+        PointInfo info;
+        info.time = static_cast<int64_t>(std::time(nullptr));
+        if (latest && info.time <= latest->time) info.time = latest->time + 1;
+        info.virtual_size = t.vdi.virtual_size;
+        info.vdi_name = t.vdi.name;
+        info.vm_name = t.vm_name;
+        info.vm_uuid = t.vm_uuid;
+        t.writer = std::make_unique<PointWriter>(repo_, t.vdi.uuid, info, holder_text());
+        remove_leftover_snapshots(t, /*keep_metadata=*/true);
+        if (!t.vdi.cbt_enabled) {
+          c_.call("VDI.enable_cbt", {xapi::Value(t.vdi.ref)});
+          t.cbt_was_off = true;
+          say(t, "enabled changed block tracking");
+        }
+      } catch (const std::exception& e) {
+        fail(t, e.what());
+        t.writer.reset();
+      }
+    }
+  }
+
+  // Snapshots our runs took that the repository does not need: with data
+  // (left by a killed run) always, metadata-only ones once superseded.
+  void remove_leftover_snapshots(Task& t, bool keep_metadata) {
+    xapi::Value rec = c_.call("VDI.get_record", {xapi::Value(t.vdi.ref)});
+    if (!rec.has("snapshots")) return;
+    auto latest = repo_->latest(t.vdi.uuid);
+    std::string needed = latest ? latest->snapshot_uuid : "";
+    for (auto& ref : rec.at("snapshots").array()) {
+      VdiInfo s;
+      try {
+        s = get_vdi(c_, ref.str());
+      } catch (const xapi::XapiError&) {
+        continue;  // gone meanwhile
+      }
+      if (s.name.rfind(kSnapshotPrefix, 0) != 0) continue;  // not ours
+      if (s.uuid == needed || (t.snap && s.uuid == t.snap->uuid)) continue;
+      if (keep_metadata && s.type == "cbt_metadata") continue;
+      say(t, std::string("removing ") + (s.type == "cbt_metadata" ? "superseded metadata-only" : "leftover") +
+                 " snapshot " + s.uuid);
+      destroy_vdi(c_, s.ref);
+    }
+  }
+
+  void snapshot(Group& g) {
+    bool any = false;
+    for (size_t i : g.tasks) any = any || tasks_[i].writer;
+    if (!any) return;
+    std::string name = kSnapshotPrefix + format_iso_time(static_cast<int64_t>(std::time(nullptr)));
+    try {
+      if (g.vm) {
+        VmInfo snap = snapshot_vm(c_, *g.vm, name);
+        g.snapshot_vm_ref = snap.ref;
+        for (auto& sd : snap.disks) {
+          bool matched = false;
+          for (size_t i : g.tasks) {
+            Task& t = tasks_[i];
+            if (sd.snapshot_of == t.vdi.ref) {
+              t.snap = sd;
+              matched = true;
+            }
+          }
+          if (!matched) destroy_vdi(c_, sd.ref);  // a disk we do not back up
+        }
+      } else {
+        Task& t = tasks_[g.tasks[0]];
+        t.snap = snapshot_vdi(c_, t.vdi);
+      }
+    } catch (const std::exception& e) {
+      for (size_t i : g.tasks) fail(tasks_[i], std::string("snapshot failed: ") + e.what());
+      return;
+    }
+    for (size_t i : g.tasks) {
+      Task& t = tasks_[i];
+      if (t.snap) c_.call("VDI.set_name_label", {xapi::Value(t.snap->ref), xapi::Value(name)});
+      else if (t.writer) fail(t, "the snapshot has no copy of this disk");
+    }
+  }
+
+  // Why this point cannot be a delta of the writer's parent, or "".
+  std::string chain_break(Task& t, std::vector<bool>& bits) {
+    auto parent = t.writer->parent();
+    if (!parent) {
+      auto latest = repo_->latest(t.vdi.uuid);
+      return latest ? "virtual size changed from " + std::to_string(latest->virtual_size) + " to " +
+                          std::to_string(t.vdi.virtual_size)
+                    : "";
+    }
+    if (parent->snapshot_uuid.empty()) return "the previous point was not taken from this host";
+    if (t.cbt_was_off) return "changed block tracking had been disabled on the host";
+    std::string prev_ref;
+    try {
+      prev_ref = c_.call("VDI.get_by_uuid", {xapi::Value(parent->snapshot_uuid)}).str();
+    } catch (const xapi::XapiError& e) {
+      if (e.code() == "UUID_INVALID" || e.code() == "HANDLE_INVALID")
+        return "the previous snapshot " + parent->snapshot_uuid + " is gone from the host";
+      throw;
+    }
+    try {
+      bits = decode_changed_blocks(list_changed_blocks(c_, prev_ref, t.snap->ref), block_count(t.vdi.virtual_size));
+    } catch (const xapi::XapiError& e) {
+      if (e.code() == "VDI_NO_CBT_METADATA") return "the previous snapshot has no changed-block metadata";
+      if (e.code().rfind("SR_BACKEND_FAILURE_46", 0) == 0 || e.code().rfind("SR_BACKEND_FAILURE_45", 0) == 0)
+        return "the host cannot relate the previous snapshot to this one (" + e.code() + ": " + e.param(1) + ")";
+      throw;
+    }
+    return "";
+  }
+
+  void transfer_one(Task& t) {
+    auto start = std::chrono::steady_clock::now();
+    std::vector<bool> bits;
+    std::string reason = chain_break(t, bits);
+    bool full = !t.writer->parent() || !reason.empty();
+    if (full && t.writer->parent()) t.writer->start_new_chain(reason);
+    if (!reason.empty()) say(t, "starting a new full chain: " + reason);
+    uint64_t nblocks = block_count(t.vdi.virtual_size);
+    auto extents = full ? all_extents(nblocks, kMaxExtentBlocks) : changed_extents(bits, kMaxExtentBlocks);
+    uint64_t todo = 0;
+    for (auto& e : extents) todo += std::min<uint64_t>(e.count * kBlockSize, t.vdi.virtual_size - e.first * kBlockSize);
+    auto targets = nbd_targets(c_, *t.snap);
+    if (targets.empty())
+      throw std::runtime_error(
+          "the host offers no NBD access: give a network the 'nbd' purpose (xe network-param-add "
+          "param-name=purpose param-key=nbd uuid=...)");
+    say(t, std::string(full ? "full" : "incremental") + ": reading " + human_bytes(todo) + " over NBD");
+    total_ += todo;
+    uint64_t counted = 0;
+    auto stats = ingest::transfer(targets, opts_.nbd, opts_.connections, extents, t.vdi.virtual_size, *t.writer,
+                                  [&](uint64_t done) {
+                                    done_ += done - counted;
+                                    counted = done;
+                                    show_progress();
+                                  });
+    Manifest m = t.writer->commit();
+    t.committed = true;
+    t.out.ok = true;
+    t.out.full = full;
+    t.out.chain_reason = m.chain_reason;
+    t.out.point = format_point_name(m.time) + ".raw";
+    t.out.snapshot_uuid = t.snap->uuid;
+    t.out.blocks_changed = stats.blocks;
+    t.out.bytes_read = stats.bytes_read;
+    t.out.bytes_stored = m.bytes_stored;
+    t.out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  }
+
+  void show_progress() {
+    std::lock_guard g(progress_mu_);
+    if (!progress_) return;
+    progress_->set_total(total_);
+    progress_->update(done_);
+  }
+
+  void transfer_all() {
+    std::vector<size_t> ready;
+    for (size_t i = 0; i < tasks_.size(); ++i)
+      if (tasks_[i].writer && tasks_[i].snap) ready.push_back(i);
+    if (opts_.progress) progress_ = std::make_unique<Progress>("ingest", 0);
+    std::atomic<size_t> next{0};
+    auto worker = [&] {
+      for (size_t k; (k = next++) < ready.size();) {
+        Task& t = tasks_[ready[k]];
+        try {
+          transfer_one(t);
+        } catch (const std::exception& e) {
+          fail(t, e.what());
+        }
+        t.writer.reset();  // releases the lock; an uncommitted pack vanishes
+      }
+    };
+    std::vector<std::thread> threads;
+    int n = std::max(1, std::min<int>(opts_.jobs, static_cast<int>(ready.size())));
+    for (int i = 0; i < n; ++i) threads.emplace_back(worker);
+    for (auto& th : threads) th.join();
+    if (progress_) progress_->finish();
+    progress_.reset();
+  }
+
+  // NBD connections are closed by now. The snapshot VM record goes first
+  // (its VBDs would keep the disks in use), then each snapshot becomes
+  // metadata-only, or is destroyed when its point did not commit.
+  void finish(Group& g) {
+    if (!g.snapshot_vm_ref.empty()) {
+      try {
+        destroy_snapshot_vm(c_, g.snapshot_vm_ref);
+      } catch (const std::exception& e) {
+        log_("cannot remove the snapshot VM record: " + std::string(e.what()));
+      }
+    }
+    for (size_t i : g.tasks) {
+      Task& t = tasks_[i];
+      if (!t.snap) continue;
+      try {
+        if (t.committed) {
+          data_destroy(c_, t.snap->ref);
+          remove_leftover_snapshots(t, /*keep_metadata=*/false);
+          say(t, "point " + t.out.point + " committed: " + (t.out.full ? "full, " : "") +
+                     std::to_string(t.out.blocks_changed) + " blocks read, " + human_bytes(t.out.bytes_stored) +
+                     " stored");
+        } else {
+          destroy_vdi(c_, t.snap->ref);
+        }
+      } catch (const std::exception& e) {
+        // The point is safe in the repository, but the host still holds the
+        // snapshot's data: better a full next run than a leak of a disk copy.
+        try {
+          destroy_vdi(c_, t.snap->ref);
+        } catch (const std::exception&) {
+        }
+        if (t.committed) say(t, std::string("cannot make the snapshot metadata-only (") + e.what() +
+                                    "); destroyed it, so the next run is a full one");
+        else fail(t, std::string("cannot remove the snapshot: ") + e.what());
+      }
+    }
+  }
+
+  xapi::Client& c_;
+  std::shared_ptr<Repository> repo_;
+  const Options& opts_;
+  const Log& log_;
+  std::vector<Task> tasks_;
+  std::vector<Group> groups_;
+  std::vector<Outcome> errors_;
+  std::set<std::string> seen_;
+  std::mutex progress_mu_;
+  std::unique_ptr<Progress> progress_;
+  std::atomic<uint64_t> total_{0}, done_{0};
+};
+
+}  // namespace
+
+std::vector<Outcome> run(xapi::Client& client, std::shared_ptr<Repository> repo, const Options& opts, const Log& log) {
+  return Run(client, std::move(repo), opts, log).go();
+}
+
+}  // namespace cbtfs::ingest

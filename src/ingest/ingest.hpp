@@ -1,0 +1,50 @@
+// One backup run: snapshot the selected disks, pull what changed since each
+// disk's previous point over NBD, commit a point per disk, and leave only
+// metadata-only snapshots behind on the host.
+//
+// Invariant: every snapshot this run takes either becomes a committed point
+// and is then turned into a metadata-only snapshot, or is destroyed. No
+// snapshot with data stays on the host, whatever fails.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cbtfs/repository.hpp"
+#include "nbd/nbd_reader.hpp"
+#include "xapi/client.hpp"
+
+namespace cbtfs::ingest {
+
+struct Options {
+  std::vector<std::string> vms;   // uuid or name label
+  std::vector<std::string> vdis;  // uuid
+  int jobs = 1;                   // VDIs in parallel
+  int connections = 4;            // NBD connections per VDI
+  nbd::Options nbd;
+  bool progress = true;
+};
+
+struct Outcome {
+  std::string vdi_uuid, vdi_name, vm_name, vm_uuid;
+  bool ok = false;
+  std::string error;
+  bool full = false;
+  std::string chain_reason;
+  std::string point;  // image name of the new point
+  std::string snapshot_uuid;
+  uint64_t virtual_size = 0;
+  uint64_t blocks_changed = 0;  // blocks read over NBD
+  uint64_t bytes_read = 0;
+  uint64_t bytes_stored = 0;
+  double seconds = 0;
+};
+
+using Log = std::function<void(const std::string&)>;
+
+// Never throws for a single VDI's failure: each Outcome says what happened.
+std::vector<Outcome> run(xapi::Client& client, std::shared_ptr<Repository> repo, const Options& opts, const Log& log);
+
+}  // namespace cbtfs::ingest

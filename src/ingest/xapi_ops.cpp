@@ -1,0 +1,113 @@
+#include "xapi_ops.hpp"
+
+#include <chrono>
+#include <thread>
+
+#include "cbtfs/format.hpp"
+
+namespace cbtfs::ingest {
+
+using xapi::Value;
+
+namespace {
+constexpr const char* kNullRef = "OpaqueRef:NULL";
+
+bool truthy(const Value& rec, const char* key) { return rec.has(key) && rec.at(key).to_bool(); }
+std::string text(const Value& rec, const char* key) { return rec.has(key) ? rec.at(key).str() : std::string(); }
+}  // namespace
+
+VdiInfo get_vdi(xapi::Client& c, const std::string& ref) {
+  Value r = c.call("VDI.get_record", {Value(ref)});
+  VdiInfo v;
+  v.ref = ref;
+  v.uuid = r.at("uuid").str();
+  v.name = text(r, "name_label");
+  v.virtual_size = static_cast<uint64_t>(r.at("virtual_size").to_int());
+  v.type = text(r, "type");
+  v.cbt_enabled = truthy(r, "cbt_enabled");
+  v.is_snapshot = truthy(r, "is_a_snapshot");
+  v.snapshot_of = text(r, "snapshot_of");
+  return v;
+}
+
+VdiInfo vdi_by_uuid(xapi::Client& c, const std::string& uuid) {
+  return get_vdi(c, c.call("VDI.get_by_uuid", {Value(uuid)}).str());
+}
+
+VmInfo get_vm(xapi::Client& c, const std::string& ref) {
+  Value r = c.call("VM.get_record", {Value(ref)});
+  VmInfo vm;
+  vm.ref = ref;
+  vm.uuid = r.at("uuid").str();
+  vm.name = text(r, "name_label");
+  for (auto& vbd_ref : r.at("VBDs").array()) {
+    Value vbd = c.call("VBD.get_record", {vbd_ref});
+    if (text(vbd, "type") != "Disk" || truthy(vbd, "empty")) continue;
+    std::string vdi = text(vbd, "VDI");
+    if (vdi.empty() || vdi == kNullRef) continue;
+    vm.disks.push_back(get_vdi(c, vdi));
+  }
+  return vm;
+}
+
+VmInfo find_vm(xapi::Client& c, const std::string& key) {
+  if (is_uuid(key)) return get_vm(c, c.call("VM.get_by_uuid", {Value(key)}).str());
+  auto refs = c.call("VM.get_by_name_label", {Value(key)}).array();
+  std::vector<std::string> vms;
+  for (auto& r : refs) {
+    Value rec = c.call("VM.get_record", {r});
+    if (!truthy(rec, "is_a_snapshot") && !truthy(rec, "is_a_template") && !truthy(rec, "is_control_domain"))
+      vms.push_back(r.str());
+  }
+  if (vms.empty()) throw std::runtime_error("no VM named '" + key + "'");
+  if (vms.size() > 1) throw std::runtime_error(std::to_string(vms.size()) + " VMs are named '" + key + "'; give its uuid");
+  return get_vm(c, vms[0]);
+}
+
+VmInfo snapshot_vm(xapi::Client& c, const VmInfo& vm, const std::string& name) {
+  return get_vm(c, c.call("VM.snapshot", {Value(vm.ref), Value(name)}).str());
+}
+
+VdiInfo snapshot_vdi(xapi::Client& c, const VdiInfo& vdi) {
+  return get_vdi(c, c.call("VDI.snapshot", {Value(vdi.ref), Value(std::map<std::string, Value>{})}).str());
+}
+
+std::vector<nbd::Target> nbd_targets(xapi::Client& c, const VdiInfo& snap) {
+  std::vector<nbd::Target> out;
+  for (auto& r : c.call("VDI.get_nbd_info", {Value(snap.ref)}).array())
+    out.push_back({r.at("address").str(), r.at("port").str(), r.at("exportname").str(), text(r, "cert"), text(r, "subject")});
+  return out;
+}
+
+std::string list_changed_blocks(xapi::Client& c, const std::string& from_ref, const std::string& to_ref) {
+  return c.call("VDI.list_changed_blocks", {Value(from_ref), Value(to_ref)}).str();
+}
+
+void data_destroy(xapi::Client& c, const std::string& ref) {
+  for (int attempt = 0;; ++attempt) {
+    try {
+      c.call("VDI.data_destroy", {Value(ref)});
+      return;
+    } catch (const xapi::XapiError& e) {
+      if (e.code() != "VDI_IN_USE" || attempt >= 10) throw;
+      std::this_thread::sleep_for(std::chrono::seconds(attempt < 3 ? 1 : 5));
+    }
+  }
+}
+
+void destroy_vdi(xapi::Client& c, const std::string& ref) {
+  for (int attempt = 0;; ++attempt) {
+    try {
+      c.call("VDI.destroy", {Value(ref)});
+      return;
+    } catch (const xapi::XapiError& e) {
+      if (e.code() == "HANDLE_INVALID") return;  // already gone
+      if (e.code() != "VDI_IN_USE" || attempt >= 10) throw;
+      std::this_thread::sleep_for(std::chrono::seconds(attempt < 3 ? 1 : 5));
+    }
+  }
+}
+
+void destroy_snapshot_vm(xapi::Client& c, const std::string& ref) { c.call("VM.destroy", {Value(ref)}); }
+
+}  // namespace cbtfs::ingest

@@ -1,0 +1,42 @@
+// The XAPI calls a backup run makes, typed. Knows XAPI, not the repository.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "nbd/nbd_reader.hpp"
+#include "xapi/client.hpp"
+
+namespace cbtfs::ingest {
+
+struct VdiInfo {
+  std::string ref, uuid, name;
+  uint64_t virtual_size = 0;
+  std::string type;  // user, system, cbt_metadata, ...
+  bool cbt_enabled = false;
+  bool is_snapshot = false;
+  std::string snapshot_of;  // ref
+};
+
+struct VmInfo {
+  std::string ref, uuid, name;
+  std::vector<VdiInfo> disks;  // Disk VBDs with a VDI; CDs and empty drives skipped
+};
+
+VdiInfo get_vdi(xapi::Client& c, const std::string& ref);
+VdiInfo vdi_by_uuid(xapi::Client& c, const std::string& uuid);
+// A VM by uuid or by name label (which must be unique).
+VmInfo find_vm(xapi::Client& c, const std::string& uuid_or_name);
+VmInfo get_vm(xapi::Client& c, const std::string& ref);
+
+// Snapshots the whole VM (a crash-consistent set); returns the snapshot VM.
+VmInfo snapshot_vm(xapi::Client& c, const VmInfo& vm, const std::string& name);
+VdiInfo snapshot_vdi(xapi::Client& c, const VdiInfo& vdi);
+std::vector<nbd::Target> nbd_targets(xapi::Client& c, const VdiInfo& snap);
+std::string list_changed_blocks(xapi::Client& c, const std::string& from_ref, const std::string& to_ref);
+// Retries VDI_IN_USE for a while: the host may still be unplugging the VBD.
+void data_destroy(xapi::Client& c, const std::string& ref);
+void destroy_vdi(xapi::Client& c, const std::string& ref);
+void destroy_snapshot_vm(xapi::Client& c, const std::string& ref);
+
+}  // namespace cbtfs::ingest

@@ -1,0 +1,167 @@
+// NBD connections with libnbd's asynchronous API, so that connects and
+// reads have deadlines: a server that stops answering is a failure, not a
+// hang.
+#include "nbd_reader.hpp"
+
+#include <libnbd.h>
+#include <netdb.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+namespace cbtfs::nbd {
+
+namespace {
+
+nbd_handle* H(void* h) { return static_cast<nbd_handle*>(h); }
+
+std::string last_error() {
+  const char* e = nbd_get_error();
+  return e ? e : "unknown NBD error";
+}
+
+// Does host name `name` resolve to `address`? Then the certificate can be
+// checked against the name the host itself put in it.
+bool resolves_to(const std::string& name, const std::string& address) {
+  if (name.empty()) return false;
+  addrinfo hints{};
+  hints.ai_flags = AI_NUMERICSERV;
+  addrinfo* res = nullptr;
+  if (getaddrinfo(name.c_str(), nullptr, &hints, &res) != 0) return false;
+  bool found = false;
+  for (addrinfo* a = res; a && !found; a = a->ai_next) {
+    char host[NI_MAXHOST];
+    if (getnameinfo(a->ai_addr, a->ai_addrlen, host, sizeof host, nullptr, 0, NI_NUMERICHOST) == 0)
+      found = address == host;
+  }
+  freeaddrinfo(res);
+  return found;
+}
+
+}  // namespace
+
+Connection::Connection(const std::vector<Target>& targets, const Options& opts) : targets_(targets), opts_(opts) {
+  if (targets_.empty()) throw NbdError("XAPI offered no NBD address for this disk");
+  connect();
+}
+
+Connection::~Connection() {
+  disconnect();
+  if (!certdir_.empty()) std::filesystem::remove_all(certdir_);
+}
+
+void Connection::disconnect() noexcept {
+  if (!h_) return;
+  nbd_shutdown(H(h_), 0);
+  nbd_close(H(h_));
+  h_ = nullptr;
+}
+
+void Connection::connect() {
+  std::string errors;
+  for (auto& t : targets_) {
+    disconnect();
+    nbd_handle* h = nbd_create();
+    if (!h) throw NbdError("cannot create an NBD handle: " + last_error());
+    h_ = h;
+    bool tls = !t.cert.empty();
+    std::string host = resolves_to(t.subject, t.address) ? t.subject : t.address;
+    int rc = nbd_set_export_name(h, t.exportname.c_str());
+    if (rc == 0 && tls) {
+      // The host's own certificate is the only trust anchor: a pin, not a
+      // CA search. libnbd reads it as ca-cert.pem from a directory.
+      if (certdir_.empty()) {
+        char tmpl[] = "/tmp/cbtfs-nbd-XXXXXX";
+        if (!mkdtemp(tmpl)) throw NbdError(std::string("cannot create a temporary directory: ") + strerror(errno));
+        certdir_ = tmpl;
+      }
+      std::ofstream(certdir_ + "/ca-cert.pem") << t.cert;
+      rc = nbd_set_tls(h, LIBNBD_TLS_REQUIRE);
+      if (rc == 0) rc = nbd_set_tls_certificates(h, certdir_.c_str());
+      if (rc == 0) rc = nbd_set_tls_verify_peer(h, opts_.verify);
+    }
+    if (rc == 0) rc = nbd_aio_connect_tcp(h, host.c_str(), t.port.c_str());
+    auto deadline = std::chrono::steady_clock::now() + opts_.timeout;
+    while (rc == 0 && nbd_aio_is_connecting(h)) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        rc = -1;
+        errors += "; " + t.address + ":" + t.port + ": timed out";
+        break;
+      }
+      if (nbd_poll(h, 1000) == -1) rc = -1;
+    }
+    if (rc == 0 && nbd_aio_is_ready(h)) {
+      int64_t size = nbd_get_size(h);
+      if (size >= 0) {
+        size_ = static_cast<uint64_t>(size);
+        return;
+      }
+    }
+    std::string why = last_error();
+    if (tls && opts_.verify && why.find("certificate") != std::string::npos)
+      why += " (the NBD server's certificate does not match the one XAPI gave; --insecure skips the check)";
+    if (errors.find(t.address + ":" + t.port + ": timed out") == std::string::npos)
+      errors += "; " + t.address + ":" + t.port + ": " + why;
+  }
+  disconnect();
+  throw NbdError("cannot connect to any NBD address" + errors);
+}
+
+bool Connection::try_pread(uint64_t offset, std::span<std::byte> out, std::string& why) {
+  if (!h_) {
+    try {
+      connect();
+    } catch (const NbdError& e) {
+      why = e.what();
+      return false;
+    }
+  }
+  nbd_handle* h = H(h_);
+  int64_t cookie = nbd_aio_pread(h, out.data(), out.size(), offset, NBD_NULL_COMPLETION, 0);
+  if (cookie == -1) {
+    why = last_error();
+    return false;
+  }
+  auto deadline = std::chrono::steady_clock::now() + opts_.timeout;
+  for (;;) {
+    int done = nbd_aio_command_completed(h, cookie);
+    if (done == 1) return true;
+    if (done == -1) {
+      why = last_error();
+      return false;
+    }
+    if (std::chrono::steady_clock::now() > deadline) {
+      why = "no answer within " + std::to_string(opts_.timeout.count()) + " s";
+      return false;
+    }
+    if (nbd_poll(h, 1000) == -1) {
+      why = last_error();
+      return false;
+    }
+  }
+}
+
+void Connection::pread(uint64_t offset, std::span<std::byte> out) {
+  auto backoff = opts_.backoff;
+  std::string why;
+  for (int attempt = 0;; ++attempt) {
+    if (try_pread(offset, out, why)) {
+      bytes_read_ += out.size();
+      return;
+    }
+    if (attempt >= opts_.retries)
+      throw NbdError("NBD read of " + std::to_string(out.size()) + " bytes at offset " + std::to_string(offset) +
+                     " failed after " + std::to_string(attempt + 1) + " attempts: " + why);
+    disconnect();  // the next attempt reconnects
+    std::this_thread::sleep_for(backoff);
+    backoff *= 2;
+  }
+}
+
+}  // namespace cbtfs::nbd

@@ -1,0 +1,159 @@
+// XAPI client. The password lives only in memory; it is never logged and
+// never part of an error message (login failures name the user only).
+#include "client.hpp"
+
+#include <curl/curl.h>
+
+#include <map>
+
+namespace cbtfs::xapi {
+
+namespace {
+
+// What an admin should do about the errors a backup run meets.
+std::string explain(const std::string& method, const std::vector<std::string>& d) {
+  static const std::map<std::string, std::string> hints = {
+      {"SESSION_AUTHENTICATION_FAILED", "wrong user name or password"},
+      {"HOST_IS_SLAVE", "this host is a pool member; connect to the pool master"},
+      {"SESSION_INVALID", "the session expired or was logged out"},
+      {"HANDLE_INVALID", "the object no longer exists"},
+      {"UUID_INVALID", "no object with that uuid"},
+      {"MESSAGE_METHOD_UNKNOWN", "the host does not know this call (too old for changed block tracking?)"},
+      {"VDI_NO_CBT_METADATA", "the snapshot has no changed-block-tracking metadata"},
+      {"VDI_IN_USE", "the disk is attached somewhere else right now"},
+      {"VDI_INCOMPATIBLE_TYPE", "the disk is of a type that cannot be used here"},
+      {"SR_OPERATION_NOT_SUPPORTED", "its storage repository does not support changed block tracking"},
+      {"LICENCE_RESTRICTION", "changed block tracking needs a licence this host lacks"},
+      {"OPERATION_NOT_ALLOWED", "the host refused the operation"},
+      {"OTHER_OPERATION_IN_PROGRESS", "another operation on this object is running"},
+      {"VDI_CBT_ENABLED", "changed block tracking is enabled on the disk"},
+  };
+  std::string code = d.empty() ? "UNKNOWN" : d[0];
+  std::string msg = method + " failed: " + code;
+  if (d.size() > 1) {
+    msg += " [";
+    for (size_t i = 1; i < d.size(); ++i) msg += (i > 1 ? ", " : "") + d[i];
+    msg += "]";
+  }
+  auto it = hints.find(code);
+  if (it != hints.end()) msg += ": " + it->second;
+  else if (code.rfind("SR_BACKEND_FAILURE", 0) == 0) msg += ": the storage backend failed";
+  return msg;
+}
+
+size_t collect(char* data, size_t size, size_t n, void* user) {
+  auto* out = static_cast<std::string*>(user);
+  if (out->size() + size * n > (256u << 20)) return 0;  // no sane XAPI answer is this large
+  out->append(data, size * n);
+  return size * n;
+}
+
+struct CurlInit {
+  CurlInit() { curl_global_init(CURL_GLOBAL_DEFAULT); }
+};
+
+}  // namespace
+
+XapiError::XapiError(std::string method, std::vector<std::string> description)
+    : std::runtime_error(explain(method, description)), method_(std::move(method)), description_(std::move(description)) {
+  if (description_.empty()) description_.push_back("UNKNOWN");
+}
+
+Client::Client(ClientOptions opts) : opts_(std::move(opts)) {
+  static CurlInit init;
+  curl_ = curl_easy_init();
+  if (!curl_) throw TransportError("cannot initialise libcurl");
+}
+
+Client::~Client() {
+  logout();
+  curl_easy_cleanup(static_cast<CURL*>(curl_));
+}
+
+std::string Client::post(const std::string& body) {
+  CURL* c = static_cast<CURL*>(curl_);
+  curl_easy_reset(c);
+  std::string response;
+  char err[CURL_ERROR_SIZE] = "";
+  curl_slist* headers = curl_slist_append(nullptr, "Content-Type: text/xml");
+  curl_easy_setopt(c, CURLOPT_URL, opts_.url.c_str());
+  curl_easy_setopt(c, CURLOPT_POST, 1L);
+  curl_easy_setopt(c, CURLOPT_POSTFIELDS, body.c_str());
+  curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE, static_cast<long>(body.size()));
+  curl_easy_setopt(c, CURLOPT_HTTPHEADER, headers);
+  curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, collect);
+  curl_easy_setopt(c, CURLOPT_WRITEDATA, &response);
+  curl_easy_setopt(c, CURLOPT_ERRORBUFFER, err);
+  curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT, 30L);
+  curl_easy_setopt(c, CURLOPT_TIMEOUT, opts_.timeout_seconds);
+  curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
+  if (!opts_.ca_file.empty()) curl_easy_setopt(c, CURLOPT_CAINFO, opts_.ca_file.c_str());
+  if (opts_.insecure) {
+    curl_easy_setopt(c, CURLOPT_SSL_VERIFYPEER, 0L);
+    curl_easy_setopt(c, CURLOPT_SSL_VERIFYHOST, 0L);
+  }
+  CURLcode rc = curl_easy_perform(c);
+  curl_slist_free_all(headers);
+  if (rc != CURLE_OK) {
+    std::string why = err[0] ? err : curl_easy_strerror(rc);
+    if (rc == CURLE_PEER_FAILED_VERIFICATION || rc == CURLE_SSL_CACERT_BADFILE || rc == CURLE_SSL_CERTPROBLEM)
+      why += " (the host's certificate is not trusted: give its CA with --ca-file, or --insecure to skip the check)";
+    throw TransportError("cannot reach XAPI at " + opts_.url + ": " + why);
+  }
+  long status = 0;
+  curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
+  if (status != 200)
+    throw TransportError("XAPI at " + opts_.url + " answered HTTP " + std::to_string(status));
+  return response;
+}
+
+Value Client::raw_call(const std::string& method, const std::vector<Value>& params) {
+  ++calls_;
+  Value env = decode_response(post(encode_call(method, params)));
+  const std::string& status = env.at("Status").str();
+  if (status == "Success") return env.has("Value") ? env.at("Value") : Value();
+  if (status != "Failure") throw ProtocolError("XAPI answered status '" + status + "' to " + method);
+  std::vector<std::string> desc;
+  if (env.has("ErrorDescription"))
+    for (auto& v : env.at("ErrorDescription").array()) desc.push_back(v.type() == Value::Type::Scalar ? v.str() : "?");
+  throw XapiError(method, desc);
+}
+
+void Client::login() {
+  std::lock_guard g(mu_);
+  session_ = raw_call("session.login_with_password",
+                      {Value(opts_.user), Value(opts_.password), Value("1.0"), Value("cbtfs")})
+                 .str();
+}
+
+void Client::logout() noexcept {
+  std::lock_guard g(mu_);
+  if (session_.empty()) return;
+  try {
+    raw_call("session.logout", {Value(session_)});
+  } catch (const std::exception&) {
+    // Best effort: an expired session is gone anyway.
+  }
+  session_.clear();
+}
+
+Value Client::call(const std::string& method, std::vector<Value> args) {
+  std::lock_guard g(mu_);
+  for (int attempt = 0;; ++attempt) {
+    std::vector<Value> params;
+    params.reserve(args.size() + 1);
+    params.emplace_back(session_);
+    params.insert(params.end(), args.begin(), args.end());
+    try {
+      return raw_call(method, params);
+    } catch (const XapiError& e) {
+      if (e.code() != "SESSION_INVALID" || attempt > 0) throw;
+      session_ = raw_call("session.login_with_password",
+                          {Value(opts_.user), Value(opts_.password), Value("1.0"), Value("cbtfs")})
+                     .str();
+    }
+  }
+}
+
+}  // namespace cbtfs::xapi

@@ -1,0 +1,72 @@
+// A XAPI session over XML-RPC (HTTPS by default, libcurl). Calls return the
+// Value of a Success envelope; a Failure becomes a XapiError carrying XAPI's
+// code and parameters and a message an admin can act on.
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "xmlrpc.hpp"
+
+namespace cbtfs::xapi {
+
+class XapiError : public std::runtime_error {
+ public:
+  XapiError(std::string method, std::vector<std::string> description);
+  const std::string& code() const { return description_.front(); }
+  const std::vector<std::string>& description() const { return description_; }
+  const std::string& method() const { return method_; }
+  std::string param(size_t i) const { return i + 1 < description_.size() ? description_[i + 1] : ""; }
+
+ private:
+  std::string method_;
+  std::vector<std::string> description_;
+};
+
+// Transport failures: DNS, connect, TLS, timeouts, HTTP errors.
+class TransportError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct ClientOptions {
+  std::string url;  // https://host or http://host
+  std::string user;
+  std::string password;
+  std::string ca_file;  // empty: the system's CAs
+  bool insecure = false;
+  long timeout_seconds = 600;
+};
+
+class Client {
+ public:
+  explicit Client(ClientOptions opts);
+  ~Client();  // logs out
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+
+  void login();
+  void logout() noexcept;
+  // Calls method with the session prepended; one re-login on SESSION_INVALID.
+  // Thread-safe: calls are serialized on one connection.
+  Value call(const std::string& method, std::vector<Value> args = {});
+  const std::string& session() const { return session_; }
+  const std::string& url() const { return opts_.url; }
+  // Sum of calls made, for tests and the log.
+  size_t calls() const { return calls_; }
+
+ private:
+  Value raw_call(const std::string& method, const std::vector<Value>& params);
+  std::string post(const std::string& body);
+
+  ClientOptions opts_;
+  std::mutex mu_;
+  void* curl_ = nullptr;
+  std::string session_;
+  size_t calls_ = 0;
+};
+
+}  // namespace cbtfs::xapi
