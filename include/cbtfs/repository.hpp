@@ -11,6 +11,8 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
+#include <future>
 #include <functional>
 #include <map>
 #include <memory>
@@ -21,6 +23,7 @@
 #include "cbtfs/format.hpp"
 #include "cbtfs/lru_cache.hpp"
 #include "cbtfs/storage.hpp"
+#include "cbtfs/encoder_pool.hpp"
 
 namespace cbtfs {
 
@@ -152,9 +155,20 @@ class PointWriter {
   BlockRef store(std::span<const std::byte> plain);
   std::vector<BlockRef> load_node(const BlockRef& ref);
 
+  // Blocks being compressed, oldest first; drained before their leaf is
+  // finished and whenever too many are in flight.
+  struct Pending {
+    uint64_t block;
+    std::future<EncoderPool::Encoded> encoded;
+  };
+  void drain(size_t keep);
+  void append(BlockRef& ref, Bytes& stored);
+
   std::shared_ptr<Repository> repo_;
   std::string vdi_;
   std::unique_ptr<StorageLock> lock_;
+  std::unique_ptr<EncoderPool> pool_;
+  std::deque<Pending> pending_;
   PointInfo info_;
   ManifestPtr parent_;
   Manifest m_;

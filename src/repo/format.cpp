@@ -151,7 +151,11 @@ bool all_zero(std::span<const std::byte> d) {
 }
 
 Bytes encode_record(std::span<const std::byte> plain, BlockRef& ref) {
-  ref.hash = hash_bytes(plain);
+  return encode_record(plain, ref, hash_bytes(plain));
+}
+
+Bytes encode_record(std::span<const std::byte> plain, BlockRef& ref, uint64_t hash) {
+  ref.hash = hash;
   Bytes out(static_cast<size_t>(LZ4_compressBound(static_cast<int>(plain.size()))));
   int n = LZ4_compress_default(reinterpret_cast<const char*>(plain.data()), reinterpret_cast<char*>(out.data()),
                                static_cast<int>(plain.size()), static_cast<int>(out.size()));

@@ -10,11 +10,16 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <thread>
 
 #include "cbtfs/errors.hpp"
 #include "cbtfs/repository.hpp"
 
 namespace cbtfs {
+
+namespace {
+constexpr size_t kMaxPending = 32;  // 2 MiB of blocks in flight per writer
+}
 
 uint32_t parse_point_name(const std::string& name);
 uint32_t parse_pack_name(const std::string& name);
@@ -68,6 +73,7 @@ PointWriter::PointWriter(std::shared_ptr<Repository> repo, const std::string& vd
                         std::to_string(info_.virtual_size);
   }
   levels_.resize(m_.depth);
+  pool_ = std::make_unique<EncoderPool>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
 PointWriter::~PointWriter() = default;  // an uncommitted pack is discarded by its writer
@@ -100,17 +106,32 @@ std::vector<BlockRef> PointWriter::load_node(const BlockRef& ref) {
   return entries;
 }
 
-BlockRef PointWriter::store(std::span<const std::byte> plain) {
+void PointWriter::append(BlockRef& ref, Bytes& stored) {
   if (!pack_) {
     pack_ = repo_->storage().create(Repository::pack_key(vdi_, m_.seq));
     pack_->append(encode_pack_header(m_.seq));
   }
-  BlockRef ref;
   ref.pack = m_.seq;
   ref.offset = pack_->size();
-  Bytes stored = encode_record(plain, ref);
   pack_->append(stored);
+}
+
+BlockRef PointWriter::store(std::span<const std::byte> plain) {
+  BlockRef ref;
+  Bytes stored = encode_record(plain, ref);
+  append(ref, stored);
   return ref;
+}
+
+void PointWriter::drain(size_t keep) {
+  while (pending_.size() > keep) {
+    Pending p = std::move(pending_.front());
+    pending_.pop_front();
+    EncoderPool::Encoded e = p.encoded.get();
+    append(e.ref, e.stored);
+    // Pending blocks all belong to the loaded leaf (drained before it changes).
+    levels_[0].entries[p.block % kFanout] = e.ref;
+  }
 }
 
 // Loads node `index` of `level`, first finishing the node it replaces there.
@@ -132,6 +153,7 @@ void PointWriter::ensure(uint32_t level, uint64_t index) {
 }
 
 void PointWriter::finish(uint32_t level) {
+  if (level == 0) drain(0);
   Level& l = levels_[level];
   BlockRef ref = l.old_ref;
   if (l.dirty) {
@@ -167,17 +189,20 @@ void PointWriter::put_block(uint64_t block, std::span<const std::byte> data) {
   ensure(0, block / kFanout);
   Level& leaf = levels_[0];
   BlockRef& slot = leaf.entries[block % kFanout];
-  BlockRef ref;
-  if (!all_zero(data)) {
-    uint64_t h = hash_bytes(data);
-    if (!slot.is_zero() && slot.hash == h) return;  // unchanged since the parent
-    ref = store(data);
-    ++blocks_written_;
+  if (all_zero(data)) {
+    if (!slot.is_zero()) {
+      slot = BlockRef{};
+      leaf.dirty = true;
+    }
+    return;
   }
-  if (!(slot == ref)) {
-    slot = ref;
-    leaf.dirty = true;
-  }
+  uint64_t h = hash_bytes(data);
+  if (!slot.is_zero() && slot.hash == h) return;  // unchanged since the parent
+  // The slot is filled in by drain(), in order, once compressed.
+  leaf.dirty = true;
+  ++blocks_written_;
+  pending_.push_back({block, pool_->submit(Bytes(data.begin(), data.end()), h)});
+  drain(kMaxPending);
 }
 
 void PointWriter::start_new_chain(const std::string& reason) {
