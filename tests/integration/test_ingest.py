@@ -1,0 +1,212 @@
+"""cbtfs-ingest against the XAPI simulator: real HTTPS XML-RPC, real nbdkit
+over TLS, real FUSE mounts for checking what was stored."""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import BLOCK, Mount, files_equal, ls_json, repo_tool, run
+from xapi import Sim
+
+BUILD_SRC = os.path.join(os.environ.get("CBTFS_BUILD", os.path.join(os.path.dirname(__file__), "..", "..", "build")), "src")
+INGEST = os.path.abspath(os.path.join(BUILD_SRC, "cbtfs-ingest"))
+MIB = 1 << 20
+
+
+def ingest(sim, repo, *args, check=True, ca=True):
+    cmd = [INGEST, "--xapi", sim.url, "--user", "root", "--password-file", sim.password_file]
+    if ca:
+        cmd += ["--ca-file", sim.ca_file]
+    p = subprocess.run(cmd + [str(a) for a in args] + [str(repo)], capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise AssertionError(f"cbtfs-ingest failed with {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.fixture
+def sim(tmp_path):
+    s = Sim(tmp_path, [
+        {"name": "web01", "cd": True, "disks": [
+            {"name": "system", "size": 48 * MIB},
+            {"name": "data", "size": 20 * MIB + 3 * 512},  # not a multiple of 64 KiB
+        ]},
+        {"name": "db01", "disks": [{"name": "db", "size": 8 * MIB}]},
+    ])
+    yield s
+    s.stop()
+
+
+def snapshot_files(sim, disks, dest, tag):
+    """Copies of each disk as it is now: what the next point must hold."""
+    out = {}
+    for d in disks:
+        p = dest / f"{d['uuid']}-{tag}.img"
+        shutil.copyfile(d["path"], p)
+        out[d["uuid"]] = str(p)
+    return out
+
+
+def no_data_snapshots_left(sim):
+    """Only metadata-only snapshots may stay on the host."""
+    left = [v for v in sim.vdis() if v.get("is_a_snapshot") and v["type"] != "cbt_metadata"]
+    assert not left, left
+
+
+def test_rounds_of_ingest_equal_the_disks(sim, repo, mnt, tmp_path):
+    disks = sim.disks_of("web01")
+    sysdisk, datadisk = disks
+    run("mkfs.ext4", "-q", "-F", sysdisk["path"])
+    rnd = random.Random(3)
+    sim.write(datadisk["uuid"], 0, rnd.randbytes(2 * MIB))
+    states = []
+    for rnd_no in range(3):
+        if rnd_no == 1:
+            sim.write(sysdisk["uuid"], 5 * BLOCK + 100, b"\x01")                # one byte
+            sim.write(datadisk["uuid"], 3 * MIB, rnd.randbytes(MIB))            # a whole range
+            size = datadisk["virtual_size"]
+            sim.write(datadisk["uuid"], size - 700, rnd.randbytes(700))         # the last partial block
+        if rnd_no == 2:
+            sim.write(sysdisk["uuid"], 40 * MIB, rnd.randbytes(BLOCK + 1))
+        p = ingest(sim, repo, "--vm", "web01", "--json")
+        summary = json.loads(p.stdout)
+        assert summary["ok"] and len(summary["vdis"]) == 2
+        assert all(v["full"] == (rnd_no == 0) for v in summary["vdis"]), summary
+        states.append(snapshot_files(sim, disks, tmp_path, rnd_no))
+        no_data_snapshots_left(sim)
+        # exactly one metadata-only snapshot per disk remains: the one the next run needs
+        for d in disks:
+            assert len(sim.snapshots_of(d["uuid"])) == 1
+    vdis = {v["uuid"]: v for v in ls_json(repo)["vdis"]}
+    assert set(vdis) == {d["uuid"] for d in disks}
+    with Mount(repo, mnt) as m:
+        for d in disks:
+            pts = vdis[d["uuid"]]["points"]
+            assert len(pts) == 3
+            assert vdis[d["uuid"]]["vm_name"] == "web01"
+            for i, p in enumerate(pts):
+                assert files_equal(m.path(p["path"]), states[i][d["uuid"]]), (d["name"], i)
+            host = {v["uuid"] for v in sim.snapshots_of(d["uuid"])}
+            assert pts[-1]["snapshot_uuid"] in host
+        assert sorted(os.listdir(m.path("by-name", "web01"))) == ["data", "system"]
+
+
+def test_only_changed_blocks_travel(sim, repo):
+    db = sim.disks_of("db01")[0]
+    sim.write(db["uuid"], 0, random.Random(1).randbytes(8 * MIB))
+    ingest(sim, repo, "--vdi", db["uuid"])
+    changed = [3, 4, 5, 77, 127]  # 127 is the last block
+    for b in changed:
+        sim.write(db["uuid"], b * BLOCK + 10, b"x")
+    sim.post("/reset_counters", {})
+    p = ingest(sim, repo, "--vdi", db["uuid"], "--json")
+    out = json.loads(p.stdout)["vdis"][0]
+    assert not out["full"]
+    assert out["blocks_read"] == len(changed)
+    snap = out["snapshot_uuid"]
+    assert sim.nbd_bytes(snap) == len(changed) * BLOCK
+    assert out["bytes_read"] == len(changed) * BLOCK
+
+
+def test_chain_breaks_start_a_new_full_base(sim, repo, mnt, tmp_path):
+    db = sim.disks_of("db01")[0]
+    sim.write(db["uuid"], 0, random.Random(2).randbytes(MIB))
+    ingest(sim, repo, "--vdi", db["uuid"])
+
+    def run_and_reason():
+        p = ingest(sim, repo, "--vdi", db["uuid"], "--json")
+        out = json.loads(p.stdout)["vdis"][0]
+        return out, p.stderr
+
+    # CBT disabled behind our back (a storage migration does that)
+    sim.post("/disable_cbt", {"vdi": db["uuid"]})
+    out, log = run_and_reason()
+    assert out["full"] and "changed block tracking" in out["chain_reason"], (out, log)
+    assert "new full chain" in log
+    # the previous snapshot destroyed by someone
+    proxy, session = sim.xapi()
+    prev = proxy.VDI.get_by_uuid(session, out["snapshot_uuid"])["Value"]
+    assert proxy.VDI.destroy(session, prev)["Status"] == "Success"
+    out, _ = run_and_reason()
+    assert out["full"] and "gone" in out["chain_reason"]
+    # the host says the snapshots are unrelated
+    sim.post("/fail", {"method": "VDI.list_changed_blocks",
+                       "error": ["SR_BACKEND_FAILURE_460", "", "Source and target VDI are unrelated", ""], "count": 1})
+    out, _ = run_and_reason()
+    assert out["full"] and "SR_BACKEND_FAILURE_460" in out["chain_reason"]
+    # resized
+    sim.post("/resize", {"vdi": db["uuid"], "size": 12 * MIB})
+    sim.write(db["uuid"], 11 * MIB, b"after resize")
+    out, _ = run_and_reason()
+    assert out["full"] and "virtual size changed" in out["chain_reason"]
+    expect = tmp_path / "expect.img"
+    shutil.copyfile(sim.vdi(db["uuid"])["path"], expect)
+    # and a normal delta after all that
+    sim.write(db["uuid"], 0, b"delta again")
+    out, _ = run_and_reason()
+    assert not out["full"]
+    pts = ls_json(repo)["vdis"][0]["points"]
+    assert [p["full"] for p in pts] == [True, True, True, True, True, False]
+    assert "changed block tracking" in pts[1]["chain_reason"]
+    assert repo_tool("verify", repo).returncode == 0
+    with Mount(repo, mnt) as m:
+        assert files_equal(m.path(pts[4]["path"]), expect)
+        assert files_equal(m.path(pts[5]["path"]), sim.vdi(db["uuid"])["path"])
+    no_data_snapshots_left(sim)
+
+
+def test_failures_leave_no_half_point_and_no_data_snapshot(sim, repo):
+    db = sim.disks_of("db01")[0]
+    sim.write(db["uuid"], 0, b"hello")
+    # wrong password: exit 4, a clear message, the password not echoed
+    bad = sim.password_file + ".bad"
+    with open(bad, "w") as f:
+        f.write("wrong-password\n")
+    p = subprocess.run([INGEST, "--xapi", sim.url, "--password-file", bad, "--ca-file", sim.ca_file,
+                        "--vdi", db["uuid"], str(repo)], capture_output=True, text=True)
+    assert p.returncode == 4 and "wrong user name or password" in p.stderr
+    assert "wrong-password" not in p.stderr + p.stdout
+    # an untrusted certificate: refused unless --insecure
+    p = ingest(sim, repo, "--vdi", db["uuid"], check=False, ca=False)
+    assert p.returncode == 4 and "certificate" in p.stderr
+    # a failing snapshot: exit 1, nothing committed, nothing left on the host
+    sim.post("/fail", {"method": "VDI.snapshot", "error": ["SR_BACKEND_FAILURE_44", "", "no space", ""], "count": 1})
+    p = ingest(sim, repo, "--vdi", db["uuid"], check=False)
+    assert p.returncode == 1 and "FAILED" in p.stderr and "SR_BACKEND_FAILURE_44" in p.stderr
+    assert ls_json(repo)["vdis"] == []
+    # NBD failing for good during the transfer: no point, the snapshot destroyed
+    sim.post("/fail", {"method": "VDI.get_nbd_info", "error": ["VDI_INCOMPATIBLE_TYPE", "x", "y"], "count": 1})
+    p = ingest(sim, repo, "--vdi", db["uuid"], check=False)
+    assert p.returncode == 1
+    assert ls_json(repo)["vdis"] == []
+    no_data_snapshots_left(sim)
+    assert sim.snapshots_of(db["uuid"]) == []
+    # and a clean run afterwards works, with --insecure too
+    p = ingest(sim, repo, "--vdi", db["uuid"], "--insecure", ca=False)
+    assert len(ls_json(repo)["vdis"][0]["points"]) == 1
+    assert repo_tool("verify", repo).returncode == 0
+
+
+def test_a_dropped_nbd_connection_is_retried(sim, repo, mnt):
+    db = sim.disks_of("db01")[0]
+    sim.write(db["uuid"], 0, random.Random(4).randbytes(8 * MIB))
+    sim.post("/nbd_drop", {"vdi": db["uuid"], "after_bytes": 3 * MIB})
+    p = ingest(sim, repo, "--vdi", db["uuid"], "--connections", "1")
+    with Mount(repo, mnt) as m:
+        assert files_equal(m.path(db["uuid"], "latest.raw"), sim.vdi(db["uuid"])["path"])
+
+
+def test_password_from_environment_and_jobs(sim, repo):
+    env = dict(os.environ, CBTFS_PASSWORD=open(sim.password_file).read().strip())
+    p = subprocess.run([INGEST, "--xapi", sim.url, "--ca-file", sim.ca_file, "--vm", "web01", "--vm", "db01",
+                        "--jobs", "3", "--json", str(repo)], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    assert len(json.loads(p.stdout)["vdis"]) == 3
+    # a VM that does not exist: its own failure, exit 1
+    p = subprocess.run([INGEST, "--xapi", sim.url, "--ca-file", sim.ca_file, "--vm", "nope", "--vm", "db01",
+                        str(repo)], capture_output=True, text=True, env=env)
+    assert p.returncode == 1 and "no VM named 'nope'" in p.stderr
+    assert len(ls_json(repo)["vdis"]) == 3
