@@ -4,6 +4,11 @@ blocks, and deltas of random 64 KiB blocks.
 
   gen_image.py base OUT SIZE_MIB [SEED]        a new image
   gen_image.py delta IMAGE PERCENT [SEED]      rewrite PERCENT % of its blocks in place
+  gen_image.py sparse OUT SIZE_MIB COUNT [SEED]  a sparse image: COUNT random blocks, the rest holes
+  gen_image.py scatter IMAGE COUNT [SEED]      rewrite COUNT random blocks in place (any size)
+
+Every block written by delta, sparse and scatter is random (incompressible)
+and differs from what was there.
 """
 import os
 import random
@@ -37,8 +42,30 @@ def delta(path, percent, seed):
             f.write(rnd.randbytes(BLOCK))
 
 
+def scatter(path, count, seed):
+    rnd = random.Random(seed)
+    n = os.path.getsize(path) // BLOCK
+    with open(path, "r+b") as f:
+        for b in rnd.sample(range(n), min(count, n)):
+            f.seek(b * BLOCK)
+            f.write(rnd.randbytes(BLOCK))
+
+
+def sparse(path, size_mib, count, seed):
+    with open(path, "wb") as f:
+        f.truncate(size_mib << 20)
+    scatter(path, count, seed)
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "base":
-        base(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 1)
+    cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "base":
+        base(args[0], int(args[1]), int(args[2]) if len(args) > 2 else 1)
+    elif cmd == "delta":
+        delta(args[0], int(args[1]), int(args[2]) if len(args) > 2 else 2)
+    elif cmd == "sparse":
+        sparse(args[0], int(args[1]), int(args[2]), int(args[3]) if len(args) > 3 else 1)
+    elif cmd == "scatter":
+        scatter(args[0], int(args[1]), int(args[2]) if len(args) > 2 else 2)
     else:
-        delta(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 2)
+        sys.exit(__doc__)

@@ -10,6 +10,7 @@
 // next writer of that VDI removes.
 #pragma once
 
+#include <climits>
 #include <cstdint>
 #include <deque>
 #include <future>
@@ -131,6 +132,10 @@ class PointWriter {
   // Drops the parent before any block is given: this point becomes a full
   // base of a new chain, for the reason shown in ls.
   void start_new_chain(const std::string& reason);
+  // What is only known after the writer was set up (and locked): the
+  // snapshot the point was read from, and its time (moved past the latest
+  // point's if the clock says otherwise).
+  void set_source(const std::string& snapshot_uuid, int64_t time);
   // data.size() == kBlockSize (the last block zero-padded).
   void put_block(uint64_t block, std::span<const std::byte> data);
   // Blocks [first, end) are all zero. Cheap where the parent has nothing
@@ -171,6 +176,7 @@ class PointWriter {
   std::deque<Pending> pending_;
   PointInfo info_;
   ManifestPtr parent_;
+  int64_t latest_time_ = INT64_MIN;
   Manifest m_;
   uint64_t nblocks_ = 0;
   int64_t last_block_ = -1;

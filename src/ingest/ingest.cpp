@@ -114,7 +114,9 @@ class Run {
     for (auto& uuid : opts_.vdis) {
       try {
         Group g;
-        add_task(g, vdi_by_uuid(c_, uuid), "", "");
+        VdiInfo vdi = vdi_by_uuid(c_, uuid);
+        auto [vm_name, vm_uuid] = vm_of(c_, vdi);
+        add_task(g, vdi, vm_name, vm_uuid);
         if (!g.tasks.empty()) groups_.push_back(std::move(g));
       } catch (const std::exception& e) {
         select_error("VDI " + uuid, e.what());
@@ -149,15 +151,29 @@ class Run {
         t.writer.reset();
       }
     }
+    if (g.vm) {
+      try {
+        for (auto& ref : leftover_snapshot_vms(c_, *g.vm, kSnapshotPrefix)) {
+          log_("VM " + g.vm->name + ": removing the snapshot VM record left by an interrupted run");
+          destroy_snapshot_vm(c_, ref);
+        }
+      } catch (const std::exception& e) {
+        log_("VM " + g.vm->name + ": cannot remove leftover snapshot VM records: " + e.what());
+      }
+    }
   }
 
   // Snapshots our runs took that the repository does not need: with data
-  // (left by a killed run) always, metadata-only ones once superseded.
+  // (left by a killed run) always, metadata-only ones once a newer point of
+  // this repository superseded them. Runs under the VDI's lock.
   void remove_leftover_snapshots(Task& t, bool keep_metadata) {
     xapi::Value rec = c_.call("VDI.get_record", {xapi::Value(t.vdi.ref)});
     if (!rec.has("snapshots")) return;
-    auto latest = repo_->latest(t.vdi.uuid);
-    std::string needed = latest ? latest->snapshot_uuid : "";
+    auto points = repo_->points(t.vdi.uuid).points;
+    std::string needed = points.empty() ? "" : points.back()->snapshot_uuid;
+    std::set<std::string> superseded;
+    for (auto& p : points)
+      if (p->snapshot_uuid != needed) superseded.insert(p->snapshot_uuid);
     for (auto& ref : rec.at("snapshots").array()) {
       VdiInfo s;
       try {
@@ -167,7 +183,7 @@ class Run {
       }
       if (s.name.rfind(kSnapshotPrefix, 0) != 0) continue;  // not ours
       if (s.uuid == needed || (t.snap && s.uuid == t.snap->uuid)) continue;
-      if (keep_metadata && s.type == "cbt_metadata") continue;
+      if (s.type == "cbt_metadata" && (keep_metadata || !superseded.count(s.uuid))) continue;
       say(t, std::string("removing ") + (s.type == "cbt_metadata" ? "superseded metadata-only" : "leftover") +
                  " snapshot " + s.uuid);
       destroy_vdi(c_, s.ref);
@@ -178,7 +194,8 @@ class Run {
     bool any = false;
     for (size_t i : g.tasks) any = any || tasks_[i].writer;
     if (!any) return;
-    std::string name = kSnapshotPrefix + format_iso_time(static_cast<int64_t>(std::time(nullptr)));
+    auto now = static_cast<int64_t>(std::time(nullptr));
+    std::string name = kSnapshotPrefix + format_iso_time(now);
     try {
       if (g.vm) {
         VmInfo snap = snapshot_vm(c_, *g.vm, name);
@@ -192,7 +209,13 @@ class Run {
               matched = true;
             }
           }
-          if (!matched) destroy_vdi(c_, sd.ref);  // a disk we do not back up
+          if (!matched) {  // a disk we do not back up
+            try {
+              destroy_vdi(c_, sd.ref);
+            } catch (const std::exception& e) {
+              log_("cannot remove the snapshot of an excluded disk " + sd.uuid + ": " + e.what());
+            }
+          }
         }
       } else {
         Task& t = tasks_[g.tasks[0]];
@@ -204,8 +227,17 @@ class Run {
     }
     for (size_t i : g.tasks) {
       Task& t = tasks_[i];
-      if (t.snap) c_.call("VDI.set_name_label", {xapi::Value(t.snap->ref), xapi::Value(name)});
-      else if (t.writer) fail(t, "the snapshot has no copy of this disk");
+      if (!t.snap) {
+        if (t.writer) fail(t, "the snapshot has no copy of this disk");
+        continue;
+      }
+      // The name marks it as ours, so a later run can clean up after a crash.
+      try {
+        c_.call("VDI.set_name_label", {xapi::Value(t.snap->ref), xapi::Value(name)});
+        if (t.writer) t.writer->set_source(t.snap->uuid, now);
+      } catch (const std::exception& e) {
+        fail(t, std::string("cannot name the snapshot: ") + e.what());
+      }
     }
   }
 
@@ -251,6 +283,12 @@ class Run {
     uint64_t todo = 0;
     for (auto& e : extents) todo += std::min<uint64_t>(e.count * kBlockSize, t.vdi.virtual_size - e.first * kBlockSize);
     auto targets = nbd_targets(c_, *t.snap);
+    if (opts_.nbd.verify) {
+      std::erase_if(targets, [](const nbd::Target& x) { return x.cert.empty(); });
+      if (targets.empty() && !nbd_targets(c_, *t.snap).empty())
+        throw std::runtime_error(
+            "the host offers NBD only without TLS (an 'insecure_nbd' network); give --insecure to accept that");
+    }
     if (targets.empty())
       throw std::runtime_error(
           "the host offers no NBD access: give a network the 'nbd' purpose (xe network-param-add "
@@ -287,7 +325,7 @@ class Run {
   void transfer_all() {
     std::vector<size_t> ready;
     for (size_t i = 0; i < tasks_.size(); ++i)
-      if (tasks_[i].writer && tasks_[i].snap) ready.push_back(i);
+      if (tasks_[i].writer && tasks_[i].snap && tasks_[i].out.error.empty()) ready.push_back(i);
     if (opts_.progress) progress_ = std::make_unique<Progress>("ingest", 0);
     std::atomic<size_t> next{0};
     auto worker = [&] {
@@ -298,7 +336,6 @@ class Run {
         } catch (const std::exception& e) {
           fail(t, e.what());
         }
-        t.writer.reset();  // releases the lock; an uncommitted pack vanishes
       }
     };
     std::vector<std::thread> threads;
@@ -322,29 +359,42 @@ class Run {
     }
     for (size_t i : g.tasks) {
       Task& t = tasks_[i];
-      if (!t.snap) continue;
-      try {
-        if (t.committed) {
-          data_destroy(c_, t.snap->ref);
-          remove_leftover_snapshots(t, /*keep_metadata=*/false);
-          say(t, "point " + t.out.point + " committed: " + (t.out.full ? "full, " : "") +
-                     std::to_string(t.out.blocks_changed) + " blocks read, " + human_bytes(t.out.bytes_stored) +
-                     " stored");
-        } else {
-          destroy_vdi(c_, t.snap->ref);
-        }
-      } catch (const std::exception& e) {
-        // The point is safe in the repository, but the host still holds the
-        // snapshot's data: better a full next run than a leak of a disk copy.
-        try {
-          destroy_vdi(c_, t.snap->ref);
-        } catch (const std::exception&) {
-        }
-        if (t.committed) say(t, std::string("cannot make the snapshot metadata-only (") + e.what() +
-                                    "); destroyed it, so the next run is a full one");
-        else fail(t, std::string("cannot remove the snapshot: ") + e.what());
-      }
+      if (t.snap) settle_snapshot(t);
+      t.writer.reset();  // releases the lock; an uncommitted pack vanishes with it
     }
+  }
+
+  void settle_snapshot(Task& t) {
+    if (!t.committed) {
+      try {
+        destroy_vdi(c_, t.snap->ref);
+      } catch (const std::exception& e) {
+        fail(t, "cannot remove the snapshot " + t.snap->uuid + " from the host: " + e.what());
+      }
+      return;
+    }
+    try {
+      data_destroy(c_, t.snap->ref);
+    } catch (const std::exception& e) {
+      // The point is safe in the repository, but the host still holds the
+      // snapshot's data: better a full next run than a leaked disk copy.
+      try {
+        destroy_vdi(c_, t.snap->ref);
+        say(t, std::string("cannot make the snapshot metadata-only (") + e.what() +
+                   "); destroyed it, so the next run is a full one");
+      } catch (const std::exception& e2) {
+        fail(t, "the point is committed, but the snapshot " + t.snap->uuid +
+                    " still holds data on the host and cannot be removed: " + e2.what());
+      }
+      return;
+    }
+    try {
+      remove_leftover_snapshots(t, /*keep_metadata=*/false);
+    } catch (const std::exception& e) {
+      say(t, std::string("cannot remove superseded snapshots: ") + e.what());
+    }
+    say(t, "point " + t.out.point + " committed: " + (t.out.full ? "full, " : "") + std::to_string(t.out.blocks_changed) +
+               " blocks read, " + human_bytes(t.out.bytes_stored) + " stored");
   }
 
   xapi::Client& c_;

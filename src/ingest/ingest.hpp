@@ -21,7 +21,7 @@ namespace cbtfs::ingest {
 struct Options {
   std::vector<std::string> vms;   // uuid or name label
   std::vector<std::string> vdis;  // uuid
-  int jobs = 1;                   // VDIs in parallel
+  int jobs = 2;                   // VDIs in parallel
   int connections = 4;            // NBD connections per VDI
   nbd::Options nbd;
   bool progress = true;

@@ -51,7 +51,13 @@ VmInfo get_vm(xapi::Client& c, const std::string& ref) {
 }
 
 VmInfo find_vm(xapi::Client& c, const std::string& key) {
-  if (is_uuid(key)) return get_vm(c, c.call("VM.get_by_uuid", {Value(key)}).str());
+  if (is_uuid(key)) {
+    std::string ref = c.call("VM.get_by_uuid", {Value(key)}).str();
+    Value rec = c.call("VM.get_record", {Value(ref)});
+    if (truthy(rec, "is_a_snapshot") || truthy(rec, "is_a_template") || truthy(rec, "is_control_domain"))
+      throw std::runtime_error("VM " + key + " is a snapshot, a template or the control domain");
+    return get_vm(c, ref);
+  }
   auto refs = c.call("VM.get_by_name_label", {Value(key)}).array();
   std::vector<std::string> vms;
   for (auto& r : refs) {
@@ -62,6 +68,31 @@ VmInfo find_vm(xapi::Client& c, const std::string& key) {
   if (vms.empty()) throw std::runtime_error("no VM named '" + key + "'");
   if (vms.size() > 1) throw std::runtime_error(std::to_string(vms.size()) + " VMs are named '" + key + "'; give its uuid");
   return get_vm(c, vms[0]);
+}
+
+std::pair<std::string, std::string> vm_of(xapi::Client& c, const VdiInfo& vdi) {
+  Value rec = c.call("VDI.get_record", {Value(vdi.ref)});
+  if (!rec.has("VBDs")) return {};
+  for (auto& vbd_ref : rec.at("VBDs").array()) {
+    Value vbd = c.call("VBD.get_record", {vbd_ref});
+    std::string vm = text(vbd, "VM");
+    if (vm.empty() || vm == kNullRef) continue;
+    Value r = c.call("VM.get_record", {Value(vm)});
+    if (truthy(r, "is_control_domain") || truthy(r, "is_a_snapshot")) continue;
+    return {text(r, "name_label"), text(r, "uuid")};
+  }
+  return {};
+}
+
+std::vector<std::string> leftover_snapshot_vms(xapi::Client& c, const VmInfo& vm, const std::string& prefix) {
+  std::vector<std::string> out;
+  Value rec = c.call("VM.get_record", {Value(vm.ref)});
+  if (!rec.has("snapshots")) return out;
+  for (auto& ref : rec.at("snapshots").array()) {
+    Value s = c.call("VM.get_record", {ref});
+    if (text(s, "name_label").rfind(prefix, 0) == 0) out.push_back(ref.str());
+  }
+  return out;
 }
 
 VmInfo snapshot_vm(xapi::Client& c, const VmInfo& vm, const std::string& name) {

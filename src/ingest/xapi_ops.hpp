@@ -29,6 +29,11 @@ VdiInfo vdi_by_uuid(xapi::Client& c, const std::string& uuid);
 VmInfo find_vm(xapi::Client& c, const std::string& uuid_or_name);
 VmInfo get_vm(xapi::Client& c, const std::string& ref);
 
+// The VM a disk is attached to (name, uuid), or empty strings.
+std::pair<std::string, std::string> vm_of(xapi::Client& c, const VdiInfo& vdi);
+// Snapshot VM records of vm whose name starts with prefix.
+std::vector<std::string> leftover_snapshot_vms(xapi::Client& c, const VmInfo& vm, const std::string& prefix);
+
 // Snapshots the whole VM (a crash-consistent set); returns the snapshot VM.
 VmInfo snapshot_vm(xapi::Client& c, const VmInfo& vm, const std::string& name);
 VdiInfo snapshot_vdi(xapi::Client& c, const VdiInfo& vdi);

@@ -48,7 +48,17 @@ bool resolves_to(const std::string& name, const std::string& address) {
 
 Connection::Connection(const std::vector<Target>& targets, const Options& opts) : targets_(targets), opts_(opts) {
   if (targets_.empty()) throw NbdError("XAPI offered no NBD address for this disk");
-  connect();
+  auto backoff = opts_.backoff;
+  for (int attempt = 0;; ++attempt) {
+    try {
+      connect();
+      return;
+    } catch (const NbdError&) {
+      if (attempt >= opts_.retries) throw;
+      std::this_thread::sleep_for(backoff);
+      backoff *= 2;
+    }
+  }
 }
 
 Connection::~Connection() {
@@ -77,9 +87,10 @@ void Connection::connect() {
       // The host's own certificate is the only trust anchor: a pin, not a
       // CA search. libnbd reads it as ca-cert.pem from a directory.
       if (certdir_.empty()) {
-        char tmpl[] = "/tmp/cbtfs-nbd-XXXXXX";
-        if (!mkdtemp(tmpl)) throw NbdError(std::string("cannot create a temporary directory: ") + strerror(errno));
-        certdir_ = tmpl;
+        const char* tmp = std::getenv("TMPDIR");
+        std::string tmpl = std::string(tmp && *tmp ? tmp : "/tmp") + "/cbtfs-nbd-XXXXXX";
+        if (!mkdtemp(tmpl.data())) throw NbdError(std::string("cannot create a temporary directory: ") + strerror(errno));
+        certdir_ = tmpl.c_str();
       }
       std::ofstream(certdir_ + "/ca-cert.pem") << t.cert;
       rc = nbd_set_tls(h, LIBNBD_TLS_REQUIRE);

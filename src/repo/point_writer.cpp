@@ -48,6 +48,7 @@ PointWriter::PointWriter(std::shared_ptr<Repository> repo, const std::string& vd
   if (latest && info_.time <= latest->time)
     throw UsageError("point time " + format_iso_time(info_.time) + " is not after the latest point of VDI " + vdi_ +
                      " (" + format_iso_time(latest->time) + ")");
+  if (latest) latest_time_ = latest->time;
   m_.vdi = vdi_;
   m_.seq = max_seq + 1;  // past damaged manifests too: never reuse a name
   m_.time = info_.time;
@@ -212,6 +213,11 @@ void PointWriter::start_new_chain(const std::string& reason) {
   m_.chain = m_.seq;
   m_.root = BlockRef{};
   m_.chain_reason = reason;
+}
+
+void PointWriter::set_source(const std::string& snapshot_uuid, int64_t time) {
+  m_.snapshot_uuid = snapshot_uuid;
+  m_.time = std::max(time, latest_time_ == INT64_MIN ? time : latest_time_ + 1);
 }
 
 void PointWriter::put_zeros(uint64_t first, uint64_t end) {
