@@ -14,7 +14,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <cerrno>
+#include <fstream>
 #include <memory>
+#include <sstream>
 #include <string>
 
 #include "cbtfs/repository.hpp"
@@ -27,12 +29,14 @@ enum ExitCode { kOk = 0, kUsage = 1, kBadRepo = 2, kMountFailed = 3 };
 struct Options {
   std::string repo, mountpoint;
   unsigned mode = 0400;
+  unsigned readahead_kb = 4096;
   int help = 0;
   int version = 0;
 };
 
 #define CBTFS_OPT(t, p) {t, offsetof(Options, p), 1}
-const fuse_opt kOptions[] = {CBTFS_OPT("mode=%o", mode), CBTFS_OPT("-h", help), CBTFS_OPT("--help", help),
+const fuse_opt kOptions[] = {CBTFS_OPT("mode=%o", mode),      CBTFS_OPT("readahead_kb=%u", readahead_kb),
+                             CBTFS_OPT("-h", help),          CBTFS_OPT("--help", help),
                              CBTFS_OPT("-V", version), CBTFS_OPT("--version", version), FUSE_OPT_END};
 
 int collect(void* data, const char* arg, int key, fuse_args*) {
@@ -61,9 +65,29 @@ void usage() {
       "  -d                 debug output (implies -f)\n"
       "  -s                 single-threaded\n"
       "  -o mode=OCTAL      permission bits of the images (default 0400)\n"
+      "  -o readahead_kb=N  kernel readahead of the mount (default 4096)\n"
       "  -o allow_other     let other users in (the mode still applies)\n"
       "  -o OPTION          any other FUSE mount option\n"
       "See cbtfs(1).\n");
+}
+
+// The kernel caps a FUSE mount's readahead at 128 KiB; sequential copies
+// of an image run at twice the speed or more with a larger window. The
+// device number comes from mountinfo: a stat() of the mount point would wait
+// for this very daemon.
+void raise_readahead(const char* mountpoint, unsigned kb) {
+  char real[PATH_MAX];
+  if (!realpath(mountpoint, real)) return;
+  std::ifstream info("/proc/self/mountinfo");
+  std::string line;
+  while (std::getline(info, line)) {
+    std::istringstream in(line);
+    std::string id, parent, dev, root, mnt;
+    in >> id >> parent >> dev >> root >> mnt;
+    if (mnt != real) continue;
+    std::ofstream ra("/sys/class/bdi/" + dev + "/read_ahead_kb");
+    ra << kb;  // best effort: needs root, harmless when refused
+  }
 }
 
 std::string escape_commas(const std::string& s) {
@@ -128,11 +152,12 @@ int main(int argc, char* argv[]) {
   }
   openlog("cbtfs", LOG_PID | (cmd.foreground ? LOG_PERROR : 0), LOG_DAEMON);
 
-  cbtfs::MountState st{cbtfs::MountView(repo), static_cast<mode_t>(o.mode), getuid(), getgid(), time(nullptr)};
+  cbtfs::MountState st{cbtfs::MountView(repo), static_cast<mode_t>(o.mode), getuid(), getgid(), time(nullptr), o.readahead_kb};
   fuse* f = fuse_new(&args, &cbtfs::fuse_operations_table(), sizeof(fuse_operations), &st);
   if (!f) return kUsage;
   int rc = kMountFailed;
   if (fuse_mount(f, cmd.mountpoint) == 0) {
+    raise_readahead(cmd.mountpoint, o.readahead_kb);
     if (fuse_daemonize(cmd.foreground) == 0) {
       fuse_session* se = fuse_get_session(f);
       if (fuse_set_signal_handlers(se) == 0) {

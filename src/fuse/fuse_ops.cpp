@@ -86,8 +86,9 @@ void* op_init(fuse_conn_info* conn, fuse_config* cfg) {
   cfg->negative_timeout = 0;
   cfg->kernel_cache = 1;
   conn->max_write = 1 << 20;  // also raises max_pages, hence the largest read
-  conn->max_readahead = 1 << 20;
-  return fuse_get_context()->private_data;
+  auto* st = static_cast<MountState*>(fuse_get_context()->private_data);
+  conn->max_readahead = st->readahead_kb * 1024;
+  return st;
 }
 
 int op_getattr(const char* path, struct stat* st, fuse_file_info* fi) {

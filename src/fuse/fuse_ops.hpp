@@ -15,6 +15,7 @@ struct MountState {
   uid_t uid = 0;
   gid_t gid = 0;
   time_t mount_time = 0;
+  unsigned readahead_kb = 4096;
 };
 
 // The state is reached through fuse_get_context()->private_data, so tests
