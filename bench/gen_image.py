@@ -42,19 +42,21 @@ def delta(path, percent, seed):
             f.write(rnd.randbytes(BLOCK))
 
 
-def scatter(path, count, seed):
+def scatter(path, count, seed, pool=None):
+    """Rewrites count random blocks, chosen among the block numbers in pool if
+    given (to keep the data of a big sparse image bounded), else anywhere."""
     rnd = random.Random(seed)
-    n = os.path.getsize(path) // BLOCK
+    candidates = pool if pool is not None else range(os.path.getsize(path) // BLOCK)
     with open(path, "r+b") as f:
-        for b in rnd.sample(range(n), min(count, n)):
+        for b in rnd.sample(candidates, min(count, len(candidates))):
             f.seek(b * BLOCK)
             f.write(rnd.randbytes(BLOCK))
 
 
-def sparse(path, size_mib, count, seed):
+def sparse(path, size_mib, count, seed, pool=None):
     with open(path, "wb") as f:
         f.truncate(size_mib << 20)
-    scatter(path, count, seed)
+    scatter(path, count, seed, pool)
 
 
 if __name__ == "__main__":

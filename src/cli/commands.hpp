@@ -28,5 +28,7 @@ int cmd_import(const ImportArgs& a);
 int cmd_ls(const std::string& repo, bool json);
 int cmd_info(const std::string& repo, const std::string& vdi);
 int cmd_verify(const std::string& repo, const std::string& vdi);
+int cmd_restore(const std::string& repo, const std::string& vdi, const std::string& point, const std::string& dest,
+                bool force);
 
 }  // namespace cbtfs

@@ -49,6 +49,15 @@ int run(int argc, char** argv) {
   verify->add_option("REPO", repo, "repository")->required();
   verify->add_option("VDI", vdi, "VDI uuid (default: all)");
 
+  std::string point, dest;
+  bool force = false;
+  auto* restore = app.add_subcommand("restore", "write a point to a file or block device, checksums verified");
+  restore->add_flag("-f,--force", force, "overwrite an existing file");
+  restore->add_option("REPO", repo, "repository")->required();
+  restore->add_option("VDI", vdi, "VDI uuid")->required();
+  restore->add_option("POINT", point, "point: its time (as in ls) or 'latest'")->required();
+  restore->add_option("DEST", dest, "file or block device")->required();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -65,6 +74,7 @@ int run(int argc, char** argv) {
   if (*ls) return cmd_ls(repo, json);
   if (*info) return cmd_info(repo, vdi);
   if (*verify) return cmd_verify(repo, vdi);
+  if (*restore) return cmd_restore(repo, vdi, point, dest, force);
   return kExitUsage;
 }
 

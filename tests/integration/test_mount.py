@@ -185,3 +185,16 @@ def test_mount_refuses_bad_repositories(tmp_path, mnt):
     p = run(CBTFS, tmp_path / "empty", mnt, "-o", "mode=0644", check=False)
     assert p.returncode == 1
     assert not os.path.ismount(mnt)
+
+
+def test_restore_to_a_file_is_identical_and_sparse(chain, repo, tmp_path):
+    dst = tmp_path / "restored.img"
+    repo_tool("restore", repo, VDI, NAMES[1], dst)
+    assert files_equal(dst, chain[1])
+    assert os.stat(dst).st_blocks * 512 < os.path.getsize(dst) // 2
+    p = repo_tool("restore", repo, VDI, "latest", dst, check=False)
+    assert p.returncode == 2 and "--force" in p.stderr
+    repo_tool("restore", "--force", repo, VDI, "latest", dst)
+    assert files_equal(dst, chain[-1])
+    p = repo_tool("restore", repo, VDI, "2020-01-01T000000Z", tmp_path / "x.img", check=False)
+    assert p.returncode == 2 and "has no point" in p.stderr

@@ -1,0 +1,102 @@
+// cbtfs-repo restore REPO VDI POINT DEST: a point to a file or block device.
+// Every block is checksum-verified on the way; holes stay holes in a file.
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+
+#include "cbtfs/errors.hpp"
+#include "cbtfs/repository.hpp"
+#include "commands.hpp"
+#include "progress.hpp"
+
+namespace cbtfs {
+
+namespace {
+
+void write_all(int fd, const std::byte* p, size_t n, uint64_t off, const std::string& dest) {
+  while (n) {
+    ssize_t w = ::pwrite(fd, p, n, static_cast<off_t>(off));
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      throw StorageError("cannot write " + dest + ": " + std::strerror(errno), errno);
+    }
+    p += w;
+    off += static_cast<uint64_t>(w);
+    n -= static_cast<size_t>(w);
+  }
+}
+
+}  // namespace
+
+ManifestPtr find_point(Repository& repo, const std::string& vdi, const std::string& point) {
+  auto pl = repo.points(vdi);
+  if (pl.points.empty()) throw UsageError("no VDI " + vdi + " in the repository");
+  if (point == "latest" || point == "latest.raw") return pl.points.back();
+  std::string name = point;
+  if (name.size() > 4 && name.compare(name.size() - 4, 4, ".raw") == 0) name.resize(name.size() - 4);
+  for (auto& m : pl.points)
+    if (format_point_name(m->time) == name || format_iso_time(m->time) == name) return m;
+  try {  // any spelling of the time parse_time accepts
+    int64_t t = parse_time(name);
+    for (auto& m : pl.points)
+      if (m->time == t) return m;
+  } catch (const UsageError&) {
+  }
+  throw UsageError("VDI " + vdi + " has no point '" + point + "' (see cbtfs-repo ls)");
+}
+
+int cmd_restore(const std::string& path, const std::string& vdi, const std::string& point, const std::string& dest,
+                bool force) {
+  auto repo = Repository::open(path);
+  ManifestPtr m = find_point(*repo, vdi, point);
+  struct stat st{};
+  bool exists = ::stat(dest.c_str(), &st) == 0;
+  bool device = exists && S_ISBLK(st.st_mode);
+  if (exists && !device && !force) throw UsageError(dest + " exists; give --force to overwrite it");
+  int fd = ::open(dest.c_str(), O_WRONLY | O_CLOEXEC | (device ? 0 : O_CREAT | O_TRUNC), 0600);
+  if (fd < 0) throw StorageError("cannot open " + dest + ": " + std::strerror(errno), errno);
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{fd};
+  if (device) {
+    uint64_t dev_size = 0;
+    if (::ioctl(fd, BLKGETSIZE64, &dev_size) != 0 || dev_size < m->virtual_size)
+      throw UsageError(dest + " is smaller than the point (" + std::to_string(m->virtual_size) + " bytes)");
+  } else if (::ftruncate(fd, static_cast<off_t>(m->virtual_size)) != 0) {
+    throw StorageError("cannot size " + dest + ": " + std::strerror(errno), errno);
+  }
+
+  PointReader reader(repo, m);
+  constexpr size_t kChunk = 4 << 20;
+  Bytes buf(kChunk), zeros(device ? kChunk : 0);
+  Progress progress("restore " + format_point_name(m->time), m->virtual_size);
+  uint64_t pos = 0;
+  while (pos < m->virtual_size) {
+    uint64_t data = reader.next_data(pos);
+    if (data > pos) {  // a hole: a file keeps it, a device gets zeros
+      for (uint64_t z = pos; device && z < data; z += kChunk)
+        write_all(fd, zeros.data(), std::min<uint64_t>(kChunk, data - z), z, dest);
+      pos = data;
+      continue;
+    }
+    uint64_t end = std::min<uint64_t>(reader.next_hole(pos), pos + kChunk);
+    size_t n = reader.read(pos, {buf.data(), static_cast<size_t>(end - pos)});
+    write_all(fd, buf.data(), n, pos, dest);
+    pos += n;
+    progress.update(pos);
+  }
+  if (::fsync(fd) != 0) throw StorageError("cannot flush " + dest + ": " + std::strerror(errno), errno);
+  progress.finish();
+  std::printf("restored %s of VDI %s to %s (%s)\n", format_point_name(m->time).c_str(), vdi.c_str(), dest.c_str(),
+              human_bytes(m->virtual_size).c_str());
+  return kExitOk;
+}
+
+}  // namespace cbtfs
