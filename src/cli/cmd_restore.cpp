@@ -73,6 +73,14 @@ int cmd_restore(const std::string& path, const std::string& vdi, const std::stri
     throw StorageError("cannot size " + dest + ": " + std::strerror(errno), errno);
   }
 
+  // A half-written file must not pass for a restored disk.
+  struct RemoveOnFailure {
+    const std::string& path;
+    bool armed;
+    ~RemoveOnFailure() {
+      if (armed) ::unlink(path.c_str());
+    }
+  } cleanup{dest, !device};
   PointReader reader(repo, m);
   constexpr size_t kChunk = 4 << 20;
   Bytes buf(kChunk), zeros(device ? kChunk : 0);
@@ -94,6 +102,7 @@ int cmd_restore(const std::string& path, const std::string& vdi, const std::stri
   }
   if (::fsync(fd) != 0) throw StorageError("cannot flush " + dest + ": " + std::strerror(errno), errno);
   progress.finish();
+  cleanup.armed = false;
   std::printf("restored %s of VDI %s to %s (%s)\n", format_point_name(m->time).c_str(), vdi.c_str(), dest.c_str(),
               human_bytes(m->virtual_size).c_str());
   return kExitOk;

@@ -89,6 +89,9 @@ int main(int argc, char** argv) {
   } catch (const LockedError& e) {
     std::fprintf(stderr, "cbtfs-repo: %s\n", e.what());
     return kExitLocked;
+  } catch (const CorruptError& e) {
+    std::fprintf(stderr, "cbtfs-repo: damaged data: %s\n", e.what());
+    return kExitDamaged;
   } catch (const FormatError& e) {
     std::fprintf(stderr, "cbtfs-repo: %s\n", e.what());
     return kExitRepo;
