@@ -11,6 +11,7 @@ prints a Markdown table of medians and ratios (cbtfs / reference). See
 bench/README.md for the cases and what each number means.
 """
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -152,6 +153,35 @@ def median(xs):
     return statistics.median(xs)
 
 
+# ---------------------------------------------------------------- signals
+
+_critical_depth = 0
+_pending_signal = None
+
+
+def on_signal(signum, _frame):
+    """SIGTERM and SIGHUP end the run through SystemExit, so that every mount
+    is cleaned up; inside a critical section only once it is left."""
+    global _pending_signal
+    if _critical_depth:
+        _pending_signal = signum
+    else:
+        sys.exit(128 + signum)
+
+
+@contextlib.contextmanager
+def critical():
+    """Starting a daemon and recording it, or stopping it, is not interrupted halfway."""
+    global _critical_depth
+    _critical_depth += 1
+    try:
+        yield
+    finally:
+        _critical_depth -= 1
+        if not _critical_depth and _pending_signal:
+            sys.exit(128 + _pending_signal)
+
+
 # ---------------------------------------------------------------- mounts
 
 class Mount:
@@ -170,11 +200,11 @@ class Mount:
         self.log_path = os.path.join(WORK, "logs", f"{name}.log")
 
     def __enter__(self):
-        with open(self.log_path, "ab") as logf:
+        with critical(), open(self.log_path, "ab") as logf:
             t0 = time.monotonic()
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=logf,
                                          stderr=subprocess.STDOUT)
-        Mount.active.append(self)
+            Mount.active.append(self)
         try:
             while not mounted(self.mountpoint):
                 if self.proc.poll() is not None:
@@ -203,6 +233,10 @@ class Mount:
         return vm["VmRSS"], vm["VmHWM"]
 
     def stop(self):
+        with critical():
+            self._stop()
+
+    def _stop(self):
         if self.proc is None:
             return
         if self.sigterm:
@@ -326,7 +360,7 @@ def table(rows):
         if r.target:
             on, op, limit = r.target
             sym = {">=": "≥", "<=": "≤", "<": "<", "==": "="}[op]
-            target = f"{'ratio' if on == 'ratio' else 'cbtfs'} {sym} {fmt(limit)}"
+            target = f"{'ratio' if on == 'ratio' else 'cbtfs'} {sym} {limit:g}"
         met = {True: "yes", False: "**NO**", None: ""}[r.met()]
         cells = [r.case, r.what, r.unit, fmt(r.value), r.ref_name, fmt(r.ref) if r.ref is not None else "",
                  fmt(r.ratio) if r.ratio is not None else "", target, met, r.note]
@@ -574,7 +608,7 @@ def case_seq_peers(ctx):
     c = ctx.dataset("chain", build_chain)
     speed = peer_rounds(ctx, c, "1 MB/s", lambda t, image: mbps(checked(readbench(ctx, "seq", image),
                                                                         c.seq_hash, t)))
-    return peer_rows("1", f"seq 1 MiB reads, newest of a {ctx.s.chain_points}-point chain, {ctx.s.disk_mib} MiB",
+    return peer_rows("1", f"seq 1 MiB reads, newest point of an {ctx.s.chain_points}-point chain, {ctx.s.disk_mib} MiB",
                      "MB/s", speed)
 
 
@@ -778,8 +812,18 @@ def missing_tools():
 
 
 def build_helpers():
+    """Compiles readbench and passthrough_ll, and copies the cbtfs binaries
+    into WORK/bin, so that a rebuild during the run cannot change them."""
+    global CBTFS, CBTFS_REPO
     bindir = os.path.join(WORK, "bin")
     os.makedirs(bindir, exist_ok=True)
+    copies = []
+    for binary in (CBTFS, CBTFS_REPO):
+        copy = os.path.join(bindir, os.path.basename(binary))
+        shutil.copy2(binary, copy)
+        run([copy, "--version"])
+        copies.append(copy)
+    CBTFS, CBTFS_REPO = copies
     run(["gcc", "-O3", "-march=native", "-Wall", "-o", os.path.join(bindir, "readbench"),
          os.path.join(BENCH, "readbench.c")])
     src = os.path.join(WORK, "build-passthrough")
@@ -836,8 +880,8 @@ def main():
     rounds = args.rounds or sizes.rounds
     ctx = Ctx(sizes, rounds, cases)
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
     os.makedirs(WORK, exist_ok=True)
     unmount_leftovers()
     shutil.rmtree(ctx.data, ignore_errors=True)
@@ -867,6 +911,7 @@ def main():
     finally:
         for m in list(Mount.active):
             m.stop()
+        unmount_leftovers()
         if not args.keep:
             shutil.rmtree(ctx.data, ignore_errors=True)
 

@@ -12,14 +12,17 @@ std::vector<bool> decode_changed_blocks(std::string_view base64, uint64_t nblock
   for (char c : base64)
     if (c != '\n' && c != '\r' && c != ' ' && c != '\t') clean += c;
   if (clean.size() % 4) throw BitmapError("changed-block bitmap is not valid base64 (length " + std::to_string(clean.size()) + ")");
+  // '=' may only pad the end, at most twice.
+  size_t pad = 0;
+  while (pad < clean.size() && clean[clean.size() - 1 - pad] == '=') ++pad;
+  if (pad > 2 || clean.find('=') < clean.size() - pad) throw BitmapError("changed-block bitmap is not valid base64");
   std::vector<unsigned char> bytes(clean.size() / 4 * 3 + 1);
   int n = clean.empty() ? 0
                         : EVP_DecodeBlock(bytes.data(), reinterpret_cast<const unsigned char*>(clean.data()),
                                           static_cast<int>(clean.size()));
   if (n < 0) throw BitmapError("changed-block bitmap is not valid base64");
   // EVP_DecodeBlock counts the bytes the '=' padding stands for.
-  size_t len = static_cast<size_t>(n);
-  for (size_t i = clean.size(); i > 0 && clean[i - 1] == '='; --i) --len;
+  size_t len = static_cast<size_t>(n) - pad;
   uint64_t need = (nblocks + 7) / 8;
   if (len < need)
     throw BitmapError("changed-block bitmap has " + std::to_string(len) + " bytes; a disk of " + std::to_string(nblocks) +

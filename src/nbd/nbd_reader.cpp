@@ -134,7 +134,7 @@ bool Connection::try_pread(uint64_t offset, std::span<std::byte> out, std::strin
     }
   }
   nbd_handle* h = H(h_);
-  int64_t cookie = nbd_aio_pread(h, out.data(), out.size(), offset, NBD_NULL_COMPLETION, 0);
+  int64_t cookie = nbd_aio_pread(h, out.data(), out.size(), offset, nbd_completion_callback{}, 0);
   if (cookie == -1) {
     why = last_error();
     return false;

@@ -84,6 +84,8 @@ TEST_CASE("bad bitmaps are refused clearly") {
   CHECK_THROWS_AS(decode_changed_blocks("gA=", 8), BitmapError);
   CHECK_THROWS_AS(decode_changed_blocks("gAFA", 25), BitmapError);  // 3 bytes for 25 blocks
   CHECK_THROWS_AS(decode_changed_blocks("!!!!", 1), BitmapError);
+  CHECK_THROWS_AS(decode_changed_blocks("/===", 1), BitmapError);  // found by fuzzing
+  CHECK_THROWS_AS(decode_changed_blocks("gA=A", 1), BitmapError);
   std::mt19937 rng(1);
   for (int i = 0; i < 2000; ++i) {
     std::string s(rng() % 12, ' ');
