@@ -55,6 +55,7 @@ class Storage {
     w->append(data);
     w->commit();
   }
+  // Durable when it returns; removing what does not exist is no error.
   virtual void remove(const std::string& key) = 0;
   // Removes what dead writers left under prefix (objects never committed).
   // Only safe while holding the lock that guards that prefix.

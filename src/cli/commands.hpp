@@ -28,6 +28,13 @@ int cmd_import(const ImportArgs& a);
 int cmd_ls(const std::string& repo, bool json);
 int cmd_info(const std::string& repo, const std::string& vdi);
 int cmd_verify(const std::string& repo, const std::string& vdi);
+struct PruneArgs {
+  std::string repo, vdi;
+  int last = 0, hourly = 0, daily = 0, weekly = 0, monthly = 0, yearly = 0;
+  bool dry_run = false;
+};
+int cmd_prune(const PruneArgs& a);
+int cmd_forget(const std::string& repo, const std::string& vdi);
 int cmd_restore(const std::string& repo, const std::string& vdi, const std::string& point, const std::string& dest,
                 bool force);
 

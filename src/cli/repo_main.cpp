@@ -58,6 +58,22 @@ int run(int argc, char** argv) {
   restore->add_option("POINT", point, "point: its time (as in ls) or 'latest'")->required();
   restore->add_option("DEST", dest, "file or block device")->required();
 
+  PruneArgs pa;
+  auto* prune = app.add_subcommand("prune", "remove points a retention policy does not keep, and free their space");
+  prune->add_option("--keep-last", pa.last, "keep the newest N points");
+  prune->add_option("--keep-hourly", pa.hourly, "keep the newest point of each of the last N hours");
+  prune->add_option("--keep-daily", pa.daily, "... of the last N days");
+  prune->add_option("--keep-weekly", pa.weekly, "... of the last N weeks");
+  prune->add_option("--keep-monthly", pa.monthly, "... of the last N months");
+  prune->add_option("--keep-yearly", pa.yearly, "... of the last N years");
+  prune->add_flag("-n,--dry-run", pa.dry_run, "only say what would be removed");
+  prune->add_option("REPO", pa.repo, "repository")->required();
+  prune->add_option("VDI", pa.vdi, "VDI uuid (default: all)");
+
+  auto* forget = app.add_subcommand("forget", "remove a VDI with all its points");
+  forget->add_option("REPO", repo, "repository")->required();
+  forget->add_option("VDI", vdi, "VDI uuid")->required();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -65,6 +81,8 @@ int run(int argc, char** argv) {
     return rc == 0 ? kExitOk : kExitUsage;
   }
   vdi = lower(vdi);
+  pa.vdi = lower(pa.vdi);
+  if (!pa.vdi.empty() && !is_uuid(pa.vdi)) throw UsageError("'" + pa.vdi + "' is not a VDI uuid");
   ia.vdi = lower(ia.vdi);
   if (!vdi.empty() && !is_uuid(vdi)) throw UsageError("'" + vdi + "' is not a VDI uuid");
   if (!ia.vdi.empty() && !is_uuid(ia.vdi)) throw UsageError("--vdi '" + ia.vdi + "' is not a uuid");
@@ -74,6 +92,8 @@ int run(int argc, char** argv) {
   if (*ls) return cmd_ls(repo, json);
   if (*info) return cmd_info(repo, vdi);
   if (*verify) return cmd_verify(repo, vdi);
+  if (*prune) return cmd_prune(pa);
+  if (*forget) return cmd_forget(repo, vdi);
   if (*restore) return cmd_restore(repo, vdi, point, dest, force);
   return kExitUsage;
 }

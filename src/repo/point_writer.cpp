@@ -84,19 +84,15 @@ uint32_t PointWriter::clean_leftovers() {
   std::string base = "vdis/" + vdi_;
   st.remove_temporaries(base + "/points");
   st.remove_temporaries(base + "/packs");
-  std::vector<bool> has_point;
-  for (auto& n : st.list(base + "/points")) {
-    if (uint32_t s = parse_point_name(n)) {
-      if (has_point.size() <= s) has_point.resize(s + 1);
-      has_point[s] = true;
-    }
-  }
-  for (auto& n : st.list(base + "/packs")) {
-    uint32_t s = parse_pack_name(n);
-    // A pack whose point never got its manifest belongs to a crashed writer.
-    if (s && (s >= has_point.size() || !has_point[s])) st.remove(base + "/packs/" + n);
-  }
-  return has_point.empty() ? 0 : static_cast<uint32_t>(has_point.size() - 1);
+  uint32_t max_seq = 0;
+  for (auto& n : st.list(base + "/points")) max_seq = std::max(max_seq, parse_point_name(n));
+  // Point seqs only grow and the newest point is never pruned, so a pack
+  // newer than every manifest is exactly one whose writer died before its
+  // manifest landed. Older packs without a manifest of their own may still
+  // hold blocks that later points share: they stay.
+  for (auto& n : st.list(base + "/packs"))
+    if (parse_pack_name(n) > max_seq) st.remove(base + "/packs/" + n);
+  return max_seq;
 }
 
 std::vector<BlockRef> PointWriter::load_node(const BlockRef& ref) {

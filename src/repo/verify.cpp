@@ -97,7 +97,7 @@ VerifyReport verify_vdi(Repository& repo, const std::string& vdi, const std::fun
   for (auto& n : repo.storage().list("vdis/" + vdi + "/packs")) {
     uint32_t s = parse_pack_name(n);
     if (s && !owned.count(s) && !w.packs_seen.count(s))
-      report.warnings.push_back("VDI " + vdi + ": pack " + n + " belongs to no point (left by an interrupted writer; the next import removes it)");
+      report.warnings.push_back("VDI " + vdi + ": pack " + n + " holds nothing any point needs (left by an interrupted writer or prune; the next import or prune removes it)");
   }
   return report;
 }

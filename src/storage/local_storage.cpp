@@ -233,9 +233,15 @@ class LocalStorage final : public Storage {
     return std::make_unique<LocalWriter>(path(key));
   }
 
+  // Durable before it returns: prune relies on a manifest being gone for
+  // good before it deletes the packs only that manifest needed.
   void remove(const std::string& key) override {
     forget_fd(key);
-    if (::unlink(path(key).c_str()) != 0 && errno != ENOENT) fail("cannot remove", path(key));
+    if (::unlink(path(key).c_str()) != 0) {
+      if (errno == ENOENT) return;
+      fail("cannot remove", path(key));
+    }
+    fsync_dir(parent_of(path(key)));
   }
 
   std::unique_ptr<StorageLock> try_lock(const std::string& key, const std::string& holder) override {

@@ -1,0 +1,53 @@
+// cbtfs-repo prune / forget.
+#include <unistd.h>
+
+#include <cstdio>
+
+#include "cbtfs/errors.hpp"
+#include "cbtfs/prune.hpp"
+#include "commands.hpp"
+#include "progress.hpp"
+
+namespace cbtfs {
+
+namespace {
+std::string holder(const char* what) {
+  char host[256] = "?";
+  gethostname(host, sizeof host - 1);
+  return std::string(what) + ", pid " + std::to_string(getpid()) + " on " + host;
+}
+}  // namespace
+
+int cmd_prune(const PruneArgs& a) {
+  RetentionPolicy p{a.last, a.hourly, a.daily, a.weekly, a.monthly, a.yearly};
+  if (!p.any()) throw UsageError("no retention rule given: say what to keep (--keep-last N, --keep-daily N, ...)");
+  auto repo = Repository::open(a.repo);
+  auto vdis = repo->vdis();
+  if (!a.vdi.empty()) {
+    if (!repo->has_vdi(a.vdi)) throw UsageError("no VDI " + a.vdi + " in " + a.repo);
+    vdis = {a.vdi};
+  }
+  uint64_t removed = 0, freed = 0, dead = 0;
+  for (auto& vdi : vdis) {
+    if (!repo->has_vdi(vdi)) continue;
+    PruneReport r = prune_vdi(repo, vdi, p, a.dry_run, holder("cbtfs-repo prune"));
+    for (auto& n : r.removed) std::printf("%s %s/%s\n", a.dry_run ? "would remove" : "removed", vdi.c_str(), n.c_str());
+    removed += r.removed.size();
+    freed += r.bytes_freed;
+    dead += r.bytes_dead;
+  }
+  std::printf("%s %llu point(s), %s %s", a.dry_run ? "would remove" : "removed",
+              static_cast<unsigned long long>(removed), human_bytes(freed).c_str(), a.dry_run ? "would be freed" : "freed");
+  if (dead) std::printf(" (%s more is held by packs that remaining points still share)", human_bytes(dead).c_str());
+  std::printf("\n");
+  return kExitOk;
+}
+
+int cmd_forget(const std::string& path, const std::string& vdi) {
+  auto repo = Repository::open(path);
+  forget_vdi(repo, vdi, holder("cbtfs-repo forget"));
+  std::printf("forgot VDI %s\n", vdi.c_str());
+  return kExitOk;
+}
+
+}  // namespace cbtfs

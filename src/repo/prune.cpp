@@ -1,0 +1,140 @@
+#include "cbtfs/prune.hpp"
+
+#include <ctime>
+#include <map>
+#include <set>
+
+#include "cbtfs/errors.hpp"
+
+namespace cbtfs {
+
+uint32_t parse_pack_name(const std::string& name);
+
+namespace {
+
+std::tm utc(int64_t t) {
+  std::time_t tt = t;
+  std::tm tm{};
+  gmtime_r(&tt, &tm);
+  return tm;
+}
+
+// The bucket a time falls in for each rule.
+int64_t bucket(int64_t t, int rule) {
+  std::tm tm = utc(t);
+  switch (rule) {
+    case 0: return t / 3600;                                      // hour
+    case 1: return t / 86400;                                     // day
+    case 2: return (t / 86400 + 3) / 7;                           // ISO week (1970-01-01 was a Thursday)
+    case 3: return (tm.tm_year + 1900) * 12 + tm.tm_mon;          // month
+    default: return tm.tm_year + 1900;                            // year
+  }
+}
+
+std::unique_ptr<StorageLock> lock_vdi(Repository& repo, const std::string& vdi, const std::string& holder) {
+  auto lock = repo.storage().try_lock(Repository::lock_key(vdi), holder);
+  if (!lock) {
+    std::string who = repo.storage().lock_holder(Repository::lock_key(vdi));
+    throw LockedError("VDI " + vdi + " is being written by another process" + (who.empty() ? "" : " (" + who + ")") +
+                      "; try again when it has finished");
+  }
+  return lock;
+}
+
+// Bytes each pack holds for the given points' trees.
+std::map<uint32_t, uint64_t> live_bytes(Repository& repo, const std::string& vdi, const std::vector<ManifestPtr>& points) {
+  std::map<uint32_t, uint64_t> live;
+  std::set<std::pair<uint32_t, uint64_t>> seen;
+  std::function<void(const BlockRef&, uint32_t)> walk = [&](const BlockRef& ref, uint32_t level) {
+    if (ref.is_zero() || !seen.insert({ref.pack, ref.offset}).second) return;
+    live[ref.pack] += ref.length();
+    if (level == 0) return;
+    auto node = repo.node(vdi, ref);
+    for (uint32_t i = 0; i < kFanout; ++i) walk(decode_ref(node->data() + i * kRefSize), level - 1);
+  };
+  for (auto& m : points) walk(m->root, m->depth);
+  return live;
+}
+
+}  // namespace
+
+std::vector<bool> select_kept(const std::vector<int64_t>& times, const RetentionPolicy& p) {
+  std::vector<bool> keep(times.size(), false);
+  if (times.empty()) return keep;
+  keep.back() = true;
+  for (size_t i = times.size(), n = 0; i-- > 0 && n < static_cast<size_t>(p.last); ++n) keep[i] = true;
+  const int counts[] = {p.hourly, p.daily, p.weekly, p.monthly, p.yearly};
+  for (int rule = 0; rule < 5; ++rule) {
+    int left = counts[rule];
+    int64_t last_bucket = INT64_MIN;
+    for (size_t i = times.size(); i-- > 0 && left > 0;) {
+      int64_t b = bucket(times[i], rule);
+      if (b == last_bucket) continue;  // an older point of a bucket already kept
+      last_bucket = b;
+      keep[i] = true;
+      --left;
+    }
+  }
+  return keep;
+}
+
+PruneReport prune_vdi(std::shared_ptr<Repository> repo, const std::string& vdi, const RetentionPolicy& policy,
+                      bool dry_run, const std::string& holder) {
+  if (!policy.any()) throw UsageError("no retention rule given: say what to keep (--keep-last N, --keep-daily N, ...)");
+  auto lock = lock_vdi(*repo, vdi, holder);
+  auto pl = repo->points(vdi);
+  if (!pl.errors.empty())
+    throw FormatError("VDI " + vdi + " has a damaged manifest (" + pl.errors.front() +
+                      "); run cbtfs-repo verify, and prune once it is dealt with");
+  std::vector<int64_t> times;
+  for (auto& m : pl.points) times.push_back(m->time);
+  auto keep = select_kept(times, policy);
+
+  PruneReport r;
+  std::vector<ManifestPtr> remaining;
+  for (size_t i = 0; i < pl.points.size(); ++i) {
+    std::string name = format_point_name(pl.points[i]->time) + ".raw";
+    (keep[i] ? r.kept : r.removed).push_back(name);
+    if (keep[i]) remaining.push_back(pl.points[i]);
+  }
+  auto& st = repo->storage();
+  // Manifests first: from here on the removed points are gone for every
+  // reader, and no remaining point depends on them.
+  if (!dry_run)
+    for (size_t i = 0; i < pl.points.size(); ++i)
+      if (!keep[i]) {
+        st.remove(Repository::point_key(vdi, pl.points[i]->seq));
+        repo->forget_point(vdi, pl.points[i]->seq);
+      }
+  auto live = live_bytes(*repo, vdi, remaining);
+  for (auto& n : st.list("vdis/" + vdi + "/packs")) {
+    uint32_t pack = parse_pack_name(n);
+    if (!pack) continue;
+    uint64_t size = st.size("vdis/" + vdi + "/packs/" + n).value_or(0);
+    auto it = live.find(pack);
+    if (it == live.end()) {
+      if (!dry_run) st.remove("vdis/" + vdi + "/packs/" + n);
+      ++r.packs_deleted;
+      r.bytes_freed += size;
+    } else if (size > it->second + kPackHeaderSize) {
+      r.bytes_dead += size - it->second - kPackHeaderSize;
+    }
+  }
+  return r;
+}
+
+void forget_vdi(std::shared_ptr<Repository> repo, const std::string& vdi, const std::string& holder) {
+  if (!is_uuid(vdi)) throw UsageError("'" + vdi + "' is not a VDI uuid");
+  if (repo->storage().list("vdis/" + vdi).empty()) throw UsageError("no VDI " + vdi + " in the repository");
+  auto lock = lock_vdi(*repo, vdi, holder);
+  auto& st = repo->storage();
+  std::string base = "vdis/" + vdi;
+  // Newest first: a crash part-way leaves the older points, still complete.
+  auto names = st.list(base + "/points");
+  for (auto it = names.rbegin(); it != names.rend(); ++it) st.remove(base + "/points/" + *it);
+  for (auto& n : st.list(base + "/packs")) st.remove(base + "/packs/" + n);
+  st.remove_temporaries(base + "/points");
+  st.remove_temporaries(base + "/packs");
+}
+
+}  // namespace cbtfs
