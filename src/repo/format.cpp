@@ -83,7 +83,7 @@ json verify(const char* kind, std::span<const std::byte> data, const std::string
   std::string text = canonical(body);
   const json& sum = outer["xxh3"];
   if (!sum.is_string() || sum.get<std::string>() != hex64(XXH3_64bits(text.data(), text.size())))
-    throw CorruptError(where + ": checksum mismatch (the file is damaged)");
+    throw FormatError(where + ": checksum mismatch (the file is damaged)");
   if (!body.is_object() || !body.contains("version") || !body["version"].is_number_unsigned())
     throw FormatError(where + ": no format version");
   auto v = body["version"].get<uint64_t>();
