@@ -1,14 +1,15 @@
 #!/bin/bash
 # Builds cbtfs (if needed) and runs the whole test suite; as root, since the
 # integration tests mount for real. Extra arguments go to "meson setup".
-# BUILD=dir picks the build directory (default: build).
+# BUILD=dir picks the build directory (default: build); TEST_ARGS adds
+# arguments to "meson test" (e.g. --suite integration).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${BUILD:-build}
 [ -f "$build/build.ninja" ] || meson setup "$build" "$@"
 meson compile -C "$build"
 rc=0
-meson test -C "$build" --print-errorlogs || rc=$?
+meson test -C "$build" --print-errorlogs ${TEST_ARGS:-} || rc=$?
 # One closing line that any CI reads the same way.
 /usr/bin/python3 - "$build/meson-logs/testlog.json" <<'PY'
 import json, sys

@@ -13,6 +13,8 @@ from conftest import BLOCK, Mount, repo_tool, write_at
 VDI = "0a1b2c3d-4e5f-4a6b-8c7d-8e9f0a1b2c3d"
 SECONDS = float(os.environ.get("CBTFS_STRESS_SECONDS", "15"))
 BLOCKS = 256  # 16 MiB disk
+# Sanitizer builds carry shadow memory; CI raises the limit for them.
+RSS_LIMIT_MIB = int(os.environ.get("CBTFS_RSS_LIMIT_MIB", "100"))
 
 
 def test_readers_while_importing_and_pruning(tmp_path, repo, mnt):
@@ -89,6 +91,6 @@ def test_readers_while_importing_and_pruning(tmp_path, repo, mnt):
     assert not errors, errors[:5]
     assert rounds >= 5
     assert verified[0] > 100 * BLOCK
-    assert rss < 100 * 1024, f"daemon RSS {rss} KiB"
+    assert rss < RSS_LIMIT_MIB * 1024, f"daemon RSS {rss} KiB"
     assert repo_tool("verify", repo).returncode == 0
     print(f"stress: {SECONDS:.0f} s, {rounds} imports, {verified[0] / 2**20:.0f} MiB verified, RSS {rss / 1024:.1f} MiB")
