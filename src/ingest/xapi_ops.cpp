@@ -105,7 +105,8 @@ VdiInfo snapshot_vdi(xapi::Client& c, const VdiInfo& vdi) {
 
 std::vector<nbd::Target> nbd_targets(xapi::Client& c, const VdiInfo& snap) {
   std::vector<nbd::Target> out;
-  for (auto& r : c.call("VDI.get_nbd_info", {Value(snap.ref)}).array())
+  Value infos = c.call("VDI.get_nbd_info", {Value(snap.ref)});  // named: the loop below borrows from it
+  for (auto& r : infos.array())
     out.push_back({r.at("address").str(), r.at("port").str(), r.at("exportname").str(), text(r, "cert"), text(r, "subject")});
   return out;
 }

@@ -1,0 +1,553 @@
+"""Tests of the XAPI simulator itself (tests/xapi_sim): XAPI's wire format and
+errors, snapshots, CBT bitmaps computed from the data, data_destroy, fault
+injection, and real NBD over TLS served by nbdkit. Self-contained: needs
+/usr/bin/python3, openssl, nbdkit and libnbd-bin (nbdcopy, nbdinfo)."""
+
+import base64
+import http.client
+import json
+import os
+import random
+import signal
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import xmlrpc.client
+
+import pytest
+
+SIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "xapi_sim", "xapi_sim.py")
+BLOCK = 65536
+MIB = 1 << 20
+PASSWORD = "secret"
+ODD_SIZE = 20 * BLOCK + 3 * 512         # 21 blocks, the last one partial
+
+VMS = [
+    {"name": "web01", "cd": True, "disks": [{"name": "root disk", "size": 4 * MIB},
+                                            {"name": "data", "size": ODD_SIZE}]},
+    {"name": "iso01", "disks": [{"name": "installer", "size": MIB, "sr_type": "iso"}]},
+]
+
+
+class XapiFailure(Exception):
+    def __init__(self, description):
+        super().__init__(description)
+        self.description = description
+
+
+class Sim:
+    """One simulator process in its own state directory."""
+
+    def __init__(self, tmp_path, nbd="tls", vms=VMS):
+        self.dir = str(tmp_path / "state")
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps({"user": "root", "password": PASSWORD, "nbd": nbd, "vms": vms}))
+        self.stderr = open(tmp_path / "sim.log", "w+")
+        self.proc = subprocess.Popen(["/usr/bin/python3", SIM, "--state-dir", self.dir, "--config", str(config)],
+                                     stdout=subprocess.DEVNULL, stderr=self.stderr)
+        ready = os.path.join(self.dir, "ready.json")
+        deadline = time.monotonic() + 20
+        while not os.path.exists(ready):
+            assert self.proc.poll() is None, f"simulator died: {self.log()}"
+            assert time.monotonic() < deadline, "simulator not ready within 20 s"
+            time.sleep(0.02)
+        with open(ready) as f:
+            self.info = json.load(f)
+        self.context = ssl.create_default_context(cafile=self.info["ca_file"])
+        self.proxy = xmlrpc.client.ServerProxy(self.info["url"], context=self.context)
+        self.session = self.login()
+
+    def log(self):
+        self.stderr.seek(0)
+        return self.stderr.read()
+
+    def stop(self):
+        """SIGTERM; returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        return self.proc.returncode
+
+    def nbdkit_pids(self):
+        """nbdkit processes serving files of this simulator."""
+        pids = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if os.path.basename(argv[0]) == b"nbdkit" and any(self.dir.encode() in a for a in argv):
+                pids.append(int(pid))
+        return pids
+
+    # XML-RPC
+    def login(self, password=PASSWORD):
+        return self.value(self.proxy.session.login_with_password("root", password, "1.0", "test"))
+
+    @staticmethod
+    def value(response):
+        if response["Status"] != "Success":
+            raise XapiFailure(response["ErrorDescription"])
+        return response["Value"]
+
+    def call(self, method, *args):
+        return self.value(getattr(self.proxy, method)(self.session, *args))
+
+    def error(self, method, *args):
+        with pytest.raises(XapiFailure) as e:
+            self.call(method, *args)
+        return e.value.description
+
+    def raw(self, body, path="/"):
+        """POSTs a raw body; returns (status, content type, text)."""
+        url = urllib.parse.urlsplit(self.info["url"])
+        conn = http.client.HTTPSConnection(url.hostname, url.port, context=self.context, timeout=30)
+        try:
+            conn.request("POST", path, body=body, headers={"Content-Type": "text/xml"})
+            r = conn.getresponse()
+            return r.status, r.getheader("Content-Type"), r.read().decode()
+        finally:
+            conn.close()
+
+    # control API
+    def get(self, path):
+        with urllib.request.urlopen(self.info["control"] + path, timeout=30) as r:
+            return json.load(r)
+
+    def post(self, path, body):
+        req = urllib.request.Request(self.info["control"] + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.load(r)
+
+    def vdi_state(self, uuid):
+        return next(v for v in self.get("/state")["vdis"] if v["uuid"] == uuid)
+
+    def disks(self, vm_name):
+        vm = next(v for v in self.get("/state")["vms"] if v["name"] == vm_name)
+        return [self.vdi_state(u) for u in vm["vdis"]]
+
+    def write(self, uuid, offset, data):
+        self.post("/write", {"vdi": uuid, "offset": offset, "data_b64": base64.b64encode(data).decode()})
+
+    def ref(self, uuid):
+        return self.call("VDI.get_by_uuid", uuid)
+
+    def bitmap(self, vdi_from, vdi_to):
+        return base64.b64decode(self.call("VDI.list_changed_blocks", vdi_from, vdi_to))
+
+
+@pytest.fixture
+def sim(tmp_path):
+    s = Sim(tmp_path)
+    yield s
+    assert s.stop() == 0, s.log()
+    assert s.nbdkit_pids() == []
+
+
+def read_file(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def blocks_of(bitmap):
+    return {i for i in range(len(bitmap) * 8) if bitmap[i // 8] & (0x80 >> (i % 8))}
+
+
+def nbd_uri(info, tls_dir=None):
+    export = urllib.parse.quote(info["exportname"], safe="/:=")
+    uri = f"{'nbds' if tls_dir else 'nbd'}://{info['address']}:{info['port']}/{export}"
+    return f"{uri}?tls-certificates={tls_dir}" if tls_dir else uri
+
+
+def pin_certificate(info, directory):
+    """Trusts exactly the certificate get_nbd_info returned, as libnbd wants it."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "ca-cert.pem"), "w") as f:
+        f.write(info["cert"])
+    return str(directory)
+
+
+def nbdcopy(uri, dest):
+    return subprocess.run(["nbdcopy", uri, str(dest)], capture_output=True, text=True, timeout=60)
+
+
+def snapshot_with_cbt(sim, uuid):
+    ref = sim.ref(uuid)
+    sim.call("VDI.enable_cbt", ref)
+    return ref, sim.call("VDI.snapshot", ref, {})
+
+
+# --- sessions and generic errors -------------------------------------------------------
+
+def test_login_logout_and_generic_errors(sim):
+    assert sim.session.startswith("OpaqueRef:")
+    with pytest.raises(XapiFailure) as e:
+        sim.login("wrong")
+    assert e.value.description == ["SESSION_AUTHENTICATION_FAILED", "root", "Authentication failure"]
+
+    vm = sim.call("VM.get_by_name_label", "web01")[0]
+    assert sim.error("VM.no_such_call", vm) == ["MESSAGE_METHOD_UNKNOWN", "VM.no_such_call"]
+    assert sim.error("VM.get_record") == ["MESSAGE_PARAMETER_COUNT_MISMATCH", "VM.get_record", "2", "1"]
+    assert sim.error("VDI.get_record", vm) == ["HANDLE_INVALID", "VDI", vm]
+    bogus = "7c4ab9a0-0000-4000-8000-000000000000"
+    assert sim.error("VDI.get_by_uuid", bogus) == ["UUID_INVALID", "VDI", bogus]
+
+    other = sim.login()
+    assert sim.value(sim.proxy.session.logout(other)) == ""
+    with pytest.raises(XapiFailure) as e:
+        sim.value(sim.proxy.VM.get_record(other, vm))
+    assert e.value.description == ["SESSION_INVALID", other]
+
+
+def test_wire_format_is_xapis_untyped_encoding(sim):
+    status, ctype, text = sim.raw(
+        "<?xml version='1.0'?><methodCall><methodName>session.login_with_password</methodName><params>"
+        "<param><value>root</value></param><param><value><string>secret</string></value></param>"
+        "<param><value>1.0</value></param><param><value/></param></params></methodCall>")
+    assert (status, ctype) == (200, "text/xml")
+    assert "<name>Status</name><value>Success</value>" in text
+    session = text.split("<name>Value</name><value>")[1].split("</value>")[0]
+    assert session.startswith("OpaqueRef:")
+
+    uuid = sim.disks("web01")[0]["uuid"]
+    status, _, text = sim.raw(
+        f"<methodCall><methodName>VDI.get_record</methodName><params><param><value>{session}</value></param>"
+        f"<param><value>{sim.ref(uuid)}</value></param></params></methodCall>", path="/RPC2")
+    assert status == 200
+    assert f"<name>uuid</name><value>{uuid}</value>" in text
+    assert f"<name>virtual_size</name><value>{4 * MIB}</value>" in text
+    assert "<name>type</name><value>user</value>" in text
+    assert "<name>cbt_enabled</name><value><boolean>0</boolean></value>" in text
+    assert "<name>snapshot_time</name><value><dateTime.iso8601>19700101T00:00:00Z</dateTime.iso8601>" in text
+    assert "<name>other_config</name><value><struct></struct></value>" in text
+    for tag in ("<string>", "<i4>", "<i8>", "<int>", "<fault>"):
+        assert tag not in text
+
+    status, _, text = sim.raw("<methodCall><methodName>VDI.get_record</methodName><params><param>"
+                              "<value><string>OpaqueRef:nope</string></value></param></params></methodCall>")
+    assert status == 200
+    assert ("<member><name>Status</name><value>Failure</value></member><member><name>ErrorDescription</name>"
+            "<value><array><data><value>MESSAGE_PARAMETER_COUNT_MISMATCH</value>") in text
+
+    status, _, _ = sim.raw("<methodCall><methodName>VDI.get_record</methodName><params>")
+    assert status == 500
+
+
+# --- snapshots --------------------------------------------------------------------------
+
+def test_vm_snapshot_of_two_disks_and_a_cd(sim):
+    vm = sim.call("VM.get_by_name_label", "web01")[0]
+    rec = sim.call("VM.get_record", vm)
+    assert (rec["power_state"], rec["is_a_snapshot"], rec["is_control_domain"]) == ("Running", False, False)
+    vbds = [sim.call("VBD.get_record", b) for b in rec["VBDs"]]
+    assert [b["type"] for b in vbds] == ["Disk", "Disk", "CD"]
+    assert vbds[2]["empty"] is True and vbds[2]["VDI"] == "OpaqueRef:NULL"
+    disks = [b["VDI"] for b in vbds[:2]]
+    root = sim.call("VDI.get_record", disks[0])
+    sim.write(root["uuid"], 0, b"before")
+
+    snap = sim.call("VM.snapshot", vm, "backup-1")
+    sim.write(root["uuid"], 0, b"after!")
+    srec = sim.call("VM.get_record", snap)
+    assert (srec["is_a_snapshot"], srec["snapshot_of"], srec["name_label"]) == (True, vm, "backup-1")
+    assert sim.call("VM.get_snapshots", vm) == [snap]
+    svbds = [sim.call("VBD.get_record", b) for b in srec["VBDs"]]
+    assert [b["type"] for b in svbds] == ["Disk", "Disk", "CD"]
+    assert svbds[2]["empty"] is True and svbds[2]["VDI"] == "OpaqueRef:NULL"
+    for orig, vbd in zip(disks, svbds[:2]):
+        vdi = sim.call("VDI.get_record", vbd["VDI"])
+        assert (vdi["is_a_snapshot"], vdi["snapshot_of"], vdi["type"]) == (True, orig, "user")
+        assert vdi["virtual_size"] == sim.call("VDI.get_virtual_size", orig)
+    snap_root = sim.vdi_state(sim.call("VDI.get_uuid", svbds[0]["VDI"]))
+    assert read_file(snap_root["path"])[:6] == b"before"
+    assert read_file(sim.vdi_state(root["uuid"])["path"])[:6] == b"after!"
+
+    assert sim.error("VM.destroy", vm)[0] == "OPERATION_NOT_ALLOWED"
+    sim.call("VM.destroy", snap)
+    assert sim.call("VM.get_snapshots", vm) == []
+    assert sim.call("VDI.get_is_a_snapshot", svbds[0]["VDI"]) is True   # the VDIs stay
+    assert sim.error("VM.get_record", snap) == ["HANDLE_INVALID", "VM", snap]
+
+
+# --- changed block tracking -------------------------------------------------------------
+
+def test_changed_blocks_are_computed_from_the_data(sim):
+    data = sim.disks("web01")[1]
+    uuid, path = data["uuid"], data["path"]
+    assert data["virtual_size"] == ODD_SIZE
+    sim.post("/write", {"vdi": uuid, "offset": 0, "length": ODD_SIZE, "pattern": "random", "seed": 7})
+    ref, snap_a = snapshot_with_cbt(sim, uuid)
+    assert sim.call("VDI.get_cbt_enabled", snap_a) is True
+
+    sim.write(uuid, 5 * BLOCK + 100, b"\x01")                          # one byte
+    sim.write(uuid, 10 * BLOCK - 10, os.urandom(20))                    # across blocks 9 and 10
+    sim.write(uuid, ODD_SIZE - 700, os.urandom(700))                    # the last, partial block
+    sim.write(uuid, 2 * BLOCK, read_file(path)[2 * BLOCK:2 * BLOCK + 512])   # identical data again
+    snap_b = sim.call("VDI.snapshot", ref, {})
+    bitmap = sim.bitmap(snap_a, snap_b)
+    assert len(bitmap) == 3                                             # ceil(21 / 8)
+    assert bitmap == bytes([0x24, 0x60, 0x08])                          # blocks 2 5 | 9 10 | 20, MSB first
+
+    with open(path, "r+b") as f:                                        # a guest write the log never saw
+        f.seek(15 * BLOCK + 4096)
+        f.write(b"\xff" * 512)
+    snap_c = sim.call("VDI.snapshot", ref, {})
+    assert blocks_of(sim.bitmap(snap_b, snap_c)) == {15}
+    assert blocks_of(sim.bitmap(snap_a, snap_c)) == {2, 5, 9, 10, 15, 20}
+    sim.write(uuid, 0, b"live")
+    assert blocks_of(sim.bitmap(snap_c, ref)) == {0}                    # to = the live VDI
+
+    unrelated = ["SR_BACKEND_FAILURE_460", "", "Source and target VDI are unrelated", ""]
+    assert sim.error("VDI.list_changed_blocks", snap_b, snap_a) == unrelated
+    assert sim.error("VDI.list_changed_blocks", snap_a, snap_a)[2] == "Source and target VDI are same"
+    other = sim.disks("web01")[0]["uuid"]
+    _, other_snap = snapshot_with_cbt(sim, other)
+    assert sim.error("VDI.list_changed_blocks", snap_a, other_snap) == unrelated
+
+
+def test_snapshot_without_cbt_has_no_metadata(sim):
+    uuid = sim.disks("web01")[0]["uuid"]
+    ref = sim.ref(uuid)
+    before = sim.call("VDI.snapshot", ref, {})
+    assert sim.call("VDI.get_cbt_enabled", before) is False
+    sim.call("VDI.enable_cbt", ref)
+    sim.call("VDI.enable_cbt", ref)                                     # idempotent
+    after = sim.call("VDI.snapshot", ref, {})
+    assert sim.error("VDI.list_changed_blocks", before, after) == ["VDI_NO_CBT_METADATA", before]
+    assert sim.error("VDI.data_destroy", before) == ["VDI_NO_CBT_METADATA", before]
+    assert sim.error("VDI.enable_cbt", after) == ["OPERATION_NOT_ALLOWED", f"VDI is a snapshot: {after}"]
+    iso = sim.disks("iso01")[0]
+    sr = sim.call("VDI.get_SR", sim.ref(iso["uuid"]))
+    assert sim.error("VDI.enable_cbt", sim.ref(iso["uuid"])) == ["SR_OPERATION_NOT_SUPPORTED", sr]
+
+
+def test_data_destroy_keeps_the_metadata_only(sim):
+    uuid = sim.disks("web01")[0]["uuid"]
+    sim.write(uuid, 0, b"x" * 4096)
+    ref, snap_a = snapshot_with_cbt(sim, uuid)
+    path = sim.vdi_state(sim.call("VDI.get_uuid", snap_a))["path"]
+    assert os.path.exists(path)
+
+    assert sim.error("VDI.data_destroy", ref) == ["OPERATION_NOT_ALLOWED", f"VDI is not a snapshot: {ref}"]
+    sim.call("VDI.data_destroy", snap_a)
+    sim.call("VDI.data_destroy", snap_a)                                # idempotent
+    assert sim.call("VDI.get_type", snap_a) == "cbt_metadata"
+    assert sim.vdi_state(sim.call("VDI.get_uuid", snap_a))["path"] is None
+    assert not os.path.exists(path)
+    assert sim.error("VDI.get_nbd_info", snap_a) == ["VDI_INCOMPATIBLE_TYPE", snap_a, "cbt_metadata"]
+
+    sim.write(uuid, 3 * BLOCK, b"y")
+    snap_b = sim.call("VDI.snapshot", ref, {})
+    assert blocks_of(sim.bitmap(snap_a, snap_b)) == {3}                 # the chain goes on
+
+    sim.call("VDI.destroy", snap_a)
+    assert sim.call("VDI.get_uuid", snap_b) in {v["uuid"] for v in sim.get("/state")["vdis"]}
+    assert snap_a not in {v["ref"] for v in sim.get("/state")["vdis"]}
+    assert sim.error("VDI.list_changed_blocks", snap_a, snap_b) == ["HANDLE_INVALID", "VDI", snap_a]
+    assert sim.error("VDI.destroy", ref) == ["VDI_IN_USE", ref, "destroy"]  # attached to a running VM
+
+
+def test_chain_breaks_and_resizes(sim):
+    uuid = sim.disks("web01")[0]["uuid"]
+    ref, snap_a = snapshot_with_cbt(sim, uuid)
+    sim.call("VDI.disable_cbt", ref)
+    sim.call("VDI.disable_cbt", ref)                                    # idempotent
+    sim.call("VDI.enable_cbt", ref)
+    snap_b = sim.call("VDI.snapshot", ref, {})
+    assert sim.error("VDI.list_changed_blocks", snap_a, snap_b) == \
+        ["SR_BACKEND_FAILURE_460", "", "Source and target VDI are unrelated", ""]
+
+    sim.post("/disable_cbt", {"vdi": uuid})                             # a storage migration
+    assert sim.call("VDI.get_cbt_enabled", ref) is False
+    assert sim.vdi_state(uuid)["cbt_enabled"] is False
+    sim.call("VDI.enable_cbt", ref)
+    snap_c = sim.call("VDI.snapshot", ref, {})
+    assert sim.error("VDI.list_changed_blocks", snap_b, snap_c)[0] == "SR_BACKEND_FAILURE_460"
+
+    sim.post("/resize", {"vdi": uuid, "size": 5 * MIB})
+    assert sim.call("VDI.get_virtual_size", ref) == str(5 * MIB)
+    snap_d = sim.call("VDI.snapshot", ref, {})
+    bitmap = sim.bitmap(snap_c, snap_d)
+    assert len(bitmap) == 80 // 8                                       # covers the new size
+    assert blocks_of(bitmap) == set(range(64, 80))                      # the grown part counts as changed
+
+
+def test_injected_failures_and_call_counts(sim):
+    uuid = sim.disks("web01")[0]["uuid"]
+    ref, snap_a = snapshot_with_cbt(sim, uuid)
+    snap_b = sim.call("VDI.snapshot", ref, {})
+    sim.post("/reset_counters", {})
+    injected = ["SR_BACKEND_FAILURE_460", "", "x", ""]
+    sim.post("/fail", {"method": "VDI.list_changed_blocks", "error": injected, "count": 1})
+    assert sim.error("VDI.list_changed_blocks", snap_a, snap_b) == injected
+    assert blocks_of(sim.bitmap(snap_a, snap_b)) == set()               # only the next call failed
+
+    sim.post("/fail", {"method": "VDI.snapshot", "http_status": 500, "count": 2})
+    for _ in range(2):
+        with pytest.raises(xmlrpc.client.ProtocolError) as e:
+            sim.call("VDI.snapshot", ref, {})
+        assert e.value.errcode == 500
+    sim.post("/fail", {"method": "VDI.get_type", "delay": 0.5})
+    start = time.monotonic()
+    assert sim.call("VDI.get_type", ref) == "user"
+    assert time.monotonic() - start >= 0.5
+    calls = sim.get("/calls")
+    assert calls["VDI.list_changed_blocks"] == 2 and calls["VDI.snapshot"] == 2 and calls["VDI.get_type"] == 1
+
+    with pytest.raises(urllib.error.HTTPError) as e:
+        sim.post("/fail", {"method": "VDI.snapshot"})
+    assert e.value.code == 400
+
+
+# --- NBD ---------------------------------------------------------------------------------
+
+def test_nbd_over_tls_serves_the_snapshot(sim, tmp_path):
+    uuid = sim.disks("web01")[0]["uuid"]
+    sim.post("/write", {"vdi": uuid, "offset": 0, "length": 4 * MIB, "pattern": "random", "seed": 1})
+    expected = read_file(sim.vdi_state(uuid)["path"])
+    ref, snap = snapshot_with_cbt(sim, uuid)
+    sim.write(uuid, 0, b"changed after the snapshot")
+    snap_uuid = sim.call("VDI.get_uuid", snap)
+
+    infos = sim.call("VDI.get_nbd_info", snap)
+    assert len(infos) == 1
+    info = infos[0]
+    assert set(info) == {"exportname", "address", "port", "cert", "subject"}
+    assert info["exportname"] == f"/{snap_uuid}?session_id={sim.session}"
+    assert (info["address"], info["subject"]) == ("127.0.0.1", "localhost")
+    assert info["port"].isdigit()                                       # int64 travels as a bare string
+    assert info["cert"] == read_file(os.path.join(sim.dir, "server.pem")).decode()
+    assert sim.call("VDI.get_nbd_info", snap) == infos                  # one server per VDI, reused
+    assert sim.vdi_state(snap_uuid)["nbd_running"] is True
+
+    pin = pin_certificate(info, tmp_path / "pin")
+    size = subprocess.run(["nbdinfo", "--size", nbd_uri(info, pin)], capture_output=True, text=True, timeout=30)
+    assert size.stdout.strip() == str(4 * MIB), size.stderr
+    assert nbdcopy(nbd_uri(info), tmp_path / "plain.img").returncode != 0    # TLS is required
+    sim.post("/reset_counters", {})
+    copy = nbdcopy(nbd_uri(info, pin), tmp_path / "copy.img")
+    assert copy.returncode == 0, copy.stderr
+    assert read_file(tmp_path / "copy.img") == expected
+    assert sim.get(f"/nbd_bytes?vdi={snap_uuid}")["bytes"] == 4 * MIB
+    assert sim.get(f"/nbd_bytes?vdi={uuid}")["bytes"] == 4 * MIB       # the live VDI counts its snapshots
+
+    wrong = tmp_path / "wrong"                                          # another certificate for localhost
+    wrong.mkdir()
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(wrong / "key.pem"),
+                    "-out", str(wrong / "ca-cert.pem")], check=True, capture_output=True)
+    assert nbdcopy(nbd_uri(info, str(wrong)), tmp_path / "no.img").returncode != 0
+
+    sim.call("VDI.data_destroy", snap)
+    assert sim.vdi_state(snap_uuid)["nbd_running"] is False
+    assert sim.nbdkit_pids() == []
+
+
+def test_nbd_connection_drop_then_recovery(sim, tmp_path):
+    uuid = sim.disks("web01")[0]["uuid"]
+    sim.post("/write", {"vdi": uuid, "offset": 0, "length": 4 * MIB, "pattern": "random", "seed": 2})
+    sim.post("/nbd_drop", {"vdi": uuid, "after_bytes": MIB})            # armed for the snapshots to come
+    _, snap = snapshot_with_cbt(sim, uuid)
+    snap_uuid = sim.call("VDI.get_uuid", snap)
+    info = sim.call("VDI.get_nbd_info", snap)[0]
+    pin = pin_certificate(info, tmp_path / "pin")
+
+    failed = nbdcopy(nbd_uri(info, pin), tmp_path / "first.img")
+    assert failed.returncode != 0
+    served = sim.get(f"/nbd_bytes?vdi={snap_uuid}")["bytes"]
+    assert 0 < served <= MIB
+
+    again = nbdcopy(nbd_uri(info, pin), tmp_path / "second.img")     # same port, no longer armed
+    assert again.returncode == 0, again.stderr
+    assert read_file(tmp_path / "second.img") == read_file(sim.vdi_state(snap_uuid)["path"])
+    assert sim.get(f"/nbd_bytes?vdi={snap_uuid}")["bytes"] == served + 4 * MIB
+
+
+def test_vdi_in_use_while_an_nbd_client_is_connected(sim, tmp_path):
+    uuid = sim.disks("web01")[0]["uuid"]
+    sim.post("/write", {"vdi": uuid, "offset": 0, "length": 4 * MIB, "pattern": "random", "seed": 3})
+    ref, snap_a = snapshot_with_cbt(sim, uuid)
+    snap_b = sim.call("VDI.snapshot", ref, {})
+    info = sim.call("VDI.get_nbd_info", snap_b)[0]
+    pin = pin_certificate(info, tmp_path / "pin")
+    # nbdcopy blocks on a pipe nobody reads: its connections stay open
+    reader = subprocess.Popen(["nbdcopy", nbd_uri(info, pin), "-"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while sim.get(f"/nbd_bytes?vdi={sim.call('VDI.get_uuid', snap_b)}")["bytes"] == 0:
+            assert time.monotonic() < deadline, "nbdcopy did not start reading"
+            time.sleep(0.05)
+        assert sim.error("VDI.list_changed_blocks", snap_a, snap_b) == ["VDI_IN_USE", snap_b]
+        start = time.monotonic()
+        assert sim.error("VDI.data_destroy", snap_b) == ["VDI_IN_USE", snap_b, "data_destroy"]
+        assert time.monotonic() - start >= 3.5                           # XAPI waits a while first
+    finally:
+        reader.kill()
+        reader.wait()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            sim.call("VDI.data_destroy", snap_b)
+            break
+        except XapiFailure as e:
+            assert e.description[0] == "VDI_IN_USE" and time.monotonic() < deadline
+    assert sim.call("VDI.get_type", snap_b) == "cbt_metadata"
+
+
+@pytest.mark.parametrize("mode", ["insecure", "none"])
+def test_nbd_without_tls_and_without_nbd(tmp_path, mode):
+    sim = Sim(tmp_path, nbd=mode)
+    try:
+        uuid = sim.disks("web01")[0]["uuid"]
+        sim.write(uuid, 0, b"plain")
+        snap = sim.call("VDI.snapshot", sim.ref(uuid), {})
+        infos = sim.call("VDI.get_nbd_info", snap)
+        if mode == "none":
+            assert infos == []
+        else:
+            copy = nbdcopy(nbd_uri(infos[0]), tmp_path / "copy.img")
+            assert copy.returncode == 0, copy.stderr
+            assert read_file(tmp_path / "copy.img")[:5] == b"plain"
+    finally:
+        assert sim.stop() == 0
+    assert sim.nbdkit_pids() == []
+
+
+# --- restore side, shutdown ----------------------------------------------------------------
+
+def test_vdi_create_and_import_raw_vdi(sim):
+    srs = sim.call("SR.get_all")
+    assert [sim.call("SR.get_name_label", s) for s in srs].count("Local storage") == 1
+    sr = sim.call("SR.get_by_uuid", sim.call("SR.get_record", srs[0])["uuid"])
+    ref = sim.call("VDI.create", {"name_label": "restored", "SR": sr, "virtual_size": str(MIB), "type": "user",
+                                  "sharable": False, "read_only": False, "other_config": {}})
+    rec = sim.call("VDI.get_record", ref)
+    assert (rec["name_label"], rec["virtual_size"], rec["is_a_snapshot"]) == ("restored", str(MIB), False)
+
+    body = random.Random(5).randbytes(MIB // 2)
+    url = urllib.parse.urlsplit(sim.info["url"])
+    conn = http.client.HTTPSConnection(url.hostname, url.port, context=sim.context, timeout=30)
+    for session, status in (("OpaqueRef:bad", 401), (sim.session, 200)):
+        conn.request("PUT", f"/import_raw_vdi?session_id={session}&vdi={rec['uuid']}&format=raw", body=body)
+        r = conn.getresponse()
+        r.read()
+        assert r.status == status
+        conn.close()
+    assert read_file(sim.vdi_state(rec["uuid"])["path"]) == body + bytes(MIB // 2)
+
+
+def test_sigterm_stops_every_nbdkit(tmp_path):
+    sim = Sim(tmp_path)
+    for disk in sim.disks("web01"):
+        sim.call("VDI.get_nbd_info", sim.ref(disk["uuid"]))
+    assert len(sim.nbdkit_pids()) == 2
+    assert sim.stop() == 0
+    assert sim.nbdkit_pids() == []
+    assert not os.path.exists(os.path.join(sim.dir, "ready.json"))
+    assert "Traceback" not in sim.log()

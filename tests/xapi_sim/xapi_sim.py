@@ -1,0 +1,1478 @@
+#!/usr/bin/python3
+"""XAPI simulator for the cbtfs integration tests and demo.
+
+Speaks XenServer's XML-RPC API over HTTPS for the calls cbtfs-ingest makes
+(sessions; VM, VBD, VDI and SR records; snapshots; changed block tracking;
+NBD export info; data_destroy), serves VDI data over NBD with real nbdkit
+processes (TLS or not), and offers a plain-HTTP JSON control API with which a
+test acts as the guest (writes into a disk), as the administrator (resizes a
+disk, disables CBT) or as a faulty host (fails or stalls calls, drops NBD
+connections). See README.md beside this file.
+
+The invariant that matters: changed-block bitmaps are computed from the data.
+Every snapshot taken with CBT enabled keeps a SHA-1 per 64 KiB block (also
+after data_destroy); list_changed_blocks compares two such lists and ORs in
+the blocks the control API wrote in between (real CBT reports rewrites of
+identical data too), so a bitmap never misses a change, whatever wrote it.
+
+Python 3 standard library only; needs the openssl and nbdkit programs.
+Usage: xapi_sim.py --state-dir DIR --config CONFIG.json [--port 0] [--control-port 0]
+"""
+
+import argparse
+import base64
+import errno
+import functools
+import hashlib
+import inspect
+import json
+import math
+import os
+import random
+import shlex
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import uuid as uuidlib
+import xml.etree.ElementTree as ET
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+from xml.sax.saxutils import escape
+
+BLOCK = 64 * 1024                       # CBT granularity
+SECTOR = 512                            # virtual sizes and NBD reads are multiples of this
+NULL_REF = "OpaqueRef:NULL"
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)   # XAPI's "never"
+CBT_SR_TYPES = frozenset({"ext", "file", "nfs", "smb", "lvm", "lvhd", "lvmoiscsi", "lvmohba"})
+NBD_MODES = ("tls", "insecure", "none")
+IN_USE_WAIT = 4.0                       # seconds destroy/data_destroy wait for NBD clients, as XAPI
+NBD_START_TIMEOUT = 10.0
+LOGIN = "session.login_with_password"
+
+
+def log(message):
+    sys.stderr.write(f"{time.strftime('%H:%M:%S')} xapi_sim: {message}\n")
+    sys.stderr.flush()
+
+
+class XapiError(Exception):
+    """An API failure, answered as {Status: Failure, ErrorDescription: [code, params...]}."""
+
+    def __init__(self, code, *params):
+        super().__init__(code)
+        self.description = [code, *(str(p) for p in params)]
+
+
+class HttpError(Exception):
+    """A request answered with a bare HTTP status (malformed XML-RPC, bad upload, control errors)."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# ----------------------------------------------------------------------------
+# XML-RPC, encoded the non-strict way XAPI does
+
+def parse_method_call(body):
+    """Returns (method name, [params]) of an XML-RPC methodCall; HttpError 500 if malformed."""
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError as e:
+        raise HttpError(500, f"malformed XML: {e}")
+    name = (root.findtext("methodName") or "").strip()
+    if root.tag != "methodCall" or not name:
+        raise HttpError(500, "not an XML-RPC methodCall")
+    return name, [parse_value(p.find("value")) for p in root.findall("params/param")]
+
+
+def parse_value(elem):
+    """Decodes one <value>: untyped text is a string; typed ints become ints."""
+    if elem is None:
+        raise HttpError(500, "a param without a value")
+    if len(elem) == 0:
+        return elem.text or ""
+    typed = elem[0]
+    text = typed.text or ""
+    try:
+        if typed.tag in ("string", "dateTime.iso8601"):
+            return text
+        if typed.tag in ("i4", "int", "i8"):
+            return int(text.strip())
+        if typed.tag == "boolean":
+            return text.strip() == "1"
+        if typed.tag == "double":
+            return float(text)
+        if typed.tag == "base64":
+            return base64.b64decode(text)
+    except ValueError as e:
+        raise HttpError(500, f"bad <{typed.tag}> value: {e}")
+    if typed.tag == "nil":
+        return None
+    if typed.tag == "struct":
+        return {m.findtext("name"): parse_value(m.find("value")) for m in typed.findall("member")}
+    if typed.tag == "array":
+        return [parse_value(v) for v in typed.findall("data/value")]
+    raise HttpError(500, f"unknown XML-RPC type <{typed.tag}>")
+
+
+def encode_value(v):
+    """Encodes like XAPI: strings, refs, enums and ints as bare <value>text</value>."""
+    if isinstance(v, bool):
+        return f"<value><boolean>{int(v)}</boolean></value>"
+    if v is None:
+        return "<value></value>"
+    if isinstance(v, (str, int)):
+        return f"<value>{escape(str(v))}</value>"
+    if isinstance(v, float):
+        return f"<value><double>{v!r}</double></value>"
+    if isinstance(v, datetime):
+        return f"<value><dateTime.iso8601>{v.strftime('%Y%m%dT%H:%M:%SZ')}</dateTime.iso8601></value>"
+    if isinstance(v, dict):
+        members = "".join(f"<member><name>{escape(k)}</name>{encode_value(x)}</member>" for k, x in v.items())
+        return f"<value><struct>{members}</struct></value>"
+    if isinstance(v, (list, tuple)):
+        return f"<value><array><data>{''.join(encode_value(x) for x in v)}</data></array></value>"
+    raise TypeError(f"cannot encode {type(v).__name__}")
+
+
+def method_response(result):
+    return f"<methodResponse><params><param>{encode_value(result)}</param></params></methodResponse>".encode()
+
+
+# ----------------------------------------------------------------------------
+# Certificates (openssl CLI): one CA, one server certificate for HTTPS and NBD
+
+@dataclass
+class Certificates:
+    ca_file: str
+    cert_file: str
+    key_file: str
+    nbd_dir: str        # ca-cert.pem, server-cert.pem, server-key.pem as nbdkit wants them
+
+    @functools.cached_property
+    def cert_pem(self):
+        with open(self.cert_file) as f:
+            return f.read()
+
+
+def openssl(*args):
+    p = subprocess.run(["openssl", *args], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"xapi_sim: openssl {args[0]} failed: {p.stderr.strip()}")
+
+
+def make_certificates(state_dir):
+    """Creates the CA and the server certificate (localhost, 127.0.0.1) unless state_dir has them."""
+    p = functools.partial(os.path.join, state_dir)
+    certs = Certificates(p("ca.pem"), p("server.pem"), p("server-key.pem"), p("nbd-tls"))
+    if not all(os.path.exists(f) for f in (certs.ca_file, certs.cert_file, certs.key_file)):
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
+                "-subj", "/CN=cbtfs XAPI simulator CA", "-keyout", p("ca-key.pem"), "-out", certs.ca_file,
+                "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+                "-keyout", certs.key_file, "-out", p("server.csr"))
+        with open(p("server-ext.cnf"), "w") as f:
+            f.write("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+                    "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        openssl("x509", "-req", "-in", p("server.csr"), "-CA", certs.ca_file, "-CAkey", p("ca-key.pem"),
+                "-CAcreateserial", "-days", "825", "-extfile", p("server-ext.cnf"), "-out", certs.cert_file)
+    os.makedirs(certs.nbd_dir, exist_ok=True)
+    for src, name in ((certs.ca_file, "ca-cert.pem"), (certs.cert_file, "server-cert.pem"),
+                      (certs.key_file, "server-key.pem")):
+        shutil.copyfile(src, os.path.join(certs.nbd_dir, name))
+    return certs
+
+
+# ----------------------------------------------------------------------------
+# Block digests and bitmaps
+
+def block_count(size):
+    return (size + BLOCK - 1) // BLOCK
+
+
+@functools.lru_cache(maxsize=None)
+def zero_digest(length):
+    return hashlib.sha1(bytes(length)).digest()
+
+
+def data_extents(fd, size):
+    """Yields (start, end) of the regions of a file that may hold data; holes are skipped."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:      # no SEEK_DATA here: everything may be data
+                yield pos, size
+            return
+        if start >= size:
+            return
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, end
+        pos = end
+
+
+def scan_blocks(path, size, copy_to=None):
+    """SHA-1 of each 64 KiB block of the first `size` bytes of `path` (bytes past its end
+    read as zeros); with copy_to, also writes a sparse copy of those bytes there."""
+    count = block_count(size)
+    has_data = bytearray(count)
+    digests = []
+    with open(path, "rb") as src:
+        for start, end in data_extents(src.fileno(), size):
+            has_data[start // BLOCK:(end - 1) // BLOCK + 1] = b"\1" * ((end - 1) // BLOCK + 1 - start // BLOCK)
+        dst = os.open(copy_to, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if copy_to else None
+        try:
+            for i in range(count):
+                length = min(BLOCK, size - i * BLOCK)
+                if not has_data[i]:
+                    digests.append(zero_digest(length))
+                    continue
+                data = os.pread(src.fileno(), length, i * BLOCK).ljust(length, b"\0")
+                digests.append(hashlib.sha1(data).digest())
+                if dst is not None and data.count(0) != length:
+                    os.pwrite(dst, data, i * BLOCK)
+            if dst is not None:
+                os.ftruncate(dst, size)
+        finally:
+            if dst is not None:
+                os.close(dst)
+    return digests
+
+
+def encode_bitmap(blocks, count):
+    """Base64 of the bitmap, one bit per block, most significant bit first."""
+    bits = bytearray((count + 7) // 8)
+    for i in blocks:
+        bits[i // 8] |= 0x80 >> (i % 8)
+    return base64.b64encode(bytes(bits)).decode()
+
+
+# ----------------------------------------------------------------------------
+# The host's objects
+
+def new_uuid():
+    return str(uuidlib.uuid4())
+
+
+def new_ref():
+    return f"OpaqueRef:{new_uuid()}"
+
+
+def ref_of(obj):
+    return obj.ref if obj is not None else NULL_REF
+
+
+def now():
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+@dataclass(eq=False)
+class Sr:
+    CLASS = "SR"
+    name_label: str
+    type: str
+    uuid: str = field(default_factory=new_uuid)
+    ref: str = field(default_factory=new_ref)
+
+    @property
+    def supports_cbt(self):
+        return self.type in CBT_SR_TYPES
+
+
+@dataclass(eq=False)
+class Vm:
+    CLASS = "VM"
+    name_label: str
+    uuid: str = field(default_factory=new_uuid)
+    ref: str = field(default_factory=new_ref)
+    is_a_snapshot: bool = False
+    snapshot_of: "Vm | None" = None
+    snapshot_time: datetime = EPOCH
+    is_control_domain: bool = False
+
+    @property
+    def power_state(self):
+        return "Halted" if self.is_a_snapshot else "Running"
+
+
+@dataclass(eq=False)
+class Vbd:
+    CLASS = "VBD"
+    vm: Vm
+    vdi: "Vdi | None"       # None: an empty CD drive
+    type: str               # "Disk" or "CD"
+    userdevice: str
+    uuid: str = field(default_factory=new_uuid)
+    ref: str = field(default_factory=new_ref)
+
+    @property
+    def currently_attached(self):
+        return self.vm.power_state == "Running"
+
+
+@dataclass(eq=False)
+class Vdi:
+    CLASS = "VDI"
+    name_label: str
+    sr: Sr
+    virtual_size: int
+    path: "str | None" = None           # the data file; None once data_destroy'ed
+    type: str = "user"
+    uuid: str = field(default_factory=new_uuid)
+    ref: str = field(default_factory=new_ref)
+    read_only: bool = False
+    sharable: bool = False
+    other_config: dict = field(default_factory=dict)
+    is_a_snapshot: bool = False
+    snapshot_of: "Vdi | None" = None
+    snapshot_time: datetime = EPOCH
+    cbt_chain: "str | None" = None      # live: current CBT chain id; snapshot: the chain it was taken in
+    digests: "list | None" = None       # snapshot with CBT: SHA-1 per block when it was taken
+    seq: int = 0                        # snapshot: the host's clock when it was taken
+    write_log: list = field(default_factory=list)   # live: (clock, first block, last block) of control writes
+
+    @property
+    def cbt_enabled(self):
+        return self.cbt_chain is not None
+
+    @property
+    def origin(self):
+        """The live VDI this one is (a snapshot of)."""
+        return self.snapshot_of if self.is_a_snapshot else self
+
+
+def unrelated(reason="Source and target VDI are unrelated"):
+    return XapiError("SR_BACKEND_FAILURE_460", "", reason, "")
+
+
+class Model:
+    """The objects of one simulated host, with XAPI's and its storage manager's rules.
+    Not thread-safe: callers hold the host lock."""
+
+    def __init__(self, vdi_dir):
+        self.vdi_dir = vdi_dir
+        self.objects = {}       # ref -> SR, VM, VBD or VDI, in creation order
+        self.seq = 0            # clock ticking at each snapshot and guest write
+
+    # -- lookup --------------------------------------------------------------
+
+    def add(self, obj):
+        self.objects[obj.ref] = obj
+        return obj
+
+    def all(self, cls):
+        return [o for o in self.objects.values() if o.CLASS == cls]
+
+    def get(self, cls, ref):
+        obj = self.objects.get(ref) if isinstance(ref, str) else None
+        if obj is None or obj.CLASS != cls:
+            raise XapiError("HANDLE_INVALID", cls, ref)
+        return obj
+
+    def by_uuid(self, cls, uuid):
+        found = next((o for o in self.all(cls) if o.uuid == uuid), None)
+        if found is None:
+            raise XapiError("UUID_INVALID", cls, uuid)
+        return found
+
+    def vbds(self, *, vm=None, vdi=None):
+        return [b for b in self.all("VBD") if (vm is None or b.vm is vm) and (vdi is None or b.vdi is vdi)]
+
+    def snapshots(self, obj):
+        return [o for o in self.all(obj.CLASS) if o.snapshot_of is obj]
+
+    def sr(self, sr_type):
+        found = next((s for s in self.all("SR") if s.type == sr_type), None)
+        name = "Local storage" if sr_type == "ext" else f"Local storage ({sr_type})"
+        return found or self.add(Sr(name_label=name, type=sr_type))
+
+    # -- records -------------------------------------------------------------
+
+    def record(self, obj):
+        return getattr(self, f"_{obj.CLASS.lower()}_record")(obj)
+
+    def _sr_record(self, sr):
+        vdis = [v for v in self.all("VDI") if v.sr is sr]
+        return {"uuid": sr.uuid, "name_label": sr.name_label, "name_description": "", "type": sr.type,
+                "content_type": "iso" if sr.type == "iso" else "user", "shared": False,
+                "VDIs": [v.ref for v in vdis], "PBDs": [],
+                "virtual_allocation": sum(v.virtual_size for v in vdis), "physical_size": 1 << 40,
+                "physical_utilisation": sum(self._allocated(v) for v in vdis),
+                "allowed_operations": [], "current_operations": {}, "other_config": {}, "sm_config": {},
+                "tags": []}
+
+    def _vm_record(self, vm):
+        return {"uuid": vm.uuid, "name_label": vm.name_label, "name_description": "",
+                "power_state": vm.power_state, "is_a_template": vm.is_a_snapshot,
+                "is_default_template": False, "is_a_snapshot": vm.is_a_snapshot,
+                "snapshot_of": ref_of(vm.snapshot_of), "snapshots": [s.ref for s in self.snapshots(vm)],
+                "snapshot_time": vm.snapshot_time, "is_control_domain": vm.is_control_domain,
+                "VBDs": [b.ref for b in self.vbds(vm=vm)], "allowed_operations": [],
+                "current_operations": {}, "other_config": {}, "tags": []}
+
+    def _vbd_record(self, vbd):
+        disk = vbd.type == "Disk"
+        return {"uuid": vbd.uuid, "VM": vbd.vm.ref, "VDI": ref_of(vbd.vdi),
+                "device": f"xvd{chr(ord('a') + int(vbd.userdevice))}" if vbd.currently_attached else "",
+                "userdevice": vbd.userdevice, "bootable": disk and vbd.userdevice == "0",
+                "mode": "RW" if disk else "RO", "type": vbd.type, "empty": vbd.vdi is None,
+                "currently_attached": vbd.currently_attached, "unpluggable": False, "storage_lock": False,
+                "allowed_operations": [], "current_operations": {}, "other_config": {}}
+
+    def _vdi_record(self, vdi):
+        return {"uuid": vdi.uuid, "name_label": vdi.name_label, "name_description": "",
+                "SR": vdi.sr.ref, "VBDs": [b.ref for b in self.vbds(vdi=vdi)],
+                "virtual_size": vdi.virtual_size, "physical_utilisation": self._allocated(vdi),
+                "type": vdi.type, "sharable": vdi.sharable, "read_only": vdi.read_only,
+                "is_a_snapshot": vdi.is_a_snapshot, "snapshot_of": ref_of(vdi.snapshot_of),
+                "snapshots": [s.ref for s in self.snapshots(vdi)], "snapshot_time": vdi.snapshot_time,
+                "cbt_enabled": vdi.cbt_enabled, "location": vdi.uuid, "managed": True, "missing": False,
+                "parent": NULL_REF, "storage_lock": False, "on_boot": "persist", "allow_caching": False,
+                "is_tools_iso": False, "metadata_of_pool": NULL_REF, "metadata_latest": False,
+                "allowed_operations": [], "current_operations": {}, "other_config": vdi.other_config,
+                "sm_config": {}, "xenstore_data": {}, "crash_dumps": [], "tags": []}
+
+    @staticmethod
+    def _allocated(vdi):
+        return os.stat(vdi.path).st_blocks * 512 if vdi.path else 0
+
+    # -- creation ------------------------------------------------------------
+
+    def load(self, config):
+        """Builds the control domain and the configured VMs with their disks."""
+        self.add(Vm(name_label="Control domain on host: xapi-sim", is_control_domain=True))
+        for vm_cfg in config["vms"]:
+            vm = self.add(Vm(name_label=vm_cfg["name"], uuid=vm_cfg.get("uuid") or new_uuid()))
+            disks = vm_cfg.get("disks", [])
+            for i, disk in enumerate(disks):
+                vdi = self.create_vdi(self.sr(disk.get("sr_type", "ext")), disk["name"], disk["size"],
+                                      uuid=disk.get("uuid") or new_uuid())
+                if disk.get("cbt"):
+                    vdi.cbt_chain = new_uuid()
+                self.add(Vbd(vm=vm, vdi=vdi, type="Disk", userdevice=str(i)))
+            if vm_cfg.get("cd"):
+                self.add(Vbd(vm=vm, vdi=None, type="CD", userdevice=str(max(3, len(disks)))))
+
+    def create_vdi(self, sr, name, size, uuid=None, **fields):
+        vdi = Vdi(name_label=name, sr=sr, virtual_size=size, uuid=uuid or new_uuid(), **fields)
+        vdi.path = self._path(vdi)
+        with open(vdi.path, "ab"):
+            pass
+        os.truncate(vdi.path, size)
+        return self.add(vdi)
+
+    def _path(self, vdi):
+        return os.path.join(self.vdi_dir, f"{vdi.uuid}.raw")
+
+    def snapshot_vdi(self, vdi, when):
+        """A snapshot of a live VDI: a copy of its data, and its block digests if CBT is on."""
+        if vdi.type == "cbt_metadata":
+            raise XapiError("VDI_INCOMPATIBLE_TYPE", vdi.ref, "cbt_metadata")
+        if vdi.is_a_snapshot:
+            raise XapiError("OPERATION_NOT_ALLOWED", f"the simulator does not snapshot snapshots: {vdi.ref}")
+        snap = Vdi(name_label=vdi.name_label, sr=vdi.sr, virtual_size=vdi.virtual_size, type=vdi.type,
+                   read_only=vdi.read_only, sharable=vdi.sharable, other_config=dict(vdi.other_config),
+                   is_a_snapshot=True, snapshot_of=vdi, snapshot_time=when, cbt_chain=vdi.cbt_chain)
+        snap.path = self._path(snap)
+        digests = scan_blocks(vdi.path, vdi.virtual_size, copy_to=snap.path)
+        if snap.cbt_enabled:
+            snap.digests = digests
+        self.seq += 1
+        snap.seq = self.seq
+        return self.add(snap)
+
+    def snapshot_vm(self, vm, name, ignore_vdis):
+        """A snapshot VM: one snapshot VDI per disk VBD; CD VBDs are copied, not snapshotted."""
+        if vm.is_a_snapshot or vm.is_control_domain:
+            raise XapiError("OPERATION_NOT_ALLOWED", f"cannot snapshot {vm.ref}")
+        when = now()
+        snap = self.add(Vm(name_label=name, is_a_snapshot=True, snapshot_of=vm, snapshot_time=when))
+        for vbd in self.vbds(vm=vm):
+            vdi = vbd.vdi
+            if vbd.type == "Disk":
+                if vdi is None or vdi.ref in ignore_vdis:
+                    continue
+                vdi = self.snapshot_vdi(vdi, when)
+            self.add(Vbd(vm=snap, vdi=vdi, type=vbd.type, userdevice=vbd.userdevice))
+        return snap
+
+    # -- destruction ---------------------------------------------------------
+
+    def destroy_vm(self, vm):
+        """Destroys a snapshot VM record and its VBDs; its VDIs stay."""
+        if not vm.is_a_snapshot:
+            raise XapiError("OPERATION_NOT_ALLOWED", f"VM is not a snapshot: {vm.ref}")
+        for vbd in self.vbds(vm=vm):
+            del self.objects[vbd.ref]
+        del self.objects[vm.ref]
+
+    def check_data_destroy(self, vdi):
+        if not vdi.sr.supports_cbt:
+            raise XapiError("SR_OPERATION_NOT_SUPPORTED", vdi.sr.ref)
+        if not vdi.is_a_snapshot:
+            raise XapiError("OPERATION_NOT_ALLOWED", f"VDI is not a snapshot: {vdi.ref}")
+        if not vdi.cbt_enabled:
+            raise XapiError("VDI_NO_CBT_METADATA", vdi.ref)
+
+    def data_destroy(self, vdi):
+        """Drops a snapshot's data, keeping its CBT metadata; its VBDs go, as in XAPI."""
+        self._drop_data(vdi)
+        vdi.type = "cbt_metadata"
+
+    def check_destroy(self, vdi):
+        if any(b.currently_attached for b in self.vbds(vdi=vdi)):
+            raise XapiError("VDI_IN_USE", vdi.ref, "destroy")
+
+    def destroy_vdi(self, vdi):
+        self._drop_data(vdi)
+        del self.objects[vdi.ref]
+
+    def _drop_data(self, vdi):
+        if vdi.path:
+            os.unlink(vdi.path)
+            vdi.path = None
+        for vbd in self.vbds(vdi=vdi):
+            del self.objects[vbd.ref]
+
+    # -- changed block tracking ----------------------------------------------
+
+    def _check_cbt_operation(self, vdi):
+        if not vdi.sr.supports_cbt:
+            raise XapiError("SR_OPERATION_NOT_SUPPORTED", vdi.sr.ref)
+        if vdi.type == "cbt_metadata":
+            raise XapiError("VDI_INCOMPATIBLE_TYPE", vdi.ref, "cbt_metadata")
+        if vdi.is_a_snapshot:
+            raise XapiError("OPERATION_NOT_ALLOWED", f"VDI is a snapshot: {vdi.ref}")
+        if vdi.type not in ("user", "system"):
+            raise XapiError("VDI_INCOMPATIBLE_TYPE", vdi.ref, vdi.type)
+
+    def enable_cbt(self, vdi):
+        self._check_cbt_operation(vdi)
+        if not vdi.cbt_enabled:
+            vdi.cbt_chain = new_uuid()
+
+    def disable_cbt(self, vdi):
+        self._check_cbt_operation(vdi)
+        vdi.cbt_chain = None
+
+    def check_changed_blocks(self, vdi_from, vdi_to):
+        """Raises the error XAPI gives when no bitmap can be computed between the two."""
+        for v in (vdi_from, vdi_to):
+            if not v.sr.supports_cbt:
+                raise XapiError("SR_OPERATION_NOT_SUPPORTED", v.sr.ref)
+        if vdi_from is vdi_to:
+            raise unrelated("Source and target VDI are same")
+        if not vdi_from.is_a_snapshot or vdi_from.origin is not vdi_to.origin:
+            raise unrelated()
+        for v in (vdi_from, vdi_to):
+            if not v.cbt_enabled:
+                raise XapiError("VDI_NO_CBT_METADATA", v.ref)
+        if vdi_from.cbt_chain != vdi_to.cbt_chain or vdi_from.seq >= self._clock_of(vdi_to):
+            raise unrelated()
+
+    def changed_blocks(self, vdi_from, vdi_to):
+        """The base64 bitmap of the blocks that differ between two points of one CBT chain,
+        plus those the guest wrote in between; sized by vdi_to."""
+        self.check_changed_blocks(vdi_from, vdi_to)
+        digests = vdi_to.digests if vdi_to.is_a_snapshot else scan_blocks(vdi_to.path, vdi_to.virtual_size)
+        old = vdi_from.digests
+        changed = {i for i, d in enumerate(digests) if i >= len(old) or old[i] != d}
+        upto = self._clock_of(vdi_to)
+        for seq, first, last in vdi_from.origin.write_log:
+            if vdi_from.seq < seq <= upto:
+                changed.update(range(first, min(last, len(digests) - 1) + 1))
+        return encode_bitmap(changed, len(digests))
+
+    @staticmethod
+    def _clock_of(vdi):
+        return vdi.seq if vdi.is_a_snapshot else math.inf
+
+    # -- the guest and the administrator -------------------------------------
+
+    def guest_write(self, vdi, offset, data):
+        """Writes into a VDI's data and logs the blocks touched, as a guest write would."""
+        if offset < 0 or offset + len(data) > vdi.virtual_size:
+            raise HttpError(400, f"write of {len(data)} bytes at {offset} is outside the "
+                                 f"{vdi.virtual_size}-byte VDI")
+        if not data:
+            return
+        fd = os.open(vdi.path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+        self.log_write(vdi, offset, len(data))
+
+    def log_write(self, vdi, offset, length):
+        self.seq += 1
+        vdi.write_log.append((self.seq, offset // BLOCK, (offset + length - 1) // BLOCK))
+
+    def resize(self, vdi, size):
+        os.truncate(vdi.path, size)
+        vdi.virtual_size = size
+
+
+# ----------------------------------------------------------------------------
+# NBD: one nbdkit per exported VDI
+
+class NbdLog:
+    """Incremental reader of an nbdkit log filter file: bytes served, open connections."""
+
+    def __init__(self, path):
+        self.path = path
+        self.offset = 0
+        self.tail = b""
+        self.pending = {}           # (connection, request id) -> bytes asked for
+        self.open = set()           # connections of the current nbdkit process
+        self.bytes = 0              # bytes of successful reads, over every process
+        self.starts = 0             # nbdkit processes that became ready
+
+    def update(self):
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return
+        self.offset += len(chunk)
+        *lines, self.tail = (self.tail + chunk).split(b"\n")
+        for line in lines:
+            self._parse(line.decode(errors="replace").split()[2:])    # drop the date and time
+
+    def _parse(self, words):
+        if words[:1] == ["Ready"]:
+            self.starts += 1
+            self.pending.clear()
+            self.open.clear()
+            return
+        if len(words) < 2 or not words[0].startswith("connection="):
+            return
+        conn, action = words[0], words[1]
+        fields = dict(w.split("=", 1) for w in words[2:] if "=" in w)
+        if action == "Connect":
+            self.open.add(conn)
+        elif action == "Disconnect":
+            self.open.discard(conn)
+        elif action == "Read":
+            self.pending[conn, fields.get("id")] = int(fields.get("count", "0"), 0)
+        elif action == "...Read":
+            count = self.pending.pop((conn, fields.get("id")), 0)
+            if fields.get("return") == "0":
+                self.bytes += count
+
+
+# While a drop is armed, nbdkit's eval plugin serves reads with this script (the
+# file plugin otherwise): it counts the bytes asked for and, when a read would pass
+# the limit, kills nbdkit before answering, so every connection drops at once.
+# nbdkit waits for the script, and the plugin serializes requests: the count is exact.
+DROPPING_PREAD = """\
+n=$(( $(cat {counter}) + $3 ))
+echo $n > {counter}
+if [ $n -gt {limit} ]; then kill -9 "$SIM_NBDKIT_PID"; exit 1; fi
+exec dd if={path} iflag=skip_bytes,count_bytes skip=$4 count=$3 bs=65536 status=none
+"""
+
+
+class NbdServer:
+    """One nbdkit serving one VDI's file read-only. The listening socket belongs to the
+    simulator and is handed to nbdkit by socket activation, so a restarted nbdkit keeps
+    its port and clients connecting meanwhile wait in the backlog."""
+
+    def __init__(self, manager, vdi):
+        self.manager = manager
+        self.vdi_uuid = vdi.uuid
+        self.origin_uuid = vdi.origin.uuid
+        self.path = vdi.path
+        self.files = functools.partial(os.path.join, manager.state_dir)
+        log_path = self.files(f"nbd-{vdi.uuid}.log")
+        if os.path.exists(log_path):
+            os.unlink(log_path)
+        self.log = NbdLog(log_path)
+        self.sock = None
+        self.proc = None
+        self.drop = None            # (drop rule key, byte limit) the running process is armed with
+        self.baseline = 0           # bytes_read() counts from here
+
+    @property
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def port(self):
+        return self.sock.getsockname()[1]
+
+    def start(self, drop=None):
+        """(Re)starts nbdkit, armed to drop its connections if drop is given; returns when
+        it is ready. Raises XapiError INTERNAL_ERROR if it does not start."""
+        self._kill()
+        if self.sock is None:
+            self.sock = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.log.update()
+        starts = self.log.starts
+        self._spawn(drop)
+        deadline = time.monotonic() + NBD_START_TIMEOUT
+        while self.log.starts == starts:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise XapiError("INTERNAL_ERROR", f"nbdkit for VDI {self.vdi_uuid} did not start")
+            time.sleep(0.01)
+            self.log.update()
+
+    def stop(self):
+        self._kill()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self.log.update()
+
+    def connections(self):
+        self.log.update()
+        return len(self.log.open) if self.running else 0
+
+    def bytes_read(self):
+        self.log.update()
+        return self.log.bytes - self.baseline
+
+    def reset_bytes(self):
+        self.log.update()
+        self.baseline = self.log.bytes
+
+    def _command(self):
+        args = ["nbdkit", "--exit-with-parent", "-r",
+                "--no-sr",                  # XenServer's NBD server has no structured replies
+                "--filter=log", "--filter=blocksize-policy"]
+        if self.manager.mode == "tls":
+            args += ["--tls=require", f"--tls-certificates={self.manager.tls_dir}"]
+        if self.drop is None:
+            args += ["file", self.path]
+        else:
+            counter = self.files(f"nbd-{self.vdi_uuid}.drop")
+            with open(counter, "w") as f:
+                f.write("0\n")
+            args += ["eval", f"get_size=stat -L -c %s {shlex.quote(self.path)}",
+                     "pread=" + DROPPING_PREAD.format(counter=shlex.quote(counter), limit=self.drop[1],
+                                                      path=shlex.quote(self.path))]
+        return args + [f"logfile={self.log.path}", "logappend=true",
+                       "blocksize-minimum=512", "blocksize-error-policy=error"]  # unaligned reads fail, as there
+
+    def _spawn(self, drop):
+        self.drop = drop
+        fd = self.sock.fileno()
+        onto_fd3 = "" if fd == 3 else f" 3<&{fd} {fd}<&-"
+        wrapper = ["sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 SIM_NBDKIT_PID=$$ exec "$@"' + onto_fd3, "sh",
+                   *self._command()]
+        # nbdkit's --exit-with-parent follows the spawning thread: spawn from a thread that lives on.
+        self.proc = self.manager.spawner.submit(
+            subprocess.Popen, wrapper, pass_fds=(fd,), stdin=subprocess.DEVNULL).result()
+        threading.Thread(target=self._watch, args=(self.proc,), daemon=True).start()
+
+    def _watch(self, proc):
+        """Serves again, unarmed, after an armed nbdkit dropped its connections."""
+        proc.wait()
+        with self.manager.lock:
+            if proc is not self.proc:           # stopped or replaced on purpose
+                return
+            if self.drop is None:
+                log(f"nbdkit for VDI {self.vdi_uuid} exited with status {proc.returncode}")
+                self.stop()
+                return
+            log(f"dropped the NBD connections of VDI {self.vdi_uuid} at {self.drop[1]} bytes")
+            self.manager.drops.pop(self.drop[0], None)
+            self._spawn(None)
+
+    def _kill(self):
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class NbdManager:
+    """The NBD servers of the host, started on demand and kept per VDI uuid."""
+
+    def __init__(self, state_dir, mode, tls_dir, lock):
+        self.state_dir = state_dir
+        self.mode = mode
+        self.tls_dir = tls_dir
+        self.lock = lock
+        self.servers = {}           # VDI uuid -> NbdServer (kept after stop for byte counts)
+        self.drops = {}             # VDI uuid -> bytes after which its (or its snapshots') server drops
+        self.spawner = ThreadPoolExecutor(1, thread_name_prefix="nbdkit-spawner")
+
+    def serve(self, vdi):
+        """Starts the VDI's server unless it runs; returns its port."""
+        server = self.servers.get(vdi.uuid)
+        if server is None:
+            server = self.servers[vdi.uuid] = NbdServer(self, vdi)
+        if not server.running:
+            server.start(self._drop_rule(server))
+        return server.port
+
+    def _drop_rule(self, server):
+        key = next((k for k in (server.vdi_uuid, server.origin_uuid) if k in self.drops), None)
+        return (key, self.drops[key]) if key else None
+
+    def arm_drop(self, uuid, after_bytes):
+        """Arms the servers of a VDI and of its snapshots; running ones restart armed."""
+        self.drops[uuid] = after_bytes
+        for server in self._family(uuid):
+            if server.running:
+                server.start(self._drop_rule(server))
+
+    def _family(self, uuid):
+        return [s for s in self.servers.values() if uuid in (s.vdi_uuid, s.origin_uuid)]
+
+    def stop(self, uuid):
+        if uuid in self.servers:
+            self.servers[uuid].stop()
+
+    def connections(self, uuid):
+        return self.servers[uuid].connections() if uuid in self.servers else 0
+
+    def running(self, uuid):
+        return uuid in self.servers and self.servers[uuid].running
+
+    def bytes_read(self, uuid):
+        """Bytes read over NBD from the VDI's server and those of its snapshots."""
+        return sum(s.bytes_read() for s in self._family(uuid))
+
+    def reset_counters(self):
+        for server in self.servers.values():
+            server.reset_bytes()
+
+    def close(self):
+        for server in self.servers.values():
+            server.stop()
+        self.spawner.shutdown()
+
+
+# ----------------------------------------------------------------------------
+# The host: state shared by the XML-RPC and control interfaces
+
+@dataclass
+class FailRule:
+    count: int
+    error: "list | None" = None
+    http_status: "int | None" = None
+    delay: float = 0.0
+
+
+class Host:
+    def __init__(self, state_dir, config, certs):
+        self.config = config
+        self.certs = certs
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)
+        vdi_dir = os.path.join(state_dir, "vdis")
+        os.makedirs(vdi_dir, exist_ok=True)
+        self.model = Model(vdi_dir)
+        self.model.load(config)
+        self.nbd = NbdManager(state_dir, config["nbd"], certs.nbd_dir, self.lock)
+        self.sessions = {}          # session ref -> user name
+        self.fail_rules = {}        # method -> FailRule
+        self.calls = Counter()      # method -> calls received
+
+    def take_fail_rule(self, method):
+        with self.lock:
+            rule = self.fail_rules.get(method)
+            if rule is not None:
+                rule.count -= 1
+                if rule.count <= 0:
+                    del self.fail_rules[method]
+            return rule
+
+    def release_nbd(self, vdi, operation):
+        """Waits (lock released) for the VDI's NBD clients to leave, then stops its server;
+        VDI_IN_USE if they stay, as XAPI does while a VBD stays plugged."""
+        deadline = time.monotonic() + IN_USE_WAIT
+        while self.nbd.connections(vdi.uuid):
+            if time.monotonic() > deadline:
+                raise XapiError("VDI_IN_USE", vdi.ref, operation)
+            self.cond.wait(0.1)
+        self.nbd.stop(vdi.uuid)
+
+    def close(self):
+        with self.lock:
+            self.nbd.close()
+
+
+# ----------------------------------------------------------------------------
+# XML-RPC methods
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    content_type: str = "text/xml"
+
+
+API = {}    # method name -> (function, least params, most params), params counting the session
+
+
+def api(name):
+    def register(fn):
+        params = list(inspect.signature(fn).parameters.values())[1:]
+        least = sum(p.default is inspect.Parameter.empty for p in params)
+        API[name] = (fn, least, len(params))
+        return fn
+    return register
+
+
+RECORD_CLASSES = ("VM", "VBD", "VDI", "SR")
+GENERIC_ARITY = {"get_all": 1, "get_all_records": 1}     # other generic calls take (session, arg)
+
+
+class XapiService:
+    """Dispatches XML-RPC calls the way XAPI does: method, parameter count, session, handles."""
+
+    def __init__(self, host):
+        self.host = host
+        self.model = host.model
+
+    def call(self, method, params):
+        self.host.calls[method] += 1
+        rule = self.host.take_fail_rule(method)
+        if rule is not None:
+            time.sleep(rule.delay)
+            if rule.http_status:
+                log(f"{method}: injected HTTP {rule.http_status}")
+                return Reply(rule.http_status, b"injected failure\n", "text/plain")
+            if rule.error:
+                log(f"{method}: injected {rule.error[0]}")
+                return Reply(200, method_response({"Status": "Failure", "ErrorDescription": rule.error}))
+        try:
+            with self.host.lock:
+                value = self._dispatch(method, params)
+            result = {"Status": "Success", "Value": value}
+            log(f"{method}: Success")
+        except XapiError as e:
+            result = {"Status": "Failure", "ErrorDescription": e.description}
+            log(f"{method}: {' '.join(e.description)}")
+        return Reply(200, method_response(result))
+
+    def _dispatch(self, method, params):
+        entry = API.get(method)
+        cls, _, op = method.partition(".")
+        if entry is not None:
+            fn, least, most = entry
+        elif cls in RECORD_CLASSES and (op in GENERIC_ARITY or op.startswith("get_")):
+            fn, least, most = None, GENERIC_ARITY.get(op, 2), GENERIC_ARITY.get(op, 2)
+        else:
+            raise XapiError("MESSAGE_METHOD_UNKNOWN", method)
+        if not least <= len(params) <= most:
+            raise XapiError("MESSAGE_PARAMETER_COUNT_MISMATCH", method, most, len(params))
+        if method != LOGIN:
+            self._check_session(params[0])
+        if fn is None:
+            return self._generic(cls, op, *params[1:])
+        return fn(self, *params)
+
+    def _check_session(self, ref):
+        if not isinstance(ref, str) or ref not in self.host.sessions:
+            raise XapiError("SESSION_INVALID", ref)
+
+    def _generic(self, cls, op, *args):
+        """get_all, get_all_records, get_by_uuid, get_by_name_label, get_record, get_<field>."""
+        m = self.model
+        if op == "get_all":
+            return [o.ref for o in m.all(cls)]
+        if op == "get_all_records":
+            return {o.ref: m.record(o) for o in m.all(cls)}
+        if op == "get_by_uuid":
+            return m.by_uuid(cls, args[0]).ref
+        if op == "get_by_name_label":
+            return [o.ref for o in m.all(cls) if getattr(o, "name_label", None) == args[0]]
+        record = m.record(m.get(cls, args[0]))
+        if op == "get_record":
+            return record
+        if op[len("get_"):] not in record:
+            raise XapiError("MESSAGE_METHOD_UNKNOWN", f"{cls}.{op}")
+        return record[op[len("get_"):]]
+
+    # -- sessions ------------------------------------------------------------
+
+    @api(LOGIN)
+    def session_login(self, user, password, version="", originator=""):
+        if user != self.host.config["user"] or password != self.host.config["password"]:
+            raise XapiError("SESSION_AUTHENTICATION_FAILED", user, "Authentication failure")
+        ref = new_ref()
+        self.host.sessions[ref] = user
+        return ref
+
+    @api("session.logout")
+    def session_logout(self, session):
+        del self.host.sessions[session]
+
+    # -- VMs -----------------------------------------------------------------
+
+    @api("VM.snapshot")
+    def vm_snapshot(self, session, vm, new_name, ignore_vdis=()):
+        return self.model.snapshot_vm(self.model.get("VM", vm), new_name, ignore_vdis).ref
+
+    @api("VM.destroy")
+    def vm_destroy(self, session, vm):
+        self.model.destroy_vm(self.model.get("VM", vm))
+
+    # -- VDIs ----------------------------------------------------------------
+
+    @api("VDI.snapshot")
+    def vdi_snapshot(self, session, vdi, driver_params=None):
+        return self.model.snapshot_vdi(self.model.get("VDI", vdi), now()).ref
+
+    @api("VDI.create")
+    def vdi_create(self, session, record):
+        if not isinstance(record, dict):
+            raise XapiError("FIELD_TYPE_ERROR", "args")
+        try:
+            size = int(record.get("virtual_size", 0))
+        except ValueError:
+            raise XapiError("FIELD_TYPE_ERROR", "virtual_size")
+        size = (size + SECTOR - 1) // SECTOR * SECTOR
+        vdi = self.model.create_vdi(self.model.get("SR", record.get("SR", NULL_REF)),
+                                    record.get("name_label", ""), size, type=record.get("type", "user"),
+                                    read_only=bool(record.get("read_only", False)),
+                                    sharable=bool(record.get("sharable", False)),
+                                    other_config=dict(record.get("other_config") or {}))
+        return vdi.ref
+
+    @api("VDI.set_name_label")
+    def vdi_set_name_label(self, session, vdi, value):
+        self.model.get("VDI", vdi).name_label = value
+
+    @api("VDI.enable_cbt")
+    def vdi_enable_cbt(self, session, vdi):
+        self.model.enable_cbt(self.model.get("VDI", vdi))
+
+    @api("VDI.disable_cbt")
+    def vdi_disable_cbt(self, session, vdi):
+        self.model.disable_cbt(self.model.get("VDI", vdi))
+
+    @api("VDI.list_changed_blocks")
+    def vdi_list_changed_blocks(self, session, vdi_from, vdi_to):
+        vdi_from, vdi_to = self.model.get("VDI", vdi_from), self.model.get("VDI", vdi_to)
+        self.model.check_changed_blocks(vdi_from, vdi_to)
+        if self.host.nbd.connections(vdi_to.uuid):
+            raise XapiError("VDI_IN_USE", vdi_to.ref)
+        return self.model.changed_blocks(vdi_from, vdi_to)
+
+    @api("VDI.get_nbd_info")
+    def vdi_get_nbd_info(self, session, vdi):
+        vdi = self.model.get("VDI", vdi)
+        if vdi.type == "cbt_metadata":
+            raise XapiError("VDI_INCOMPATIBLE_TYPE", vdi.ref, "cbt_metadata")
+        if self.host.nbd.mode == "none":
+            return []
+        port = self.host.nbd.serve(vdi)
+        return [{"exportname": f"/{vdi.uuid}?session_id={session}", "address": "127.0.0.1", "port": port,
+                 "cert": self.host.certs.cert_pem, "subject": "localhost"}]
+
+    @api("VDI.data_destroy")
+    def vdi_data_destroy(self, session, vdi):
+        vdi = self.model.get("VDI", vdi)
+        if vdi.type == "cbt_metadata":
+            return None
+        self.model.check_data_destroy(vdi)
+        self.host.release_nbd(vdi, "data_destroy")
+        self.model.data_destroy(vdi)
+
+    @api("VDI.destroy")
+    def vdi_destroy(self, session, vdi):
+        vdi = self.model.get("VDI", vdi)
+        self.model.check_destroy(vdi)
+        self.host.release_nbd(vdi, "destroy")
+        self.model.destroy_vdi(vdi)
+
+    # -- HTTP handlers -------------------------------------------------------
+
+    def import_target(self, query):
+        """The VDI a PUT /import_raw_vdi writes into; HttpError if the request is wrong."""
+        with self.host.lock:
+            if query.get("session_id") not in self.host.sessions:
+                raise HttpError(401, "invalid session")
+            if query.get("format", "raw") != "raw":
+                raise HttpError(400, "only format=raw is supported")
+            key = query.get("vdi", "")
+            try:
+                vdi = (self.model.get("VDI", key) if key.startswith("OpaqueRef:")
+                       else self.model.by_uuid("VDI", key))
+            except XapiError:
+                raise HttpError(404, f"no VDI {key}")
+            if not vdi.path:
+                raise HttpError(400, f"VDI {key} has no data")
+            return vdi
+
+    def imported(self, vdi, length):
+        with self.host.lock:
+            if length:
+                self.model.log_write(vdi, 0, length)
+        log(f"import_raw_vdi: {length} bytes into VDI {vdi.uuid}")
+
+
+# ----------------------------------------------------------------------------
+# Control API (JSON)
+
+def live_vdi_of(host, body):
+    uuid = body.get("vdi")
+    vdi = next((v for v in host.model.all("VDI") if v.uuid == uuid), None)
+    if vdi is None:
+        raise HttpError(404, f"no VDI {uuid}")
+    if vdi.is_a_snapshot:
+        raise HttpError(400, f"VDI {uuid} is a snapshot, not a live disk")
+    return vdi
+
+
+def int_field(body, name, default=None):
+    value = body.get(name, default)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise HttpError(400, f"{name} must be an integer")
+
+
+class ControlApi:
+    """What tests do behind XAPI's back: guest writes, resizes, faults, and inspection."""
+
+    def __init__(self, host):
+        self.host = host
+        self.model = host.model
+
+    def get(self, path, query):
+        with self.host.lock:
+            if path == "/state":
+                return self.state()
+            if path == "/calls":
+                return dict(self.host.calls)
+            if path == "/nbd_bytes":
+                uuid = query.get("vdi", "")
+                return {"vdi": uuid, "bytes": self.host.nbd.bytes_read(uuid)}
+        raise HttpError(404, f"no GET {path}")
+
+    def post(self, path, body):
+        handler = {"/write": self.write, "/resize": self.resize, "/disable_cbt": self.disable_cbt,
+                   "/fail": self.fail, "/nbd_drop": self.nbd_drop,
+                   "/reset_counters": self.reset_counters}.get(path)
+        if handler is None:
+            raise HttpError(404, f"no POST {path}")
+        with self.host.lock:
+            return handler(body)
+
+    def state(self):
+        m, nbd = self.model, self.host.nbd
+        uuid_of = lambda obj: obj.uuid if obj is not None else None    # noqa: E731
+        vms = [{"uuid": vm.uuid, "ref": vm.ref, "name": vm.name_label, "is_a_snapshot": vm.is_a_snapshot,
+                "snapshot_of": uuid_of(vm.snapshot_of), "is_control_domain": vm.is_control_domain,
+                "power_state": vm.power_state,
+                "vdis": [b.vdi.uuid for b in m.vbds(vm=vm) if b.type == "Disk" and b.vdi is not None]}
+               for vm in m.all("VM")]
+        vdis = [{"uuid": v.uuid, "ref": v.ref, "name": v.name_label, "type": v.type,
+                 "is_a_snapshot": v.is_a_snapshot, "snapshot_of": uuid_of(v.snapshot_of),
+                 "cbt_enabled": v.cbt_enabled, "virtual_size": v.virtual_size, "path": v.path,
+                 "sr_type": v.sr.type, "nbd_running": nbd.running(v.uuid)}
+                for v in m.all("VDI")]
+        return {"vms": vms, "vdis": vdis, "sessions": len(self.host.sessions)}
+
+    def write(self, body):
+        vdi = live_vdi_of(self.host, body)
+        offset = int_field(body, "offset")
+        if "data_b64" in body:
+            try:
+                data = base64.b64decode(body["data_b64"], validate=True)
+            except ValueError as e:
+                raise HttpError(400, f"bad data_b64: {e}")
+        else:
+            length = int_field(body, "length")
+            pattern = body.get("pattern", "random")
+            if pattern == "random":
+                data = random.Random(body.get("seed", 0)).randbytes(length)
+            elif pattern == "zero":
+                data = bytes(length)
+            else:
+                raise HttpError(400, f"unknown pattern {pattern!r}")
+        self.model.guest_write(vdi, offset, data)
+        return {"vdi": vdi.uuid, "offset": offset, "length": len(data)}
+
+    def resize(self, body):
+        vdi = live_vdi_of(self.host, body)
+        size = int_field(body, "size")
+        if size <= 0 or size % SECTOR:
+            raise HttpError(400, f"size must be a positive multiple of {SECTOR}")
+        self.model.resize(vdi, size)
+        return {"vdi": vdi.uuid, "virtual_size": size}
+
+    def disable_cbt(self, body):
+        vdi = live_vdi_of(self.host, body)
+        vdi.cbt_chain = None
+        return {"vdi": vdi.uuid, "cbt_enabled": False}
+
+    def fail(self, body):
+        method = body.get("method")
+        error = body.get("error")
+        if not isinstance(method, str) or not method:
+            raise HttpError(400, "method is required")
+        if error is not None and (not isinstance(error, list) or not error):
+            raise HttpError(400, "error must be a non-empty array of strings")
+        rule = FailRule(count=int_field(body, "count", 1), error=[str(e) for e in error or []] or None,
+                        http_status=body.get("http_status") and int_field(body, "http_status"),
+                        delay=float(body.get("delay", 0)))
+        if not (rule.error or rule.http_status or rule.delay):
+            raise HttpError(400, "give error, http_status or delay")
+        self.host.fail_rules[method] = rule
+        return {"method": method, "count": rule.count}
+
+    def nbd_drop(self, body):
+        uuid = body.get("vdi")
+        if not any(v.uuid == uuid for v in self.model.all("VDI")):
+            raise HttpError(404, f"no VDI {uuid}")
+        after = int_field(body, "after_bytes")
+        self.host.nbd.arm_drop(uuid, after)
+        return {"vdi": uuid, "after_bytes": after}
+
+    def reset_counters(self, body):
+        self.host.calls.clear()
+        self.host.nbd.reset_counters()
+        return {}
+
+
+# ----------------------------------------------------------------------------
+# HTTP servers
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 300
+
+    def log_message(self, format, *args):    # calls are logged by the services
+        pass
+
+    def body_chunks(self):
+        """The request body, piece by piece (Content-Length or chunked)."""
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline().strip():
+                        pass
+                    return
+                yield self.rfile.read(size)
+                self.rfile.readline()
+        remaining = int(self.headers.get("Content-Length") or 0)
+        while remaining:
+            chunk = self.rfile.read(min(remaining, 1 << 20))
+            if not chunk:
+                raise HttpError(400, "body shorter than Content-Length")
+            remaining -= len(chunk)
+            yield chunk
+
+    def reply(self, status, body, content_type):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def reply_text(self, status, text):
+        self.reply(status, text.encode(), "text/plain")
+
+
+class XapiHandler(Handler):
+    def do_POST(self):
+        if urlsplit(self.path).path not in ("/", "/RPC2"):
+            self.close_connection = True
+            return self.reply_text(404, "not found\n")
+        try:
+            method, params = parse_method_call(b"".join(self.body_chunks()))
+        except HttpError as e:
+            log(f"bad request: {e.message}")
+            self.close_connection = True
+            return self.reply_text(e.status, e.message + "\n")
+        r = self.server.service.call(method, params)
+        self.reply(r.status, r.body, r.content_type)
+
+    def do_PUT(self):
+        url = urlsplit(self.path)
+        if url.path != "/import_raw_vdi":
+            self.close_connection = True
+            return self.reply_text(404, "not found\n")
+        service = self.server.service
+        body = self.body_chunks()
+        try:
+            vdi = service.import_target({k: v[0] for k, v in parse_qs(url.query).items()})
+            length = self.receive_into(vdi, body)
+        except HttpError as e:
+            for _ in body:          # take in the rest of the upload, then answer
+                pass
+            return self.reply_text(e.status, e.message + "\n")
+        service.imported(vdi, length)
+        self.reply_text(200, "")
+
+    def receive_into(self, vdi, body):
+        written = 0
+        fd = os.open(vdi.path, os.O_WRONLY)
+        try:
+            for chunk in body:
+                if written + len(chunk) > vdi.virtual_size:
+                    raise HttpError(400, f"more data than the {vdi.virtual_size}-byte VDI holds")
+                os.pwrite(fd, chunk, written)
+                written += len(chunk)
+        finally:
+            os.close(fd)
+        return written
+
+
+class ControlHandler(Handler):
+    def do_GET(self):
+        url = urlsplit(self.path)
+        self.answer(lambda: self.server.control.get(url.path, {k: v[0] for k, v in parse_qs(url.query).items()}))
+
+    def do_POST(self):
+        def run():
+            raw = b"".join(self.body_chunks())
+            try:
+                body = json.loads(raw) if raw.strip() else {}
+            except ValueError as e:
+                raise HttpError(400, f"bad JSON: {e}")
+            if not isinstance(body, dict):
+                raise HttpError(400, "the body must be a JSON object")
+            return self.server.control.post(urlsplit(self.path).path, body)
+        self.answer(run)
+
+    def answer(self, produce):
+        try:
+            status, result = 200, produce()
+        except HttpError as e:
+            status, result = e.status, {"error": e.message}
+        except Exception as e:      # a bug: say so to the test rather than hang up
+            log(traceback.format_exc())
+            status, result = 500, {"error": f"{type(e).__name__}: {e}"}
+        self.reply(status, json.dumps(result).encode(), "application/json")
+
+
+class XapiServer(ThreadingHTTPServer):
+    """HTTPS; the TLS handshake runs in the connection's own thread."""
+    daemon_threads = True
+
+    def __init__(self, address, service, certs):
+        super().__init__(address, XapiHandler)
+        self.service = service
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(certs.cert_file, certs.key_file)
+
+    def finish_request(self, request, client_address):
+        request.settimeout(Handler.timeout)
+        try:
+            tls = self.context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as e:
+            log(f"TLS handshake with {client_address[0]} failed: {e}")
+            return
+        try:
+            super().finish_request(tls, client_address)
+        finally:
+            tls.close()
+
+
+class ControlServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, control):
+        super().__init__(address, ControlHandler)
+        self.control = control
+
+
+# ----------------------------------------------------------------------------
+# Start-up
+
+def load_config(path):
+    """Reads and checks the configuration; exits with a message if it is wrong."""
+    def bad(message):
+        raise SystemExit(f"xapi_sim: {path}: {message}")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        bad(str(e))
+    config.setdefault("user", "root")
+    config.setdefault("password", "")
+    config.setdefault("nbd", "tls")
+    config.setdefault("vms", [])
+    if config["nbd"] not in NBD_MODES:
+        bad(f"nbd must be one of {', '.join(NBD_MODES)}")
+    for vm in config["vms"]:
+        if not vm.get("name"):
+            bad("every VM needs a name")
+        for disk in vm.get("disks", []):
+            if not disk.get("name") or not isinstance(disk.get("size"), int):
+                bad(f"every disk of VM {vm['name']} needs a name and an integer size")
+            if disk["size"] <= 0 or disk["size"] % SECTOR:
+                bad(f"disk {disk['name']}: size must be a positive multiple of {SECTOR}")
+            if disk.get("cbt") and disk.get("sr_type", "ext") not in CBT_SR_TYPES:
+                bad(f"disk {disk['name']}: an SR of type {disk['sr_type']} has no CBT")
+    return config
+
+
+def write_ready(state_dir, info):
+    path = os.path.join(state_dir, "ready.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(info, f)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def main():
+    parser = argparse.ArgumentParser(description="XAPI simulator for the cbtfs tests")
+    parser.add_argument("--state-dir", required=True)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--port", type=int, default=0, help="XML-RPC over HTTPS (0: any free port)")
+    parser.add_argument("--control-port", type=int, default=0, help="JSON control API (0: any free port)")
+    args = parser.parse_args()
+
+    state_dir = os.path.abspath(args.state_dir)
+    os.makedirs(state_dir, exist_ok=True)
+    ready = os.path.join(state_dir, "ready.json")
+    if os.path.exists(ready):
+        os.unlink(ready)
+    config = load_config(args.config)
+    certs = make_certificates(state_dir)
+    host = Host(state_dir, config, certs)
+    servers = [XapiServer(("127.0.0.1", args.port), XapiService(host), certs),
+               ControlServer(("127.0.0.1", args.control_port), ControlApi(host))]
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    info = {"url": f"https://127.0.0.1:{servers[0].server_address[1]}", "ca_file": certs.ca_file,
+            "control": f"http://127.0.0.1:{servers[1].server_address[1]}", "pid": os.getpid()}
+    write_ready(state_dir, info)
+    log(f"ready: XML-RPC {info['url']}, control {info['control']}")
+
+    while not stop.wait(0.5):
+        pass
+    log("stopping")
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+    host.close()
+    os.unlink(ready)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
