@@ -16,6 +16,10 @@ import datetime
 import hashlib
 import json
 import os
+import ssl
+import urllib.parse
+import urllib.request
+import xmlrpc.client
 import random
 import shutil
 import signal
@@ -32,6 +36,8 @@ ROOT = os.path.dirname(BENCH)
 BUILD = os.path.join(ROOT, "build", "src")
 CBTFS = os.path.join(BUILD, "cbtfs")
 CBTFS_REPO = os.path.join(BUILD, "cbtfs-repo")
+CBTFS_INGEST = os.path.join(BUILD, "cbtfs-ingest")
+XAPI_SIM = os.path.join(ROOT, "tests", "xapi_sim", "xapi_sim.py")
 WORK = "/work/bench-tmp/run"
 FUSE_EXAMPLES = "/usr/share/doc/libfuse3-dev/examples"
 
@@ -712,20 +718,116 @@ def case_many_vdis(ctx):
     ]
 
 
-def case_ingest(ctx):
-    """7. Ingest. TODO (main engineer): not implemented yet.
+class XapiSim:
+    """The project's XAPI simulator with one VM and one disk, serving NBD with TLS."""
 
-    To measure:
-    - full ingest of a 4 GiB VDI served by nbdkit (cbtfs-ingest) vs nbdcopy
-      from the same nbdkit export to a local file: MB/s, cbtfs / nbdcopy;
-    - incremental ingest of 5 % changed blocks vs the full ingest: seconds,
-      incremental / full.
-    Return Row objects like the other cases (value, ref_name, ref, target).
-    """
-    return [Row("7", "TODO: full ingest of a 4 GiB VDI from nbdkit vs nbdcopy to a local file", "MB/s",
-                note="TODO, not measured"),
-            Row("7", "TODO: incremental ingest of 5 % changed blocks vs full ingest", "s",
-                note="TODO, not measured")]  # TODO: replace with the measured rows
+    def __init__(self, d, disk_bytes):
+        self.dir = os.path.join(d, "sim")
+        shutil.rmtree(self.dir, ignore_errors=True)
+        os.makedirs(self.dir)
+        cfg = os.path.join(d, "sim.json")
+        with open(cfg, "w") as f:
+            json.dump({"user": "root", "password": "bench", "nbd": "tls",
+                       "vms": [{"name": "bench", "disks": [{"name": "disk", "size": disk_bytes}]}]}, f)
+        self.proc = subprocess.Popen(["/usr/bin/python3", XAPI_SIM, "--state-dir", self.dir, "--config", cfg],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ready = os.path.join(self.dir, "ready.json")
+        deadline = time.monotonic() + 30
+        while not os.path.exists(ready):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError("the XAPI simulator did not start")
+            time.sleep(0.05)
+        self.info = json.load(open(ready))
+        self.password = os.path.join(d, "password")
+        with open(self.password, "w") as f:
+            f.write("bench\n")
+
+    def control(self, path):
+        with urllib.request.urlopen(self.info["control"] + path, timeout=60) as r:
+            return json.load(r)
+
+    def disk(self):
+        return next(v for v in self.control("/state")["vdis"] if not v["is_a_snapshot"])
+
+    def nbd_uri(self, vdi_uuid, certdir):
+        """An nbds:// URI for nbdcopy to the live disk's export, pinned like cbtfs pins."""
+        proxy = xmlrpc.client.ServerProxy(self.info["url"],
+                                          context=ssl.create_default_context(cafile=self.info["ca_file"]))
+        session = proxy.session.login_with_password("root", "bench", "1.0", "bench")["Value"]
+        ref = proxy.VDI.get_by_uuid(session, vdi_uuid)["Value"]
+        info = proxy.VDI.get_nbd_info(session, ref)["Value"][0]
+        os.makedirs(certdir, exist_ok=True)
+        with open(os.path.join(certdir, "ca-cert.pem"), "w") as f:
+            f.write(info["cert"])
+        export = urllib.parse.quote(info["exportname"].lstrip("/"), safe="")
+        return f"nbds://{info['address']}:{info['port']}/{export}?tls-certificates={certdir}"
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def ingest_seconds(sim, repo, vdi):
+    """Runs cbtfs-ingest; returns its own timing of the VDI (changed-block
+    query, NBD transfer and commit; the snapshot itself is the host's cost)."""
+    out = run([CBTFS_INGEST, "--xapi", sim.info["url"], "--ca-file", sim.info["ca_file"], "--password-file",
+               sim.password, "--vdi", vdi, "--json", "-q", repo])
+    v = json.loads(out)["vdis"][0]
+    if not v["ok"]:
+        raise BenchError(f"ingest failed: {v['error']}")
+    return v
+
+
+def case_ingest(ctx):
+    """7. Full ingest of a 4 GiB VDI (quick: 512 MiB) from nbdkit vs nbdcopy
+    from the same nbdkit export to a local file; then a 5 % incremental
+    ingest vs the full one. The stored point is compared with the disk."""
+    mib = 4096 if ctx.s is FULL else 512
+    d = ctx.dir("ingest")
+    sim = XapiSim(d, mib * MIB)
+    try:
+        disk = sim.disk()
+        run(["/usr/bin/python3", os.path.join(BENCH, "gen_image.py"), "base", disk["path"] + ".new", str(mib)])
+        os.replace(disk["path"] + ".new", disk["path"])
+        warm(disk["path"])
+        full_rates, copy_rates, incr_times, full_times = [], [], [], []
+        for r in range(ctx.rounds):
+            repo = os.path.join(d, f"repo{r}")
+            shutil.rmtree(repo, ignore_errors=True)
+            new_repo(repo)
+            # nbdcopy first in even rounds, ingest first in odd ones
+            order = ["nbdcopy", "ingest"] if r % 2 == 0 else ["ingest", "nbdcopy"]
+            for tool in order:
+                if tool == "nbdcopy":
+                    dst = os.path.join(d, "copy.raw")
+                    uri = sim.nbd_uri(disk["uuid"], os.path.join(d, "certs"))
+                    t = time.monotonic()
+                    run(["nbdcopy", "--connections=4", uri, dst])
+                    copy_rates.append(mib * MIB / (time.monotonic() - t) / 1e6)
+                    run(["cmp", dst, disk["path"]])
+                    os.unlink(dst)
+                else:
+                    v = ingest_seconds(sim, repo, disk["uuid"])
+                    full_times.append(v["seconds"])
+                    full_rates.append(mib * MIB / v["seconds"] / 1e6)
+            # 5 % of the blocks rewritten, then an incremental run
+            run(["/usr/bin/python3", os.path.join(BENCH, "gen_image.py"), "delta", disk["path"], "5", str(100 + r)])
+            v = ingest_seconds(sim, repo, disk["uuid"])
+            if v["full"]:
+                raise BenchError("the second ingest was not incremental: " + v["chain_reason"])
+            incr_times.append(v["seconds"])
+            restored = os.path.join(d, "restored.raw")
+            run([CBTFS_REPO, "restore", "--force", repo, disk["uuid"], "latest", restored])
+            run(["cmp", restored, disk["path"]])
+            os.unlink(restored)
+            shutil.rmtree(repo)
+    finally:
+        sim.stop()
+    return [Row("7", f"full ingest of a {mib} MiB VDI over NBD with TLS (4 connections)", "MB/s", median(full_rates),
+                "nbdcopy --connections=4 from the same nbdkit to a local file", median(copy_rates),
+                ("ratio", ">=", 0.8), note="ingest time: changed-block query, transfer, compression, commit"),
+            Row("7", "incremental ingest, 5 % of blocks changed", "s", median(incr_times),
+                "full ingest of the same VDI", median(full_times), ("ratio", "<=", 0.1))]
 
 
 def case_repo_size(ctx):
@@ -816,16 +918,16 @@ def missing_tools():
 def build_helpers():
     """Compiles readbench and passthrough_ll, and copies the cbtfs binaries
     into WORK/bin, so that a rebuild during the run cannot change them."""
-    global CBTFS, CBTFS_REPO
+    global CBTFS, CBTFS_REPO, CBTFS_INGEST
     bindir = os.path.join(WORK, "bin")
     os.makedirs(bindir, exist_ok=True)
     copies = []
-    for binary in (CBTFS, CBTFS_REPO):
+    for binary in (CBTFS, CBTFS_REPO, CBTFS_INGEST):
         copy = os.path.join(bindir, os.path.basename(binary))
         shutil.copy2(binary, copy)
         run([copy, "--version"])
         copies.append(copy)
-    CBTFS, CBTFS_REPO = copies
+    CBTFS, CBTFS_REPO, CBTFS_INGEST = copies
     run(["gcc", "-O3", "-march=native", "-Wall", "-o", os.path.join(bindir, "readbench"),
          os.path.join(BENCH, "readbench.c")])
     src = os.path.join(WORK, "build-passthrough")

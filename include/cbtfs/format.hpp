@@ -52,6 +52,8 @@ void check_pack_header(std::span<const std::byte> header, uint32_t pack, const s
 Bytes encode_record(std::span<const std::byte> plain, BlockRef& ref);
 // The same with the hash already computed by the caller.
 Bytes encode_record(std::span<const std::byte> plain, BlockRef& ref, uint64_t hash);
+// The same, reusing plain's buffer when the record is stored raw.
+Bytes encode_record(Bytes&& plain, BlockRef& ref, uint64_t hash);
 // Verifies the checksum and decompresses into out (whose size is the
 // record's uncompressed size). Throws CorruptError, never returns bad data.
 void decode_record(std::span<const std::byte> stored, const BlockRef& ref, std::span<std::byte> out);

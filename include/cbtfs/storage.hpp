@@ -27,6 +27,8 @@ class ObjectWriter {
  public:
   virtual ~ObjectWriter() = default;  // without commit(): discarded
   virtual void append(std::span<const std::byte> data) = 0;
+  // The same, taking ownership, so the bytes need not be copied again.
+  virtual void append(Bytes&& data) { append(std::span<const std::byte>(data)); }
   virtual uint64_t size() const = 0;
   // Makes the object durable and visible under its key. Fails if it exists.
   virtual void commit() = 0;

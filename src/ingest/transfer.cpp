@@ -16,6 +16,8 @@ TransferStats transfer(const std::vector<nbd::Target>& targets, const nbd::Optio
                        const std::function<void(uint64_t)>& progress) {
   TransferStats stats;
   if (extents.empty()) return stats;
+  size_t max_extent = 0;
+  for (auto& e : extents) max_extent = std::max<size_t>(max_extent, e.count * kBlockSize);
   connections = std::clamp<int>(connections, 1, static_cast<int>(std::min<size_t>(extents.size(), 16)));
 
   // Opened one after another: XenServer's NBD server plugs a VBD per
@@ -31,7 +33,14 @@ TransferStats transfer(const std::vector<nbd::Target>& targets, const nbd::Optio
   const size_t window = static_cast<size_t>(connections) * 2;
   std::mutex mu;
   std::condition_variable cv;
-  std::map<size_t, Bytes> ready;
+  // Extent buffers are not zero-filled (2 MiB each, refilled at once by
+  // the read); only the padding past the disk's end is cleared.
+  struct Buffer {
+    std::unique_ptr<std::byte[]> data;
+    size_t size = 0;
+  };
+  std::map<size_t, Buffer> ready;
+  std::vector<std::unique_ptr<std::byte[]>> spare;  // buffers to reuse: no fresh pages per extent
   size_t next = 0, consumed = 0;
   std::exception_ptr failure;
   bool stop = false;
@@ -48,9 +57,19 @@ TransferStats transfer(const std::vector<nbd::Target>& targets, const nbd::Optio
       const Extent& e = extents[idx];
       uint64_t off = e.first * kBlockSize;
       uint64_t len = std::min<uint64_t>(e.count * kBlockSize, virtual_size - off);
-      Bytes buf(e.count * kBlockSize);  // the tail of the last block stays zero
+      Buffer buf;
+      {
+        std::lock_guard g(mu);
+        if (!spare.empty()) {
+          buf.data = std::move(spare.back());
+          spare.pop_back();
+        }
+      }
+      if (!buf.data) buf.data.reset(new std::byte[max_extent]);
+      buf.size = e.count * kBlockSize;
+      std::memset(buf.data.get() + len, 0, buf.size - len);
       try {
-        conn.pread(off, {buf.data(), static_cast<size_t>(len)});
+        conn.pread(off, {buf.data.get(), static_cast<size_t>(len)});
       } catch (...) {
         std::lock_guard g(mu);
         if (!failure) failure = std::current_exception();
@@ -78,7 +97,7 @@ TransferStats transfer(const std::vector<nbd::Target>& targets, const nbd::Optio
   uint64_t done = 0;
   try {
     for (size_t idx = 0; idx < extents.size(); ++idx) {
-      Bytes buf;
+      Buffer buf;
       {
         std::unique_lock lk(mu);
         cv.wait(lk, [&] { return failure || ready.count(idx); });
@@ -90,8 +109,12 @@ TransferStats transfer(const std::vector<nbd::Target>& targets, const nbd::Optio
       cv.notify_all();
       const Extent& e = extents[idx];
       for (uint64_t i = 0; i < e.count; ++i)
-        writer.put_block(e.first + i, {buf.data() + i * kBlockSize, kBlockSize});
+        writer.put_block(e.first + i, {buf.data.get() + i * kBlockSize, kBlockSize});
       stats.blocks += e.count;
+      {
+        std::lock_guard g(mu);
+        spare.push_back(std::move(buf.data));
+      }
       done += std::min<uint64_t>(e.count * kBlockSize, virtual_size - e.first * kBlockSize);
       if (progress) progress(done);
     }

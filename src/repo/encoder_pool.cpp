@@ -16,9 +16,9 @@ EncoderPool::~EncoderPool() {
 }
 
 std::future<EncoderPool::Encoded> EncoderPool::submit(Bytes plain, uint64_t hash) {
-  std::packaged_task<Encoded()> task([plain = std::move(plain), hash] {
+  std::packaged_task<Encoded()> task([plain = std::move(plain), hash]() mutable {
     Encoded e;
-    e.stored = encode_record(plain, e.ref, hash);
+    e.stored = encode_record(std::move(plain), e.ref, hash);
     return e;
   });
   auto f = task.get_future();

@@ -110,7 +110,7 @@ void PointWriter::append(BlockRef& ref, Bytes& stored) {
   }
   ref.pack = m_.seq;
   ref.offset = pack_->size();
-  pack_->append(stored);
+  pack_->append(std::move(stored));
 }
 
 BlockRef PointWriter::store(std::span<const std::byte> plain) {
