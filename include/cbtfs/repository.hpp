@@ -71,6 +71,10 @@ class Repository {
   static std::string pack_key(const std::string& vdi, uint32_t pack);
   static std::string lock_key(const std::string& vdi);
 
+  // The VDI's writer lock, held until the returned object goes; throws
+  // LockedError naming the holder. holder says who we are (see holder_text).
+  std::unique_ptr<StorageLock> lock_vdi(const std::string& vdi, const std::string& holder);
+
   // Drops cached manifests of points that no longer exist (after prune).
   void forget_point(const std::string& vdi, uint32_t seq);
 
@@ -85,6 +89,9 @@ class Repository {
   LruCache<RecordKey, Bytes, RecordKeyHash> nodes_{1024};   // 24 MiB at most
   LruCache<RecordKey, Bytes, RecordKeyHash> blocks_{64};    // 4 MiB
 };
+
+// "<program>, pid N on HOST": what a second writer is told about the first.
+std::string holder_text(const std::string& program);
 
 // Random access to one point as a raw disk image. Thread-safe.
 class PointReader {

@@ -19,12 +19,6 @@ namespace cbtfs {
 
 namespace {
 
-std::string holder_text(const char* what) {
-  char host[256] = "?";
-  gethostname(host, sizeof host - 1);
-  return std::string(what) + ", pid " + std::to_string(getpid()) + " on " + host;
-}
-
 // Reads up to out.size() bytes at off; fewer only at the end of the image.
 size_t read_full(int fd, uint64_t off, std::byte* out, size_t len, const std::string& path) {
   size_t done = 0;

@@ -10,14 +10,6 @@
 
 namespace cbtfs {
 
-namespace {
-std::string holder(const char* what) {
-  char host[256] = "?";
-  gethostname(host, sizeof host - 1);
-  return std::string(what) + ", pid " + std::to_string(getpid()) + " on " + host;
-}
-}  // namespace
-
 int cmd_prune(const PruneArgs& a) {
   RetentionPolicy p{a.last, a.hourly, a.daily, a.weekly, a.monthly, a.yearly};
   if (!p.any()) throw UsageError("no retention rule given: say what to keep (--keep-last N, --keep-daily N, ...)");
@@ -30,7 +22,7 @@ int cmd_prune(const PruneArgs& a) {
   uint64_t removed = 0, freed = 0, dead = 0;
   for (auto& vdi : vdis) {
     if (!repo->has_vdi(vdi)) continue;
-    PruneReport r = prune_vdi(repo, vdi, p, a.dry_run, holder("cbtfs-repo prune"));
+    PruneReport r = prune_vdi(repo, vdi, p, a.dry_run, holder_text("cbtfs-repo prune"));
     for (auto& n : r.removed) std::printf("%s %s/%s\n", a.dry_run ? "would remove" : "removed", vdi.c_str(), n.c_str());
     removed += r.removed.size();
     freed += r.bytes_freed;
@@ -45,7 +37,7 @@ int cmd_prune(const PruneArgs& a) {
 
 int cmd_forget(const std::string& path, const std::string& vdi) {
   auto repo = Repository::open(path);
-  forget_vdi(repo, vdi, holder("cbtfs-repo forget"));
+  forget_vdi(repo, vdi, holder_text("cbtfs-repo forget"));
   std::printf("forgot VDI %s\n", vdi.c_str());
   return kExitOk;
 }

@@ -42,12 +42,6 @@ struct Group {
 };
 
 
-std::string holder_text() {
-  char host[256] = "?";
-  gethostname(host, sizeof host - 1);
-  return "cbtfs-ingest, pid " + std::to_string(getpid()) + " on " + host;
-}
-
 class Run {
  public:
   Run(xapi::Client& c, std::shared_ptr<Repository> repo, const Options& opts, const Log& log)
@@ -139,7 +133,7 @@ class Run {
         info.vdi_name = t.vdi.name;
         info.vm_name = t.vm_name;
         info.vm_uuid = t.vm_uuid;
-        t.writer = std::make_unique<PointWriter>(repo_, t.vdi.uuid, info, holder_text());
+        t.writer = std::make_unique<PointWriter>(repo_, t.vdi.uuid, info, holder_text("cbtfs-ingest"));
         remove_leftover_snapshots(t, /*keep_metadata=*/true);
         if (!t.vdi.cbt_enabled) {
           c_.call("VDI.enable_cbt", {xapi::Value(t.vdi.ref)});

@@ -30,18 +30,7 @@ PointWriter::PointWriter(std::shared_ptr<Repository> repo, const std::string& vd
   if (!is_uuid(vdi_)) throw UsageError("'" + vdi_ + "' is not a VDI uuid");
   if (info_.virtual_size == 0) throw UsageError("a disk of size 0 cannot be backed up");
   if (info_.virtual_size > (uint64_t{1} << 50)) throw UsageError("virtual size above 1 PiB is not supported");
-  auto& st = repo_->storage();
-  lock_ = st.try_lock(Repository::lock_key(vdi_), holder);
-  if (!lock_) {
-    // The holder writes its name just after locking; give it a moment.
-    std::string who;
-    for (int i = 0; i < 10 && who.empty(); ++i) {
-      if (i) ::usleep(20000);
-      who = st.lock_holder(Repository::lock_key(vdi_));
-    }
-    throw LockedError("VDI " + vdi_ + " is being written by another process" + (who.empty() ? "" : " (" + who + ")") +
-                      "; try again when it has finished");
-  }
+  lock_ = repo_->lock_vdi(vdi_, holder);
   uint32_t max_seq = clean_leftovers();
 
   auto latest = repo_->latest(vdi_);

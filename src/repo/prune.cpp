@@ -31,16 +31,6 @@ int64_t bucket(int64_t t, int rule) {
   }
 }
 
-std::unique_ptr<StorageLock> lock_vdi(Repository& repo, const std::string& vdi, const std::string& holder) {
-  auto lock = repo.storage().try_lock(Repository::lock_key(vdi), holder);
-  if (!lock) {
-    std::string who = repo.storage().lock_holder(Repository::lock_key(vdi));
-    throw LockedError("VDI " + vdi + " is being written by another process" + (who.empty() ? "" : " (" + who + ")") +
-                      "; try again when it has finished");
-  }
-  return lock;
-}
-
 // Bytes each pack holds for the given points' trees.
 std::map<uint32_t, uint64_t> live_bytes(Repository& repo, const std::string& vdi, const std::vector<ManifestPtr>& points) {
   std::map<uint32_t, uint64_t> live;
@@ -81,7 +71,7 @@ std::vector<bool> select_kept(const std::vector<int64_t>& times, const Retention
 PruneReport prune_vdi(std::shared_ptr<Repository> repo, const std::string& vdi, const RetentionPolicy& policy,
                       bool dry_run, const std::string& holder) {
   if (!policy.any()) throw UsageError("no retention rule given: say what to keep (--keep-last N, --keep-daily N, ...)");
-  auto lock = lock_vdi(*repo, vdi, holder);
+  auto lock = repo->lock_vdi(vdi, holder);
   auto pl = repo->points(vdi);
   if (!pl.errors.empty())
     throw FormatError("VDI " + vdi + " has a damaged manifest (" + pl.errors.front() +
@@ -126,7 +116,7 @@ PruneReport prune_vdi(std::shared_ptr<Repository> repo, const std::string& vdi, 
 void forget_vdi(std::shared_ptr<Repository> repo, const std::string& vdi, const std::string& holder) {
   if (!is_uuid(vdi)) throw UsageError("'" + vdi + "' is not a VDI uuid");
   if (repo->storage().list("vdis/" + vdi).empty()) throw UsageError("no VDI " + vdi + " in the repository");
-  auto lock = lock_vdi(*repo, vdi, holder);
+  auto lock = repo->lock_vdi(vdi, holder);
   auto& st = repo->storage();
   std::string base = "vdis/" + vdi;
   // Newest first: a crash part-way leaves the older points, still complete.

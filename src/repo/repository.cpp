@@ -2,6 +2,7 @@
 #include "cbtfs/repository.hpp"
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
@@ -103,6 +104,25 @@ PointList Repository::points(const std::string& vdi) {
 ManifestPtr Repository::latest(const std::string& vdi) {
   auto pl = points(vdi);
   return pl.points.empty() ? nullptr : pl.points.back();
+}
+
+std::string holder_text(const std::string& program) {
+  char host[256] = "?";
+  gethostname(host, sizeof host - 1);
+  return program + ", pid " + std::to_string(getpid()) + " on " + host;
+}
+
+std::unique_ptr<StorageLock> Repository::lock_vdi(const std::string& vdi, const std::string& holder) {
+  auto lock = storage_->try_lock(lock_key(vdi), holder);
+  if (lock) return lock;
+  // The holder writes its name just after locking; give it a moment.
+  std::string who;
+  for (int i = 0; i < 10 && who.empty(); ++i) {
+    if (i) ::usleep(20000);
+    who = storage_->lock_holder(lock_key(vdi));
+  }
+  throw LockedError("VDI " + vdi + " is being written by another process" + (who.empty() ? "" : " (" + who + ")") +
+                    "; try again when it has finished");
 }
 
 void Repository::forget_point(const std::string& vdi, uint32_t seq) {
