@@ -30,46 +30,68 @@ TransferStats transfer(const std::vector<nbd::Target>& targets, const nbd::Optio
                           std::to_string(virtual_size));
   }
 
-  const size_t window = static_cast<size_t>(connections) * 2;
+  // Each worker claims a batch of extents (up to 16, up to 4 MiB) and has
+  // them all in flight at once; at most 64 MiB is read ahead of the writer.
+  constexpr size_t kBatchCount = 16, kBatchBytes = 4 << 20, kMaxAhead = 64 << 20;
+  auto bytes_of = [&](size_t i) { return static_cast<size_t>(extents[i].count * kBlockSize); };
   std::mutex mu;
   std::condition_variable cv;
-  // Extent buffers are not zero-filled (2 MiB each, refilled at once by
-  // the read); only the padding past the disk's end is cleared.
+  // Extent buffers are not zero-filled (refilled at once by the read); only
+  // the padding past the disk's end is cleared.
   struct Buffer {
     std::unique_ptr<std::byte[]> data;
     size_t size = 0;
   };
   std::map<size_t, Buffer> ready;
   std::vector<std::unique_ptr<std::byte[]>> spare;  // buffers to reuse: no fresh pages per extent
-  size_t next = 0, consumed = 0;
+  size_t next = 0, ahead = 0;
   std::exception_ptr failure;
   bool stop = false;
 
   auto worker = [&](nbd::Connection& conn) {
+    std::vector<size_t> batch;
+    std::vector<Buffer> bufs;
+    std::vector<nbd::Connection::Request> reqs;
     for (;;) {
-      size_t idx;
+      batch.clear();
+      bufs.clear();
+      reqs.clear();
       {
         std::unique_lock lk(mu);
-        cv.wait(lk, [&] { return stop || next >= extents.size() || next < consumed + window; });
+        // ahead == 0 means every claimed extent was written: the next one
+        // is always allowed, so the writer never waits on the cap.
+        cv.wait(lk, [&] {
+          return stop || next >= extents.size() || ahead == 0 || ahead + bytes_of(next) <= kMaxAhead;
+        });
         if (stop || next >= extents.size()) return;
-        idx = next++;
-      }
-      const Extent& e = extents[idx];
-      uint64_t off = e.first * kBlockSize;
-      uint64_t len = std::min<uint64_t>(e.count * kBlockSize, virtual_size - off);
-      Buffer buf;
-      {
-        std::lock_guard g(mu);
-        if (!spare.empty()) {
-          buf.data = std::move(spare.back());
-          spare.pop_back();
+        size_t bytes = 0;
+        while (next < extents.size() && batch.size() < kBatchCount &&
+               (batch.empty() || (bytes + bytes_of(next) <= kBatchBytes && ahead + bytes_of(next) <= kMaxAhead))) {
+          bytes += bytes_of(next);
+          ahead += bytes_of(next);
+          batch.push_back(next++);
+        }
+        for (size_t k = 0; k < batch.size(); ++k) {
+          Buffer b;
+          if (!spare.empty()) {
+            b.data = std::move(spare.back());
+            spare.pop_back();
+          }
+          bufs.push_back(std::move(b));
         }
       }
-      if (!buf.data) buf.data.reset(new std::byte[max_extent]);
-      buf.size = e.count * kBlockSize;
-      std::memset(buf.data.get() + len, 0, buf.size - len);
+      for (size_t k = 0; k < batch.size(); ++k) {
+        const Extent& e = extents[batch[k]];
+        Buffer& buf = bufs[k];
+        if (!buf.data) buf.data.reset(new std::byte[max_extent]);
+        buf.size = e.count * kBlockSize;
+        uint64_t off = e.first * kBlockSize;
+        uint64_t len = std::min<uint64_t>(buf.size, virtual_size - off);
+        std::memset(buf.data.get() + len, 0, buf.size - len);
+        reqs.push_back({off, {buf.data.get(), static_cast<size_t>(len)}});
+      }
       try {
-        conn.pread(off, {buf.data.get(), static_cast<size_t>(len)});
+        conn.pread_batch(reqs);
       } catch (...) {
         std::lock_guard g(mu);
         if (!failure) failure = std::current_exception();
@@ -78,7 +100,7 @@ TransferStats transfer(const std::vector<nbd::Target>& targets, const nbd::Optio
         return;
       }
       std::lock_guard g(mu);
-      ready.emplace(idx, std::move(buf));
+      for (size_t k = 0; k < batch.size(); ++k) ready.emplace(batch[k], std::move(bufs[k]));
       cv.notify_all();
     }
   };
@@ -104,7 +126,6 @@ TransferStats transfer(const std::vector<nbd::Target>& targets, const nbd::Optio
         if (failure) std::rethrow_exception(failure);
         buf = std::move(ready[idx]);
         ready.erase(idx);
-        ++consumed;
       }
       cv.notify_all();
       const Extent& e = extents[idx];
@@ -114,7 +135,9 @@ TransferStats transfer(const std::vector<nbd::Target>& targets, const nbd::Optio
       {
         std::lock_guard g(mu);
         spare.push_back(std::move(buf.data));
+        ahead -= bytes_of(idx);
       }
+      cv.notify_all();
       done += std::min<uint64_t>(e.count * kBlockSize, virtual_size - e.first * kBlockSize);
       if (progress) progress(done);
     }

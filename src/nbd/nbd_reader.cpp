@@ -158,6 +158,40 @@ bool Connection::try_pread(uint64_t offset, std::span<std::byte> out, std::strin
   }
 }
 
+void Connection::pread_batch(const std::vector<Request>& reqs) {
+  enum State { kPending, kDone, kFailed };
+  std::vector<State> state(reqs.size(), kFailed);
+  std::vector<int64_t> cookies(reqs.size(), -1);
+  if (h_) {
+    nbd_handle* h = H(h_);
+    size_t pending = 0;
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      cookies[i] = nbd_aio_pread(h, reqs[i].out.data(), reqs[i].out.size(), reqs[i].offset, nbd_completion_callback{}, 0);
+      if (cookies[i] != -1) {
+        state[i] = kPending;
+        ++pending;
+      }
+    }
+    auto deadline = std::chrono::steady_clock::now() + opts_.timeout;
+    while (pending) {
+      for (size_t i = 0; i < reqs.size(); ++i) {
+        if (state[i] != kPending) continue;
+        int done = nbd_aio_command_completed(h, cookies[i]);
+        if (done == 0) continue;
+        state[i] = done == 1 ? kDone : kFailed;
+        if (done == 1) bytes_read_ += reqs[i].out.size();
+        --pending;
+      }
+      if (!pending || std::chrono::steady_clock::now() > deadline || nbd_poll(h, 1000) == -1) break;
+    }
+    // Still in flight after a failure: the handle goes, and with it the
+    // commands that were using these buffers.
+    if (pending) disconnect();
+  }
+  for (size_t i = 0; i < reqs.size(); ++i)
+    if (state[i] != kDone) pread(reqs[i].offset, reqs[i].out);
+}
+
 void Connection::pread(uint64_t offset, std::span<std::byte> out) {
   auto backoff = opts_.backoff;
   std::string why;

@@ -48,6 +48,14 @@ class Connection {
   uint64_t size() const { return size_; }
   // Reads exactly out.size() bytes at offset, reconnecting on failure.
   void pread(uint64_t offset, std::span<std::byte> out);
+  struct Request {
+    uint64_t offset;
+    std::span<std::byte> out;
+  };
+  // Several reads in flight at once on this connection (the server answers
+  // them in turn, but no round trip is wasted between them); any that fails
+  // is retried on its own like pread.
+  void pread_batch(const std::vector<Request>& reqs);
   uint64_t bytes_read() const { return bytes_read_; }
 
  private:
