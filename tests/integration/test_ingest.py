@@ -209,3 +209,81 @@ def test_password_from_environment_and_jobs(sim, repo):
                         str(repo)], capture_output=True, text=True, env=env)
     assert p.returncode == 1 and "no VM named 'nope'" in p.stderr
     assert len(ls_json(repo)["vdis"]) == 3
+
+
+def test_no_cbt_metadata_starts_a_new_chain(sim, repo):
+    db = sim.disks_of("db01")[0]
+    sim.write(db["uuid"], 0, b"first")
+    ingest(sim, repo, "--vdi", db["uuid"])
+    sim.post("/fail", {"method": "VDI.list_changed_blocks", "error": ["VDI_NO_CBT_METADATA", "OpaqueRef:x"], "count": 1})
+    out = json.loads(ingest(sim, repo, "--vdi", db["uuid"], "--json").stdout)["vdis"][0]
+    assert out["full"] and "no changed-block metadata" in out["chain_reason"]
+
+
+# Every XAPI call an incremental run makes, failing once: the run fails or
+# copes, but never leaves a half point or a snapshot with data, and the next
+# run works.
+CALLS = ["VDI.get_by_uuid", "VDI.get_record", "VBD.get_record", "VM.get_record", "VDI.snapshot",
+         "VDI.set_name_label", "VDI.list_changed_blocks", "VDI.get_nbd_info", "VDI.data_destroy", "VDI.destroy"]
+
+
+def test_an_error_on_each_xapi_call(sim, repo):
+    db = sim.disks_of("db01")[0]
+    sim.write(db["uuid"], 0, random.Random(7).randbytes(MIB))
+    ingest(sim, repo, "--vdi", db["uuid"])
+    sim.post("/reset_counters", {})
+    for i, method in enumerate(CALLS):
+        sim.write(db["uuid"], (i % 8) * MIB, f"change {i}".encode())
+        points = len(ls_json(repo)["vdis"][0]["points"])
+        sim.post("/fail", {"method": method, "error": ["INTERNAL_ERROR", f"injected into {method}"], "count": 1})
+        p = ingest(sim, repo, "--vdi", db["uuid"], check=False)
+        assert p.returncode in (0, 1), (method, p.stderr)
+        if p.returncode == 1:
+            assert "FAILED" in p.stderr and "INTERNAL_ERROR" in p.stderr, (method, p.stderr)
+        assert len(ls_json(repo)["vdis"][0]["points"]) == points + (p.returncode == 0), method
+        no_data_snapshots_left(sim)
+        assert repo_tool("verify", repo).returncode == 0
+        # A fault the run did not reach is still armed: one more run uses it up.
+        if sim.get("/calls").get(method, 0) == 0:
+            ingest(sim, repo, "--vdi", db["uuid"], check=False)
+        ingest(sim, repo, "--vdi", db["uuid"])
+        no_data_snapshots_left(sim)
+        sim.post("/reset_counters", {})
+
+
+def test_a_full_repository_disk(sim, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    run("mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", small)
+    try:
+        repo = small / "repo"
+        repo_tool("init", repo)
+        db = sim.disks_of("db01")[0]
+        sim.write(db["uuid"], 0, random.Random(9).randbytes(8 * MIB))  # incompressible: cannot fit
+        p = ingest(sim, repo, "--vdi", db["uuid"], check=False)
+        assert p.returncode == 1 and "No space left on device" in p.stderr, p.stderr
+        assert ls_json(repo)["vdis"] == []
+        no_data_snapshots_left(sim)
+        run("mount", "-o", "remount,size=64m", small)
+        ingest(sim, repo, "--vdi", db["uuid"])
+        assert len(ls_json(repo)["vdis"][0]["points"]) == 1
+        assert repo_tool("verify", repo).returncode == 0
+    finally:
+        run("umount", small, check=False)
+
+
+def test_two_ingests_of_one_vdi_at_once(sim, repo):
+    db = sim.disks_of("db01")[0]
+    sim.write(db["uuid"], 0, random.Random(10).randbytes(8 * MIB))
+    cmd = [INGEST, "--xapi", sim.url, "--password-file", sim.password_file, "--ca-file", sim.ca_file,
+           "--vdi", db["uuid"], str(repo)]
+    procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(), p.stderr.read()) for p in procs]
+    codes = sorted(r[0] for r in results)
+    assert codes in ([0, 0], [0, 1]), results
+    if codes == [0, 1]:
+        msg = next(r[1] for r in results if r[0] == 1)
+        assert "being written by another process" in msg
+    assert len(ls_json(repo)["vdis"][0]["points"]) == codes.count(0)
+    no_data_snapshots_left(sim)
+    assert repo_tool("verify", repo).returncode == 0
