@@ -82,8 +82,11 @@ Bytes encode_manifest(const Manifest& m);
 Manifest decode_manifest(std::span<const std::byte> data, const std::string& where);
 
 // The repository header file "cbtfs-repository".
-Bytes encode_repo_header();
-void check_repo_header(std::span<const std::byte> data, const std::string& where);
+// The header names the repository with a uuid, so that two repositories
+// backing up the same disk can tell their host-side snapshots apart.
+Bytes encode_repo_header(const std::string& id);
+// Returns the repository id ("" for a header written before ids existed).
+std::string check_repo_header(std::span<const std::byte> data, const std::string& where);
 
 // "2026-11-24T030000Z" and back; both throw UsageError on nonsense.
 std::string format_point_name(int64_t t);

@@ -53,9 +53,11 @@ class Repository {
   static void init(const std::string& path);
   // Opens and checks the header; throws FormatError/VersionError/StorageError.
   static std::shared_ptr<Repository> open(const std::string& path);
-  explicit Repository(std::unique_ptr<Storage> storage);
+  explicit Repository(std::unique_ptr<Storage> storage, std::string id = "");
 
   Storage& storage() { return *storage_; }
+  // The uuid from the header ("" for repositories created without one).
+  const std::string& id() const { return id_; }
   std::vector<std::string> vdis();
   bool has_vdi(const std::string& vdi);
   // Manifests are immutable, so they are parsed once and kept.
@@ -70,6 +72,14 @@ class Repository {
   static std::string point_key(const std::string& vdi, uint32_t seq);
   static std::string pack_key(const std::string& vdi, uint32_t pack);
   static std::string lock_key(const std::string& vdi);
+  static std::string journal_key(const std::string& vdi);
+
+  // A small text a writer keeps beside a VDI's points while it holds the
+  // VDI's lock: what the next writer must clean up should this one die.
+  // Opaque to the repository; durable when put_journal returns.
+  void put_journal(const std::string& vdi, const std::string& text);
+  std::optional<std::string> journal(const std::string& vdi);
+  void clear_journal(const std::string& vdi);
 
   // The VDI's writer lock, held until the returned object goes; throws
   // LockedError naming the holder. holder says who we are (see holder_text).
@@ -83,6 +93,7 @@ class Repository {
   void read_record(const std::string& vdi, const BlockRef& ref, std::span<std::byte> out);
 
   std::unique_ptr<Storage> storage_;
+  std::string id_;
   std::mutex mu_;
   std::map<std::string, std::unique_ptr<std::string>> interned_;
   std::map<std::pair<std::string, uint32_t>, ManifestPtr> manifests_;

@@ -91,9 +91,13 @@ int run(int argc, char** argv) {
   try {
     client.login();
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "cbtfs-ingest: cannot log in to %s as %s: %s\n", co.url.c_str(), co.user.c_str(), e.what());
+    std::fprintf(stderr, "cbtfs-ingest: cannot log in to %s as %s: %s\n", client.url().c_str(), co.user.c_str(),
+                 e.what());
     return kXapi;
   }
+  if (!client.redirected_from().empty() && !quiet)
+    std::fprintf(stderr, "cbtfs-ingest: %s is a pool member; using the pool master at %s\n",
+                 client.redirected_from().c_str(), client.url().c_str());
   std::mutex log_mu;
   ingest::Log log = [&](const std::string& line) {
     std::lock_guard g(log_mu);

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <ctime>
@@ -9,6 +10,8 @@
 #include <optional>
 #include <set>
 #include <thread>
+
+#include <nlohmann/json.hpp>
 
 #include "cbtfs/errors.hpp"
 #include "changed_blocks.hpp"
@@ -20,7 +23,6 @@ namespace cbtfs::ingest {
 
 namespace {
 
-constexpr const char* kSnapshotPrefix = "cbtfs-ingest ";
 constexpr uint64_t kMaxExtentBlocks = 32;  // 2 MiB NBD requests
 
 // One disk of the run, from lock to cleanup.
@@ -30,6 +32,7 @@ struct Task {
   std::optional<VdiInfo> snap;
   std::unique_ptr<PointWriter> writer;
   bool cbt_was_off = false;
+  bool journal = false;  // the repository holds a journal for this disk
   bool committed = false;
   Outcome out;
 };
@@ -45,7 +48,11 @@ struct Group {
 class Run {
  public:
   Run(xapi::Client& c, std::shared_ptr<Repository> repo, const Options& opts, const Log& log)
-      : c_(c), repo_(std::move(repo)), opts_(opts), log_(log) {}
+      : c_(c), repo_(std::move(repo)), opts_(opts), log_(log) {
+    // Our snapshots are named after the repository, so that a second
+    // repository backing up the same disks leaves them alone.
+    prefix_ = "cbtfs-ingest " + (repo_->id().empty() ? std::string() : repo_->id().substr(0, 8) + " ");
+  }
 
   std::vector<Outcome> go() {
     select();
@@ -121,6 +128,7 @@ class Run {
   // Lock each disk in the repository, remove leftovers of interrupted runs
   // and make sure CBT is on, all before the snapshot.
   void prepare(Group& g) {
+    bool all_locked = true;
     for (size_t i : g.tasks) {
       Task& t = tasks_[i];
       try {
@@ -134,6 +142,19 @@ class Run {
         info.vm_name = t.vm_name;
         info.vm_uuid = t.vm_uuid;
         t.writer = std::make_unique<PointWriter>(repo_, t.vdi.uuid, info, holder_text("cbtfs-ingest"));
+      } catch (const std::exception& e) {
+        fail(t, e.what());
+        all_locked = false;
+      }
+    }
+    // Another run may be working on the disks we could not lock: its
+    // snapshot VM is not a leftover.
+    if (g.vm && all_locked) remove_leftover_snapshot_vms(g);
+    for (size_t i : g.tasks) {
+      Task& t = tasks_[i];
+      if (!t.writer) continue;
+      try {
+        recover_journal(t);
         remove_leftover_snapshots(t, /*keep_metadata=*/true);
         if (!t.vdi.cbt_enabled) {
           c_.call("VDI.enable_cbt", {xapi::Value(t.vdi.ref)});
@@ -145,38 +166,108 @@ class Run {
         t.writer.reset();
       }
     }
-    if (g.vm) {
+  }
+
+  bool ours(const VdiInfo& s) const { return s.name.rfind(prefix_, 0) == 0; }
+
+  // The host snapshot the repository's newest point of this disk came from.
+  std::string needed_snapshot(const Task& t) {
+    auto latest = repo_->latest(t.vdi.uuid);
+    return latest ? latest->snapshot_uuid : "";
+  }
+
+  std::vector<VdiInfo> snapshots_of(const Task& t) {
+    std::vector<VdiInfo> out;
+    xapi::Value rec = c_.call("VDI.get_record", {xapi::Value(t.vdi.ref)});
+    if (!rec.has("snapshots")) return out;
+    for (auto& ref : rec.at("snapshots").array()) {
       try {
-        for (auto& ref : leftover_snapshot_vms(c_, *g.vm, kSnapshotPrefix)) {
-          log_("VM " + g.vm->name + ": removing the snapshot VM record left by an interrupted run");
-          destroy_snapshot_vm(c_, ref);
-        }
-      } catch (const std::exception& e) {
-        log_("VM " + g.vm->name + ": cannot remove leftover snapshot VM records: " + e.what());
+        out.push_back(get_vdi(c_, ref.str()));
+      } catch (const xapi::XapiError&) {
+        // gone meanwhile
       }
     }
+    return out;
+  }
+
+  // A VM snapshot of ours that still exists was left by a run that died
+  // before finish(): its disks are copies nobody needs, except those whose
+  // point was committed (they become metadata-only below).
+  void remove_leftover_snapshot_vms(Group& g) {
+    try {
+      for (auto& ref : leftover_snapshot_vms(c_, *g.vm, prefix_)) {
+        VmInfo sv = get_vm(c_, ref);
+        log_("VM " + g.vm->name + ": removing '" + sv.name + "', left by an interrupted run");
+        destroy_snapshot_vm(c_, ref);
+        for (auto& sd : sv.disks) {
+          Task* t = nullptr;
+          for (size_t i : g.tasks)
+            if (tasks_[i].vdi.ref == sd.snapshot_of) t = &tasks_[i];
+          if (!t) {
+            log_("VM " + g.vm->name + ": leaving snapshot " + sd.uuid + " (its disk is no longer part of the VM)");
+            continue;
+          }
+          if (sd.uuid == needed_snapshot(*t) || sd.type == "cbt_metadata") continue;
+          say(*t, "removing leftover snapshot " + sd.uuid);
+          destroy_vdi(c_, sd.ref);
+        }
+      }
+    } catch (const std::exception& e) {
+      log_("VM " + g.vm->name + ": cannot remove what an interrupted run left: " + e.what());
+    }
+  }
+
+  // A journal means a run died between VDI.snapshot and naming the
+  // snapshot (see snapshot()). Its snapshot is the earliest of those taken
+  // since; when that is ambiguous, nothing is touched.
+  void recover_journal(Task& t) {
+    auto text = repo_->journal(t.vdi.uuid);
+    if (!text) return;
+    std::set<std::string> existing;
+    try {
+      auto j = nlohmann::json::parse(*text);
+      for (auto& u : j.at("existing")) existing.insert(u.get<std::string>());
+    } catch (const nlohmann::json::exception& e) {
+      say(t, std::string("ignoring an unreadable journal: ") + e.what());
+      repo_->clear_journal(t.vdi.uuid);
+      return;
+    }
+    std::vector<VdiInfo> newer;
+    for (auto& s : snapshots_of(t)) {
+      if (!existing.count(s.uuid)) newer.push_back(s);
+    }
+    std::sort(newer.begin(), newer.end(), [](auto& a, auto& b) { return a.snapshot_time < b.snapshot_time; });
+    if (!newer.empty()) {
+      const VdiInfo& s = newer[0];
+      if (newer.size() > 1 && newer[1].snapshot_time == s.snapshot_time)
+        say(t, "an interrupted run left a snapshot, but which one is ambiguous; leaving " + s.uuid + " and " +
+                   newer[1].uuid + " alone");
+      else if (!ours(s) && s.type != "cbt_metadata") {
+        say(t, "removing snapshot " + s.uuid + ", left unnamed by an interrupted run");
+        destroy_vdi(c_, s.ref);
+      }
+    }
+    repo_->clear_journal(t.vdi.uuid);
   }
 
   // Snapshots our runs took that the repository does not need: with data
   // (left by a killed run) always, metadata-only ones once a newer point of
   // this repository superseded them. Runs under the VDI's lock.
   void remove_leftover_snapshots(Task& t, bool keep_metadata) {
-    xapi::Value rec = c_.call("VDI.get_record", {xapi::Value(t.vdi.ref)});
-    if (!rec.has("snapshots")) return;
     auto points = repo_->points(t.vdi.uuid).points;
     std::string needed = points.empty() ? "" : points.back()->snapshot_uuid;
     std::set<std::string> superseded;
     for (auto& p : points)
       if (p->snapshot_uuid != needed) superseded.insert(p->snapshot_uuid);
-    for (auto& ref : rec.at("snapshots").array()) {
-      VdiInfo s;
-      try {
-        s = get_vdi(c_, ref.str());
-      } catch (const xapi::XapiError&) {
-        continue;  // gone meanwhile
+    for (auto& s : snapshots_of(t)) {
+      if (!ours(s) || (t.snap && s.uuid == t.snap->uuid)) continue;
+      if (s.uuid == needed) {
+        if (s.type != "cbt_metadata") {  // committed, then the run died
+          say(t, "making snapshot " + s.uuid + " metadata-only (its run was interrupted after the commit)");
+          data_destroy(c_, s.ref);
+        }
+        continue;
       }
-      if (s.name.rfind(kSnapshotPrefix, 0) != 0) continue;  // not ours
-      if (s.uuid == needed || (t.snap && s.uuid == t.snap->uuid)) continue;
       if (s.type == "cbt_metadata" && (keep_metadata || !superseded.count(s.uuid))) continue;
       say(t, std::string("removing ") + (s.type == "cbt_metadata" ? "superseded metadata-only" : "leftover") +
                  " snapshot " + s.uuid);
@@ -189,7 +280,7 @@ class Run {
     for (size_t i : g.tasks) any = any || tasks_[i].writer;
     if (!any) return;
     auto now = static_cast<int64_t>(std::time(nullptr));
-    std::string name = kSnapshotPrefix + format_iso_time(now);
+    std::string name = prefix_ + format_iso_time(now);
     try {
       if (g.vm) {
         VmInfo snap = snapshot_vm(c_, *g.vm, name);
@@ -212,8 +303,20 @@ class Run {
           }
         }
       } else {
+        // VDI.snapshot cannot name its snapshot: until we have, only this
+        // journal lets a later run find it should we die.
         Task& t = tasks_[g.tasks[0]];
-        t.snap = snapshot_vdi(c_, t.vdi);
+        nlohmann::json existing = nlohmann::json::array();
+        for (auto& s : snapshots_of(t)) existing.push_back(s.uuid);
+        repo_->put_journal(t.vdi.uuid, nlohmann::json{{"snapshot_of", t.vdi.uuid}, {"existing", existing}}.dump());
+        t.journal = true;
+        try {
+          t.snap = snapshot_vdi(c_, t.vdi);
+        } catch (const xapi::XapiError&) {
+          repo_->clear_journal(t.vdi.uuid);  // the host refused: nothing to find
+          t.journal = false;
+          throw;
+        }
       }
     } catch (const std::exception& e) {
       for (size_t i : g.tasks) fail(tasks_[i], std::string("snapshot failed: ") + e.what());
@@ -228,6 +331,8 @@ class Run {
       // The name marks it as ours, so a later run can clean up after a crash.
       try {
         c_.call("VDI.set_name_label", {xapi::Value(t.snap->ref), xapi::Value(name)});
+        if (t.journal) repo_->clear_journal(t.vdi.uuid);
+        t.journal = false;
         if (t.writer) t.writer->set_source(t.snap->uuid, now);
       } catch (const std::exception& e) {
         fail(t, std::string("cannot name the snapshot: ") + e.what());
@@ -362,6 +467,7 @@ class Run {
     if (!t.committed) {
       try {
         destroy_vdi(c_, t.snap->ref);
+        if (t.journal) repo_->clear_journal(t.vdi.uuid);
       } catch (const std::exception& e) {
         fail(t, "cannot remove the snapshot " + t.snap->uuid + " from the host: " + e.what());
       }
@@ -393,6 +499,7 @@ class Run {
 
   xapi::Client& c_;
   std::shared_ptr<Repository> repo_;
+  std::string prefix_;
   const Options& opts_;
   const Log& log_;
   std::vector<Task> tasks_;

@@ -1,6 +1,8 @@
 #include "xapi_ops.hpp"
 
 #include <chrono>
+#include <cstdio>
+#include <ctime>
 #include <thread>
 
 #include "cbtfs/format.hpp"
@@ -14,6 +16,18 @@ constexpr const char* kNullRef = "OpaqueRef:NULL";
 
 bool truthy(const Value& rec, const char* key) { return rec.has(key) && rec.at(key).to_bool(); }
 std::string text(const Value& rec, const char* key) { return rec.has(key) ? rec.at(key).str() : std::string(); }
+
+// XAPI's dateTime.iso8601: "20261125T11:40:23Z" (UTC); 0 when unreadable.
+int64_t xapi_time(const std::string& s) {
+  std::tm tm{};
+  char z = 0;
+  if (std::sscanf(s.c_str(), "%4d%2d%2dT%2d:%2d:%2d%c", &tm.tm_year, &tm.tm_mon, &tm.tm_mday, &tm.tm_hour, &tm.tm_min,
+                  &tm.tm_sec, &z) < 6)
+    return 0;
+  tm.tm_year -= 1900;
+  tm.tm_mon -= 1;
+  return static_cast<int64_t>(timegm(&tm));
+}
 }  // namespace
 
 VdiInfo get_vdi(xapi::Client& c, const std::string& ref) {
@@ -27,6 +41,7 @@ VdiInfo get_vdi(xapi::Client& c, const std::string& ref) {
   v.cbt_enabled = truthy(r, "cbt_enabled");
   v.is_snapshot = truthy(r, "is_a_snapshot");
   v.snapshot_of = text(r, "snapshot_of");
+  if (v.is_snapshot) v.snapshot_time = xapi_time(text(r, "snapshot_time"));
   return v;
 }
 
@@ -111,32 +126,35 @@ std::vector<nbd::Target> nbd_targets(xapi::Client& c, const VdiInfo& snap) {
   return out;
 }
 
-std::string list_changed_blocks(xapi::Client& c, const std::string& from_ref, const std::string& to_ref) {
-  return c.call("VDI.list_changed_blocks", {Value(from_ref), Value(to_ref)}).str();
-}
-
-void data_destroy(xapi::Client& c, const std::string& ref) {
+namespace {
+// VDI_IN_USE is transient here: the host is still unplugging a VBD (its own
+// NBD server's, or the snapshot VM's we just removed). Retries for about 45 s.
+template <class F>
+auto retry_in_use(F&& f) {
   for (int attempt = 0;; ++attempt) {
     try {
-      c.call("VDI.data_destroy", {Value(ref)});
-      return;
+      return f();
     } catch (const xapi::XapiError& e) {
       if (e.code() != "VDI_IN_USE" || attempt >= 10) throw;
       std::this_thread::sleep_for(std::chrono::seconds(attempt < 3 ? 1 : 5));
     }
   }
 }
+}  // namespace
+
+std::string list_changed_blocks(xapi::Client& c, const std::string& from_ref, const std::string& to_ref) {
+  return retry_in_use([&] { return c.call("VDI.list_changed_blocks", {Value(from_ref), Value(to_ref)}).str(); });
+}
+
+void data_destroy(xapi::Client& c, const std::string& ref) {
+  retry_in_use([&] { c.call("VDI.data_destroy", {Value(ref)}); });
+}
 
 void destroy_vdi(xapi::Client& c, const std::string& ref) {
-  for (int attempt = 0;; ++attempt) {
-    try {
-      c.call("VDI.destroy", {Value(ref)});
-      return;
-    } catch (const xapi::XapiError& e) {
-      if (e.code() == "HANDLE_INVALID") return;  // already gone
-      if (e.code() != "VDI_IN_USE" || attempt >= 10) throw;
-      std::this_thread::sleep_for(std::chrono::seconds(attempt < 3 ? 1 : 5));
-    }
+  try {
+    retry_in_use([&] { c.call("VDI.destroy", {Value(ref)}); });
+  } catch (const xapi::XapiError& e) {
+    if (e.code() != "HANDLE_INVALID") throw;  // already gone
   }
 }
 

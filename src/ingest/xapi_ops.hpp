@@ -16,6 +16,7 @@ struct VdiInfo {
   bool cbt_enabled = false;
   bool is_snapshot = false;
   std::string snapshot_of;  // ref
+  int64_t snapshot_time = 0;  // seconds since the epoch; 0 when not a snapshot
 };
 
 struct VmInfo {
@@ -38,8 +39,9 @@ std::vector<std::string> leftover_snapshot_vms(xapi::Client& c, const VmInfo& vm
 VmInfo snapshot_vm(xapi::Client& c, const VmInfo& vm, const std::string& name);
 VdiInfo snapshot_vdi(xapi::Client& c, const VdiInfo& vdi);
 std::vector<nbd::Target> nbd_targets(xapi::Client& c, const VdiInfo& snap);
+// These three retry VDI_IN_USE for a while: the host may still be
+// unplugging a VBD.
 std::string list_changed_blocks(xapi::Client& c, const std::string& from_ref, const std::string& to_ref);
-// Retries VDI_IN_USE for a while: the host may still be unplugging the VBD.
 void data_destroy(xapi::Client& c, const std::string& ref);
 void destroy_vdi(xapi::Client& c, const std::string& ref);
 void destroy_snapshot_vm(xapi::Client& c, const std::string& ref);

@@ -260,13 +260,21 @@ Manifest decode_manifest(std::span<const std::byte> data, const std::string& whe
   }
 }
 
-Bytes encode_repo_header() {
-  return sign("repository", json{{"version", kFormatVersion}, {"format", "cbtfs"}, {"block_size", kBlockSize}});
+Bytes encode_repo_header(const std::string& id) {
+  return sign("repository",
+              json{{"version", kFormatVersion}, {"format", "cbtfs"}, {"block_size", kBlockSize}, {"id", id}});
 }
 
-void check_repo_header(std::span<const std::byte> data, const std::string& where) {
+std::string check_repo_header(std::span<const std::byte> data, const std::string& where) {
   json b = verify("repository", data, where);
   if (b.value("format", "") != "cbtfs") throw FormatError(where + ": not a cbtfs repository");
+  try {
+    std::string id = b.value("id", "");
+    if (!id.empty() && !is_uuid(id)) throw FormatError(where + ": malformed repository id");
+    return id;
+  } catch (const json::exception&) {
+    throw FormatError(where + ": malformed repository id");
+  }
 }
 
 std::string format_point_name(int64_t t) {

@@ -42,18 +42,33 @@ void Repository::init(const std::string& path) {
   auto st = open_local_storage(path);
   if (st->size(kHeaderKey)) throw UsageError(path + " is already a cbtfs repository");
   if (!st->list("").empty()) throw UsageError(path + " is not empty; refusing to create a repository in it");
-  st->put(kHeaderKey, encode_repo_header());
+  st->put(kHeaderKey, encode_repo_header(random_uuid()));
 }
 
 std::shared_ptr<Repository> Repository::open(const std::string& path) {
   auto st = open_local_storage(path);
   auto header = st->get(kHeaderKey);
   if (!header) throw UsageError(path + " is not a cbtfs repository (no " + kHeaderKey + " file; create one with 'cbtfs-repo init')");
-  check_repo_header(*header, path + "/" + kHeaderKey);
-  return std::make_shared<Repository>(std::move(st));
+  std::string id = check_repo_header(*header, path + "/" + kHeaderKey);
+  return std::make_shared<Repository>(std::move(st), id);
 }
 
-Repository::Repository(std::unique_ptr<Storage> storage) : storage_(std::move(storage)) {}
+Repository::Repository(std::unique_ptr<Storage> storage, std::string id) : storage_(std::move(storage)), id_(std::move(id)) {}
+
+std::string Repository::journal_key(const std::string& vdi) { return "vdis/" + vdi + "/journal"; }
+
+void Repository::put_journal(const std::string& vdi, const std::string& text) {
+  storage_->remove(journal_key(vdi));
+  storage_->put(journal_key(vdi), std::as_bytes(std::span(text)));
+}
+
+std::optional<std::string> Repository::journal(const std::string& vdi) {
+  auto b = storage_->get(journal_key(vdi));
+  if (!b) return std::nullopt;
+  return std::string(reinterpret_cast<const char*>(b->data()), b->size());
+}
+
+void Repository::clear_journal(const std::string& vdi) { storage_->remove(journal_key(vdi)); }
 
 std::string Repository::point_key(const std::string& vdi, uint32_t seq) {
   return "vdis/" + vdi + "/points/" + seq_name(seq, ".point");

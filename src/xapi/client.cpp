@@ -120,11 +120,40 @@ Value Client::raw_call(const std::string& method, const std::vector<Value>& para
   throw XapiError(method, desc);
 }
 
+namespace {
+// url with its host replaced (scheme, port and path kept), via libcurl's URL
+// parser so that IPv6 literals and odd ports come out right.
+std::string with_host(const std::string& url, std::string host) {
+  if (host.find(':') != std::string::npos && host.front() != '[') host = "[" + host + "]";
+  CURLU* u = curl_url();
+  if (!u) throw TransportError("out of memory");
+  char* out = nullptr;
+  bool ok = curl_url_set(u, CURLUPART_URL, url.c_str(), 0) == CURLUE_OK &&
+            curl_url_set(u, CURLUPART_HOST, host.c_str(), 0) == CURLUE_OK &&
+            curl_url_get(u, CURLUPART_URL, &out, 0) == CURLUE_OK;
+  std::string result = ok ? out : "";
+  curl_free(out);
+  curl_url_cleanup(u);
+  if (!ok) throw TransportError("cannot make a URL for the pool master '" + host + "' from " + url);
+  return result;
+}
+}  // namespace
+
 void Client::login() {
   std::lock_guard g(mu_);
-  session_ = raw_call("session.login_with_password",
-                      {Value(opts_.user), Value(opts_.password), Value("1.0"), Value("cbtfs")})
-                 .str();
+  try {
+    session_ = raw_call("session.login_with_password",
+                        {Value(opts_.user), Value(opts_.password), Value("1.0"), Value("cbtfs")})
+                   .str();
+  } catch (const XapiError& e) {
+    // A pool member names its master; XAPI only accepts logins there.
+    if (e.code() != "HOST_IS_SLAVE" || e.param(0).empty()) throw;
+    redirected_from_ = opts_.url;
+    opts_.url = with_host(opts_.url, e.param(0));
+    session_ = raw_call("session.login_with_password",
+                        {Value(opts_.user), Value(opts_.password), Value("1.0"), Value("cbtfs")})
+                   .str();
+  }
 }
 
 void Client::logout() noexcept {

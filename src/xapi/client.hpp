@@ -55,6 +55,9 @@ class Client {
   Value call(const std::string& method, std::vector<Value> args = {});
   const std::string& session() const { return session_; }
   const std::string& url() const { return opts_.url; }
+  // The URL given, when login found a pool member there and moved to its
+  // master (url() is then the master's); empty otherwise.
+  const std::string& redirected_from() const { return redirected_from_; }
   // Sum of calls made, for tests and the log.
   size_t calls() const { return calls_; }
 
@@ -66,6 +69,7 @@ class Client {
   std::mutex mu_;
   void* curl_ = nullptr;
   std::string session_;
+  std::string redirected_from_;
   size_t calls_ = 0;
 };
 

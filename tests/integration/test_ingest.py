@@ -6,6 +6,7 @@ import os
 import random
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -287,3 +288,98 @@ def test_two_ingests_of_one_vdi_at_once(sim, repo):
     assert len(ls_json(repo)["vdis"][0]["points"]) == codes.count(0)
     no_data_snapshots_left(sim)
     assert repo_tool("verify", repo).returncode == 0
+
+
+# Moments at which a run is killed: while the host holds up the given call
+# (the call itself is then never made), or in the middle of the NBD transfer.
+KILL_MOMENTS = [
+    ("vdi", "VDI.snapshot"),             # journal written, no snapshot yet
+    ("vdi", "VDI.set_name_label"),       # snapshot taken, not yet named as ours
+    ("vdi", "VDI.list_changed_blocks"),
+    ("vdi", "nbd"),
+    ("vdi", "VDI.data_destroy"),         # point committed, snapshot still holds data
+    ("vm", "VM.snapshot"),
+    ("vm", "VDI.set_name_label"),
+    ("vm", "nbd"),
+    ("vm", "VM.destroy"),                # points committed, snapshot VM still there
+    ("vm", "VDI.data_destroy"),
+]
+
+
+def points_of(repo, uuid):
+    return next((len(v["points"]) for v in ls_json(repo)["vdis"] if v["uuid"] == uuid), 0)
+
+
+def test_kill_9_at_many_moments(sim, repo, mnt, tmp_path):
+    db = sim.disks_of("db01")[0]
+    web = sim.disks_of("web01")
+    rnd = random.Random(11)
+    sim.write(db["uuid"], 0, rnd.randbytes(8 * MIB))
+    ingest(sim, repo, "--vdi", db["uuid"])
+    ingest(sim, repo, "--vm", "web01")
+    cmd = [INGEST, "--xapi", sim.url, "--password-file", sim.password_file, "--ca-file", sim.ca_file]
+    for mode, moment in KILL_MOMENTS:
+        target = ["--vdi", db["uuid"]] if mode == "vdi" else ["--vm", "web01"]
+        disks = [db] if mode == "vdi" else web
+        for d in disks:
+            sim.write(d["uuid"], rnd.randrange(d["virtual_size"] - 4 * MIB), rnd.randbytes(4 * MIB))
+        before = {d["uuid"]: points_of(repo, d["uuid"]) for d in disks}
+        sim.post("/reset_counters", {})
+        if moment != "nbd":
+            sim.post("/fail", {"method": moment, "delay": 2, "count": 1})
+        proc = subprocess.Popen(cmd + target + [str(repo)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while True:
+            reached = (any(sim.nbd_bytes(d["uuid"]) for d in disks) if moment == "nbd"
+                       else sim.get("/calls").get(moment, 0) > 0)
+            if reached or proc.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.005)
+        proc.kill()
+        proc.wait()
+        assert reached, (mode, moment, proc.stderr.read())
+        time.sleep(2.5)  # until the held call would have been made
+        left = [v for v in sim.vdis() if v.get("is_a_snapshot") and v["type"] != "cbt_metadata"]
+        assert bool(left) == (moment not in ("VDI.snapshot", "VM.snapshot")), (mode, moment, left)
+
+        assert repo_tool("verify", repo).returncode == 0, (mode, moment)
+        for d in disks:
+            assert points_of(repo, d["uuid"]) - before[d["uuid"]] in (0, 1), (mode, moment)
+        # The next run cleans up what the killed one left and succeeds.
+        ingest(sim, repo, *target)
+        no_data_snapshots_left(sim)
+        assert not [v for v in sim.state()["vms"] if v.get("is_a_snapshot")], (mode, moment)
+        for d in disks:
+            snaps = sim.snapshots_of(d["uuid"])
+            assert len(snaps) == 1 and snaps[0]["type"] == "cbt_metadata", (mode, moment, snaps)
+            assert points_of(repo, d["uuid"]) > before[d["uuid"]]
+    # What the last runs stored is what the disks hold.
+    vdis = {v["uuid"]: v for v in ls_json(repo)["vdis"]}
+    with Mount(repo, mnt) as m:
+        for d in [db] + web:
+            assert files_equal(d["path"], m.path(vdis[d["uuid"]]["points"][-1]["path"])), d["name"]
+
+
+def test_a_pool_member_sends_us_to_its_master(sim, repo):
+    db = sim.disks_of("db01")[0]
+    sim.post("/fail", {"method": "session.login_with_password", "error": ["HOST_IS_SLAVE", "127.0.0.1"], "count": 1})
+    member = sim.url.replace("127.0.0.1", "localhost")
+    p = subprocess.run([INGEST, "--xapi", member, "--password-file", sim.password_file, "--ca-file", sim.ca_file,
+                        "--vdi", db["uuid"], str(repo)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert f"{member} is a pool member; using the pool master at https://127.0.0.1:" in p.stderr, p.stderr
+    assert sim.get("/calls")["session.login_with_password"] == 2
+    assert points_of(repo, db["uuid"]) == 1
+
+
+def test_a_busy_vdi_is_waited_for(sim, repo):
+    db = sim.disks_of("db01")[0]
+    ingest(sim, repo, "--vdi", db["uuid"])
+    sim.write(db["uuid"], 3 * BLOCK, b"busy")
+    sim.post("/reset_counters", {})
+    sim.post("/fail", {"method": "VDI.list_changed_blocks", "error": ["VDI_IN_USE", "OpaqueRef:x", "list_changed_blocks"],
+                       "count": 2})
+    summary = json.loads(ingest(sim, repo, "--vdi", db["uuid"], "--json").stdout)
+    assert summary["ok"] and not summary["vdis"][0]["full"], summary
+    assert summary["vdis"][0]["blocks_read"] == 1, summary
+    assert sim.get("/calls")["VDI.list_changed_blocks"] == 3

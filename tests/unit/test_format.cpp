@@ -192,8 +192,14 @@ TEST_CASE("manifests of a newer version are refused with a clear message") {
 }
 
 TEST_CASE("repository header: good, damaged, newer, foreign") {
-  Bytes h = encode_repo_header();
-  CHECK_NOTHROW(check_repo_header(h, "r"));
+  std::string id = random_uuid();
+  Bytes h = encode_repo_header(id);
+  CHECK(check_repo_header(h, "r") == id);
+  CHECK(check_repo_header(signed_json("repository", {{"version", 1}, {"format", "cbtfs"}}), "r").empty());
+  CHECK_THROWS_AS(check_repo_header(signed_json("repository", {{"version", 1}, {"format", "cbtfs"}, {"id", "../x"}}), "r"),
+                  FormatError);
+  CHECK_THROWS_AS(check_repo_header(signed_json("repository", {{"version", 1}, {"format", "cbtfs"}, {"id", 7}}), "r"),
+                  FormatError);
   for (size_t i = 0; i < h.size(); i += 3) {
     Bytes bad = h;
     bad[i] ^= std::byte{0x41};

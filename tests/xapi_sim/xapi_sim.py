@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import select
 import shlex
 import shutil
 import signal
@@ -947,11 +948,16 @@ class XapiService:
         self.host = host
         self.model = host.model
 
-    def call(self, method, params):
+    def call(self, method, params, client_gone=lambda: False):
         self.host.calls[method] += 1
         rule = self.host.take_fail_rule(method)
         if rule is not None:
+            # A delay stands for a slow network before the host: a client
+            # that died meanwhile never got its call to the host.
             time.sleep(rule.delay)
+            if rule.delay and client_gone():
+                log(f"{method}: the client went away during the injected delay; call not made")
+                return Reply(200, b"", "text/plain")
             if rule.http_status:
                 log(f"{method}: injected HTTP {rule.http_status}")
                 return Reply(rule.http_status, b"injected failure\n", "text/plain")
@@ -1302,8 +1308,17 @@ class XapiHandler(Handler):
             log(f"bad request: {e.message}")
             self.close_connection = True
             return self.reply_text(e.status, e.message + "\n")
-        r = self.server.service.call(method, params)
+        r = self.server.service.call(method, params, self.client_gone)
         self.reply(r.status, r.body, r.content_type)
+
+    def client_gone(self):
+        # Peeks below TLS: a killed client's kernel sent FIN, nothing else.
+        try:
+            with socket.fromfd(self.connection.fileno(), socket.AF_INET, socket.SOCK_STREAM) as raw:
+                ready, _, _ = select.select([raw], [], [], 0)
+                return bool(ready) and raw.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def do_PUT(self):
         url = urlsplit(self.path)
