@@ -53,6 +53,8 @@ class Repository {
   static void init(const std::string& path);
   // Opens and checks the header; throws FormatError/VersionError/StorageError.
   static std::shared_ptr<Repository> open(const std::string& path);
+  // The same over a storage already opened (the mount puts a cache in front).
+  static std::shared_ptr<Repository> open(std::unique_ptr<Storage> storage);
   explicit Repository(std::unique_ptr<Storage> storage, std::string id = "");
 
   Storage& storage() { return *storage_; }

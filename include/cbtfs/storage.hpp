@@ -37,6 +37,9 @@ class ObjectWriter {
 class StorageLock {
  public:
   virtual ~StorageLock() = default;
+  // Throws LockedError when the lock is known to be lost (a lease that
+  // another writer took over); writers check before they commit.
+  virtual void check() const {}
 };
 
 class Storage {
@@ -71,5 +74,7 @@ class Storage {
 
 // The local-directory backend. The directory must exist.
 std::unique_ptr<Storage> open_local_storage(const std::string& root);
+// A local directory, or an S3 bucket for s3://BUCKET/PREFIX (s3_storage.hpp).
+std::unique_ptr<Storage> open_storage(const std::string& location);
 
 }  // namespace cbtfs

@@ -19,7 +19,9 @@
 #include <sstream>
 #include <string>
 
+#include "cbtfs/cached_storage.hpp"
 #include "cbtfs/repository.hpp"
+#include "cbtfs/s3_storage.hpp"
 #include "fuse_ops.hpp"
 
 namespace {
@@ -30,12 +32,15 @@ struct Options {
   std::string repo, mountpoint;
   unsigned mode = 0400;
   unsigned readahead_kb = 4096;
+  char* cache_dir = nullptr;      // S3 only
+  unsigned cache_mb = 2048;
   int help = 0;
   int version = 0;
 };
 
 #define CBTFS_OPT(t, p) {t, offsetof(Options, p), 1}
 const fuse_opt kOptions[] = {CBTFS_OPT("mode=%o", mode),      CBTFS_OPT("readahead_kb=%u", readahead_kb),
+                             CBTFS_OPT("cache_dir=%s", cache_dir), CBTFS_OPT("cache_mb=%u", cache_mb),
                              CBTFS_OPT("-h", help),          CBTFS_OPT("--help", help),
                              CBTFS_OPT("-V", version), CBTFS_OPT("--version", version), FUSE_OPT_END};
 
@@ -66,6 +71,8 @@ void usage() {
       "  -s                 single-threaded\n"
       "  -o mode=OCTAL      permission bits of the images (default 0400)\n"
       "  -o readahead_kb=N  kernel readahead of the mount (default 4096)\n"
+      "  -o cache_dir=DIR   S3 repositories: where the read cache lives (default /var/tmp)\n"
+      "  -o cache_mb=N      S3 repositories: read cache size in MiB (default 2048)\n"
       "  -o allow_other     let other users in (the mode still applies)\n"
       "  -o OPTION          any other FUSE mount option\n"
       "See cbtfs(1).\n");
@@ -109,6 +116,7 @@ int main(int argc, char* argv[]) {
   } args_guard{&args};
   Options o;
   if (fuse_opt_parse(&args, &o, kOptions, collect) != 0) return kUsage;
+  std::unique_ptr<char, decltype(&free)> cache_dir_guard(o.cache_dir, &free);  // fuse_opt strdup'ed it
   if (o.help) {
     usage();
     return kOk;
@@ -126,16 +134,30 @@ int main(int argc, char* argv[]) {
     return kUsage;
   }
 
-  char real[PATH_MAX];
-  if (!realpath(o.repo.c_str(), real)) {
-    std::fprintf(stderr, "cbtfs: cannot open repository %s: %s\n", o.repo.c_str(), std::strerror(errno));
-    return kBadRepo;
+  // The fsname shows in mount(8) and df(1): an absolute path, or the URL
+  // without its query (an endpoint is no secret, but it is noise there).
+  std::string real = o.repo.substr(0, o.repo.find('?'));
+  if (!cbtfs::is_s3_url(o.repo)) {
+    char buf[PATH_MAX];
+    if (!realpath(o.repo.c_str(), buf)) {
+      std::fprintf(stderr, "cbtfs: cannot open repository %s: %s\n", o.repo.c_str(), std::strerror(errno));
+      return kBadRepo;
+    }
+    real = buf;
   }
   std::shared_ptr<cbtfs::Repository> repo;
   try {
-    repo = cbtfs::Repository::open(real);
+    if (cbtfs::is_s3_url(o.repo)) {
+      // Every read would be a round trip to the gateway without it.
+      cbtfs::CacheOptions co;
+      if (o.cache_dir) co.dir = o.cache_dir;
+      co.size = uint64_t{o.cache_mb} << 20;
+      repo = cbtfs::Repository::open(cbtfs::make_cached_storage(cbtfs::open_storage(o.repo), co));
+    } else {
+      repo = cbtfs::Repository::open(real);
+    }
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "cbtfs: cannot open repository %s: %s\n", real, e.what());
+    std::fprintf(stderr, "cbtfs: cannot open repository %s: %s\n", real.c_str(), e.what());
     return kBadRepo;
   }
 

@@ -240,6 +240,7 @@ Manifest PointWriter::commit() {
     m_.bytes_stored = pack_->size();
     pack_->commit();
   }
+  lock_->check();
   repo_->storage().put(Repository::point_key(vdi_, m_.seq), encode_manifest(m_));
   committed_ = true;
   return m_;

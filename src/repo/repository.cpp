@@ -8,7 +8,9 @@
 #include <cstdio>
 #include <cstring>
 
+#include "cbtfs/cached_storage.hpp"
 #include "cbtfs/errors.hpp"
+#include "cbtfs/s3_storage.hpp"
 
 namespace cbtfs {
 
@@ -36,20 +38,32 @@ uint32_t parse_seq(const std::string& name, const std::string& suffix) {
 uint32_t parse_point_name(const std::string& name) { return parse_seq(name, ".point"); }
 uint32_t parse_pack_name(const std::string& name) { return parse_seq(name, ".pack"); }
 
+std::unique_ptr<Storage> open_storage(const std::string& location) {
+  return is_s3_url(location) ? open_s3_storage(s3_config_from_url(location)) : open_local_storage(location);
+}
+
 void Repository::init(const std::string& path) {
-  if (::mkdir(path.c_str(), 0700) != 0 && errno != EEXIST)
+  if (!is_s3_url(path) && ::mkdir(path.c_str(), 0700) != 0 && errno != EEXIST)
     throw StorageError("cannot create " + path + ": " + std::strerror(errno), errno);
-  auto st = open_local_storage(path);
+  auto st = open_storage(path);
   if (st->size(kHeaderKey)) throw UsageError(path + " is already a cbtfs repository");
   if (!st->list("").empty()) throw UsageError(path + " is not empty; refusing to create a repository in it");
   st->put(kHeaderKey, encode_repo_header(random_uuid()));
 }
 
+// Records are small and S3 round trips are not: reads of a remote
+// repository go through the chunk cache (verify, restore, ingest's parents).
 std::shared_ptr<Repository> Repository::open(const std::string& path) {
-  auto st = open_local_storage(path);
+  auto st = open_storage(path);
+  if (is_s3_url(path)) st = make_cached_storage(std::move(st), CacheOptions{});
+  return open(std::move(st));
+}
+
+std::shared_ptr<Repository> Repository::open(std::unique_ptr<Storage> st) {
+  std::string where = st->describe();
   auto header = st->get(kHeaderKey);
-  if (!header) throw UsageError(path + " is not a cbtfs repository (no " + kHeaderKey + " file; create one with 'cbtfs-repo init')");
-  std::string id = check_repo_header(*header, path + "/" + kHeaderKey);
+  if (!header) throw UsageError(where + " is not a cbtfs repository (no " + kHeaderKey + " file; create one with 'cbtfs-repo init')");
+  std::string id = check_repo_header(*header, where + "/" + kHeaderKey);
   return std::make_shared<Repository>(std::move(st), id);
 }
 

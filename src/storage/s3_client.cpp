@@ -1,0 +1,211 @@
+#include "s3_client.hpp"
+
+#include <curl/curl.h>
+#include <pugixml.hpp>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+
+#include "cbtfs/errors.hpp"
+
+namespace cbtfs::s3 {
+
+namespace {
+
+struct CurlInit {
+  CurlInit() { curl_global_init(CURL_GLOBAL_DEFAULT); }
+} curl_init;
+
+size_t collect(char* p, size_t size, size_t n, void* out) {
+  auto* v = static_cast<std::vector<std::byte>*>(out);
+  auto* b = reinterpret_cast<const std::byte*>(p);
+  v->insert(v->end(), b, b + size * n);
+  return size * n;
+}
+
+size_t collect_header(char* p, size_t size, size_t n, void* out) {
+  auto* h = static_cast<std::map<std::string, std::string>*>(out);
+  std::string line(p, size * n);
+  auto colon = line.find(':');
+  if (colon != std::string::npos) {
+    std::string name = line.substr(0, colon);
+    std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) { return std::tolower(c); });
+    std::string value = line.substr(colon + 1);
+    auto first = value.find_first_not_of(" \t");
+    auto last = value.find_last_not_of(" \t\r\n");
+    (*h)[name] = first == std::string::npos ? "" : value.substr(first, last - first + 1);
+  } else if (line.rfind("HTTP/", 0) == 0) {
+    h->clear();  // a new response (after 100 Continue or a redirect)
+  }
+  return size * n;
+}
+
+struct Upload {
+  std::span<const std::byte> data;
+  size_t pos = 0;
+};
+
+size_t feed(char* p, size_t size, size_t n, void* in) {
+  auto* u = static_cast<Upload*>(in);
+  size_t k = std::min(size * n, u->data.size() - u->pos);
+  std::memcpy(p, u->data.data() + u->pos, k);
+  u->pos += k;
+  return k;
+}
+
+bool transient(long status) { return status == 429 || status >= 500; }
+
+}  // namespace
+
+std::string uri_encode(const std::string& s, bool keep_slash) {
+  static const char* hex = "0123456789ABCDEF";
+  std::string out;
+  for (unsigned char c : s) {
+    if (std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~' || (keep_slash && c == '/')) {
+      out += static_cast<char>(c);
+    } else {
+      out += '%';
+      out += hex[c >> 4];
+      out += hex[c & 15];
+    }
+  }
+  return out;
+}
+
+std::string Response::error_code() const {
+  pugi::xml_document doc;
+  if (!doc.load_buffer(body.data(), body.size())) return "";
+  return doc.child("Error").child_value("Code");
+}
+
+// CBTFS_S3_DEBUG=1 shows the HTTP exchanges (signatures, not secrets).
+Client::Client(S3Config config) : config_(std::move(config)), debug_(std::getenv("CBTFS_S3_DEBUG") != nullptr) {}
+
+Client::~Client() {
+  for (void* h : idle_) curl_easy_cleanup(static_cast<CURL*>(h));
+}
+
+std::string Client::describe() const {
+  return "s3://" + config_.bucket + (config_.prefix.empty() ? "" : "/" + config_.prefix);
+}
+
+void* Client::take_handle() {
+  {
+    std::lock_guard g(mu_);
+    if (!idle_.empty()) {
+      void* h = idle_.back();
+      idle_.pop_back();
+      return h;
+    }
+  }
+  CURL* c = curl_easy_init();
+  if (!c) throw StorageError("cannot initialise libcurl", ENOMEM);
+  return c;
+}
+
+void Client::give_handle(void* h) {
+  std::lock_guard g(mu_);
+  idle_.push_back(h);
+}
+
+Response Client::send(const Request& r) {
+  // A retried conditional PUT may find its own first attempt and answer
+  // 412: callers of those compare the stored bytes before calling it lost.
+  // About 30 s of retries: long enough for a gateway restart, short enough
+  // that a dead endpoint is reported while the admin is still looking.
+  std::string why;
+  for (int attempt = 0;; ++attempt) {
+    why.clear();
+    Response resp = send_once(r, why);
+    bool again = !why.empty() || transient(resp.status);
+    if (!again || attempt >= 8) {
+      if (!why.empty()) throw StorageError("cannot reach " + config_.endpoint + " for " + describe() + ": " + why, EIO);
+      return resp;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(std::min(100 << attempt, 8000)));
+  }
+}
+
+Response Client::send_once(const Request& r, std::string& transport_error) {
+  ++requests_;
+  CURL* c = static_cast<CURL*>(take_handle());
+  struct Give {
+    Client* self;
+    CURL* c;
+    ~Give() { self->give_handle(c); }
+  } give{this, c};
+  curl_easy_reset(c);
+
+  std::string url = config_.endpoint + "/" + config_.bucket;
+  if (!r.key.empty()) url += "/" + uri_encode(r.key, true);
+  char sep = '?';
+  for (auto& [k, v] : r.query) {
+    url += sep + uri_encode(k, false) + "=" + uri_encode(v, false);
+    sep = '&';
+  }
+  Response resp;
+  char err[CURL_ERROR_SIZE] = {0};
+  curl_slist* headers = curl_slist_append(nullptr, "x-amz-content-sha256: UNSIGNED-PAYLOAD");
+  for (auto& h : r.headers) headers = curl_slist_append(headers, h.c_str());
+  std::string range;
+  if (r.range_length) {
+    range = std::to_string(r.range_first) + "-" + std::to_string(r.range_first + r.range_length - 1);
+    curl_easy_setopt(c, CURLOPT_RANGE, range.c_str());
+  }
+  std::string sigv4 = "aws:amz:" + config_.region + ":s3";
+  curl_easy_setopt(c, CURLOPT_URL, url.c_str());
+  curl_easy_setopt(c, CURLOPT_AWS_SIGV4, sigv4.c_str());
+  curl_easy_setopt(c, CURLOPT_USERNAME, config_.access_key.c_str());
+  curl_easy_setopt(c, CURLOPT_PASSWORD, config_.secret_key.c_str());
+  curl_easy_setopt(c, CURLOPT_HTTPHEADER, headers);
+  curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, collect);
+  curl_easy_setopt(c, CURLOPT_WRITEDATA, &resp.body);
+  curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, collect_header);
+  curl_easy_setopt(c, CURLOPT_HEADERDATA, &resp.headers);
+  curl_easy_setopt(c, CURLOPT_ERRORBUFFER, err);
+  curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+  // Not "Expect:" to drop 100-continue: libcurl would sign the empty header.
+  curl_easy_setopt(c, CURLOPT_EXPECT_100_TIMEOUT_MS, 1L);
+  curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT, 10L);
+  // A stalled transfer, not a slow one, is the failure to catch.
+  curl_easy_setopt(c, CURLOPT_LOW_SPEED_LIMIT, 1024L);
+  curl_easy_setopt(c, CURLOPT_LOW_SPEED_TIME, 60L);
+  curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
+  if (debug_) curl_easy_setopt(c, CURLOPT_VERBOSE, 1L);
+  if (!config_.ca_file.empty()) curl_easy_setopt(c, CURLOPT_CAINFO, config_.ca_file.c_str());
+  if (config_.insecure) {
+    curl_easy_setopt(c, CURLOPT_SSL_VERIFYPEER, 0L);
+    curl_easy_setopt(c, CURLOPT_SSL_VERIFYHOST, 0L);
+  }
+  Upload up{r.body};
+  if (r.method == "HEAD") {
+    curl_easy_setopt(c, CURLOPT_NOBODY, 1L);
+  } else if (r.method == "PUT") {
+    curl_easy_setopt(c, CURLOPT_UPLOAD, 1L);
+    curl_easy_setopt(c, CURLOPT_READFUNCTION, feed);
+    curl_easy_setopt(c, CURLOPT_READDATA, &up);
+    curl_easy_setopt(c, CURLOPT_INFILESIZE_LARGE, static_cast<curl_off_t>(r.body.size()));
+  } else if (r.method == "POST") {
+    curl_easy_setopt(c, CURLOPT_POST, 1L);
+    curl_easy_setopt(c, CURLOPT_POSTFIELDS, r.body.data());
+    curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, static_cast<curl_off_t>(r.body.size()));
+  } else if (r.method != "GET") {
+    curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, r.method.c_str());
+  }
+  CURLcode rc = curl_easy_perform(c);
+  curl_slist_free_all(headers);
+  if (rc != CURLE_OK) {
+    transport_error = err[0] ? err : curl_easy_strerror(rc);
+    if (rc == CURLE_PEER_FAILED_VERIFICATION || rc == CURLE_SSL_CACERT_BADFILE)
+      transport_error += " (the endpoint's certificate is not trusted: set CBTFS_S3_CA_FILE)";
+    return resp;
+  }
+  curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &resp.status);
+  return resp;
+}
+
+}  // namespace cbtfs::s3
