@@ -10,4 +10,5 @@ apt-get install -y -qq --no-install-recommends \
   libcurl4-openssl-dev libpugixml-dev libnbd-dev libssl-dev \
   catch2 python3 python3-pytest nbdkit libnbd-bin openssl \
   gdisk e2fsprogs util-linux attr kmod clang libclang-rt-14-dev \
+  ceph-mon ceph-osd radosgw ceph-common python3-boto3 \
   >/dev/null

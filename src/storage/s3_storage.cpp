@@ -7,7 +7,7 @@
 //     multipart commit checks first (its writer holds the VDI lock);
 //   - one lock holder: a lock object created with If-None-Match: * and kept
 //     alive by a heartbeat (If-Match on its ETag); a holder that died stops
-//     beating, and after kLeaseSeconds of the gateway's own clock its lock
+//     beating, and after a lease (90 s) of the gateway's own clock its lock
 //     may be taken over, again with If-Match so only one taker wins.
 #include "cbtfs/s3_storage.hpp"
 
@@ -36,8 +36,17 @@ using s3::Response;
 
 constexpr size_t kPartSize = 16 << 20;   // multipart above this; parts of this size
 constexpr size_t kPartsInFlight = 4;     // 64 MiB of a pack in memory at most
-constexpr int kLeaseSeconds = 90;        // a lock not refreshed for this long is dead
-constexpr int kHeartbeatSeconds = 20;
+
+// A lock not refreshed for this long belongs to a dead writer. 90 s by
+// default; CBTFS_S3_LEASE_SECONDS changes it (all writers must agree).
+int lease_seconds() {
+  static const int s = [] {
+    const char* v = std::getenv("CBTFS_S3_LEASE_SECONDS");
+    int n = v ? std::atoi(v) : 0;
+    return n >= 2 ? n : 90;
+  }();
+  return s;
+}
 
 std::span<const std::byte> bytes_of(const std::string& s) { return std::as_bytes(std::span(s)); }
 
@@ -191,13 +200,13 @@ class S3Lock final : public StorageLock {
     if (lost_)
       throw LockedError("the lock " + c_.describe() + "/" + key_ +
                         " was taken over by another writer (this process stalled longer than the " +
-                        std::to_string(kLeaseSeconds) + " s lease)");
+                        std::to_string(lease_seconds()) + " s lease)");
   }
 
  private:
   void heartbeat() {
     std::unique_lock g(mu_);
-    while (!cv_.wait_for(g, std::chrono::seconds(kHeartbeatSeconds), [this] { return stop_; })) {
+    while (!cv_.wait_for(g, std::chrono::milliseconds(lease_seconds() * 1000 / 4), [this] { return stop_; })) {
       std::string etag = etag_;
       g.unlock();
       Response r;
@@ -322,7 +331,7 @@ class S3Storage final : public Storage {
     if (cur.status != 200) fail(c_, "cannot read the lock", k, cur);
     time_t modified = curl_getdate(cur.header("last-modified").c_str(), nullptr);
     time_t now = curl_getdate(cur.header("date").c_str(), nullptr);
-    if (modified < 0 || now < 0 || now - modified < kLeaseSeconds) return nullptr;
+    if (modified < 0 || now < 0 || now - modified < lease_seconds()) return nullptr;
     std::string etag = strip_quotes(cur.header("etag"));
     Response take = c_.send(Request("PUT", k).header("If-Match: " + etag).with_body(bytes_of(body)));
     if (take.status != 200) return nullptr;

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from conftest import (BLOCK, CBTFS, REPO_TOOL, Mount, files_equal, flip_byte, import_image, ls_json, repo_tool,
-                      run, write_at)
+from conftest import (BLOCK, CBTFS, REPO_TOOL, Mount, after_kill, files_equal, flip_object_byte, get_object,
+                      import_image, list_objects, ls_json, put_object, repo_tool, run, unfinished_uploads, write_at)
 
 VDI = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
 
@@ -59,11 +59,11 @@ def test_flipped_bytes_give_eio_for_those_blocks_only(tmp_path, repo, mnt):
     import_image(repo, img2, VDI, "2026-11-21T03:00:00Z")
     assert repo_tool("verify", repo).returncode == 0
 
-    pack = repo / "vdis" / VDI / "packs" / "00000001.pack"
-    size = os.path.getsize(pack)
+    pack = f"vdis/{VDI}/packs/00000001.pack"
+    size = len(get_object(repo, pack))
     rnd = random.Random(7)
     for off in rnd.sample(range(16, size - 30000), 3):  # data records; the index sits at the end
-        flip_byte(pack, off)
+        flip_object_byte(repo, pack, off)
 
     v = repo_tool("verify", repo, check=False)
     assert v.returncode == 1, v.stdout
@@ -90,7 +90,7 @@ def test_damaged_manifest_and_header(tmp_path, repo, mnt):
     img = make_image(tmp_path / "a.img", 8, 2)
     import_image(repo, img, VDI, "2026-11-20T03:00:00Z")
     import_image(repo, img, VDI, "2026-11-21T03:00:00Z")
-    flip_byte(repo / "vdis" / VDI / "points" / "00000002.point", 50)
+    flip_object_byte(repo, f"vdis/{VDI}/points/00000002.point", 50)
     p = repo_tool("ls", repo, check=False)
     assert p.returncode == 1 and "00000002.point" in p.stderr
     assert repo_tool("verify", repo, check=False).returncode == 1
@@ -98,9 +98,8 @@ def test_damaged_manifest_and_header(tmp_path, repo, mnt):
         assert os.listdir(m.path(VDI)) == ["2026-11-20T030000Z.raw", "latest.raw"]
         assert files_equal(m.path(VDI, "latest.raw"), img)
     # A header from a newer cbtfs is refused by every command.
-    hdr = repo / "cbtfs-repository"
-    text = hdr.read_text().replace('"version": 1', '"version": 2')
-    hdr.write_text(text)
+    text = get_object(repo, "cbtfs-repository").decode().replace('"version": 1', '"version": 2')
+    put_object(repo, "cbtfs-repository", text.encode())
     p = repo_tool("ls", repo, check=False)
     assert p.returncode == 3 and ("newer" in p.stderr or "checksum" in p.stderr)
     p = run(CBTFS, repo, mnt, check=False)
@@ -128,6 +127,7 @@ def test_kill_9_during_import_never_loses_a_point(tmp_path, repo, mnt):
         p.send_signal(signal.SIGKILL)
         p.wait()
         kills += p.returncode == -signal.SIGKILL
+        after_kill()
         v = repo_tool("verify", repo, VDI, check=False)
         assert v.returncode == 0, v.stdout + v.stderr
         if len(ls_json(repo)["vdis"][0 if ls_json(repo)["vdis"][0]["uuid"] == VDI else 1]["points"]) > 1:
@@ -139,10 +139,11 @@ def test_kill_9_during_import_never_loses_a_point(tmp_path, repo, mnt):
         assert files_equal(m.path(VDI, "2026-11-20T030000Z.raw"), base)
         assert files_equal(m.path(VDI, "latest.raw"), big)
     # No leftovers of the killed writers remain.
-    packs = os.listdir(repo / "vdis" / VDI / "packs")
-    points = os.listdir(repo / "vdis" / VDI / "points")
+    packs = list_objects(repo, f"vdis/{VDI}/packs")
+    points = list_objects(repo, f"vdis/{VDI}/points")
     assert {p.split(".")[0] for p in packs} <= {p.split(".")[0] for p in points}, (packs, points)
-    assert not [n for n in os.listdir(repo / "vdis" / VDI / "packs") if n.startswith(".tmp")]
+    assert not [n for n in packs if n.startswith(".tmp")]
+    assert not unfinished_uploads(repo)
 
 
 def test_two_imports_of_one_vdi(tmp_path, repo):
