@@ -65,6 +65,8 @@ class Repository {
   // Manifests are immutable, so they are parsed once and kept.
   PointList points(const std::string& vdi);
   ManifestPtr latest(const std::string& vdi);
+  // nullptr when the point does not exist; throws FormatError when damaged.
+  ManifestPtr manifest(const std::string& vdi, uint32_t seq);
 
   // Reads and verifies one record. Index nodes are cached (they are few and
   // hot); data blocks go through a small cache for small random reads.

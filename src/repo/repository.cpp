@@ -101,28 +101,30 @@ std::vector<std::string> Repository::vdis() {
 
 bool Repository::has_vdi(const std::string& vdi) { return is_uuid(vdi) && !storage_->list("vdis/" + vdi + "/points").empty(); }
 
+// The manifest of one point, parsed once per process (they never change).
+ManifestPtr Repository::manifest(const std::string& vdi, uint32_t seq) {
+  {
+    std::lock_guard g(mu_);
+    if (auto it = manifests_.find({vdi, seq}); it != manifests_.end()) return it->second;
+  }
+  std::string where = storage_->describe() + "/" + point_key(vdi, seq);
+  auto data = storage_->get(point_key(vdi, seq));
+  if (!data) return nullptr;  // removed meanwhile
+  auto m = std::make_shared<const Manifest>(decode_manifest(*data, where));
+  if (m->vdi != vdi || m->seq != seq) throw FormatError(where + ": belongs to another VDI or point");
+  std::lock_guard g(mu_);
+  manifests_.emplace(std::make_pair(vdi, seq), m);
+  return m;
+}
+
 PointList Repository::points(const std::string& vdi) {
   PointList out;
   if (!is_uuid(vdi)) return out;
   for (auto& name : storage_->list("vdis/" + vdi + "/points")) {
     uint32_t seq = parse_point_name(name);
     if (seq == 0) continue;
-    {
-      std::lock_guard g(mu_);
-      if (auto it = manifests_.find({vdi, seq}); it != manifests_.end()) {
-        out.points.push_back(it->second);
-        continue;
-      }
-    }
-    std::string where = storage_->describe() + "/" + point_key(vdi, seq);
     try {
-      auto data = storage_->get(point_key(vdi, seq));
-      if (!data) continue;  // removed meanwhile
-      auto m = std::make_shared<const Manifest>(decode_manifest(*data, where));
-      if (m->vdi != vdi || m->seq != seq) throw FormatError(where + ": belongs to another VDI or point");
-      std::lock_guard g(mu_);
-      manifests_.emplace(std::make_pair(vdi, seq), m);
-      out.points.push_back(std::move(m));
+      if (auto m = manifest(vdi, seq)) out.points.push_back(std::move(m));
     } catch (const std::exception& e) {
       out.errors.push_back(e.what());
     }
@@ -130,9 +132,21 @@ PointList Repository::points(const std::string& vdi) {
   return out;
 }
 
+// Only the newest readable manifest: on an object store, reading every
+// manifest of a long chain at each backup would cost a request per point.
 ManifestPtr Repository::latest(const std::string& vdi) {
-  auto pl = points(vdi);
-  return pl.points.empty() ? nullptr : pl.points.back();
+  if (!is_uuid(vdi)) return nullptr;
+  auto names = storage_->list("vdis/" + vdi + "/points");
+  for (auto it = names.rbegin(); it != names.rend(); ++it) {
+    uint32_t seq = parse_point_name(*it);
+    if (seq == 0) continue;
+    try {
+      if (auto m = manifest(vdi, seq)) return m;
+    } catch (const std::exception&) {
+      // A damaged newest manifest: the one before it is the latest point.
+    }
+  }
+  return nullptr;
 }
 
 std::string holder_text(const std::string& program) {

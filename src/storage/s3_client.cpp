@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdlib>
+#include <cstdio>
 #include <cstring>
 #include <thread>
 
@@ -82,11 +83,19 @@ std::string Response::error_code() const {
   return doc.child("Error").child_value("Code");
 }
 
-// CBTFS_S3_DEBUG=1 shows the HTTP exchanges (signatures, not secrets).
-Client::Client(S3Config config) : config_(std::move(config)), debug_(std::getenv("CBTFS_S3_DEBUG") != nullptr) {}
+// CBTFS_S3_DEBUG=1 shows the HTTP exchanges (signatures, not secrets);
+// CBTFS_S3_STATS=1 counts the requests, printed when the process is done.
+Client::Client(S3Config config)
+    : config_(std::move(config)),
+      debug_(std::getenv("CBTFS_S3_DEBUG") != nullptr),
+      stats_(std::getenv("CBTFS_S3_STATS") != nullptr) {}
 
 Client::~Client() {
   for (void* h : idle_) curl_easy_cleanup(static_cast<CURL*>(h));
+  if (!stats_) return;
+  std::string line;
+  for (auto& [m, n] : by_method_) line += " " + m + " " + std::to_string(n);
+  std::fprintf(stderr, "cbtfs: %llu S3 requests:%s\n", static_cast<unsigned long long>(requests_.load()), line.c_str());
 }
 
 std::string Client::describe() const {
@@ -132,6 +141,10 @@ Response Client::send(const Request& r) {
 
 Response Client::send_once(const Request& r, std::string& transport_error) {
   ++requests_;
+  if (stats_) {
+    std::lock_guard g(mu_);
+    ++by_method_[r.method];
+  }
   CURL* c = static_cast<CURL*>(take_handle());
   struct Give {
     Client* self;

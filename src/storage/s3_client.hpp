@@ -77,10 +77,11 @@ class Client {
   void give_handle(void* h);
 
   S3Config config_;
-  bool debug_ = false;
+  bool debug_ = false, stats_ = false;
   std::mutex mu_;
   std::vector<void*> idle_;  // CURL easy handles: they keep their connections
   std::atomic<uint64_t> requests_{0};
+  std::map<std::string, uint64_t> by_method_;  // under mu_
 };
 
 // Percent-encodes for a URL path ('/' kept) or a query value ('/' encoded).
