@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import BLOCK, Mount, files_equal, ls_json, repo_tool, run
+from conftest import BLOCK, Mount, after_kill, files_equal, ls_json, repo_tool, run
 from xapi import Sim
 
 BUILD_SRC = os.path.join(os.environ.get("CBTFS_BUILD", os.path.join(os.path.dirname(__file__), "..", "..", "build")), "src")
@@ -339,6 +339,7 @@ def test_kill_9_at_many_moments(sim, repo, mnt, tmp_path):
         proc.wait()
         assert reached, (mode, moment, proc.stderr.read())
         time.sleep(2.5)  # until the held call would have been made
+        after_kill()
         left = [v for v in sim.vdis() if v.get("is_a_snapshot") and v["type"] != "cbt_metadata"]
         assert bool(left) == (moment not in ("VDI.snapshot", "VM.snapshot")), (mode, moment, left)
 
