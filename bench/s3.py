@@ -113,6 +113,11 @@ def warm(*files):
         subprocess.run(["cat", f], stdout=subprocess.DEVNULL, check=True)
 
 
+def point_time(k):
+    """The --time of point k: fixed, so that two imports within one second are in order."""
+    return rb.point_time(k).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def seq_read(path):
     return rb.readbench(Bin, "seq", path, BS)
 
@@ -248,10 +253,10 @@ def part_import(ctx):
         for be in rb.rotated(["local", "s3"], r):
             name = f"import-r{r}"
             repo = b.new(be, name)
-            for kind, image in (("full", d.base), ("delta", d.delta)):
+            for k, (kind, image) in enumerate((("full", d.base), ("delta", d.delta))):
                 warm(image)
                 c0 = rgw_counters(ctx.rgw)
-                s, err = timed([Bin.repo, "import", "-q", "--vdi", d.vdi, repo, image])
+                s, err = timed([Bin.repo, "import", "-q", "--vdi", d.vdi, "--time", point_time(k), repo, image])
                 secs[(kind, be)].append(s)
                 if be == "s3":
                     served[kind].append(rgw_counters(ctx.rgw)["get_b"] - c0["get_b"])
@@ -290,8 +295,8 @@ def part_read(ctx):
         ctx.read_repos = {}
         for be in ("local", "s3"):
             repo = ctx.backends.new(be, "read")
-            for image in (d.base, d.delta):
-                run([Bin.repo, "import", "-q", "--vdi", d.vdi, repo, image])
+            for k, image in enumerate((d.base, d.delta)):
+                run([Bin.repo, "import", "-q", "--vdi", d.vdi, "--time", point_time(k), repo, image])
             ctx.read_repos[be] = repo
     s3_bytes = ctx.backends.size("s3", ctx.read_repos["s3"].split("/", 3)[3])
     cache_dir = os.path.join(WORK, "cache")

@@ -37,9 +37,9 @@ class ObjectWriter {
 class StorageLock {
  public:
   virtual ~StorageLock() = default;
-  // Throws LockedError when the lock is known to be lost (a lease that
-  // another writer took over); writers check before they commit.
-  virtual void check() const {}
+  // Throws LockedError when the lock is lost (a lease that another writer
+  // took over); writers call it right before they commit.
+  virtual void check() {}
 };
 
 class Storage {

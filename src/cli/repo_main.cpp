@@ -117,7 +117,8 @@ int main(int argc, char** argv) {
     return kExitRepo;
   } catch (const StorageError& e) {
     std::fprintf(stderr, "cbtfs-repo: %s\n", e.what());
-    return e.error_number() == ENOENT ? kExitRepo : kExitIo;
+    // Missing or forbidden (permissions, S3 credentials): cannot be opened.
+    return e.error_number() == ENOENT || e.error_number() == EACCES ? kExitRepo : kExitIo;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "cbtfs-repo: %s\n", e.what());
     return kExitIo;

@@ -235,9 +235,12 @@ Manifest PointWriter::commit() {
   for (uint32_t level = 0; level < m_.depth; ++level)
     if (levels_[level].index >= 0) finish(level);
   m_.blocks_written = blocks_written_;
+  // On S3 the lock is a lease: it is renewed right before each step that
+  // makes something visible, so no other writer can have taken it over.
   if (pack_) {
     m_.pack = m_.seq;
     m_.bytes_stored = pack_->size();
+    lock_->check();
     pack_->commit();
   }
   lock_->check();

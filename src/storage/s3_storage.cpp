@@ -22,6 +22,7 @@
 #include <deque>
 #include <fstream>
 #include <future>
+#include <random>
 #include <set>
 #include <thread>
 
@@ -49,6 +50,13 @@ int lease_seconds() {
 }
 
 std::span<const std::byte> bytes_of(const std::string& s) { return std::as_bytes(std::span(s)); }
+
+std::string random_token() {
+  std::random_device rd;
+  char buf[40];
+  std::snprintf(buf, sizeof buf, "token %08x%08x%08x%08x", rd(), rd(), rd(), rd());
+  return buf;
+}
 
 std::string strip_quotes(std::string etag) {
   if (etag.size() >= 2 && etag.front() == '"' && etag.back() == '"') etag = etag.substr(1, etag.size() - 2);
@@ -112,6 +120,8 @@ class S3Writer final : public ObjectWriter {
       return;
     }
     if (!buf_.empty()) send_part();
+    // Completing an upload overwrites whatever is there: look first.
+    if (c_.send(Request("HEAD", key_)).status == 200) fail(c_, "refusing to overwrite", key_, conflict());
     std::string xml = "<CompleteMultipartUpload>";
     for (size_t i = 0; i < inflight_.size(); ++i)
       xml += "<Part><PartNumber>" + std::to_string(i + 1) + "</PartNumber><ETag>" + inflight_[i].get() +
@@ -195,42 +205,69 @@ class S3Lock final : public StorageLock {
       // The lease runs out by itself.
     }
   }
-  void check() const override {
-    std::lock_guard g(mu_);
-    if (lost_)
+  // Called before a commit: a lock just rewritten cannot be taken over for
+  // a whole lease, however late the heartbeat thread runs.
+  void check() override {
+    if (!refresh())
       throw LockedError("the lock " + c_.describe() + "/" + key_ +
                         " was taken over by another writer (this process stalled longer than the " +
                         std::to_string(lease_seconds()) + " s lease)");
   }
 
  private:
+  // Rewrites the lock object; false when another writer holds it now.
+  bool refresh() {
+    std::lock_guard serial(refresh_mu_);
+    std::string etag;
+    {
+      std::lock_guard g(mu_);
+      if (lost_) return false;
+      etag = etag_;
+    }
+    Response r = c_.send(Request("PUT", key_).header("If-Match: " + etag).with_body(bytes_of(body_)));
+    std::string fresh;
+    if (r.status == 200) {
+      fresh = strip_quotes(r.header("etag"));
+    } else if (r.status == 412 || r.status == 404) {
+      // An earlier rewrite of ours may have landed unseen (its answer was
+      // lost and retried): the body, unique to this holder, tells.
+      Response cur = c_.send(Request("GET", key_));
+      if (cur.status != 200 || cur.text() != body_) {
+        std::lock_guard g(mu_);
+        lost_ = true;
+        return false;
+      }
+      fresh = strip_quotes(cur.header("etag"));
+    } else {
+      fail(c_, "cannot refresh the lock", key_, r);
+    }
+    std::lock_guard g(mu_);
+    etag_ = fresh;
+    return true;
+  }
+
   void heartbeat() {
     std::unique_lock g(mu_);
     while (!cv_.wait_for(g, std::chrono::milliseconds(lease_seconds() * 1000 / 4), [this] { return stop_; })) {
-      std::string etag = etag_;
       g.unlock();
-      Response r;
+      bool held = true;
       try {
-        r = c_.send(Request("PUT", key_).header("If-Match: " + etag).with_body(bytes_of(body_)));
+        held = refresh();
       } catch (const std::exception& e) {
         std::fprintf(stderr, "cbtfs: cannot refresh the lock %s: %s\n", key_.c_str(), e.what());
-        g.lock();
-        continue;
       }
-      g.lock();
-      if (r.status == 200) {
-        etag_ = strip_quotes(r.header("etag"));
-      } else if (r.status == 412 || r.status == 404) {
-        lost_ = true;
+      if (!held) {
         std::fprintf(stderr, "cbtfs: lost the lock %s/%s to another writer\n", c_.describe().c_str(), key_.c_str());
         return;
       }
+      g.lock();
     }
   }
 
   s3::Client& c_;
   std::string key_, body_, etag_;
-  mutable std::mutex mu_;
+  std::mutex refresh_mu_;  // one rewrite at a time: each needs the last ETag
+  std::mutex mu_;
   std::condition_variable cv_;
   bool stop_ = false, lost_ = false;
   std::thread beat_;
@@ -321,7 +358,7 @@ class S3Storage final : public Storage {
 
   std::unique_ptr<StorageLock> try_lock(const std::string& key, const std::string& holder) override {
     std::string k = full(key);
-    std::string body = holder + "\n";
+    std::string body = holder + "\n" + random_token() + "\n";
     Response r = c_.send(Request("PUT", k).header("If-None-Match: *").with_body(bytes_of(body)));
     if (r.status == 200) return std::make_unique<S3Lock>(c_, k, body, strip_quotes(r.header("etag")));
     if (r.status != 412) fail(c_, "cannot lock", k, r);
@@ -329,6 +366,8 @@ class S3Storage final : public Storage {
     Response cur = c_.send(Request("GET", k));
     if (cur.status == 404) return nullptr;  // just released: the caller may try again
     if (cur.status != 200) fail(c_, "cannot read the lock", k, cur);
+    if (cur.text() == body)  // our own first PUT landed, and its retry saw it
+      return std::make_unique<S3Lock>(c_, k, body, strip_quotes(cur.header("etag")));
     time_t modified = curl_getdate(cur.header("last-modified").c_str(), nullptr);
     time_t now = curl_getdate(cur.header("date").c_str(), nullptr);
     if (modified < 0 || now < 0 || now - modified < lease_seconds()) return nullptr;
@@ -336,7 +375,7 @@ class S3Storage final : public Storage {
     Response take = c_.send(Request("PUT", k).header("If-Match: " + etag).with_body(bytes_of(body)));
     if (take.status != 200) return nullptr;
     std::fprintf(stderr, "cbtfs: took over the lock %s/%s, abandoned %ld s ago by %s", c_.describe().c_str(),
-                 k.c_str(), static_cast<long>(now - modified), cur.text().c_str());
+                 k.c_str(), static_cast<long>(now - modified), cur.text().substr(0, cur.text().find('\n') + 1).c_str());
     return std::make_unique<S3Lock>(c_, k, body, strip_quotes(take.header("etag")));
   }
 
@@ -344,8 +383,7 @@ class S3Storage final : public Storage {
     auto b = get(key);
     if (!b) return {};
     std::string s(reinterpret_cast<const char*>(b->data()), b->size());
-    while (!s.empty() && (s.back() == '\n' || s.back() == '\0')) s.pop_back();
-    return s;
+    return s.substr(0, s.find('\n'));  // the second line is the holder's token
   }
 
   std::string describe() const override { return c_.describe(); }
