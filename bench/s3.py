@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """cbtfs on S3 vs cbtfs on a local directory, measured side by side.
 
-  sudo /usr/bin/python3 bench/s3.py [--quick] [--rounds N] [--parts read,import,ingest] [--keep]
+  sudo /usr/bin/python3 bench/s3.py [--quick] [--rounds N] [--parts import,read,ingest]
+                                    [--no-restart] [--keep]
 
 Starts a single-node Ceph RADOS Gateway (tests/s3/rgw.py) under
 /work/bench-tmp/s3/rgw, and measures, against the same data in a local
@@ -11,8 +12,8 @@ repository and in an S3 one:
           image's size), and the S3 requests each committed point took
   read    sequential 4 MiB reads of the newest point through the mount:
           cold (fresh mount, page cache dropped, empty chunk cache, gateway
-          restarted) and warm (same mount, page cache dropped again: the S3
-          mount reads its local chunk cache)
+          restarted unless --no-restart) and warm (same mount, page cache
+          dropped again: the S3 mount reads its local chunk cache)
   ingest  cbtfs-ingest from the XAPI simulator, full and 5 % incremental
 
 and prints a Markdown table of medians with the ratio S3 / local. Every timed
@@ -20,6 +21,7 @@ read is checked against the source image. See bench/README.md.
 """
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import re
@@ -41,10 +43,20 @@ DELTA_PCT = 5
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, BENCH)
-sys.path.insert(0, os.path.join(ROOT, "tests", "s3"))
 import gen_image  # noqa: E402
 import run as rb  # noqa: E402  (bench/run.py: mounts, readbench, the XAPI simulator)
-from rgw import Rgw  # noqa: E402
+
+
+def _load_rgw():
+    """tests/s3/rgw.py, by its path: Ceph's python3-rgw also has a module named rgw."""
+    spec = importlib.util.spec_from_file_location("cbtfs_test_rgw", os.path.join(ROOT, "tests", "s3", "rgw.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+Rgw = _load_rgw().Rgw
 
 rb.WORK = WORK  # rb.Mount keeps its logs under WORK/logs, unmount_leftovers looks under WORK
 BenchError, log, run, median = rb.BenchError, rb.log, rb.run, rb.median
@@ -218,8 +230,8 @@ def table(rows):
 # ---------------------------------------------------------------- data
 
 class Data:
-    """The image (base) and the same image with DELTA_PCT % of its blocks
-    rewritten (delta), and their readbench hashes at BS."""
+    """The image (base), the same image with DELTA_PCT % of its blocks
+    rewritten (delta), and the readbench hash of delta at BS."""
 
     def __init__(self, d, mib):
         self.base = os.path.join(d, "base.raw")
@@ -232,7 +244,6 @@ class Data:
         gen_image.base(self.base, mib, 1)
         run(["cp", "--sparse=always", self.base, self.delta])
         gen_image.delta(self.delta, DELTA_PCT, 2)
-        self.base_hash = seq_read(self.base)["hash"]
         self.delta_hash = seq_read(self.delta)["hash"]
         log(f"  done in {time.monotonic() - t:.1f} s")
 
@@ -270,7 +281,7 @@ def part_import(ctx):
             sizes[be] = b.size(be, name)
             if r < ctx.rounds - 1:
                 b.remove(be, name)
-        ctx.read_repos = {be: b.repo(be, f"import-r{ctx.rounds - 1}") for be in ("local", "s3")}
+    ctx.read_repos = {be: b.repo(be, f"import-r{ctx.rounds - 1}") for be in ("local", "s3")}
     rows = []
     for kind, label in (("full", f"import of a {d.mib} MiB image into a new repository"),
                         ("delta", f"import of the same image with {DELTA_PCT} % of its blocks changed "
@@ -311,11 +322,12 @@ def part_read(ctx):
                 shutil.rmtree(cache_dir, ignore_errors=True)
                 os.makedirs(cache_dir)
                 argv += ["-o", f"cache_dir={cache_dir}"]
-                # A restarted gateway has nothing in its OSD's cache: the
-                # cold read comes from the OSD's disk, as the local one does.
-                with rb.critical():
-                    ctx.rgw.stop()
-                    ctx.rgw.start()
+                if ctx.restart:
+                    # A restarted gateway has nothing in its OSD's cache: the
+                    # cold read comes from the OSD's disk, as the local one does.
+                    with rb.critical():
+                        ctx.rgw.stop()
+                        ctx.rgw.start()
             argv += [ctx.read_repos[be], mnt]
             drop_caches()
             image = os.path.join(mnt, d.vdi, "latest.raw")
@@ -348,7 +360,8 @@ def part_read(ctx):
     note_warm = f"S3: gateway GET requests during the warm read: {max(warm_gets)} (max of rounds)"
     if s3_bytes > 2048 * MIB:
         note_warm += "; the repository is larger than the 2048 MiB chunk cache"
-    return [Row("read", f"COLD: {what}, fresh mount, page cache dropped, empty chunk cache", "MB/s",
+    cold = "gateway restarted" if ctx.restart else "gateway not restarted"
+    return [Row("read", f"COLD: {what}, fresh mount, page cache dropped, empty chunk cache, {cold}", "MB/s",
                 median(speed[("cold", "local")]), median(speed[("cold", "s3")]), 0.5, note=note_cold),
             Row("read", "WARM: same, 2nd read on the same mount after dropping the page cache again "
                         "(S3: from the chunk cache file)", "MB/s",
@@ -483,6 +496,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help=f"a {QUICK.image_mib} MiB image, 1 round")
     ap.add_argument("--rounds", type=int, help=f"rounds (default {FULL.rounds}, quick {QUICK.rounds})")
     ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated, of: " + ", ".join(PARTS))
+    ap.add_argument("--no-restart", action="store_true",
+                    help="do not restart the gateway before each cold S3 read (its OSD then serves from its cache)")
     ap.add_argument("--keep", action="store_true", help=f"keep {WORK}/data and the gateway's directory")
     args = ap.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
@@ -498,6 +513,7 @@ def main():
     ctx = Ctx()
     ctx.s, ctx.rounds = sizes, args.rounds or sizes.rounds
     ctx.sim = None
+    ctx.restart = not args.no_restart
 
     signal.signal(signal.SIGTERM, rb.on_signal)
     signal.signal(signal.SIGHUP, rb.on_signal)

@@ -123,9 +123,11 @@ PointList Repository::points(const std::string& vdi) {
   for (auto& name : storage_->list("vdis/" + vdi + "/points")) {
     uint32_t seq = parse_point_name(name);
     if (seq == 0) continue;
+    // A damaged manifest is reported and skipped; an I/O error is not
+    // damage, and the caller must not act on a partial list: it propagates.
     try {
       if (auto m = manifest(vdi, seq)) out.points.push_back(std::move(m));
-    } catch (const std::exception& e) {
+    } catch (const FormatError& e) {
       out.errors.push_back(e.what());
     }
   }
@@ -142,7 +144,7 @@ ManifestPtr Repository::latest(const std::string& vdi) {
     if (seq == 0) continue;
     try {
       if (auto m = manifest(vdi, seq)) return m;
-    } catch (const std::exception&) {
+    } catch (const FormatError&) {
       // A damaged newest manifest: the one before it is the latest point.
     }
   }
