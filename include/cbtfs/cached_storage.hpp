@@ -14,7 +14,7 @@ namespace cbtfs {
 struct CacheOptions {
   std::string dir = "/var/tmp";        // where the (unlinked) cache file lives
   uint64_t size = uint64_t{2} << 30;   // bytes of disk at most
-  uint32_t chunk = 4u << 20;           // unit of fetching and eviction
+  uint32_t chunk = 8u << 20;           // unit of fetching and eviction
   unsigned readahead = 8;              // chunks fetched ahead of a sequential reader
   unsigned threads = 8;                // requests in flight for readahead
 };

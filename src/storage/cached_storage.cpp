@@ -16,6 +16,7 @@
 #include <mutex>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "cbtfs/errors.hpp"
 
@@ -53,6 +54,10 @@ class CachedStorage final : public Storage {
       uint64_t from = std::max(offset, c * o_.chunk);
       uint64_t to = std::min(offset + out.size(), (c + 1) * o_.chunk);
       auto dst = out.subspan(from - offset, to - from);
+      if (!worth_a_chunk(key, c)) {  // a first, lone touch: fetch only what is asked
+        inner_->read(key, from, dst);
+        continue;
+      }
       Pin pin = acquire(key, c, size);
       if (!pin.entry) {  // every slot busy: read around the cache
         inner_->read(key, from, dst);
@@ -192,12 +197,23 @@ class CachedStorage final : public Storage {
     }
   }
 
-  // A reader that just finished chunk c of key, having read c-1 before,
-  // is streaming: the chunks after it are queued for the workers.
+  // A whole chunk is fetched for a chunk read before (a hot spot, or a
+  // stream that goes on) or cached already; a chunk touched once, like an
+  // index node the writer reads from its parent, costs only its bytes.
+  bool worth_a_chunk(const std::string& key, uint64_t c) {
+    std::lock_guard g(mu_);
+    std::string id = chunk_id(key, c);
+    if (map_.count(id)) return true;
+    if (touched_.size() > kMaxTouched) touched_.clear();
+    return !touched_.insert(id).second;
+  }
+
+  // A reader that just moved from chunk c-1 of key to chunk c is
+  // streaming: the chunks after it are queued for the workers.
   void read_ahead(const std::string& key, uint64_t c, uint64_t size) {
     std::lock_guard g(mu_);
     auto& last = last_chunk_[key];
-    bool sequential = c == last + 1 || c == last;
+    bool sequential = c == last + 1;
     last = c;
     if (!sequential || o_.readahead == 0) return;
     uint64_t chunks = (size + o_.chunk - 1) / o_.chunk;
@@ -255,6 +271,8 @@ class CachedStorage final : public Storage {
   std::vector<uint32_t> free_;
   std::unordered_map<std::string, uint64_t> sizes_;
   std::unordered_map<std::string, uint64_t> last_chunk_;
+  static constexpr size_t kMaxTouched = 1 << 16;
+  std::unordered_set<std::string> touched_;
   std::deque<Work> work_;
   std::unordered_map<std::string, bool> queued_;
   std::vector<std::thread> workers_;
