@@ -4,7 +4,9 @@
 
 #include <curl/curl.h>
 
+#include <chrono>
 #include <map>
+#include <thread>
 
 namespace cbtfs::xapi {
 
@@ -167,8 +169,18 @@ void Client::logout() noexcept {
   session_.clear();
 }
 
+namespace {
+// Calls that only read can be repeated safely after a lost or garbled
+// answer; a snapshot or a destroy cannot (it may have happened).
+bool read_only(const std::string& method) {
+  auto op = method.substr(method.find('.') + 1);
+  return op.rfind("get_", 0) == 0 || op == "list_changed_blocks";
+}
+}  // namespace
+
 Value Client::call(const std::string& method, std::vector<Value> args) {
   std::lock_guard g(mu_);
+  bool relogged = false;
   for (int attempt = 0;; ++attempt) {
     std::vector<Value> params;
     params.reserve(args.size() + 1);
@@ -177,10 +189,14 @@ Value Client::call(const std::string& method, std::vector<Value> args) {
     try {
       return raw_call(method, params);
     } catch (const XapiError& e) {
-      if (e.code() != "SESSION_INVALID" || attempt > 0) throw;
+      if (e.code() != "SESSION_INVALID" || relogged) throw;
+      relogged = true;
       session_ = raw_call("session.login_with_password",
                           {Value(opts_.user), Value(opts_.password), Value("1.0"), Value("cbtfs")})
                      .str();
+    } catch (const std::runtime_error& e) {  // TransportError, ProtocolError
+      if (!read_only(method) || attempt >= opts_.retries) throw;
+      std::this_thread::sleep_for(std::chrono::seconds(1 << std::min(attempt, 4)));
     }
   }
 }

@@ -38,7 +38,8 @@ struct ClientOptions {
   std::string password;
   std::string ca_file;  // empty: the system's CAs
   bool insecure = false;
-  long timeout_seconds = 600;
+  long timeout_seconds = 600;  // per call
+  int retries = 3;              // of read-only calls after a transport or protocol failure
 };
 
 class Client {
@@ -50,7 +51,9 @@ class Client {
 
   void login();
   void logout() noexcept;
-  // Calls method with the session prepended; one re-login on SESSION_INVALID.
+  // Calls method with the session prepended; one re-login on SESSION_INVALID;
+  // read-only calls (get_*, list_changed_blocks) retried with backoff after
+  // a timeout, a dropped connection, HTTP 5xx or a garbled answer.
   // Thread-safe: calls are serialized on one connection.
   Value call(const std::string& method, std::vector<Value> args = {});
   const std::string& session() const { return session_; }
