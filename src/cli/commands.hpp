@@ -6,6 +6,8 @@
 #include <optional>
 #include <string>
 
+#include "xapi/client.hpp"
+
 namespace cbtfs {
 
 // Exit codes of cbtfs-repo (documented in cbtfs-repo(1)).
@@ -37,5 +39,10 @@ int cmd_prune(const PruneArgs& a);
 int cmd_forget(const std::string& repo, const std::string& vdi);
 int cmd_restore(const std::string& repo, const std::string& vdi, const std::string& point, const std::string& dest,
                 bool force);
+struct RestoreXapiArgs {
+  std::string repo, vdi, point, sr, name;
+  xapi::ClientOptions xapi;
+};
+int cmd_restore_xapi(const RestoreXapiArgs& a);
 
 }  // namespace cbtfs

@@ -13,6 +13,7 @@
 #include "cbtfs/errors.hpp"
 #include "cbtfs/repository.hpp"
 #include "ingest/ingest.hpp"
+#include "password.hpp"
 #include "progress.hpp"
 
 using namespace cbtfs;
@@ -20,21 +21,6 @@ using namespace cbtfs;
 namespace {
 
 enum Exit { kOk = 0, kSomeFailed = 1, kUsage = 2, kRepo = 3, kXapi = 4 };
-
-std::string read_password(const std::string& file) {
-  std::string pw;
-  if (!file.empty()) {
-    std::ifstream in(file);
-    if (!in) throw UsageError("cannot read the password file " + file);
-    std::getline(in, pw);
-  } else if (const char* env = std::getenv("CBTFS_PASSWORD")) {
-    pw = env;
-  } else {
-    throw UsageError("no password: give --password-file FILE or set CBTFS_PASSWORD");
-  }
-  while (!pw.empty() && (pw.back() == '\r' || pw.back() == '\n')) pw.pop_back();
-  return pw;
-}
 
 nlohmann::json to_json(const ingest::Outcome& o) {
   return {{"vdi_uuid", o.vdi_uuid},     {"vdi_name", o.vdi_name},         {"vm_name", o.vm_name},

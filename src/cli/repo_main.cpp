@@ -7,6 +7,7 @@
 #include "cbtfs/errors.hpp"
 #include "cbtfs/format.hpp"
 #include "commands.hpp"
+#include "password.hpp"
 
 using namespace cbtfs;
 
@@ -51,12 +52,21 @@ int run(int argc, char** argv) {
 
   std::string point, dest;
   bool force = false;
-  auto* restore = app.add_subcommand("restore", "write a point to a file or block device, checksums verified");
+  RestoreXapiArgs ra;
+  std::string password_file;
+  auto* restore = app.add_subcommand("restore", "write a point to a file, a block device, or a new VDI on XenServer");
   restore->add_flag("-f,--force", force, "overwrite an existing file");
+  restore->add_option("--xapi", ra.xapi.url, "restore to XenServer: the pool master, e.g. https://pool-master");
+  restore->add_option("--sr", ra.sr, "with --xapi: uuid of the SR the new VDI goes to");
+  restore->add_option("--name", ra.name, "with --xapi: name of the new VDI (default: the disk's, marked restored)");
+  restore->add_option("--user", ra.xapi.user, "with --xapi: user name")->default_val("root");
+  restore->add_option("--password-file", password_file, "with --xapi: file holding the password (else $CBTFS_PASSWORD)");
+  restore->add_option("--ca-file", ra.xapi.ca_file, "with --xapi: CA certificate(s) to verify the host with");
+  restore->add_flag("--insecure", ra.xapi.insecure, "with --xapi: do not verify the host's TLS certificate");
   restore->add_option("REPO", repo, "repository")->required();
   restore->add_option("VDI", vdi, "VDI uuid")->required();
   restore->add_option("POINT", point, "point: its time (as in ls) or 'latest'")->required();
-  restore->add_option("DEST", dest, "file or block device")->required();
+  restore->add_option("DEST", dest, "file or block device (not with --xapi)");
 
   PruneArgs pa;
   auto* prune = app.add_subcommand("prune", "remove points a retention policy does not keep, and free their space");
@@ -94,6 +104,17 @@ int run(int argc, char** argv) {
   if (*verify) return cmd_verify(repo, vdi);
   if (*prune) return cmd_prune(pa);
   if (*forget) return cmd_forget(repo, vdi);
+  if (*restore && !ra.xapi.url.empty()) {
+    if (!dest.empty()) throw UsageError("give either DEST or --xapi, not both");
+    if (ra.sr.empty()) throw UsageError("--xapi needs --sr SR-UUID: where the new VDI goes");
+    if (ra.xapi.url.find("://") == std::string::npos) ra.xapi.url = "https://" + ra.xapi.url;
+    ra.xapi.password = read_password(password_file);
+    ra.repo = repo;
+    ra.vdi = vdi;
+    ra.point = point;
+    return cmd_restore_xapi(ra);
+  }
+  if (*restore && dest.empty()) throw UsageError("restore needs DEST (a file or block device) or --xapi");
   if (*restore) return cmd_restore(repo, vdi, point, dest, force);
   return kExitUsage;
 }

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from conftest import BLOCK, Mount, after_kill, files_equal, ls_json, repo_tool, run
+from conftest import (BLOCK, REPO_TOOL, Mount, after_kill, files_equal, flip_object_byte, list_objects, ls_json,
+                      repo_tool, run)
 from xapi import Sim
 
 BUILD_SRC = os.path.join(os.environ.get("CBTFS_BUILD", os.path.join(os.path.dirname(__file__), "..", "..", "build")), "src")
@@ -384,3 +385,41 @@ def test_a_busy_vdi_is_waited_for(sim, repo):
     assert summary["ok"] and not summary["vdis"][0]["full"], summary
     assert summary["vdis"][0]["blocks_read"] == 1, summary
     assert sim.get("/calls")["VDI.list_changed_blocks"] == 3
+
+
+def restore_cmd(sim, repo, vdi, sr, *extra):
+    return [REPO_TOOL, "restore", "--xapi", sim.url, "--password-file", sim.password_file, "--ca-file", sim.ca_file,
+            "--sr", sr, *extra, str(repo), vdi, "latest"]
+
+
+def test_restore_to_xenserver(sim, repo, tmp_path):
+    disk = sim.disks_of("web01")[1]  # 20 MiB + 1536 bytes: not a multiple of 64 KiB
+    rnd = random.Random(21)
+    sim.write(disk["uuid"], 0, rnd.randbytes(3 * MIB))
+    sim.write(disk["uuid"], disk["virtual_size"] - 1000, rnd.randbytes(1000))
+    ingest(sim, repo, "--vdi", disk["uuid"])
+    expect = tmp_path / "expect.img"
+    shutil.copyfile(disk["path"], expect)
+    sim.write(disk["uuid"], 0, b"written after the backup")
+    proxy, session = sim.xapi()
+    sr_ref = proxy.VDI.get_SR(session, proxy.VDI.get_by_uuid(session, disk["uuid"])["Value"])["Value"]
+    sr = proxy.SR.get_uuid(session, sr_ref)["Value"]
+
+    p = run(*restore_cmd(sim, repo, disk["uuid"], sr, "--name", "data, restored"))
+    new = sim.vdi(p.stdout.strip())
+    assert new["name"] == "data, restored" and not new["is_a_snapshot"]
+    assert new["virtual_size"] == disk["virtual_size"]
+    assert files_equal(new["path"], expect)
+    assert "restored" in p.stderr and new["uuid"] in p.stderr
+
+    # A damaged block stops the upload, and the new VDI goes with it.
+    before = {v["uuid"] for v in sim.vdis()}
+    pack = next(iter(sorted(list_objects(repo, f"vdis/{disk['uuid']}/packs"))))
+    flip_object_byte(repo, f"vdis/{disk['uuid']}/packs/{pack}", 5000)
+    p = run(*restore_cmd(sim, repo, disk["uuid"], sr), check=False)
+    assert p.returncode == 1 and "checksum" in p.stderr, p.stderr
+    assert {v["uuid"] for v in sim.vdis()} == before
+    # So does an SR that does not exist, before anything is created.
+    p = run(*restore_cmd(sim, repo, disk["uuid"], "00000000-0000-4000-8000-000000000000"), check=False)
+    assert p.returncode != 0 and "UUID_INVALID" in p.stderr, p.stderr
+    assert {v["uuid"] for v in sim.vdis()} == before

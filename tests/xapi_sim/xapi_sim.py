@@ -639,6 +639,7 @@ class NbdLog:
         self.pending = {}           # (connection, request id) -> bytes asked for
         self.open = set()           # connections of the current nbdkit process
         self.bytes = 0              # bytes of successful reads, over every process
+        self.read_errors = 0        # reads answered with an error, over every process
         self.starts = 0             # nbdkit processes that became ready
 
     def update(self):
@@ -673,6 +674,8 @@ class NbdLog:
             count = self.pending.pop((conn, fields.get("id")), 0)
             if fields.get("return") == "0":
                 self.bytes += count
+            else:
+                self.read_errors += 1
 
 
 # While a drop is armed, nbdkit's eval plugin serves reads with this script (the
@@ -705,7 +708,9 @@ class NbdServer:
         self.sock = None
         self.proc = None
         self.drop = None            # (drop rule key, byte limit) the running process is armed with
+        self.faults = None          # NbdFaults the running process was started with, or None
         self.baseline = 0           # bytes_read() counts from here
+        self.errors_baseline = 0    # read_errors() counts from here
 
     @property
     def running(self):
@@ -747,14 +752,28 @@ class NbdServer:
         self.log.update()
         return self.log.bytes - self.baseline
 
+    def read_errors(self):
+        self.log.update()
+        return self.log.read_errors - self.errors_baseline
+
     def reset_bytes(self):
         self.log.update()
         self.baseline = self.log.bytes
+        self.errors_baseline = self.log.read_errors
 
     def _command(self):
         args = ["nbdkit", "--exit-with-parent", "-r",
                 "--no-sr",                  # XenServer's NBD server has no structured replies
-                "--filter=log", "--filter=blocksize-policy"]
+                "--filter=log"]             # outermost: it logs the injected errors too
+        faults = []
+        if self.faults is not None and self.faults.read_error_rate:
+            args.append("--filter=error")
+            faults += [f"error-pread-rate={self.faults.read_error_rate}",
+                       f"error-pread-file={self.faults.trigger}"]
+        if self.faults is not None and self.faults.read_delay_ms:
+            args.append("--filter=delay")
+            faults.append(f"delay-read={self.faults.read_delay_ms}ms")
+        args.append("--filter=blocksize-policy")
         if self.manager.mode == "tls":
             args += ["--tls=require", f"--tls-certificates={self.manager.tls_dir}"]
         if self.drop is None:
@@ -766,11 +785,12 @@ class NbdServer:
             args += ["eval", f"get_size=stat -L -c %s {shlex.quote(self.path)}",
                      "pread=" + DROPPING_PREAD.format(counter=shlex.quote(counter), limit=self.drop[1],
                                                       path=shlex.quote(self.path))]
-        return args + [f"logfile={self.log.path}", "logappend=true",
-                       "blocksize-minimum=512", "blocksize-error-policy=error"]  # unaligned reads fail, as there
+        return args + faults + [f"logfile={self.log.path}", "logappend=true",
+                                "blocksize-minimum=512", "blocksize-error-policy=error"]  # unaligned reads fail, as there
 
     def _spawn(self, drop):
         self.drop = drop
+        self.faults = self.manager.faults_for(self)
         fd = self.sock.fileno()
         onto_fd3 = "" if fd == 3 else f" 3<&{fd} {fd}<&-"
         wrapper = ["sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 SIM_NBDKIT_PID=$$ exec "$@"' + onto_fd3, "sh",
@@ -806,6 +826,15 @@ class NbdServer:
             proc.wait()
 
 
+@dataclass
+class NbdFaults:
+    """Read faults injected by nbdkit filters (error, delay) for a VDI and its snapshots."""
+    trigger: str                    # the error filter injects errors only while this file exists
+    read_error_rate: float = 0.0    # share of reads that fail with EIO while errors are on
+    read_delay_ms: int = 0          # every read waits this long
+    errors: bool = True             # errors on: the trigger file exists
+
+
 class NbdManager:
     """The NBD servers of the host, started on demand and kept per VDI uuid."""
 
@@ -816,6 +845,7 @@ class NbdManager:
         self.lock = lock
         self.servers = {}           # VDI uuid -> NbdServer (kept after stop for byte counts)
         self.drops = {}             # VDI uuid -> bytes after which its (or its snapshots') server drops
+        self.faults = {}            # VDI uuid -> NbdFaults of its (and its snapshots') servers
         self.spawner = ThreadPoolExecutor(1, thread_name_prefix="nbdkit-spawner")
 
     def serve(self, vdi):
@@ -838,6 +868,38 @@ class NbdManager:
             if server.running:
                 server.start(self._drop_rule(server))
 
+    def faults_for(self, server):
+        """The read faults a server is to be started with (its own VDI's, else its origin's), or None."""
+        key = next((k for k in (server.vdi_uuid, server.origin_uuid) if k in self.faults), None)
+        faults = self.faults.get(key)
+        return faults if faults is not None and (faults.read_error_rate or faults.read_delay_ms) else None
+
+    def set_faults(self, uuid, read_error_rate=None, read_delay_ms=None, errors=None):
+        """Changes the read faults of a VDI and its snapshots. A new error rate or delay applies to
+        the servers started later, and running ones restart with it at once; errors switches the
+        injected errors on or off at once (the error filter's trigger file)."""
+        faults = self.faults.get(uuid)
+        if faults is None:
+            faults = self.faults[uuid] = NbdFaults(trigger=os.path.join(self.state_dir, f"nbd-{uuid}.errors-on"))
+        changed = ((read_error_rate is not None and read_error_rate != faults.read_error_rate)
+                   or (read_delay_ms is not None and read_delay_ms != faults.read_delay_ms))
+        if read_error_rate is not None:
+            faults.read_error_rate = read_error_rate
+        if read_delay_ms is not None:
+            faults.read_delay_ms = read_delay_ms
+        if errors is not None:
+            faults.errors = errors
+        if faults.errors:
+            with open(faults.trigger, "w"):
+                pass
+        elif os.path.exists(faults.trigger):
+            os.unlink(faults.trigger)
+        if changed:
+            for server in self._family(uuid):
+                if server.running:
+                    server.start(self._drop_rule(server))
+        return faults
+
     def _family(self, uuid):
         return [s for s in self.servers.values() if uuid in (s.vdi_uuid, s.origin_uuid)]
 
@@ -854,6 +916,10 @@ class NbdManager:
     def bytes_read(self, uuid):
         """Bytes read over NBD from the VDI's server and those of its snapshots."""
         return sum(s.bytes_read() for s in self._family(uuid))
+
+    def read_errors(self, uuid):
+        """Reads answered with an error by the VDI's server and those of its snapshots."""
+        return sum(s.read_errors() for s in self._family(uuid))
 
     def reset_counters(self):
         for server in self.servers.values():
@@ -874,6 +940,8 @@ class FailRule:
     error: "list | None" = None
     http_status: "int | None" = None
     delay: float = 0.0
+    malformed: bool = False         # the call is made; its answer is cut off halfway
+    expire_session: bool = False    # the call's session is logged out first
 
 
 class Host:
@@ -964,6 +1032,10 @@ class XapiService:
             if rule.error:
                 log(f"{method}: injected {rule.error[0]}")
                 return Reply(200, method_response({"Status": "Failure", "ErrorDescription": rule.error}))
+            if rule.expire_session and params and isinstance(params[0], str):
+                with self.host.lock:
+                    if self.host.sessions.pop(params[0], None) is not None:
+                        log(f"{method}: expired the session of the call")
         try:
             with self.host.lock:
                 value = self._dispatch(method, params)
@@ -972,7 +1044,12 @@ class XapiService:
         except XapiError as e:
             result = {"Status": "Failure", "ErrorDescription": e.description}
             log(f"{method}: {' '.join(e.description)}")
-        return Reply(200, method_response(result))
+        body = method_response(result)
+        if rule is not None and rule.malformed:
+            # A garbled answer: well-formed XML up to the middle, then nothing.
+            log(f"{method}: injected a malformed answer")
+            body = body[:len(body) // 2]
+        return Reply(200, body)
 
     def _dispatch(self, method, params):
         entry = API.get(method)
@@ -1168,12 +1245,13 @@ class ControlApi:
                 return dict(self.host.calls)
             if path == "/nbd_bytes":
                 uuid = query.get("vdi", "")
-                return {"vdi": uuid, "bytes": self.host.nbd.bytes_read(uuid)}
+                return {"vdi": uuid, "bytes": self.host.nbd.bytes_read(uuid),
+                        "read_errors": self.host.nbd.read_errors(uuid)}
         raise HttpError(404, f"no GET {path}")
 
     def post(self, path, body):
         handler = {"/write": self.write, "/resize": self.resize, "/disable_cbt": self.disable_cbt,
-                   "/fail": self.fail, "/nbd_drop": self.nbd_drop,
+                   "/fail": self.fail, "/nbd_drop": self.nbd_drop, "/nbd_faults": self.nbd_faults,
                    "/reset_counters": self.reset_counters}.get(path)
         if handler is None:
             raise HttpError(404, f"no POST {path}")
@@ -1237,9 +1315,10 @@ class ControlApi:
             raise HttpError(400, "error must be a non-empty array of strings")
         rule = FailRule(count=int_field(body, "count", 1), error=[str(e) for e in error or []] or None,
                         http_status=body.get("http_status") and int_field(body, "http_status"),
-                        delay=float(body.get("delay", 0)))
-        if not (rule.error or rule.http_status or rule.delay):
-            raise HttpError(400, "give error, http_status or delay")
+                        delay=float(body.get("delay", 0)), malformed=bool(body.get("malformed", False)),
+                        expire_session=bool(body.get("expire_session", False)))
+        if not (rule.error or rule.http_status or rule.delay or rule.malformed or rule.expire_session):
+            raise HttpError(400, "give error, http_status, delay, malformed or expire_session")
         self.host.fail_rules[method] = rule
         return {"method": method, "count": rule.count}
 
@@ -1250,6 +1329,30 @@ class ControlApi:
         after = int_field(body, "after_bytes")
         self.host.nbd.arm_drop(uuid, after)
         return {"vdi": uuid, "after_bytes": after}
+
+    def nbd_faults(self, body):
+        uuid = body.get("vdi")
+        if not any(v.uuid == uuid for v in self.model.all("VDI")):
+            raise HttpError(404, f"no VDI {uuid}")
+        rate = body.get("read_error_rate")
+        if rate is not None:
+            try:
+                rate = float(rate)
+            except (TypeError, ValueError):
+                rate = -1.0
+            if not 0 <= rate <= 1:
+                raise HttpError(400, "read_error_rate must be a number from 0 to 1")
+        delay = body.get("read_delay_ms")
+        if delay is not None:
+            delay = int_field(body, "read_delay_ms")
+            if delay < 0:
+                raise HttpError(400, "read_delay_ms must not be negative")
+        errors = body.get("errors")
+        if errors is not None and not isinstance(errors, bool):
+            raise HttpError(400, "errors must be true or false")
+        faults = self.host.nbd.set_faults(uuid, rate, delay, errors)
+        return {"vdi": uuid, "read_error_rate": faults.read_error_rate, "read_delay_ms": faults.read_delay_ms,
+                "errors": faults.errors}
 
     def reset_counters(self, body):
         self.host.calls.clear()
