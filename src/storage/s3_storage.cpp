@@ -12,6 +12,7 @@
 #include "cbtfs/s3_storage.hpp"
 
 #include <curl/curl.h>
+#include <sys/prctl.h>
 #include <pugixml.hpp>
 
 #include <algorithm>
@@ -475,6 +476,11 @@ S3Config s3_config_from_url(const std::string& url) {
   return c;
 }
 
-std::unique_ptr<Storage> open_s3_storage(const S3Config& config) { return std::make_unique<S3Storage>(config); }
+std::unique_ptr<Storage> open_s3_storage(const S3Config& config) {
+  // The secret key is in this process from now on: no core dump may carry
+  // it (as ssh-agent does for its keys).
+  ::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+  return std::make_unique<S3Storage>(config);
+}
 
 }  // namespace cbtfs

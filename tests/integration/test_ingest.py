@@ -4,7 +4,9 @@ over TLS, real FUSE mounts for checking what was stored."""
 import json
 import os
 import random
+import resource
 import shutil
+import signal
 import subprocess
 import time
 
@@ -12,7 +14,7 @@ import pytest
 
 from conftest import (BLOCK, REPO_TOOL, Mount, after_kill, files_equal, flip_object_byte, list_objects, ls_json,
                       repo_tool, run)
-from xapi import Sim
+from xapi import PASSWORD, Sim
 
 BUILD_SRC = os.path.join(os.environ.get("CBTFS_BUILD", os.path.join(os.path.dirname(__file__), "..", "..", "build")), "src")
 INGEST = os.path.abspath(os.path.join(BUILD_SRC, "cbtfs-ingest"))
@@ -423,3 +425,45 @@ def test_restore_to_xenserver(sim, repo, tmp_path):
     p = run(*restore_cmd(sim, repo, disk["uuid"], "00000000-0000-4000-8000-000000000000"), check=False)
     assert p.returncode != 0 and "UUID_INVALID" in p.stderr, p.stderr
     assert {v["uuid"] for v in sim.vdis()} == before
+
+
+def test_no_core_dump_can_carry_the_password(sim, repo, tmp_path):
+    cores = tmp_path / "cores"
+    cores.mkdir()
+    core_pattern = "/proc/sys/kernel/core_pattern"
+    saved = open(core_pattern).read()
+    unlimited = lambda: resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))  # noqa: E731
+    try:
+        with open(core_pattern, "w") as f:
+            f.write(f"{cores}/core.%e.%p")
+        # The control: here, a process that may dump core does.
+        p = subprocess.Popen(["sleep", "30"], preexec_fn=unlimited)
+        time.sleep(0.2)
+        p.send_signal(signal.SIGQUIT)
+        p.wait()
+        assert list(cores.iterdir()), "this machine does not write core dumps; the test cannot tell"
+        for c in cores.iterdir():
+            c.unlink()
+        # cbtfs-ingest, logged in (the password is in its memory), held up by the host.
+        db = sim.disks_of("db01")[0]
+        sim.post("/reset_counters", {})
+        sim.post("/fail", {"method": "VDI.snapshot", "delay": 2, "count": 1})
+        p = subprocess.Popen([INGEST, "--xapi", sim.url, "--password-file", sim.password_file, "--ca-file",
+                              sim.ca_file, "--vdi", db["uuid"], str(repo)], preexec_fn=unlimited,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while sim.get("/calls").get("VDI.snapshot", 0) == 0:
+            assert p.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        p.send_signal(signal.SIGQUIT)
+        p.wait()
+        assert p.returncode == -signal.SIGQUIT
+        left = list(cores.iterdir())
+        assert all(PASSWORD.encode() not in c.read_bytes() for c in left)
+        assert not left, "cbtfs-ingest dumped core while holding the password"
+    finally:
+        with open(core_pattern, "w") as f:
+            f.write(saved)
+    time.sleep(2.5)  # the held call is dropped; the next run is clean
+    ingest(sim, repo, "--vdi", db["uuid"])
+    no_data_snapshots_left(sim)

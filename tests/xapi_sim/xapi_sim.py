@@ -1412,7 +1412,11 @@ class XapiHandler(Handler):
             self.close_connection = True
             return self.reply_text(e.status, e.message + "\n")
         r = self.server.service.call(method, params, self.client_gone)
-        self.reply(r.status, r.body, r.content_type)
+        try:
+            self.reply(r.status, r.body, r.content_type)
+        except OSError as e:        # the client gave up on the call (a timeout) and closed
+            log(f"{method}: the answer did not reach the client: {e}")
+            self.close_connection = True
 
     def client_gone(self):
         # Peeks below TLS: a killed client's kernel sent FIN, nothing else.
