@@ -2,8 +2,13 @@
 // Invariant: a key's file appears only through renameat2(RENAME_NOREPLACE) of
 // a fully written and fsync'ed temporary in the same directory, followed by an
 // fsync of that directory; temporaries start with ".tmp." and are never listed.
+// Every path is resolved below the repository's root with openat2(2)
+// RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS: a symbolic link anywhere inside the
+// repository (a swapped directory, a planted file) is refused, never followed.
 #include <dirent.h>
 #include <fcntl.h>
+#include <linux/openat2.h>
+#include <sys/syscall.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
@@ -37,6 +42,13 @@ class Fd {
   Fd(const Fd&) = delete;
   Fd& operator=(const Fd&) = delete;
   Fd(Fd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+  Fd& operator=(Fd&& o) noexcept {
+    if (this != &o) {
+      if (fd_ >= 0) ::close(fd_);
+      fd_ = std::exchange(o.fd_, -1);
+    }
+    return *this;
+  }
   ~Fd() {
     if (fd_ >= 0) ::close(fd_);
   }
@@ -46,44 +58,87 @@ class Fd {
   int fd_;
 };
 
-void fsync_dir(const std::string& dir) {
-  Fd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (fd.get() < 0) fail("cannot open directory", dir);
-  if (::fsync(fd.get()) != 0) fail("cannot fsync directory", dir);
+std::string parent_of(const std::string& key) {
+  auto slash = key.rfind('/');
+  return slash == std::string::npos ? "" : key.substr(0, slash);
 }
 
-std::string parent_of(const std::string& path) {
-  auto slash = path.rfind('/');
-  return slash == std::string::npos ? "." : path.substr(0, slash);
+std::string base_of(const std::string& key) {
+  auto slash = key.rfind('/');
+  return slash == std::string::npos ? key : key.substr(slash + 1);
 }
 
-// mkdir -p, fsync'ing each parent that got a new entry so the new
-// directories survive a power loss together with what goes into them.
-void make_dirs(const std::string& dir) {
-  struct stat st;
-  if (::stat(dir.c_str(), &st) == 0) {
-    if (!S_ISDIR(st.st_mode)) fail("not a directory:", dir, ENOTDIR);
-    return;
+// The repository's root, and every path below it resolved without links.
+class Root {
+ public:
+  explicit Root(std::string root) : root_(std::move(root)) {
+    while (root_.size() > 1 && root_.back() == '/') root_.pop_back();
+    fd_ = Fd(::open(root_.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC));
+    if (fd_.get() < 0) fail("cannot access repository", root_);
   }
-  make_dirs(parent_of(dir));
-  if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) fail("cannot create directory", dir);
-  fsync_dir(parent_of(dir));
-}
+  const std::string& str() const { return root_; }
+  std::string path(const std::string& key) const { return key.empty() ? root_ : root_ + "/" + key; }
+
+  // -1 with errno set, like open(2). ELOOP means a link was met.
+  int open(const std::string& key, int flags, mode_t mode = 0) const {
+    open_how how{};
+    how.flags = static_cast<uint64_t>(flags | O_CLOEXEC);
+    how.mode = (flags & O_CREAT) ? mode : 0;
+    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS;
+    long fd = ::syscall(SYS_openat2, fd_.get(), key.empty() ? "." : key.c_str(), &how, sizeof how);
+    if (fd < 0 && errno == ENOSYS)  // before Linux 5.6: the last component at least
+      fd = ::openat(fd_.get(), key.empty() ? "." : key.c_str(), flags | O_CLOEXEC | O_NOFOLLOW, mode);
+    return static_cast<int>(fd);
+  }
+
+  // Like open(), but failing with a message that says what went wrong.
+  Fd must_open(const std::string& key, int flags, const char* what, mode_t mode = 0) const {
+    Fd fd(open(key, flags, mode));
+    if (fd.get() < 0) fail_at(what, key);
+    return fd;
+  }
+  Fd dir(const std::string& key) const { return must_open(key, O_RDONLY | O_DIRECTORY, "cannot open directory"); }
+
+  [[noreturn]] void fail_at(const std::string& what, const std::string& key, int err = errno) const {
+    if (err == ELOOP || err == EXDEV)
+      throw StorageError(path(key) + " is, or lies below, a symbolic link or a mount point inside the repository; "
+                                     "cbtfs does not follow those",
+                         err);
+    fail(what, path(key), err);
+  }
+
+  // mkdir -p below the root, fsync'ing each parent that got a new entry so
+  // the new directories survive a power loss with what goes into them.
+  void make_dirs(const std::string& key) const {
+    if (key.empty()) return;
+    Fd fd(open(key, O_RDONLY | O_DIRECTORY));
+    if (fd.get() >= 0) return;
+    if (errno != ENOENT) fail_at("cannot open directory", key);
+    make_dirs(parent_of(key));
+    Fd parent = dir(parent_of(key));
+    if (::mkdirat(parent.get(), base_of(key).c_str(), 0700) != 0 && errno != EEXIST)
+      fail_at("cannot create directory", key);
+    if (::fsync(parent.get()) != 0) fail_at("cannot fsync directory", parent_of(key));
+  }
+
+ private:
+  std::string root_;
+  Fd fd_;
+};
 
 class LocalWriter final : public ObjectWriter {
  public:
-  LocalWriter(std::string final_path) : final_(std::move(final_path)) {
-    make_dirs(parent_of(final_));
+  LocalWriter(const Root& root, std::string key) : root_(root), key_(std::move(key)) {
+    root_.make_dirs(parent_of(key_));
+    dir_ = root_.dir(parent_of(key_));
     std::random_device rd;
-    auto slash = final_.rfind('/');
-    tmp_ = final_.substr(0, slash + 1) + kTmpPrefix + final_.substr(slash + 1) + "." +
-           std::to_string(::getpid()) + "." + std::to_string(rd());
-    fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
-    if (fd_ < 0) fail("cannot create", tmp_);
+    tmp_ = kTmpPrefix + base_of(key_) + "." + std::to_string(::getpid()) + "." + std::to_string(rd());
+    fd_ = ::openat(dir_.get(), tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (fd_ < 0) fail("cannot create", root_.path(parent_of(key_)) + "/" + tmp_);
   }
   ~LocalWriter() override {
     if (fd_ >= 0) ::close(fd_);
-    if (!committed_) ::unlink(tmp_.c_str());
+    if (!committed_) ::unlinkat(dir_.get(), tmp_.c_str(), 0);
   }
   // Records are small (a 64 KiB block compresses to less): they are kept
   // as given and written with one writev(2) per MiB, without a copy.
@@ -102,7 +157,7 @@ class LocalWriter final : public ObjectWriter {
       ssize_t n = ::writev(fd_, iov.data() + first, static_cast<int>(std::min<size_t>(iov.size() - first, kMaxIov)));
       if (n < 0) {
         if (errno == EINTR) continue;
-        fail("cannot write", tmp_);
+        fail("cannot write", root_.path(key_));
       }
       auto left = static_cast<size_t>(n);
       while (first < iov.size() && left >= iov[first].iov_len) left -= iov[first++].iov_len;
@@ -117,21 +172,23 @@ class LocalWriter final : public ObjectWriter {
   uint64_t size() const override { return size_; }
   void commit() override {
     flush();
-    if (::fsync(fd_) != 0) fail("cannot fsync", tmp_);
+    if (::fsync(fd_) != 0) fail("cannot fsync", root_.path(key_));
     ::close(std::exchange(fd_, -1));
-    if (::renameat2(AT_FDCWD, tmp_.c_str(), AT_FDCWD, final_.c_str(), RENAME_NOREPLACE) != 0) {
+    if (::renameat2(dir_.get(), tmp_.c_str(), dir_.get(), base_of(key_).c_str(), RENAME_NOREPLACE) != 0) {
       int err = errno;
-      if (err == EEXIST) fail("refusing to overwrite", final_, err);
-      fail("cannot rename into place", final_, err);
+      if (err == EEXIST) fail("refusing to overwrite", root_.path(key_), err);
+      fail("cannot rename into place", root_.path(key_), err);
     }
     committed_ = true;
-    fsync_dir(parent_of(final_));
+    if (::fsync(dir_.get()) != 0) fail("cannot fsync directory", root_.path(parent_of(key_)));
   }
 
  private:
   static constexpr size_t kBufferSize = 1 << 20;
   static constexpr size_t kMaxIov = 512;
-  std::string final_, tmp_;
+  const Root& root_;
+  std::string key_, tmp_;
+  Fd dir_;
   std::vector<Bytes> queue_;
   size_t queued_ = 0;
   int fd_ = -1;
@@ -149,12 +206,7 @@ class LocalLock final : public StorageLock {
 
 class LocalStorage final : public Storage {
  public:
-  explicit LocalStorage(std::string root) : root_(std::move(root)) {
-    while (root_.size() > 1 && root_.back() == '/') root_.pop_back();
-    struct stat st;
-    if (::stat(root_.c_str(), &st) != 0) fail("cannot access repository", root_);
-    if (!S_ISDIR(st.st_mode)) fail("not a directory:", root_, ENOTDIR);
-  }
+  explicit LocalStorage(std::string root) : root_(std::move(root)) {}
   ~LocalStorage() override {
     for (auto& [k, e] : fds_) ::close(e.fd);
     for (int fd : parked_) ::close(fd);
@@ -177,10 +229,10 @@ class LocalStorage final : public Storage {
   }
 
   std::optional<Bytes> get(const std::string& key) override {
-    Fd fd(::open(path(key).c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+    Fd fd(root_.open(key, O_RDONLY));
     if (fd.get() < 0) {
       if (errno == ENOENT) return std::nullopt;
-      fail("cannot open", path(key));
+      root_.fail_at("cannot open", key);
     }
     Bytes out;
     std::byte buf[65536];
@@ -198,22 +250,20 @@ class LocalStorage final : public Storage {
   }
 
   std::optional<uint64_t> size(const std::string& key) override {
+    Fd fd(root_.open(key, O_PATH));
     struct stat st;
-    if (::lstat(path(key).c_str(), &st) != 0) {
+    if (fd.get() < 0) {
       if (errno == ENOENT) return std::nullopt;
-      fail("cannot stat", path(key));
+      root_.fail_at("cannot stat", key);
     }
+    if (::fstat(fd.get(), &st) != 0) root_.fail_at("cannot stat", key);
     return static_cast<uint64_t>(st.st_size);
   }
 
   std::vector<std::string> list(const std::string& prefix) override {
     std::vector<std::string> names;
-    std::string dir = path(prefix);
-    DIR* d = ::opendir(dir.c_str());
-    if (!d) {
-      if (errno == ENOENT) return names;
-      fail("cannot list", dir);
-    }
+    DIR* d = open_dir(prefix);
+    if (!d) return names;
     while (struct dirent* e = ::readdir(d)) {
       std::string n = e->d_name;
       if (n == "." || n == ".." || n.rfind(kTmpPrefix, 0) == 0) continue;
@@ -225,39 +275,43 @@ class LocalStorage final : public Storage {
   }
 
   void remove_temporaries(const std::string& prefix) override {
-    std::string dir = path(prefix);
-    DIR* d = ::opendir(dir.c_str());
-    if (!d) {
-      if (errno == ENOENT) return;
-      fail("cannot list", dir);
-    }
+    DIR* d = open_dir(prefix);
+    if (!d) return;
     std::vector<std::string> junk;
     while (struct dirent* e = ::readdir(d))
-      if (std::string(e->d_name).rfind(kTmpPrefix, 0) == 0) junk.push_back(dir + "/" + e->d_name);
-    ::closedir(d);
+      if (std::string(e->d_name).rfind(kTmpPrefix, 0) == 0) junk.push_back(e->d_name);
     for (auto& j : junk)
-      if (::unlink(j.c_str()) != 0 && errno != ENOENT) fail("cannot remove", j);
+      if (::unlinkat(::dirfd(d), j.c_str(), 0) != 0 && errno != ENOENT) {
+        int err = errno;
+        ::closedir(d);
+        root_.fail_at("cannot remove", prefix + "/" + j, err);
+      }
+    ::closedir(d);
   }
 
   std::unique_ptr<ObjectWriter> create(const std::string& key) override {
-    return std::make_unique<LocalWriter>(path(key));
+    return std::make_unique<LocalWriter>(root_, key);
   }
 
   // Durable before it returns: prune relies on a manifest being gone for
   // good before it deletes the packs only that manifest needed.
   void remove(const std::string& key) override {
     forget_fd(key);
-    if (::unlink(path(key).c_str()) != 0) {
+    Fd dir(root_.open(parent_of(key), O_RDONLY | O_DIRECTORY));
+    if (dir.get() < 0) {
       if (errno == ENOENT) return;
-      fail("cannot remove", path(key));
+      root_.fail_at("cannot open directory", parent_of(key));
     }
-    fsync_dir(parent_of(path(key)));
+    if (::unlinkat(dir.get(), base_of(key).c_str(), 0) != 0) {
+      if (errno == ENOENT) return;
+      root_.fail_at("cannot remove", key);
+    }
+    if (::fsync(dir.get()) != 0) root_.fail_at("cannot fsync directory", parent_of(key));
   }
 
   std::unique_ptr<StorageLock> try_lock(const std::string& key, const std::string& holder) override {
-    make_dirs(parent_of(path(key)));
-    Fd fd(::open(path(key).c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600));
-    if (fd.get() < 0) fail("cannot open lock file", path(key));
+    root_.make_dirs(parent_of(key));
+    Fd fd = root_.must_open(key, O_RDWR | O_CREAT, "cannot open lock file", 0600);
     if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
       if (errno == EWOULDBLOCK) return nullptr;
       fail("cannot lock", path(key));
@@ -278,10 +332,25 @@ class LocalStorage final : public Storage {
     return s;
   }
 
-  std::string describe() const override { return root_; }
+  std::string describe() const override { return root_.str(); }
 
  private:
-  std::string path(const std::string& key) const { return key.empty() ? root_ : root_ + "/" + key; }
+  std::string path(const std::string& key) const { return root_.path(key); }
+
+  // nullptr when the directory does not exist.
+  DIR* open_dir(const std::string& key) {
+    int fd = root_.open(key, O_RDONLY | O_DIRECTORY);
+    if (fd < 0) {
+      if (errno == ENOENT) return nullptr;
+      root_.fail_at("cannot list", key);
+    }
+    DIR* d = ::fdopendir(fd);
+    if (!d) {
+      ::close(fd);
+      root_.fail_at("cannot list", key);
+    }
+    return d;
+  }
 
   // Pack files are read at random offsets many times a second; opening them
   // once keeps the read path to a single pread.
@@ -291,8 +360,8 @@ class LocalStorage final : public Storage {
       lru_.splice(lru_.begin(), lru_, it->second.pos);
       return it->second.fd;
     }
-    int fd = ::open(path(key).c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-    if (fd < 0) fail("cannot open", path(key));
+    int fd = root_.open(key, O_RDONLY);
+    if (fd < 0) root_.fail_at("cannot open", key);
     if (fds_.size() >= kMaxFds) {
       // Another thread may still be in pread on the evicted descriptor, so it
       // is parked instead of closed; parked ones close with the storage.
@@ -324,7 +393,7 @@ class LocalStorage final : public Storage {
     int fd;
     std::list<std::string>::iterator pos;
   };
-  std::string root_;
+  Root root_;
   std::mutex mu_;
   std::unordered_map<std::string, Entry> fds_;
   std::list<std::string> lru_;

@@ -4,6 +4,7 @@
 #include <catch2/catch.hpp>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 
 #include "cbtfs/errors.hpp"
@@ -334,4 +335,50 @@ TEST_CASE("the mount view lists points, latest and by-name") {
   CHECK(!v.lookup("/" + kVdi + "/nope.raw"));
   CHECK(!v.lookup("/nope"));
   CHECK(!v.lookup("/" + kVdi + "/latest.raw/x"));
+}
+
+TEST_CASE("symbolic links inside the repository are refused, never followed") {
+  TestRepo t;
+  Bytes d = mixed_disk(4, 0, 3);
+  t.write(kVdi, d, 1000);
+  fs::path vdi_dir = fs::path(t.root()) / "vdis" / kVdi;
+  fs::path elsewhere = t.dir.path / "elsewhere";
+  auto links_refused = [](const std::function<void()>& f) {
+    try {
+      f();
+    } catch (const StorageError& e) {
+      CHECK(std::string(e.what()).find("symbolic link") != std::string::npos);
+      return true;
+    }
+    return false;
+  };
+
+  SECTION("a swapped directory of packs") {
+    fs::rename(vdi_dir / "packs", elsewhere);
+    fs::create_directory_symlink(elsewhere, vdi_dir / "packs");
+    auto repo = Repository::open(t.root());
+    CHECK(links_refused([&] {
+      PointReader r(repo, repo->latest(kVdi));
+      Bytes out(kBlockSize);
+      r.read(0, out);
+    }));
+    CHECK(links_refused([&] { verify_vdi(*repo, kVdi); }));
+    CHECK(links_refused([&] { t.write(kVdi, d, 2000); }));
+  }
+  SECTION("a manifest that is a link to a file outside") {
+    fs::copy_file(vdi_dir / "points" / "00000001.point", elsewhere);
+    fs::remove(vdi_dir / "points" / "00000001.point");
+    fs::create_symlink(elsewhere, vdi_dir / "points" / "00000001.point");
+    auto repo = Repository::open(t.root());
+    CHECK(links_refused([&] { repo->points(kVdi); }));
+  }
+  SECTION("the VDI directory itself") {
+    fs::rename(vdi_dir, elsewhere);
+    fs::create_directory_symlink(elsewhere, vdi_dir);
+    auto repo = Repository::open(t.root());
+    CHECK(links_refused([&] { repo->points(kVdi); }));
+    CHECK(links_refused([&] { t.write(kVdi, d, 2000); }));
+    CHECK(fs::exists(elsewhere / "points" / "00000001.point"));  // nothing was written or removed there
+    CHECK(fs::directory_iterator(elsewhere / "packs")->path().filename() == "00000001.pack");
+  }
 }
