@@ -1,5 +1,6 @@
 // The file tree a mount shows, independent of FUSE:
 //   /<vdi-uuid>/<YYYY-MM-DDTHHMMSSZ>.raw   one image per point
+//   /<vdi-uuid>/<...Z>-part<N>.raw          each partition of it (GPT, MBR, logical)
 //   /<vdi-uuid>/latest.raw                  symlink to the newest
 //   /by-name/<vm name>/<vdi name>           symlink to ../../<vdi-uuid>
 // Every call looks at the repository afresh (a directory listing, manifests
@@ -13,6 +14,9 @@
 #include <utility>
 #include <vector>
 
+#include <mutex>
+
+#include "cbtfs/partitions.hpp"
 #include "cbtfs/repository.hpp"
 
 namespace cbtfs {
@@ -23,6 +27,9 @@ struct ViewEntry {
   std::string target;  // Link
   ManifestPtr point;   // Image
   int64_t mtime = 0;  // 0: the mount time
+  // Image: the bytes of the point it shows; a partition is a window on it.
+  uint64_t offset = 0, size = 0;
+  uint32_t partition = 0;  // 0: the whole disk
 };
 
 // Makes a user-controlled name safe as one path component: no '/', no NUL or
@@ -35,8 +42,8 @@ class MountView {
   std::optional<ViewEntry> lookup(const std::string& path);
   // nullopt when path is not a directory.
   std::optional<std::vector<std::pair<std::string, ViewEntry>>> list(const std::string& path);
-  // user.cbtfs.* attributes of an image.
-  static std::vector<std::pair<std::string, std::string>> xattrs(const Manifest& m);
+  // user.cbtfs.* attributes of an image or partition.
+  static std::vector<std::pair<std::string, std::string>> xattrs(const ViewEntry& e);
   Repository& repo() { return *repo_; }
   std::shared_ptr<Repository> repo_ptr() { return repo_; }
 
@@ -44,7 +51,11 @@ class MountView {
   // vm name -> vdi name -> uuid, sanitized and de-duplicated.
   std::map<std::string, std::map<std::string, std::string>> by_name();
   std::vector<std::pair<std::string, ViewEntry>> vdi_dir(const std::string& vdi);
+  // Points never change, so each one's table is read once.
+  std::vector<Partition> partitions(const ManifestPtr& m);
   std::shared_ptr<Repository> repo_;
+  std::mutex mu_;
+  std::map<std::pair<std::string, uint32_t>, std::vector<Partition>> partitions_;
 };
 
 }  // namespace cbtfs

@@ -57,11 +57,11 @@ void fill_stat(const ViewEntry& e, struct stat* st) {
     case ViewEntry::Kind::Image:
       st->st_mode = S_IFREG | s.image_mode;
       st->st_nlink = 1;
-      st->st_size = static_cast<off_t>(e.point->virtual_size);
+      st->st_size = static_cast<off_t>(e.size);
       st->st_blksize = kBlockSize;
       // Reported fully allocated: the true figure would need a walk of the
       // index, and sparse copies use SEEK_DATA/SEEK_HOLE, not st_blocks.
-      st->st_blocks = static_cast<blkcnt_t>((e.point->virtual_size + 511) / 512);
+      st->st_blocks = static_cast<blkcnt_t>((e.size + 511) / 512);
       break;
     case ViewEntry::Kind::Link:
       st->st_mode = S_IFLNK | 0777;
@@ -71,8 +71,9 @@ void fill_stat(const ViewEntry& e, struct stat* st) {
   }
 }
 
+// An image, or a partition: the window [offset, offset + size) of a point.
 struct OpenImage {
-  ManifestPtr point;
+  ViewEntry entry;
   PointReader reader;
 };
 
@@ -94,9 +95,7 @@ void* op_init(fuse_conn_info* conn, fuse_config* cfg) {
 int op_getattr(const char* path, struct stat* st, fuse_file_info* fi) {
   return guarded("stat", path, [&] {
     if (fi && fi->fh) {
-      auto& p = image_of(fi)->point;
-      ViewEntry e{ViewEntry::Kind::Image, {}, p, p->time};
-      fill_stat(e, st);
+      fill_stat(image_of(fi)->entry, st);
       return 0;
     }
     auto e = state().view.lookup(path);
@@ -140,7 +139,7 @@ int op_open(const char* path, fuse_file_info* fi) {
     auto e = state().view.lookup(path);
     if (!e) return -ENOENT;
     if (e->kind != ViewEntry::Kind::Image) return -EISDIR;
-    fi->fh = reinterpret_cast<uint64_t>(new OpenImage{e->point, PointReader(state().view.repo_ptr(), e->point)});
+    fi->fh = reinterpret_cast<uint64_t>(new OpenImage{*e, PointReader(state().view.repo_ptr(), e->point)});
     fi->keep_cache = 1;
     return 0;
   });
@@ -149,7 +148,11 @@ int op_open(const char* path, fuse_file_info* fi) {
 int op_read(const char* path, char* buf, size_t size, off_t off, fuse_file_info* fi) {
   return guarded("read", path ? path : image_of(fi)->reader.point().vdi.c_str(), [&] {
     if (off < 0) return -EINVAL;
-    size_t n = image_of(fi)->reader.read(static_cast<uint64_t>(off), {reinterpret_cast<std::byte*>(buf), size});
+    auto& img = *image_of(fi);
+    auto pos = static_cast<uint64_t>(off);
+    if (pos >= img.entry.size) return 0;
+    size = static_cast<size_t>(std::min<uint64_t>(size, img.entry.size - pos));
+    size_t n = img.reader.read(img.entry.offset + pos, {reinterpret_cast<std::byte*>(buf), size});
     return static_cast<int>(n);
   });
 }
@@ -161,14 +164,16 @@ int op_release(const char*, fuse_file_info* fi) {
 
 off_t op_lseek(const char* path, off_t off, int whence, fuse_file_info* fi) {
   return guarded("seek in", path, [&]() -> off_t {
-    auto& r = image_of(fi)->reader;
+    auto& img = *image_of(fi);
+    auto& r = img.reader;
     if (off < 0) return -EINVAL;
     auto pos = static_cast<uint64_t>(off);
     if (whence != SEEK_DATA && whence != SEEK_HOLE) return -EINVAL;
-    if (pos >= r.size()) return -ENXIO;
-    uint64_t found = whence == SEEK_DATA ? r.next_data(pos) : r.next_hole(pos);
-    if (whence == SEEK_DATA && found >= r.size()) return -ENXIO;
-    return static_cast<off_t>(found);
+    if (pos >= img.entry.size) return -ENXIO;
+    uint64_t at = img.entry.offset + pos, end = img.entry.offset + img.entry.size;
+    uint64_t found = std::min(whence == SEEK_DATA ? r.next_data(at) : r.next_hole(at), end);
+    if (whence == SEEK_DATA && found >= end) return -ENXIO;
+    return static_cast<off_t>(found - img.entry.offset);
   });
 }
 
@@ -177,7 +182,7 @@ int op_getxattr(const char* path, const char* name, char* value, size_t size) {
     auto e = state().view.lookup(path);
     if (!e) return -ENOENT;
     if (e->kind != ViewEntry::Kind::Image) return -ENODATA;
-    for (auto& [k, v] : MountView::xattrs(*e->point)) {
+    for (auto& [k, v] : MountView::xattrs(*e)) {
       if (k != name) continue;
       if (size == 0) return static_cast<int>(v.size());
       if (size < v.size()) return -ERANGE;
@@ -194,7 +199,7 @@ int op_listxattr(const char* path, char* list, size_t size) {
     if (!e) return -ENOENT;
     std::string all;
     if (e->kind == ViewEntry::Kind::Image)
-      for (auto& [k, v] : MountView::xattrs(*e->point)) all.append(k).push_back('\0');
+      for (auto& [k, v] : MountView::xattrs(*e)) all.append(k).push_back('\0');
     if (size == 0) return static_cast<int>(all.size());
     if (size < all.size()) return -ERANGE;
     std::memcpy(list, all.data(), all.size());

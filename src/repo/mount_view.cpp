@@ -70,8 +70,11 @@ std::vector<std::pair<std::string, ViewEntry>> MountView::vdi_dir(const std::str
   std::vector<std::pair<std::string, ViewEntry>> out;
   auto pl = repo_->points(vdi);
   for (auto& m : pl.points) {
-    ViewEntry e{ViewEntry::Kind::Image, {}, m, m->time};
-    out.emplace_back(format_point_name(m->time) + ".raw", std::move(e));
+    std::string name = format_point_name(m->time);
+    out.emplace_back(name + ".raw", ViewEntry{ViewEntry::Kind::Image, {}, m, m->time, 0, m->virtual_size, 0});
+    for (auto& p : partitions(m))
+      out.emplace_back(name + "-part" + std::to_string(p.number) + ".raw",
+                       ViewEntry{ViewEntry::Kind::Image, {}, m, m->time, p.offset, p.size, p.number});
   }
   if (!pl.points.empty()) {
     auto& last = pl.points.back();
@@ -121,8 +124,32 @@ std::optional<ViewEntry> MountView::lookup(const std::string& path) {
   return std::nullopt;
 }
 
-std::vector<std::pair<std::string, std::string>> MountView::xattrs(const Manifest& m) {
-  return {{"user.cbtfs.vdi_uuid", m.vdi},
+std::vector<Partition> MountView::partitions(const ManifestPtr& m) {
+  std::pair<std::string, uint32_t> key{m->vdi, m->seq};
+  {
+    std::lock_guard g(mu_);
+    if (auto it = partitions_.find(key); it != partitions_.end()) return it->second;
+  }
+  std::vector<Partition> parts;
+  try {
+    PointReader r(repo_, m);
+    parts = find_partitions(
+        [&](uint64_t off, std::span<std::byte> out) {
+          size_t n = off < r.size() ? r.read(off, out) : 0;
+          std::fill(out.begin() + static_cast<std::ptrdiff_t>(n), out.end(), std::byte{0});
+        },
+        m->virtual_size);
+  } catch (const std::exception&) {
+    return {};  // a damaged table block: the whole image still shows, and says EIO there
+  }
+  std::lock_guard g(mu_);
+  partitions_[key] = parts;
+  return parts;
+}
+
+std::vector<std::pair<std::string, std::string>> MountView::xattrs(const ViewEntry& e) {
+  const Manifest& m = *e.point;
+  std::vector<std::pair<std::string, std::string>> out = {{"user.cbtfs.vdi_uuid", m.vdi},
           {"user.cbtfs.vdi_name", m.vdi_name},
           {"user.cbtfs.vm_name", m.vm_name},
           {"user.cbtfs.vm_uuid", m.vm_uuid},
@@ -131,6 +158,11 @@ std::vector<std::pair<std::string, std::string>> MountView::xattrs(const Manifes
           {"user.cbtfs.chain", std::to_string(m.chain)},
           {"user.cbtfs.seq", std::to_string(m.seq)},
           {"user.cbtfs.virtual_size", std::to_string(m.virtual_size)}};
+  if (e.partition) {
+    out.emplace_back("user.cbtfs.partition", std::to_string(e.partition));
+    out.emplace_back("user.cbtfs.partition_offset", std::to_string(e.offset));
+  }
+  return out;
 }
 
 }  // namespace cbtfs

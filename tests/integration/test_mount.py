@@ -16,6 +16,7 @@ from disk import PART_START, Disk, mount_ro
 VDI = "6f4b1c2e-0a3d-4e5f-8a9b-0c1d2e3f4a5b"
 TIMES = ["2026-11-20T03:00:00Z", "2026-11-21T03:00:00Z", "2026-11-22T03:00:00Z", "2026-11-23T03:00:00Z"]
 NAMES = ["2026-11-20T030000Z.raw", "2026-11-21T030000Z.raw", "2026-11-22T030000Z.raw", "2026-11-23T030000Z.raw"]
+PART1 = [n.replace(".raw", "-part1.raw") for n in NAMES]  # each point of the GPT disk shows its partition
 
 
 @pytest.fixture
@@ -60,7 +61,7 @@ def chain(tmp_path, repo):
 def test_every_point_reads_back_exactly(chain, repo, mnt):
     with Mount(repo, mnt) as m:
         listing = sorted(os.listdir(m.path(VDI)))
-        assert listing == sorted(NAMES + ["latest.raw"])
+        assert listing == sorted(NAMES + PART1 + ["latest.raw"])
         for state, name in zip(chain, NAMES):
             assert os.path.getsize(m.path(VDI, name)) == os.path.getsize(state)
             assert files_equal(m.path(VDI, name), state), name
@@ -81,6 +82,8 @@ def test_old_point_loop_mounts_with_its_files(chain, repo, mnt, tmp_path):
         with mount_ro(m.path(VDI, NAMES[1])) as fs:
             assert open(os.path.join(fs, "hello.txt")).read() == "state two\n"
             assert not os.path.exists(os.path.join(fs, "file0.bin"))
+        with mount_ro(m.path(VDI, PART1[1]), 0) as fs:  # the same, without an offset
+            assert open(os.path.join(fs, "hello.txt")).read() == "state two\n"
         # The GPT reads back through the mount (primary and backup copies:
         # sgdisk checks both, the backup lives in the last, partial block).
         out = run("sgdisk", "-v", m.path(VDI, NAMES[1])).stdout
@@ -148,7 +151,7 @@ def test_read_only_modes_xattrs_and_names(chain, repo, mnt):
         assert "user.cbtfs.snapshot_uuid" in os.listxattr(img)
         link = m.path("by-name", "test vm", "system disk")
         assert os.readlink(link) == f"../../{VDI}"
-        assert sorted(os.listdir(link)) == sorted(NAMES + ["latest.raw"])
+        assert sorted(os.listdir(link)) == sorted(NAMES + PART1 + ["latest.raw"])
     with Mount(repo, mnt, "-o", "mode=0444") as m:
         assert os.stat(m.path(VDI, NAMES[0])).st_mode & 0o777 == 0o444
 
@@ -198,3 +201,78 @@ def test_restore_to_a_file_is_identical_and_sparse(chain, repo, tmp_path):
     assert files_equal(dst, chain[-1])
     p = repo_tool("restore", repo, VDI, "2020-01-01T000000Z", tmp_path / "x.img", check=False)
     assert p.returncode == 2 and "has no point" in p.stderr
+
+
+def fs_image(path, size_mib, kind, files=None, tmp=None):
+    """A file system image: ext4 filled from a directory, or an empty vfat."""
+    if kind == "ext4":
+        src = tmp / (path.name + ".d")
+        src.mkdir()
+        for name, text in (files or {}).items():
+            (src / name).write_text(text)
+        run("mkfs.ext4", "-q", "-F", "-d", src, path, f"{size_mib}M")
+    else:
+        run("mkfs.vfat", "-C", path, str(size_mib * 1024))
+    return path
+
+
+def place(disk, offset, image):
+    with open(disk, "r+b") as d, open(image, "rb") as f:
+        d.seek(offset)
+        d.write(f.read())
+
+
+def test_partitions_are_files_that_loop_mount(tmp_path, repo, mnt):
+    mib, sector = 1 << 20, 512
+    gpt = tmp_path / "gpt.img"
+    with open(gpt, "wb") as f:
+        f.truncate(48 * mib)
+    run("sgdisk", "-n1:2048:+20M", "-n2:0:+16M", gpt)
+    ext = fs_image(tmp_path / "g1.ext4", 20, "ext4", {"hello.txt": "from GPT partition 1\n"}, tmp_path)
+    fat = fs_image(tmp_path / "g2.vfat", 16, "vfat")
+    place(gpt, 2048 * sector, ext)
+    start2 = int(run("sgdisk", "-i2", gpt).stdout.split("First sector: ")[1].split()[0])
+    place(gpt, start2 * sector, fat)
+
+    mbr = tmp_path / "mbr.img"
+    with open(mbr, "wb") as f:
+        f.truncate(64 * mib)
+    # a primary, then an extended partition holding two logical ones
+    run("sfdisk", "-q", mbr, input="label: dos\n"
+        "start=2048, size=20480, type=83\n"
+        "start=22528, size=81920, type=5\n"
+        "start=24576, size=40960, type=83\n"
+        "start=67584, size=30720, type=c\n")
+    p1 = fs_image(tmp_path / "m1.ext4", 10, "ext4", {"a.txt": "primary\n"}, tmp_path)
+    p5 = fs_image(tmp_path / "m5.ext4", 20, "ext4", {"b.txt": "first logical\n"}, tmp_path)
+    p6 = fs_image(tmp_path / "m6.vfat", 15, "vfat")
+    for start, img in ((2048, p1), (24576, p5), (67584, p6)):
+        place(mbr, start * sector, img)
+
+    vg, vm = "6f7a8b9c-0d1e-4f2a-8b3c-4d5e6f7a8b9c", "7a8b9c0d-1e2f-4a3b-8c4d-5e6f7a8b9c0d"
+    import_image(repo, gpt, vg, "2026-11-20T03:00:00Z")
+    import_image(repo, mbr, vm, "2026-11-20T03:00:00Z")
+    with Mount(repo, mnt) as m:
+        base = "2026-11-20T030000Z"
+        assert sorted(os.listdir(m.path(vg))) == [f"{base}-part1.raw", f"{base}-part2.raw", f"{base}.raw", "latest.raw"]
+        assert sorted(os.listdir(m.path(vm))) == [f"{base}-part1.raw", f"{base}-part5.raw", f"{base}-part6.raw",
+                                                  f"{base}.raw", "latest.raw"]
+        for vdi, n, img in ((vg, 1, ext), (vg, 2, fat), (vm, 1, p1), (vm, 5, p5), (vm, 6, p6)):
+            part = m.path(vdi, f"{base}-part{n}.raw")
+            assert os.path.getsize(part) == os.path.getsize(img)
+            assert files_equal(part, img), part
+            assert os.getxattr(part, "user.cbtfs.partition") == str(n).encode()
+        # No offset arithmetic: the partition files mount as they are.
+        with mount_ro(m.path(vg, f"{base}-part1.raw"), 0) as fs:
+            assert open(os.path.join(fs, "hello.txt")).read() == "from GPT partition 1\n"
+        with mount_ro(m.path(vm, f"{base}-part5.raw"), 0) as fs:
+            assert open(os.path.join(fs, "b.txt")).read() == "first logical\n"
+        # (This kernel may lack vfat: the FAT partition is checked by its bytes
+        # above and by its boot sector here.)
+        with open(m.path(vm, f"{base}-part6.raw"), "rb") as f:
+            assert f.read(512)[510:] == b"\x55\xaa"
+        # Reads stop at the partition's end; holes are found within it.
+        with open(m.path(vm, f"{base}-part1.raw"), "rb") as f:
+            f.seek(os.path.getsize(p1) - 10)
+            assert f.read(100) == open(p1, "rb").read()[-10:]
+            assert os.lseek(f.fileno(), 0, os.SEEK_DATA) == 0

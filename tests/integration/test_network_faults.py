@@ -102,7 +102,7 @@ def fails_cleanly(sim, repo, disk, p, summary, before, *needles):
     """Exit 1, a FAILED line with each needle, no new point, a sound repository,
     no snapshot with data on the host, the latest point's snapshot kept."""
     assert p.returncode == 1, (p.returncode, p.stderr)
-    failed = [line for line in p.stderr.splitlines() if "FAILED" in line]
+    failed = [line for line in p.stderr.splitlines() if "FAILED:" in line]
     assert len(failed) == 1 and disk["uuid"] in failed[0], p.stderr
     for needle in needles:
         assert needle in failed[0], (needle, p.stderr)
