@@ -33,6 +33,8 @@ struct Options {
   unsigned mode = 0400;
   unsigned readahead_kb = 4096;
   char* cache_dir = nullptr;      // S3 only
+  int overlay = 0;
+  char* overlay_dir = nullptr;    // overlay=DIR; plain "overlay" keeps the writes in RAM
   unsigned cache_mb = 2048;
   int help = 0;
   int version = 0;
@@ -41,6 +43,7 @@ struct Options {
 #define CBTFS_OPT(t, p) {t, offsetof(Options, p), 1}
 const fuse_opt kOptions[] = {CBTFS_OPT("mode=%o", mode),      CBTFS_OPT("readahead_kb=%u", readahead_kb),
                              CBTFS_OPT("cache_dir=%s", cache_dir), CBTFS_OPT("cache_mb=%u", cache_mb),
+                             CBTFS_OPT("overlay", overlay),  CBTFS_OPT("overlay=%s", overlay_dir),
                              CBTFS_OPT("-h", help),          CBTFS_OPT("--help", help),
                              CBTFS_OPT("-V", version), CBTFS_OPT("--version", version), FUSE_OPT_END};
 
@@ -71,6 +74,8 @@ void usage() {
       "  -s                 single-threaded\n"
       "  -o mode=OCTAL      permission bits of the images (default 0400)\n"
       "  -o readahead_kb=N  kernel readahead of the mount (default 4096)\n"
+      "  -o overlay[=DIR]   images writable; writes kept in RAM (or DIR) and thrown\n"
+      "                     away at unmount; the repository is never written\n"
       "  -o cache_dir=DIR   S3 repositories: where the read cache lives (default /var/tmp)\n"
       "  -o cache_mb=N      S3 repositories: read cache size in MiB (default 2048)\n"
       "  -o allow_other     let other users in (the mode still applies)\n"
@@ -117,6 +122,8 @@ int main(int argc, char* argv[]) {
   Options o;
   if (fuse_opt_parse(&args, &o, kOptions, collect) != 0) return kUsage;
   std::unique_ptr<char, decltype(&free)> cache_dir_guard(o.cache_dir, &free);  // fuse_opt strdup'ed it
+  std::unique_ptr<char, decltype(&free)> overlay_dir_guard(o.overlay_dir, &free);
+  if (o.overlay_dir) o.overlay = 1;
   if (o.help) {
     usage();
     return kOk;
@@ -161,8 +168,10 @@ int main(int argc, char* argv[]) {
     return kBadRepo;
   }
 
-  // Read-only, and the kernel enforces the mode bits even with allow_other.
-  std::string fixed = "-oro,default_permissions,fsname=" + escape_commas(real) + ",subtype=cbtfs";
+  // Read-only (unless writes go to an overlay), and the kernel enforces the
+  // mode bits even with allow_other.
+  std::string fixed = std::string(o.overlay ? "-o" : "-oro,") + "default_permissions,fsname=" + escape_commas(real) +
+                      ",subtype=cbtfs";
   fuse_opt_add_arg(&args, fixed.c_str());
 
   fuse_cmdline_opts cmd{};
@@ -174,7 +183,8 @@ int main(int argc, char* argv[]) {
   }
   openlog("cbtfs", LOG_PID | (cmd.foreground ? LOG_PERROR : 0), LOG_DAEMON);
 
-  cbtfs::MountState st{cbtfs::MountView(repo), static_cast<mode_t>(o.mode), getuid(), getgid(), time(nullptr), o.readahead_kb};
+  cbtfs::MountState st{cbtfs::MountView(repo), static_cast<mode_t>(o.mode), getuid(), getgid(), time(nullptr), o.readahead_kb, nullptr};
+  if (o.overlay) st.overlay = std::make_unique<cbtfs::OverlayStore>(o.overlay_dir ? o.overlay_dir : "");
   fuse* f = fuse_new(&args, &cbtfs::fuse_operations_table(), sizeof(fuse_operations), &st);
   if (!f) return kUsage;
   int rc = kMountFailed;

@@ -55,7 +55,7 @@ void fill_stat(const ViewEntry& e, struct stat* st) {
       st->st_nlink = 2;
       break;
     case ViewEntry::Kind::Image:
-      st->st_mode = S_IFREG | s.image_mode;
+      st->st_mode = S_IFREG | s.image_mode | (s.overlay ? S_IWUSR : 0);
       st->st_nlink = 1;
       st->st_size = static_cast<off_t>(e.size);
       st->st_blksize = kBlockSize;
@@ -75,6 +75,7 @@ void fill_stat(const ViewEntry& e, struct stat* st) {
 struct OpenImage {
   ViewEntry entry;
   PointReader reader;
+  std::shared_ptr<PointOverlay> overlay;  // with -o overlay: shared by every file of the point
 };
 
 OpenImage* image_of(fuse_file_info* fi) { return reinterpret_cast<OpenImage*>(fi->fh); }
@@ -88,6 +89,12 @@ void* op_init(fuse_conn_info* conn, fuse_config* cfg) {
   cfg->kernel_cache = 1;
   conn->max_write = 1 << 20;  // also raises max_pages, hence the largest read
   auto* st = static_cast<MountState*>(fuse_get_context()->private_data);
+  if (st->overlay) {
+    // A point shows as several files (the image, its partitions): a write
+    // through one must be seen through the others, so no page cache.
+    cfg->kernel_cache = 0;
+    cfg->direct_io = 1;
+  }
   conn->max_readahead = st->readahead_kb * 1024;
   return st;
 }
@@ -135,12 +142,15 @@ int op_readdir(const char* path, void* buf, fuse_fill_dir_t fill, off_t, fuse_fi
 
 int op_open(const char* path, fuse_file_info* fi) {
   return guarded("open", path, [&] {
-    if ((fi->flags & O_ACCMODE) != O_RDONLY) return -EROFS;
-    auto e = state().view.lookup(path);
+    auto& s = state();
+    if ((fi->flags & O_ACCMODE) != O_RDONLY && !s.overlay) return -EROFS;
+    auto e = s.view.lookup(path);
     if (!e) return -ENOENT;
     if (e->kind != ViewEntry::Kind::Image) return -EISDIR;
-    fi->fh = reinterpret_cast<uint64_t>(new OpenImage{*e, PointReader(state().view.repo_ptr(), e->point)});
-    fi->keep_cache = 1;
+    auto overlay = s.overlay ? s.overlay->of(*e->point) : nullptr;
+    fi->fh = reinterpret_cast<uint64_t>(new OpenImage{*e, PointReader(s.view.repo_ptr(), e->point), overlay});
+    fi->keep_cache = !overlay;
+    fi->direct_io = overlay != nullptr;
     return 0;
   });
 }
@@ -152,10 +162,46 @@ int op_read(const char* path, char* buf, size_t size, off_t off, fuse_file_info*
     auto pos = static_cast<uint64_t>(off);
     if (pos >= img.entry.size) return 0;
     size = static_cast<size_t>(std::min<uint64_t>(size, img.entry.size - pos));
-    size_t n = img.reader.read(img.entry.offset + pos, {reinterpret_cast<std::byte*>(buf), size});
+    std::span<std::byte> out{reinterpret_cast<std::byte*>(buf), size};
+    size_t n = img.overlay ? img.overlay->read(img.reader, img.entry.offset + pos, out)
+                           : img.reader.read(img.entry.offset + pos, out);
     return static_cast<int>(n);
   });
 }
+
+int op_write(const char* path, const char* buf, size_t size, off_t off, fuse_file_info* fi) {
+  return guarded("write", path, [&] {
+    auto& img = *image_of(fi);
+    if (!img.overlay) return -EROFS;
+    if (off < 0) return -EINVAL;
+    auto pos = static_cast<uint64_t>(off);
+    if (pos >= img.entry.size) return size ? -ENOSPC : 0;  // an image cannot grow
+    size = static_cast<size_t>(std::min<uint64_t>(size, img.entry.size - pos));
+    img.overlay->write(img.reader, img.entry.offset + pos, {reinterpret_cast<const std::byte*>(buf), size});
+    return static_cast<int>(size);
+  });
+}
+
+// Images keep their size; truncating to it (as some tools do) is no change.
+int op_truncate(const char* path, off_t size, fuse_file_info* fi) {
+  return guarded("truncate", path, [&] {
+    if (!state().overlay) return -EROFS;
+    uint64_t have = 0;
+    if (fi && fi->fh) {
+      have = image_of(fi)->entry.size;
+    } else {
+      auto e = state().view.lookup(path);
+      if (!e) return -ENOENT;
+      if (e->kind != ViewEntry::Kind::Image) return -EISDIR;
+      have = e->size;
+    }
+    return static_cast<uint64_t>(size) == have ? 0 : -EPERM;
+  });
+}
+
+// Overlay writes are thrown away at unmount by design: nothing to make durable.
+int op_fsync(const char*, int, fuse_file_info*) { return 0; }
+int op_flush(const char*, fuse_file_info*) { return 0; }
 
 int op_release(const char*, fuse_file_info* fi) {
   delete image_of(fi);
@@ -170,6 +216,8 @@ off_t op_lseek(const char* path, off_t off, int whence, fuse_file_info* fi) {
     auto pos = static_cast<uint64_t>(off);
     if (whence != SEEK_DATA && whence != SEEK_HOLE) return -EINVAL;
     if (pos >= img.entry.size) return -ENXIO;
+    // Written pages are data wherever they are: no holes are claimed.
+    if (img.overlay && img.overlay->written()) return whence == SEEK_DATA ? off : static_cast<off_t>(img.entry.size);
     uint64_t at = img.entry.offset + pos, end = img.entry.offset + img.entry.size;
     uint64_t found = std::min(whence == SEEK_DATA ? r.next_data(at) : r.next_hole(at), end);
     if (whence == SEEK_DATA && found >= end) return -ENXIO;
@@ -215,6 +263,10 @@ fuse_operations make_table() {
   ops.readdir = op_readdir;
   ops.open = op_open;
   ops.read = op_read;
+  ops.write = op_write;
+  ops.truncate = op_truncate;
+  ops.fsync = op_fsync;
+  ops.flush = op_flush;
   ops.release = op_release;
   ops.lseek = op_lseek;
   ops.getxattr = op_getxattr;

@@ -1,11 +1,15 @@
 // The FUSE operations table of cbtfs. It only translates: paths go to a
-// MountView, reads to a PointReader, exceptions to errno.
+// MountView, reads to a PointReader (through the overlay when there is
+// one, as are writes), exceptions to errno.
 #pragma once
 
 #include <fuse3/fuse.h>
 #include <sys/types.h>
 
+#include <memory>
+
 #include "cbtfs/mount_view.hpp"
+#include "cbtfs/overlay.hpp"
 
 namespace cbtfs {
 
@@ -16,6 +20,7 @@ struct MountState {
   gid_t gid = 0;
   time_t mount_time = 0;
   unsigned readahead_kb = 4096;
+  std::unique_ptr<OverlayStore> overlay;  // -o overlay: images writable, writes thrown away
 };
 
 // The state is reached through fuse_get_context()->private_data, so tests

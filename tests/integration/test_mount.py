@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import BLOCK, CBTFS, Mount, files_equal, import_image, ls_json, repo_tool, run, write_at
-from disk import PART_START, Disk, mount_ro
+from disk import PART_START, Disk, _FsMount, mount_ro
 
 VDI = "6f4b1c2e-0a3d-4e5f-8a9b-0c1d2e3f4a5b"
 TIMES = ["2026-11-20T03:00:00Z", "2026-11-21T03:00:00Z", "2026-11-22T03:00:00Z", "2026-11-23T03:00:00Z"]
@@ -276,3 +276,64 @@ def test_partitions_are_files_that_loop_mount(tmp_path, repo, mnt):
             f.seek(os.path.getsize(p1) - 10)
             assert f.read(100) == open(p1, "rb").read()[-10:]
             assert os.lseek(f.fileno(), 0, os.SEEK_DATA) == 0
+
+
+def tree_digest(root):
+    import hashlib
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+def test_overlay_makes_points_writable_and_forgets(chain, repo, mnt):
+    before = tree_digest(repo)
+    with Mount(repo, mnt, "-o", "overlay") as m:
+        img, part = m.path(VDI, NAMES[0]), m.path(VDI, PART1[0])
+        assert os.stat(img).st_mode & 0o777 == 0o600
+        # A real file system, mounted read-write from a point, then checked.
+        with _FsMount(part, 0, ro=False) as fs:
+            with open(os.path.join(fs, "new.txt"), "w") as f:
+                f.write("written on the overlay\n")
+            os.unlink(os.path.join(fs, "hello.txt"))
+        assert run("e2fsck", "-f", "-n", part, check=False).returncode == 0
+        # The whole image shows what went through its partition's file.
+        with mount_ro(img) as fs:
+            assert open(os.path.join(fs, "new.txt")).read() == "written on the overlay\n"
+            assert not os.path.exists(os.path.join(fs, "hello.txt"))
+        # Other points are untouched, and an image cannot grow.
+        assert files_equal(m.path(VDI, NAMES[1]), chain[1])
+        fd = os.open(img, os.O_WRONLY)
+        try:
+            with pytest.raises(OSError) as e:
+                os.pwrite(fd, b"x", os.path.getsize(img))
+            assert e.value.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+    # The repository was never written, and the writes are gone.
+    assert tree_digest(repo) == before
+    with Mount(repo, mnt) as m:
+        assert files_equal(m.path(VDI, NAMES[0]), chain[0])
+        with pytest.raises(OSError) as e:
+            os.open(m.path(VDI, NAMES[0]), os.O_RDWR)
+        assert e.value.errno in (errno.EROFS, errno.EACCES)
+    assert repo_tool("verify", repo).returncode == 0
+
+
+def test_overlay_in_a_directory(chain, repo, mnt, tmp_path):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with Mount(repo, mnt, "-o", f"overlay={scratch}") as m:
+        img = m.path(VDI, NAMES[2])
+        with open(img, "r+b") as f:
+            f.seek(12345)
+            f.write(b"overlay bytes")
+        with open(img, "rb") as f:
+            f.seek(12340)
+            want = open(chain[2], "rb").read()[12340:12345] + b"overlay bytes"
+            assert f.read(18) == want
+        assert os.listdir(scratch) == []  # unlinked scratch files: nothing to clean up
+    with Mount(repo, mnt) as m:
+        assert files_equal(m.path(VDI, NAMES[2]), chain[2])

@@ -1,7 +1,8 @@
 """cbtfs-ingest under network faults, against the XAPI simulator: XAPI calls
-that time out, get HTTP 500 or an answer that is not XML, a session that
-expires in the middle of a run, NBD reads that fail for a while, for good, or
-slowly. Each fault is retried a bounded number of times (cbtfs-ingest(1),
+that time out, lose their answer, get HTTP 500 or an answer that is not XML, a
+session that expires in the middle of a run, NBD reads that fail for a while,
+for good, or slowly. A read-only call or an NBD read is retried a bounded
+number of times, a call that changes something is not repeated (cbtfs-ingest(1),
 --xapi-timeout and FAILURES); then the run either succeeds, or fails cleanly:
 exit status 1, a FAILED line naming the fault, no half point, no snapshot with
 data left on the host, the previous metadata-only snapshot kept. The next run
@@ -168,7 +169,7 @@ def test_a_snapshot_that_times_out_is_not_repeated(sim, repo, mnt, disk):
     backed_up(sim, repo, disk)
     changed = change(sim, disk, 4)
     before = points(repo)
-    delay = TIMEOUT + 2
+    delay = TIMEOUT + 3
     sim.post("/fail", {"method": "VDI.snapshot", "delay": delay, "count": 1})
     p, summary, seconds = ingest(sim, repo, disk, "--xapi-timeout", TIMEOUT)
     assert calls(sim, "VDI.snapshot") == 1
@@ -181,16 +182,23 @@ def test_a_snapshot_that_times_out_is_not_repeated(sim, repo, mnt, disk):
     next_run_is_right(sim, repo, mnt, disk, changed)
 
 
-def test_a_lost_snapshot_answer_leaves_a_snapshot_the_next_run_removes(sim, repo, mnt, disk):
-    """The host made the snapshot but its answer came garbled: the call is not
-    repeated, and the snapshot, unnamed, is left to the next run (the journal)."""
+@pytest.mark.parametrize("fault", ["malformed", "no_answer"])
+def test_a_lost_snapshot_answer_is_not_resent_and_the_next_run_cleans_up(sim, repo, mnt, disk, fault):
+    """The host made the snapshot, but its answer came garbled or not at all:
+    the call is not repeated (a second snapshot would be made), the VDI fails,
+    and the snapshot it never learnt of, unnamed, is removed by the next run
+    (the journal)."""
     backed_up(sim, repo, disk)
     changed = change(sim, disk, 5)
     before = points(repo)
-    sim.post("/fail", {"method": "VDI.snapshot", "malformed": True, "count": 1})
+    sim.post("/fail", {"method": "VDI.snapshot", fault: True, "count": 1})
     p, summary, _ = ingest(sim, repo, disk)
-    assert p.returncode == 1 and "snapshot failed: XAPI response is not XML" in p.stderr, p.stderr
-    assert calls(sim, "VDI.snapshot") == 1
+    # Resent, the call would make a second snapshot, and the first one, which
+    # nobody names or records, would keep its data on the host for good.
+    # (An HTTP client may resend by itself a request that got no answer on a
+    # connection it reused.)
+    assert calls(sim, "VDI.snapshot") == 1, f"VDI.snapshot was sent again after its answer was lost:\n{p.stderr}"
+    assert p.returncode == 1 and "snapshot failed: " in p.stderr, p.stderr
     assert points(repo) == before
     assert repo_tool("verify", repo).returncode == 0
     left = data_snapshots(sim)
@@ -202,7 +210,59 @@ def test_a_lost_snapshot_answer_leaves_a_snapshot_the_next_run_removes(sim, repo
     stored_equals_disk(repo, mnt, disk)
 
 
-# --- XAPI: HTTP 500 and answers that are not XML ------------------------------------------
+def test_a_lost_data_destroy_answer_after_the_commit(sim, repo, mnt, disk):
+    """The point is committed; the answer to making its snapshot metadata-only
+    is lost. The point stays a success, and no snapshot with data stays."""
+    backed_up(sim, repo, disk)
+    change(sim, disk, 13)
+    count = len(points(repo))
+    sim.post("/fail", {"method": "VDI.data_destroy", "no_answer": True, "count": 1})
+    out, log, _ = succeeds(sim, repo, disk)
+    assert not out["full"] and len(points(repo)) == count + 1
+    assert data_snapshots(sim) == []
+    assert repo_tool("verify", repo).returncode == 0
+    # Made metadata-only after all (the host did it) or destroyed, as the log says.
+    snaps = sim.snapshots_of(disk["uuid"])
+    if "destroyed it, so the next run is a full one" not in log:
+        assert [(v["uuid"], v["type"]) for v in snaps] == [(out["snapshot_uuid"], "cbt_metadata")], (snaps, log)
+    changed = change(sim, disk, 14)
+    out, _, _ = succeeds(sim, repo, disk)
+    if snaps:
+        assert not out["full"] and out["blocks_read"] == changed, out
+    else:
+        assert out["full"] and "is gone from the host" in out["chain_reason"], out
+    assert data_snapshots(sim) == []
+    stored_equals_disk(repo, mnt, disk)
+
+
+def test_a_login_that_times_out(sim, repo, mnt, disk):
+    """Not retried: exit status 4, and nothing is touched."""
+    delay = TIMEOUT + 2
+    sim.post("/fail", {"method": "session.login_with_password", "delay": delay, "count": 1})
+    p, _, seconds = ingest(sim, repo, disk, "--xapi-timeout", TIMEOUT)
+    assert p.returncode == 4, p.stderr
+    assert "cannot log in" in p.stderr and "timed out" in p.stderr, p.stderr
+    assert seconds < delay and calls(sim, "session.login_with_password") == 1
+    assert ls_json(repo)["vdis"] == []
+    assert [v for v in sim.vdis() if v["is_a_snapshot"]] == []
+    time.sleep(delay)                               # the host is done with the abandoned login
+    out, _, _ = succeeds(sim, repo, disk)
+    assert out["full"] and out["bytes_read"] == SIZE
+    stored_equals_disk(repo, mnt, disk)
+
+
+# --- XAPI: lost answers, HTTP 500 and answers that are not XML ----------------------------
+
+def test_a_read_only_call_whose_answer_is_lost_is_retried(sim, repo, mnt, disk):
+    backed_up(sim, repo, disk)
+    changed = change(sim, disk, 15)
+    sim.post("/fail", {"method": "VDI.list_changed_blocks", "no_answer": True, "count": 2})
+    out, _, seconds = succeeds(sim, repo, disk)
+    assert calls(sim, "VDI.list_changed_blocks") == 3 and seconds >= 1
+    assert not out["full"] and out["blocks_read"] == changed, out
+    assert data_snapshots(sim) == []
+    stored_equals_disk(repo, mnt, disk)
+
 
 def test_http_500_on_a_read_only_call(sim, repo, mnt, disk):
     backed_up(sim, repo, disk)

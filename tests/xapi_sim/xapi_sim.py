@@ -941,6 +941,7 @@ class FailRule:
     http_status: "int | None" = None
     delay: float = 0.0
     malformed: bool = False         # the call is made; its answer is cut off halfway
+    no_answer: bool = False         # the call is made; the connection closes without an answer
     expire_session: bool = False    # the call's session is logged out first
 
 
@@ -988,7 +989,7 @@ class Host:
 
 @dataclass
 class Reply:
-    status: int
+    status: int             # 0: close the connection without an answer
     body: bytes
     content_type: str = "text/xml"
 
@@ -1045,6 +1046,9 @@ class XapiService:
             result = {"Status": "Failure", "ErrorDescription": e.description}
             log(f"{method}: {' '.join(e.description)}")
         body = method_response(result)
+        if rule is not None and rule.no_answer:
+            log(f"{method}: closing the connection without an answer")
+            return Reply(0, b"")
         if rule is not None and rule.malformed:
             # A garbled answer: well-formed XML up to the middle, then nothing.
             log(f"{method}: injected a malformed answer")
@@ -1316,9 +1320,11 @@ class ControlApi:
         rule = FailRule(count=int_field(body, "count", 1), error=[str(e) for e in error or []] or None,
                         http_status=body.get("http_status") and int_field(body, "http_status"),
                         delay=float(body.get("delay", 0)), malformed=bool(body.get("malformed", False)),
+                        no_answer=bool(body.get("no_answer", False)),
                         expire_session=bool(body.get("expire_session", False)))
-        if not (rule.error or rule.http_status or rule.delay or rule.malformed or rule.expire_session):
-            raise HttpError(400, "give error, http_status, delay, malformed or expire_session")
+        if not (rule.error or rule.http_status or rule.delay or rule.malformed or rule.no_answer
+                or rule.expire_session):
+            raise HttpError(400, "give error, http_status, delay, malformed, no_answer or expire_session")
         self.host.fail_rules[method] = rule
         return {"method": method, "count": rule.count}
 
@@ -1412,6 +1418,9 @@ class XapiHandler(Handler):
             self.close_connection = True
             return self.reply_text(e.status, e.message + "\n")
         r = self.server.service.call(method, params, self.client_gone)
+        if r.status == 0:           # an injected lost answer
+            self.close_connection = True
+            return
         try:
             self.reply(r.status, r.body, r.content_type)
         except OSError as e:        # the client gave up on the call (a timeout) and closed
