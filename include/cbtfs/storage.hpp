@@ -4,7 +4,8 @@
 // rests on three promises made here:
 //   - an object created with create() is invisible under its key until
 //     commit() returns, and durable once it has returned;
-//   - objects are never modified after commit, only removed;
+//   - objects are never modified after commit, only removed, or have byte
+//     ranges that nothing references any more discarded;
 //   - try_lock() gives one holder at a time and is released when the
 //     holder dies.
 // A local directory implements it with rename/fsync/flock; an object store
@@ -62,6 +63,11 @@ class Storage {
   }
   // Durable when it returns; removing what does not exist is no error.
   virtual void remove(const std::string& key) = 0;
+  // Gives back the space of a byte range of an object that no reader will
+  // ever ask for again (offsets of the rest unchanged); returns the bytes
+  // freed, 0 where the storage cannot. discardable() says it without doing it.
+  virtual uint64_t discard(const std::string& /*key*/, uint64_t /*offset*/, uint64_t /*length*/) { return 0; }
+  virtual uint64_t discardable(const std::string& /*key*/, uint64_t /*offset*/, uint64_t /*length*/) { return 0; }
   // Removes what dead writers left under prefix (objects never committed).
   // Only safe while holding the lock that guards that prefix.
   virtual void remove_temporaries(const std::string& prefix) = 0;

@@ -30,7 +30,10 @@ int cmd_prune(const PruneArgs& a) {
   }
   std::printf("%s %llu point(s), %s %s", a.dry_run ? "would remove" : "removed",
               static_cast<unsigned long long>(removed), human_bytes(freed).c_str(), a.dry_run ? "would be freed" : "freed");
-  if (dead) std::printf(" (%s more is held by packs that remaining points still share)", human_bytes(dead).c_str());
+  if (dead)
+    std::printf(" (%s no longer needed stays allocated: pieces of file-system blocks that remaining points "
+                "share, or a storage that cannot free ranges of an object)",
+                human_bytes(dead).c_str());
   std::printf("\n");
   return kExitOk;
 }

@@ -1,6 +1,8 @@
 #include "cbtfs/prune.hpp"
 
+#include <algorithm>
 #include <ctime>
+#include <functional>
 #include <map>
 #include <set>
 
@@ -31,13 +33,14 @@ int64_t bucket(int64_t t, int rule) {
   }
 }
 
-// Bytes each pack holds for the given points' trees.
-std::map<uint32_t, uint64_t> live_bytes(Repository& repo, const std::string& vdi, const std::vector<ManifestPtr>& points) {
-  std::map<uint32_t, uint64_t> live;
+// The records (offset, length) each pack holds for the given points' trees.
+using Ranges = std::vector<std::pair<uint64_t, uint64_t>>;
+std::map<uint32_t, Ranges> live_records(Repository& repo, const std::string& vdi, const std::vector<ManifestPtr>& points) {
+  std::map<uint32_t, Ranges> live;
   std::set<std::pair<uint32_t, uint64_t>> seen;
   std::function<void(const BlockRef&, uint32_t)> walk = [&](const BlockRef& ref, uint32_t level) {
     if (ref.is_zero() || !seen.insert({ref.pack, ref.offset}).second) return;
-    live[ref.pack] += ref.length();
+    live[ref.pack].emplace_back(ref.offset, ref.length());
     if (level == 0) return;
     auto node = repo.node(vdi, ref);
     for (uint32_t i = 0; i < kFanout; ++i) walk(decode_ref(node->data() + i * kRefSize), level - 1);
@@ -96,19 +99,36 @@ PruneReport prune_vdi(std::shared_ptr<Repository> repo, const std::string& vdi, 
         st.remove(Repository::point_key(vdi, pl.points[i]->seq));
         repo->forget_point(vdi, pl.points[i]->seq);
       }
-  auto live = live_bytes(*repo, vdi, remaining);
+  auto live = live_records(*repo, vdi, remaining);
   for (auto& n : st.list("vdis/" + vdi + "/packs")) {
     uint32_t pack = parse_pack_name(n);
     if (!pack) continue;
-    uint64_t size = st.size("vdis/" + vdi + "/packs/" + n).value_or(0);
+    std::string key = "vdis/" + vdi + "/packs/" + n;
+    uint64_t size = st.size(key).value_or(0);
     auto it = live.find(pack);
     if (it == live.end()) {
-      if (!dry_run) st.remove("vdis/" + vdi + "/packs/" + n);
+      if (!dry_run) st.remove(key);
       ++r.packs_deleted;
       r.bytes_freed += size;
-    } else if (size > it->second + kPackHeaderSize) {
-      r.bytes_dead += size - it->second - kPackHeaderSize;
+      continue;
     }
+    // A pack some remaining point still needs: the records only removed
+    // points used are gaps between live ones. Where the storage can, their
+    // space is given back in place (nothing moves, so no reference changes).
+    auto& ranges = it->second;
+    std::sort(ranges.begin(), ranges.end());
+    uint64_t pos = kPackHeaderSize;
+    auto gap = [&](uint64_t from, uint64_t to) {
+      if (to <= from) return;
+      uint64_t freed = dry_run ? st.discardable(key, from, to - from) : st.discard(key, from, to - from);
+      r.bytes_freed += freed;
+      r.bytes_dead += to - from - freed;
+    };
+    for (auto& [off, len] : ranges) {
+      gap(pos, off);
+      pos = std::max(pos, off + len);
+    }
+    gap(pos, size);
   }
   return r;
 }

@@ -88,6 +88,12 @@ class CachedStorage final : public Storage {
     inner_->remove(key);
   }
   void remove_temporaries(const std::string& prefix) override { inner_->remove_temporaries(prefix); }
+  uint64_t discard(const std::string& key, uint64_t offset, uint64_t length) override {
+    return inner_->discard(key, offset, length);
+  }
+  uint64_t discardable(const std::string& key, uint64_t offset, uint64_t length) override {
+    return inner_->discardable(key, offset, length);
+  }
   std::unique_ptr<StorageLock> try_lock(const std::string& key, const std::string& holder) override {
     return inner_->try_lock(key, holder);
   }

@@ -309,6 +309,25 @@ class LocalStorage final : public Storage {
     if (::fsync(dir.get()) != 0) root_.fail_at("cannot fsync directory", parent_of(key));
   }
 
+  // Whole file-system blocks inside the range become a hole (punching is
+  // done in 4 KiB units: what the file systems cbtfs runs on use).
+  uint64_t discard(const std::string& key, uint64_t offset, uint64_t length) override {
+    uint64_t n = discardable(key, offset, length);
+    if (!n) return 0;
+    Fd fd = root_.must_open(key, O_WRONLY, "cannot open");
+    uint64_t first = (offset + kPunch - 1) / kPunch * kPunch;
+    if (::fallocate(fd.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(first),
+                    static_cast<off_t>(n)) != 0) {
+      if (errno == EOPNOTSUPP) return 0;
+      root_.fail_at("cannot free space in", key);
+    }
+    return n;
+  }
+  uint64_t discardable(const std::string&, uint64_t offset, uint64_t length) override {
+    uint64_t first = (offset + kPunch - 1) / kPunch * kPunch, end = (offset + length) / kPunch * kPunch;
+    return end > first ? end - first : 0;
+  }
+
   std::unique_ptr<StorageLock> try_lock(const std::string& key, const std::string& holder) override {
     root_.make_dirs(parent_of(key));
     Fd fd = root_.must_open(key, O_RDWR | O_CREAT, "cannot open lock file", 0600);
@@ -389,6 +408,7 @@ class LocalStorage final : public Storage {
   }
 
   static constexpr size_t kMaxFds = 256;
+  static constexpr uint64_t kPunch = 4096;
   struct Entry {
     int fd;
     std::list<std::string>::iterator pos;
