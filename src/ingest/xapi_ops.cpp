@@ -146,8 +146,21 @@ std::string list_changed_blocks(xapi::Client& c, const std::string& from_ref, co
   return retry_in_use([&] { return c.call("VDI.list_changed_blocks", {Value(from_ref), Value(to_ref)}).str(); });
 }
 
+// Safe to repeat once we have looked: when the answer was lost, the VDI
+// may already be metadata-only, and then it is done.
 void data_destroy(xapi::Client& c, const std::string& ref) {
-  retry_in_use([&] { c.call("VDI.data_destroy", {Value(ref)}); });
+  for (int attempt = 0;; ++attempt) {
+    try {
+      retry_in_use([&] { c.call("VDI.data_destroy", {Value(ref)}); });
+      return;
+    } catch (const xapi::XapiError&) {
+      throw;
+    } catch (const std::runtime_error&) {  // no answer, or a garbled one
+      if (attempt >= 2) throw;
+      std::this_thread::sleep_for(std::chrono::seconds(1 << attempt));
+      if (get_vdi(c, ref).type == "cbt_metadata") return;
+    }
+  }
 }
 
 void destroy_vdi(xapi::Client& c, const std::string& ref) {

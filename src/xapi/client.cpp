@@ -12,6 +12,13 @@ namespace cbtfs::xapi {
 
 namespace {
 
+// Calls that only read can be repeated safely after a lost or garbled
+// answer; a snapshot or a destroy cannot (it may have happened).
+bool read_only(const std::string& method) {
+  auto op = method.substr(method.find('.') + 1);
+  return op.rfind("get_", 0) == 0 || op == "list_changed_blocks";
+}
+
 // What an admin should do about the errors a backup run meets.
 std::string explain(const std::string& method, const std::vector<std::string>& d) {
   static const std::map<std::string, std::string> hints = {
@@ -72,7 +79,7 @@ Client::~Client() {
   curl_easy_cleanup(static_cast<CURL*>(curl_));
 }
 
-std::string Client::post(const std::string& body) {
+std::string Client::post(const std::string& body, bool fresh) {
   CURL* c = static_cast<CURL*>(curl_);
   curl_easy_reset(c);
   std::string response;
@@ -88,6 +95,13 @@ std::string Client::post(const std::string& body) {
   curl_easy_setopt(c, CURLOPT_ERRORBUFFER, err);
   curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT, 30L);
   curl_easy_setopt(c, CURLOPT_TIMEOUT, opts_.timeout_seconds);
+  if (fresh) {
+    // libcurl silently sends a request again when a kept-alive connection
+    // turns out dead with no answer, and the first one may have been done:
+    // a call that changes something gets a connection of its own.
+    curl_easy_setopt(c, CURLOPT_FRESH_CONNECT, 1L);
+    curl_easy_setopt(c, CURLOPT_FORBID_REUSE, 1L);
+  }
   curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
   curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
   if (!opts_.ca_file.empty()) curl_easy_setopt(c, CURLOPT_CAINFO, opts_.ca_file.c_str());
@@ -112,7 +126,7 @@ std::string Client::post(const std::string& body) {
 
 Value Client::raw_call(const std::string& method, const std::vector<Value>& params) {
   ++calls_;
-  Value env = decode_response(post(encode_call(method, params)));
+  Value env = decode_response(post(encode_call(method, params), !read_only(method)));
   const std::string& status = env.at("Status").str();
   if (status == "Success") return env.has("Value") ? env.at("Value") : Value();
   if (status != "Failure") throw ProtocolError("XAPI answered status '" + status + "' to " + method);
@@ -169,14 +183,6 @@ void Client::logout() noexcept {
   session_.clear();
 }
 
-namespace {
-// Calls that only read can be repeated safely after a lost or garbled
-// answer; a snapshot or a destroy cannot (it may have happened).
-bool read_only(const std::string& method) {
-  auto op = method.substr(method.find('.') + 1);
-  return op.rfind("get_", 0) == 0 || op == "list_changed_blocks";
-}
-}  // namespace
 
 Value Client::call(const std::string& method, std::vector<Value> args) {
   std::lock_guard g(mu_);

@@ -66,7 +66,8 @@ class Client {
 
  private:
   Value raw_call(const std::string& method, const std::vector<Value>& params);
-  std::string post(const std::string& body);
+  // fresh: on a new connection, never resent by libcurl on its own.
+  std::string post(const std::string& body, bool fresh);
 
   ClientOptions opts_;
   std::mutex mu_;
