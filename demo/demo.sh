@@ -38,8 +38,8 @@ system=$(disk system path); data=$(disk data path)
 echo "XAPI at $url (TLS, CA $ca); NBD served by nbdkit with TLS"
 
 off=$((2048 * 512))
-sgdisk -q -n 1:2048:0 -t 1:8300 "$system"
-mkfs.ext4 -q -F -E offset=$off "$system" $(( 255 * 1024 - 64 ))k
+sgdisk -n 1:2048:0 -t 1:8300 "$system" >/dev/null
+mkfs.ext4 -q -F -E offset=$off,nodiscard "$system" $(( 255 * 1024 - 64 ))k  # discard would wipe the GPT
 mkfs.ext4 -q -F "$data"
 guest() {  # runs a command with the VM's file systems mounted at fs/system and fs/data
   mkdir -p fs/system fs/data
@@ -81,14 +81,14 @@ ls -l mnt/by-name/demo-vm/
 for name in system data; do
   uuid=$(disk $name uuid)
   i=1
-  for img in mnt/$uuid/2*.raw; do
+  for img in mnt/$uuid/2*Z.raw; do
     cmp "$img" "expect/$name-$i.img" && echo "cmp $img expect/$name-$i.img: identical"
     i=$((i + 1))
   done
 done
 uuid=$(disk system uuid)
-first=$(ls mnt/$uuid/2*.raw | head -1)
-mkdir -p old && mount -o loop,ro,offset=$off "$first" old
+first=$(ls mnt/$uuid/2*Z-part1.raw | head -1)
+mkdir -p old && mount -o loop,ro "$first" old
 echo "report.txt in the oldest backup of the system disk: $(cat old/report.txt)"
 umount old
 
@@ -97,7 +97,7 @@ cat <<MSG
 The repository is mounted at $work/mnt (the simulated host has been stopped). Try:
   ls -l $work/mnt/by-name/demo-vm/
   cmp $work/mnt/$uuid/latest.raw $work/expect/system-3.img
-  mount -o loop,ro,offset=$off $work/mnt/$uuid/latest.raw /mnt
+  mount -o loop,ro $work/mnt/$uuid/${first##*/} /mnt        (a partition, as a file)
   getfattr -d $work/mnt/$uuid/latest.raw
 Unmount with: fusermount3 -u $work/mnt
 MSG
