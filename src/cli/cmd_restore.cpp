@@ -6,9 +6,15 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
 
 #include "cbtfs/errors.hpp"
 #include "cbtfs/repository.hpp"
@@ -83,23 +89,47 @@ int cmd_restore(const std::string& path, const std::string& vdi, const std::stri
   } cleanup{dest, !device};
   PointReader reader(repo, m);
   constexpr size_t kChunk = 4 << 20;
-  Bytes buf(kChunk), zeros(device ? kChunk : 0);
-  Progress progress("restore " + format_point_name(m->time), m->virtual_size);
-  uint64_t pos = 0;
-  while (pos < m->virtual_size) {
+  // The map of data and holes first (the index alone), then the data read,
+  // verified and written by a few threads at once: decompression and
+  // checksums are CPU work, and pwrite needs no order.
+  std::vector<std::pair<uint64_t, uint64_t>> work;  // (offset, length) of data
+  Bytes zeros(device ? kChunk : 0);
+  for (uint64_t pos = 0; pos < m->virtual_size;) {
     uint64_t data = reader.next_data(pos);
-    if (data > pos) {  // a hole: a file keeps it, a device gets zeros
-      for (uint64_t z = pos; device && z < data; z += kChunk)
-        write_all(fd, zeros.data(), std::min<uint64_t>(kChunk, data - z), z, dest);
-      pos = data;
-      continue;
-    }
-    uint64_t end = std::min<uint64_t>(reader.next_hole(pos), pos + kChunk);
-    size_t n = reader.read(pos, {buf.data(), static_cast<size_t>(end - pos)});
-    write_all(fd, buf.data(), n, pos, dest);
-    pos += n;
-    progress.update(pos);
+    for (uint64_t z = pos; device && z < data; z += kChunk)  // a hole: a file keeps it, a device gets zeros
+      write_all(fd, zeros.data(), std::min<uint64_t>(kChunk, data - z), z, dest);
+    if (data >= m->virtual_size) break;
+    uint64_t hole = reader.next_hole(data);
+    for (uint64_t p = data; p < hole; p += kChunk) work.emplace_back(p, std::min<uint64_t>(kChunk, hole - p));
+    pos = hole;
   }
+  Progress progress("restore " + format_point_name(m->time), m->virtual_size);
+  std::atomic<size_t> next{0};
+  std::atomic<uint64_t> done{0};
+  std::mutex mu;
+  std::exception_ptr failure;
+  auto worker = [&] {
+    Bytes buf(kChunk);
+    try {
+      for (size_t i; (i = next++) < work.size();) {
+        auto [pos, len] = work[i];
+        size_t n = reader.read(pos, {buf.data(), static_cast<size_t>(len)});
+        write_all(fd, buf.data(), n, pos, dest);
+        done += n;
+        std::lock_guard g(mu);
+        progress.update(done);
+      }
+    } catch (...) {
+      std::lock_guard g(mu);
+      if (!failure) failure = std::current_exception();
+      next = work.size();  // the others stop too
+    }
+  };
+  std::vector<std::thread> threads;
+  unsigned n = std::clamp(std::thread::hardware_concurrency(), 2u, 4u);
+  for (unsigned i = 0; i < n; ++i) threads.emplace_back(worker);
+  for (auto& t : threads) t.join();
+  if (failure) std::rethrow_exception(failure);
   if (::fsync(fd) != 0) throw StorageError("cannot flush " + dest + ": " + std::strerror(errno), errno);
   progress.finish();
   cleanup.armed = false;
