@@ -208,6 +208,7 @@ def test_password_from_environment_and_jobs(sim, repo):
                         "--jobs", "3", "--json", str(repo)], capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stderr
     assert len(json.loads(p.stdout)["vdis"]) == 3
+    assert PASSWORD not in p.stdout + p.stderr  # the --json summary and the log
     # a VM that does not exist: its own failure, exit 1
     p = subprocess.run([INGEST, "--xapi", sim.url, "--ca-file", sim.ca_file, "--vm", "nope", "--vm", "db01",
                         str(repo)], capture_output=True, text=True, env=env)
@@ -455,6 +456,8 @@ def test_no_core_dump_can_carry_the_password(sim, repo, tmp_path):
         while sim.get("/calls").get("VDI.snapshot", 0) == 0:
             assert p.poll() is None and time.monotonic() < deadline
             time.sleep(0.01)
+        # Nor is it on the command line anyone can read in /proc.
+        assert PASSWORD.encode() not in open(f"/proc/{p.pid}/cmdline", "rb").read()
         p.send_signal(signal.SIGQUIT)
         p.wait()
         assert p.returncode == -signal.SIGQUIT

@@ -4,6 +4,7 @@
 // existed before is intact, and the next clean run succeeds.
 #include <catch2/catch.hpp>
 
+#include <cstdio>
 #include <cstring>
 
 #include "cbtfs/errors.hpp"
@@ -115,6 +116,8 @@ TEST_CASE("an error at any step of an import loses nothing") {
       version_of_seq[write_point(clean, disk_version(v + 1000), time++).seq] = v + 1000;
       check_intact(t, version_of_seq);
     }
+    std::printf("import sweep, %s: %llu faults injected, one at each storage operation, nothing lost\n",
+                std::strerror(err), static_cast<unsigned long long>(total));
   }
 }
 
@@ -149,7 +152,11 @@ TEST_CASE("an error at any step of a prune or a forget loses nothing that remain
       check_intact(t, version_of_seq);
       forget_vdi(Repository::open(t.root()), kVdi, "fault sweep");
       CHECK(Repository::open(t.root())->points(kVdi).points.empty());
-      if (done && !fs2->fired()) break;  // n is past the last operation of both
+      if (done && !fs2->fired()) {  // n is past the last operation of both
+        std::printf("prune and forget sweep, %s: %llu faults injected each, nothing lost\n", std::strerror(err),
+                    static_cast<unsigned long long>(n - 1));
+        break;
+      }
     }
   }
 }
