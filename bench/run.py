@@ -954,7 +954,8 @@ def unmount_leftovers():
             subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True)
 
 
-def machine_info():
+def machine_info(cbtfs=CBTFS, peer=("qemu-storage-daemon", "--version")):
+    """One line: CPU, memory, OS, the cbtfs binary and commit, and the peer tool's version."""
     def first(cmd):
         try:
             return subprocess.run(cmd, capture_output=True, text=True).stdout.splitlines()[0].strip()
@@ -965,7 +966,7 @@ def machine_info():
     debian = open("/etc/debian_version").read().strip() if os.path.exists("/etc/debian_version") else "?"
     commit = first(["git", "-C", ROOT, "describe", "--always", "--dirty"])
     return (f"{cpu}, {os.cpu_count()} cores, {mem:.1f} GiB RAM; Debian {debian}, Linux {os.uname().release}; "
-            f"{first([CBTFS, '-V'])}, commit {commit}; {first(['qemu-storage-daemon', '--version'])}")
+            f"{first([cbtfs, '-V'])}, commit {commit}; {first(list(peer))}")
 
 
 def main():

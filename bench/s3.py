@@ -476,19 +476,8 @@ def install_binaries():
 
 
 def machine_info():
-    def first(cmd):
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True).stdout.splitlines()[0].strip()
-        except (OSError, IndexError):
-            return "?"
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    mem = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal")) / MIB
-    debian = open("/etc/debian_version").read().strip() if os.path.exists("/etc/debian_version") else "?"
-    commit = first(["git", "-C", ROOT, "describe", "--always", "--dirty"])
-    fs = first(["stat", "-f", "-c", "%T", WORK])
-    return (f"{cpu}, {os.cpu_count()} cores, {mem:.1f} GiB RAM; Debian {debian}, Linux {os.uname().release}; "
-            f"{first([Bin.cbtfs, '-V'])}, commit {commit}; {first(['radosgw', '--version'])}; "
-            f"{WORK} on {fs}")
+    fs = subprocess.run(["stat", "-f", "-c", "%T", WORK], capture_output=True, text=True).stdout.strip() or "?"
+    return f"{rb.machine_info(Bin.cbtfs, ('radosgw', '--version'))}; {WORK} on {fs}"
 
 
 def main():
