@@ -437,12 +437,16 @@ def test_no_core_dump_can_carry_the_password(sim, repo, tmp_path):
     try:
         with open(core_pattern, "w") as f:
             f.write(f"{cores}/core.%e.%p")
-        # The control: here, a process that may dump core does.
-        p = subprocess.Popen(["sleep", "30"], preexec_fn=unlimited)
-        time.sleep(0.2)
-        p.send_signal(signal.SIGQUIT)
+        # The control: here, a process that may dump core does (it kills
+        # itself once it runs, so no signal can come too early).
+        p = subprocess.Popen(["sh", "-c", "kill -QUIT $$"], preexec_fn=unlimited)
         p.wait()
-        assert list(cores.iterdir()), "this machine does not write core dumps; the test cannot tell"
+        assert p.returncode == -signal.SIGQUIT
+        deadline = time.monotonic() + 5
+        while not list(cores.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(cores.iterdir()), ("this machine does not write core dumps; the test cannot tell",
+                                       open(core_pattern).read(), resource.getrlimit(resource.RLIMIT_CORE))
         for c in cores.iterdir():
             c.unlink()
         # cbtfs-ingest, logged in (the password is in its memory), held up by the host.
