@@ -27,7 +27,7 @@ REPO_TOOL = os.path.abspath(os.path.join(BUILD, "src", "cbtfs-repo"))
 BLOCK = 65536
 BACKEND = os.environ.get("CBTFS_TEST_BACKEND", "local")
 BUCKET = "cbtfs-tests"
-LEASE_SECONDS = 3  # S3 lock lease in tests: a killed writer's lock frees quickly
+LEASE_SECONDS = 2  # S3 lock lease in tests: a killed writer's lock frees quickly
 _rgw = None
 
 
