@@ -73,7 +73,14 @@ class Storage {
   virtual void remove_temporaries(const std::string& prefix) = 0;
   // nullptr when someone else holds it; holder() then says who, if known.
   virtual std::unique_ptr<StorageLock> try_lock(const std::string& key, const std::string& holder) = 0;
-  virtual std::string lock_holder(const std::string& key) = 0;
+  // Who holds the lock key, as try_lock's holder said: the lock object's
+  // first line ("" when free or unknown).
+  std::string lock_holder(const std::string& key) {
+    auto b = get(key);
+    if (!b) return {};
+    std::string s(reinterpret_cast<const char*>(b->data()), b->size());
+    return s.substr(0, s.find_first_of(std::string("\n\0", 2)));
+  }
   // A human name for messages ("/srv/backup").
   virtual std::string describe() const = 0;
 };

@@ -54,12 +54,8 @@ class CachedStorage final : public Storage {
       uint64_t from = std::max(offset, c * o_.chunk);
       uint64_t to = std::min(offset + out.size(), (c + 1) * o_.chunk);
       auto dst = out.subspan(from - offset, to - from);
-      if (!worth_a_chunk(key, c)) {  // a first, lone touch: fetch only what is asked
-        inner_->read(key, from, dst);
-        continue;
-      }
-      Pin pin = acquire(key, c, size);
-      if (!pin.entry) {  // every slot busy: read around the cache
+      Pin pin = acquire(key, c, size, /*whole_on_first_touch=*/false);
+      if (!pin.entry) {  // a first, lone touch, or every slot busy: around the cache
         inner_->read(key, from, dst);
         continue;
       }
@@ -97,7 +93,6 @@ class CachedStorage final : public Storage {
   std::unique_ptr<StorageLock> try_lock(const std::string& key, const std::string& holder) override {
     return inner_->try_lock(key, holder);
   }
-  std::string lock_holder(const std::string& key) override { return inner_->lock_holder(key); }
   std::string describe() const override { return inner_->describe(); }
 
  private:
@@ -108,7 +103,6 @@ class CachedStorage final : public Storage {
     std::list<std::string>::iterator lru;
   };
   struct Pin {
-    std::string id;
     Entry* entry = nullptr;
   };
 
@@ -128,7 +122,11 @@ class CachedStorage final : public Storage {
 
   // The chunk, fetched if need be and pinned against eviction; an empty
   // Pin when no slot can be had.
-  Pin acquire(const std::string& key, uint64_t c, uint64_t size) {
+  // A chunk not cached is fetched whole for a chunk read before (a hot
+  // spot, or a stream that goes on) or when reading ahead; a chunk touched
+  // once, like an index node a writer reads from its parent, is not (the
+  // empty Pin says: read just the bytes).
+  Pin acquire(const std::string& key, uint64_t c, uint64_t size, bool whole_on_first_touch) {
     std::string id = chunk_id(key, c);
     std::unique_lock g(mu_);
     for (;;) {
@@ -138,10 +136,12 @@ class CachedStorage final : public Storage {
       if (e.ready) {
         ++e.users;
         lru_.splice(lru_.begin(), lru_, e.lru);
-        return {id, &e};
+        return {&e};
       }
       ready_cv_.wait(g);
     }
+    if (touched_.size() > kMaxTouched) touched_.clear();
+    if (touched_.insert(id).second && !whole_on_first_touch) return {};
     auto slot = take_slot();
     if (!slot) return {};
     lru_.push_front(id);
@@ -164,7 +164,7 @@ class CachedStorage final : public Storage {
     g.lock();
     e.ready = true;
     ready_cv_.notify_all();
-    return {id, &e};
+    return {&e};
   }
 
   void release(Pin& p) {
@@ -203,17 +203,6 @@ class CachedStorage final : public Storage {
     }
   }
 
-  // A whole chunk is fetched for a chunk read before (a hot spot, or a
-  // stream that goes on) or cached already; a chunk touched once, like an
-  // index node the writer reads from its parent, costs only its bytes.
-  bool worth_a_chunk(const std::string& key, uint64_t c) {
-    std::lock_guard g(mu_);
-    std::string id = chunk_id(key, c);
-    if (map_.count(id)) return true;
-    if (touched_.size() > kMaxTouched) touched_.clear();
-    return !touched_.insert(id).second;
-  }
-
   // A reader that just moved from chunk c-1 of key to chunk c is
   // streaming: the chunks after it are queued for the workers.
   void read_ahead(const std::string& key, uint64_t c, uint64_t size) {
@@ -248,7 +237,7 @@ class CachedStorage final : public Storage {
         queued_.erase(chunk_id(w.key, w.chunk));
       }
       try {
-        Pin p = acquire(w.key, w.chunk, w.size);
+        Pin p = acquire(w.key, w.chunk, w.size, /*whole_on_first_touch=*/true);
         if (p.entry) release(p);
       } catch (const std::exception&) {
         // The reader will meet the same error itself, and report it.

@@ -343,14 +343,6 @@ class LocalStorage final : public Storage {
     return std::make_unique<LocalLock>(std::move(fd));
   }
 
-  std::string lock_holder(const std::string& key) override {
-    auto b = get(key);
-    if (!b) return {};
-    std::string s(reinterpret_cast<const char*>(b->data()), b->size());
-    while (!s.empty() && (s.back() == '\n' || s.back() == '\0')) s.pop_back();
-    return s;
-  }
-
   std::string describe() const override { return root_.str(); }
 
  private:

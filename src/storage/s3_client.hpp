@@ -68,8 +68,6 @@ class Client {
   // For messages: "s3://bucket/prefix".
   std::string describe() const;
   const S3Config& config() const { return config_; }
-  // Requests sent so far (each retry counts), for tests and benchmarks.
-  uint64_t requests() const { return requests_; }
 
  private:
   Response send_once(const Request& r, std::string& transport_error);

@@ -380,13 +380,6 @@ class S3Storage final : public Storage {
     return std::make_unique<S3Lock>(c_, k, body, strip_quotes(take.header("etag")));
   }
 
-  std::string lock_holder(const std::string& key) override {
-    auto b = get(key);
-    if (!b) return {};
-    std::string s(reinterpret_cast<const char*>(b->data()), b->size());
-    return s.substr(0, s.find('\n'));  // the second line is the holder's token
-  }
-
   std::string describe() const override { return c_.describe(); }
 
  private:

@@ -63,7 +63,6 @@ class FaultStorage final : public Storage {
     step("lock");
     return inner_->try_lock(key, holder);
   }
-  std::string lock_holder(const std::string& key) override { return inner_->lock_holder(key); }
   std::string describe() const override { return inner_->describe(); }
 
  private:

@@ -31,7 +31,6 @@ class Shared final : public Storage {
   void remove(const std::string& k) override { s_.remove(k); }
   void remove_temporaries(const std::string& p) override { s_.remove_temporaries(p); }
   std::unique_ptr<StorageLock> try_lock(const std::string& k, const std::string& h) override { return s_.try_lock(k, h); }
-  std::string lock_holder(const std::string& k) override { return s_.lock_holder(k); }
   std::string describe() const override { return s_.describe(); }
 
  private:
