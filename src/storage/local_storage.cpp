@@ -26,6 +26,7 @@
 
 #include "cbtfs/errors.hpp"
 #include "cbtfs/storage.hpp"
+#include "file_appender.hpp"
 
 namespace cbtfs {
 namespace {
@@ -135,43 +136,18 @@ class LocalWriter final : public ObjectWriter {
     tmp_ = kTmpPrefix + base_of(key_) + "." + std::to_string(::getpid()) + "." + std::to_string(rd());
     fd_ = ::openat(dir_.get(), tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
     if (fd_ < 0) fail("cannot create", root_.path(parent_of(key_)) + "/" + tmp_);
+    out_ = std::make_unique<FileAppender>(fd_, root_.path(key_));
   }
   ~LocalWriter() override {
+    out_.reset();  // its thread stops before the file closes
     if (fd_ >= 0) ::close(fd_);
     if (!committed_) ::unlinkat(dir_.get(), tmp_.c_str(), 0);
   }
-  // Records are small (a 64 KiB block compresses to less): they are kept
-  // as given and written with one writev(2) per MiB, without a copy.
-  void append(std::span<const std::byte> data) override { append(Bytes(data.begin(), data.end())); }
-  void append(Bytes&& data) override {
-    size_ += data.size();
-    queued_ += data.size();
-    queue_.push_back(std::move(data));
-    if (queued_ >= kBufferSize || queue_.size() >= kMaxIov) flush();
-  }
-  void flush() {
-    std::vector<iovec> iov;
-    for (auto& b : queue_) iov.push_back({b.data(), b.size()});
-    size_t first = 0;
-    while (first < iov.size()) {
-      ssize_t n = ::writev(fd_, iov.data() + first, static_cast<int>(std::min<size_t>(iov.size() - first, kMaxIov)));
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        fail("cannot write", root_.path(key_));
-      }
-      auto left = static_cast<size_t>(n);
-      while (first < iov.size() && left >= iov[first].iov_len) left -= iov[first++].iov_len;
-      if (left) {  // a short write: the rest of this buffer goes next
-        iov[first].iov_base = static_cast<std::byte*>(iov[first].iov_base) + left;
-        iov[first].iov_len -= left;
-      }
-    }
-    queue_.clear();
-    queued_ = 0;
-  }
-  uint64_t size() const override { return size_; }
+  void append(std::span<const std::byte> data) override { out_->append(data); }
+  void append(Bytes&& data) override { out_->append(data); }
+  uint64_t size() const override { return out_->size(); }
   void commit() override {
-    flush();
+    out_->finish();
     if (::fsync(fd_) != 0) fail("cannot fsync", root_.path(key_));
     ::close(std::exchange(fd_, -1));
     if (::renameat2(dir_.get(), tmp_.c_str(), dir_.get(), base_of(key_).c_str(), RENAME_NOREPLACE) != 0) {
@@ -184,15 +160,11 @@ class LocalWriter final : public ObjectWriter {
   }
 
  private:
-  static constexpr size_t kBufferSize = 1 << 20;
-  static constexpr size_t kMaxIov = 512;
   const Root& root_;
   std::string key_, tmp_;
   Fd dir_;
-  std::vector<Bytes> queue_;
-  size_t queued_ = 0;
   int fd_ = -1;
-  uint64_t size_ = 0;
+  std::unique_ptr<FileAppender> out_;
   bool committed_ = false;
 };
 

@@ -1,7 +1,11 @@
 // Storage backends without a server: the S3 settings' sources and their
-// precedence, and the chunk cache in front of a local directory.
+// precedence, the chunk cache in front of a local directory, and the local
+// directory's buffered writes.
 #include <catch2/catch.hpp>
 
+#include <sys/resource.h>
+
+#include <csignal>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -100,5 +104,66 @@ TEST_CASE("chunk cache: reads equal the object's bytes, across chunks and evicti
   Bytes past(10);
   CHECK_THROWS_AS(cache->read("obj", data.size() - 5, past), FormatError);
   CHECK_THROWS_AS(cache->read("missing", 0, past), StorageError);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("local objects larger than the write buffers read back exactly") {
+  auto dir = temp_dir();
+  auto st = open_local_storage(dir.string());
+  std::mt19937_64 rng(11);
+  // Pieces of odd sizes straddle the 4 MiB buffers; the tail is unaligned.
+  Bytes data(3 * (4 << 20) + 777777);
+  for (auto& b : data) b = std::byte(rng());
+  auto w = st->create("packs/big");
+  for (size_t at = 0; at < data.size();) {
+    size_t n = std::min<size_t>(data.size() - at, 1 + rng() % 200000);
+    if (rng() % 2)
+      w->append(std::span<const std::byte>(data).subspan(at, n));
+    else
+      w->append(Bytes(data.begin() + static_cast<long>(at), data.begin() + static_cast<long>(at + n)));
+    at += n;
+    REQUIRE(w->size() == at);
+  }
+  CHECK_FALSE(st->size("packs/big"));  // nothing visible before the commit
+  w->commit();
+  REQUIRE(st->size("packs/big") == data.size());
+  CHECK(*st->get("packs/big") == data);
+  // An object dropped unfinished (its buffers still being written) leaves nothing.
+  {
+    auto dropped = st->create("packs/dropped");
+    dropped->append(std::span<const std::byte>(data));
+  }
+  CHECK(st->list("packs") == std::vector<std::string>{"big"});
+  st->remove_temporaries("packs");
+  CHECK(std::distance(fs::directory_iterator(dir / "packs"), fs::directory_iterator()) == 1);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("a write that fails in the background fails the object's commit") {
+  auto dir = temp_dir();
+  auto st = open_local_storage(dir.string());
+  Bytes data(3 * (4 << 20), std::byte{1});
+  // A real write error on demand: a file size limit makes the kernel refuse
+  // writes past it with EFBIG.
+  struct rlimit old {};
+  REQUIRE(getrlimit(RLIMIT_FSIZE, &old) == 0);
+  auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
+  struct rlimit low = old;
+  low.rlim_cur = 6 << 20;
+  REQUIRE(setrlimit(RLIMIT_FSIZE, &low) == 0);
+  bool threw = false;
+  try {
+    auto w = st->create("packs/too-big");
+    w->append(std::span<const std::byte>(data));
+    w->commit();
+  } catch (const StorageError& e) {
+    threw = true;
+    CHECK_THAT(e.what(), Catch::Contains("cannot write") && Catch::Contains("too-big"));
+  }
+  setrlimit(RLIMIT_FSIZE, &old);
+  std::signal(SIGXFSZ, old_handler);
+  CHECK(threw);
+  CHECK_FALSE(st->size("packs/too-big"));
+  CHECK(std::distance(fs::directory_iterator(dir / "packs"), fs::directory_iterator()) == 0);
   fs::remove_all(dir);
 }
