@@ -20,15 +20,14 @@ TransferStats transfer(const std::vector<nbd::Target>& targets, const nbd::Optio
   for (auto& e : extents) max_extent = std::max<size_t>(max_extent, e.count * kBlockSize);
   connections = std::clamp<int>(connections, 1, static_cast<int>(std::min<size_t>(extents.size(), 16)));
 
-  // Opened one after another: XenServer's NBD server plugs a VBD per
-  // connection and is known to race when many arrive at once.
-  std::vector<std::unique_ptr<nbd::Connection>> conns;
-  for (int i = 0; i < connections; ++i) {
-    conns.push_back(std::make_unique<nbd::Connection>(targets, opts));
-    if (conns.back()->size() < virtual_size)
-      throw nbd::NbdError("the NBD export has " + std::to_string(conns.back()->size()) + " bytes, the VDI " +
-                          std::to_string(virtual_size));
-  }
+  // Connections are opened one after another (XenServer's NBD server plugs
+  // a VBD per connection and is known to race when many arrive at once), each
+  // by its own worker, which starts reading at once: the first handshake
+  // alone delays the transfer, not all of them.
+  std::vector<std::unique_ptr<nbd::Connection>> conns(static_cast<size_t>(connections));
+  std::mutex open_mu;
+  size_t opened = 0;
+  std::condition_variable open_cv;
 
   // Each worker claims a batch of extents (up to 16, up to 4 MiB) and has
   // them all in flight at once; at most 64 MiB is read ahead of the writer.
@@ -48,7 +47,32 @@ TransferStats transfer(const std::vector<nbd::Target>& targets, const nbd::Optio
   std::exception_ptr failure;
   bool stop = false;
 
-  auto worker = [&](nbd::Connection& conn) {
+  auto worker = [&](size_t id) {
+    {
+      std::unique_lock lk(open_mu);
+      open_cv.wait(lk, [&] { return opened == id; });
+      bool give_up;
+      {
+        std::lock_guard g(mu);
+        give_up = stop;
+      }
+      if (!give_up) try {
+          auto conn = std::make_unique<nbd::Connection>(targets, opts);
+          if (conn->size() < virtual_size)
+            throw nbd::NbdError("the NBD export has " + std::to_string(conn->size()) + " bytes, the VDI " +
+                                std::to_string(virtual_size));
+          conns[id] = std::move(conn);
+        } catch (...) {
+          std::lock_guard g(mu);
+          if (!failure) failure = std::current_exception();
+          stop = true;
+          cv.notify_all();
+        }
+      ++opened;
+    }
+    open_cv.notify_all();
+    if (!conns[id]) return;
+    nbd::Connection& conn = *conns[id];
     std::vector<size_t> batch;
     std::vector<Buffer> bufs;
     std::vector<nbd::Connection::Request> reqs;
@@ -106,7 +130,7 @@ TransferStats transfer(const std::vector<nbd::Target>& targets, const nbd::Optio
   };
 
   std::vector<std::thread> threads;
-  for (auto& c : conns) threads.emplace_back(worker, std::ref(*c));
+  for (size_t i = 0; i < conns.size(); ++i) threads.emplace_back(worker, i);
   auto join = [&] {
     {
       std::lock_guard g(mu);
@@ -146,7 +170,8 @@ TransferStats transfer(const std::vector<nbd::Target>& targets, const nbd::Optio
     throw;
   }
   join();
-  for (auto& c : conns) stats.bytes_read += c->bytes_read();
+  for (auto& c : conns)
+    if (c) stats.bytes_read += c->bytes_read();
   return stats;
 }
 
