@@ -70,7 +70,9 @@ class Repository {
 
   // Reads and verifies one record. Index nodes are cached (they are few and
   // hot); data blocks go through a small cache for small random reads.
-  std::shared_ptr<const Bytes> node(const std::string& vdi, const BlockRef& ref);
+  // keep=false: a one-off read (a scan of many points) that would only push
+  // hot nodes out; it still uses a node already cached.
+  std::shared_ptr<const Bytes> node(const std::string& vdi, const BlockRef& ref, bool keep = true);
   void read_block(const std::string& vdi, const BlockRef& ref, std::span<std::byte> out, bool cache);
 
   static std::string point_key(const std::string& vdi, uint32_t seq);
@@ -111,7 +113,9 @@ std::string holder_text(const std::string& program);
 // Random access to one point as a raw disk image. Thread-safe.
 class PointReader {
  public:
-  PointReader(std::shared_ptr<Repository> repo, ManifestPtr point);
+  // keep_cached=false for a one-off look at many points (the partition
+  // tables of a listing): what it reads stays out of the repository's caches.
+  PointReader(std::shared_ptr<Repository> repo, ManifestPtr point, bool keep_cached = true);
   uint64_t size() const { return point_->virtual_size; }
   const Manifest& point() const { return *point_; }
   // Reads min(out.size(), size()-offset) bytes; returns the count.
@@ -125,6 +129,7 @@ class PointReader {
  private:
   std::shared_ptr<Repository> repo_;
   ManifestPtr point_;
+  bool keep_cached_;
 };
 
 // What a new point says about itself; everything else the writer derives.

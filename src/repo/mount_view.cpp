@@ -132,7 +132,7 @@ std::vector<Partition> MountView::partitions(const ManifestPtr& m) {
   }
   std::vector<Partition> parts;
   try {
-    PointReader r(repo_, m);
+    PointReader r(repo_, m, /*keep_cached=*/false);
     parts = find_partitions(
         [&](uint64_t off, std::span<std::byte> out) {
           size_t n = off < r.size() ? r.read(off, out) : 0;

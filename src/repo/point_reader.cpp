@@ -9,14 +9,14 @@
 
 namespace cbtfs {
 
-PointReader::PointReader(std::shared_ptr<Repository> repo, ManifestPtr point)
-    : repo_(std::move(repo)), point_(std::move(point)) {}
+PointReader::PointReader(std::shared_ptr<Repository> repo, ManifestPtr point, bool keep_cached)
+    : repo_(std::move(repo)), point_(std::move(point)), keep_cached_(keep_cached) {}
 
 BlockRef PointReader::lookup(uint64_t block) {
   BlockRef ref = point_->root;
   for (uint32_t level = point_->depth; level-- > 0;) {
     if (ref.is_zero()) return ref;
-    auto node = repo_->node(point_->vdi, ref);
+    auto node = repo_->node(point_->vdi, ref, keep_cached_);
     uint64_t idx = (block >> (10 * level)) & (kFanout - 1);
     ref = decode_ref(node->data() + idx * kRefSize);
   }
@@ -49,7 +49,7 @@ size_t PointReader::read(uint64_t offset, std::span<std::byte> out) {
     } else {
       scratch.resize(kBlockSize);
       try {
-        repo_->read_block(point_->vdi, ref, scratch, true);
+        repo_->read_block(point_->vdi, ref, scratch, keep_cached_);
       } catch (const CorruptError& e) {
         throw CorruptError("block " + std::to_string(block) + ": " + e.what());
       }
@@ -77,7 +77,7 @@ uint64_t PointReader::next_data(uint64_t offset) {
         break;
       }
       if (level == 0) break;
-      auto node = repo_->node(point_->vdi, ref);
+      auto node = repo_->node(point_->vdi, ref, keep_cached_);
       ref = decode_ref(node->data() + ((b >> (10 * (level - 1))) & (kFanout - 1)) * kRefSize);
     }
     if (skip == 0) return std::max(offset, b * kBlockSize);

@@ -199,12 +199,12 @@ void Repository::read_record(const std::string& vdi, const BlockRef& ref, std::s
   }
 }
 
-std::shared_ptr<const Bytes> Repository::node(const std::string& vdi, const BlockRef& ref) {
+std::shared_ptr<const Bytes> Repository::node(const std::string& vdi, const BlockRef& ref, bool keep) {
   RecordKey k{intern(vdi), ref.pack, ref.offset};
   if (auto hit = nodes_.get(k)) return hit;
   auto n = std::make_shared<Bytes>(kNodeSize);
   read_record(vdi, ref, *n);
-  nodes_.put(k, n);
+  if (keep) nodes_.put(k, n);
   return n;
 }
 
