@@ -51,6 +51,7 @@ class MountView {
   // vm name -> vdi name -> uuid, sanitized and de-duplicated.
   std::map<std::string, std::map<std::string, std::string>> by_name();
   std::vector<std::pair<std::string, ViewEntry>> vdi_dir(const std::string& vdi);
+  std::optional<ViewEntry> vdi_entry(const std::string& vdi, const std::string& name);
   // Points never change, so each one's table is read once.
   std::vector<Partition> partitions(const ManifestPtr& m);
   std::shared_ptr<Repository> repo_;

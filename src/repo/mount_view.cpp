@@ -83,6 +83,27 @@ std::vector<std::pair<std::string, ViewEntry>> MountView::vdi_dir(const std::str
   return out;
 }
 
+// One name of a VDI's directory. Only a -partN name reads a partition table,
+// and only its own point's: opening latest.raw of a long chain must not
+// probe every point.
+std::optional<ViewEntry> MountView::vdi_entry(const std::string& vdi, const std::string& name) {
+  auto pl = repo_->points(vdi);
+  if (pl.points.empty()) return std::nullopt;
+  if (name == kLatest) {
+    auto& last = pl.points.back();
+    return ViewEntry{ViewEntry::Kind::Link, format_point_name(last->time) + ".raw", nullptr, last->time};
+  }
+  for (auto& m : pl.points) {
+    std::string base = format_point_name(m->time);
+    if (name.compare(0, base.size(), base) != 0) continue;
+    if (name == base + ".raw") return ViewEntry{ViewEntry::Kind::Image, {}, m, m->time, 0, m->virtual_size, 0};
+    for (auto& p : partitions(m))
+      if (name == base + "-part" + std::to_string(p.number) + ".raw")
+        return ViewEntry{ViewEntry::Kind::Image, {}, m, m->time, p.offset, p.size, p.number};
+  }
+  return std::nullopt;
+}
+
 std::optional<std::vector<std::pair<std::string, ViewEntry>>> MountView::list(const std::string& path) {
   auto parts = split(path);
   std::vector<std::pair<std::string, ViewEntry>> out;
@@ -116,6 +137,10 @@ std::optional<ViewEntry> MountView::lookup(const std::string& path) {
   if (parts.size() == 1) {
     if (parts[0] == kByName || repo_->has_vdi(parts[0])) return ViewEntry{};
     return std::nullopt;
+  }
+  if (parts.size() == 2 && parts[0] != kByName) {
+    if (!repo_->has_vdi(parts[0])) return std::nullopt;
+    return vdi_entry(parts[0], parts[1]);
   }
   auto dir = list(path.substr(0, path.rfind('/')));
   if (!dir || parts.size() > 3) return std::nullopt;

@@ -332,6 +332,19 @@ TEST_CASE("the mount view lists points, latest and by-name") {
   CHECK((*disks)[1].first == "disk_0 (1b0e7d39)");
   CHECK((*disks)[1].second.target == "../../" + other);
   CHECK(v.lookup("/" + kVdi + "/latest.raw")->kind == ViewEntry::Kind::Link);
+  CHECK(v.lookup("/" + kVdi + "/latest.raw")->target == "2026-11-26T030000Z.raw");
+  // A lookup finds exactly what the listing shows.
+  for (auto& [name, e] : *dir) {
+    auto found = v.lookup("/" + kVdi + "/" + name);
+    REQUIRE(found);
+    CHECK(found->kind == e.kind);
+    CHECK(found->mtime == e.mtime);
+    CHECK(found->point == e.point);
+    CHECK(found->size == e.size);
+    CHECK(found->target == e.target);
+  }
+  CHECK(!v.lookup("/" + kVdi + "/2026-11-25T030000Z-part1.raw"));  // no partition table
+  CHECK(!v.lookup("/" + kVdi + "/2026-11-25T030000Z.raw.raw"));
   CHECK(!v.lookup("/" + kVdi + "/nope.raw"));
   CHECK(!v.lookup("/nope"));
   CHECK(!v.lookup("/" + kVdi + "/latest.raw/x"));
