@@ -47,32 +47,43 @@ TransferStats transfer(const std::vector<nbd::Target>& targets, const nbd::Optio
   std::exception_ptr failure;
   bool stop = false;
 
-  auto worker = [&](size_t id) {
+  // The first failure stops every worker and is what transfer() throws.
+  auto fail_with = [&](std::exception_ptr e) {
+    std::lock_guard g(mu);
+    if (!failure) failure = e;
+    stop = true;
+    cv.notify_all();
+  };
+  // Opens worker id's connection once the one before it has had its turn;
+  // nullptr if it failed or the transfer already stopped.
+  auto open_in_turn = [&](size_t id) -> nbd::Connection* {
+    std::unique_lock lk(open_mu);
+    open_cv.wait(lk, [&] { return opened == id; });
+    bool stopped;
     {
-      std::unique_lock lk(open_mu);
-      open_cv.wait(lk, [&] { return opened == id; });
-      bool give_up;
-      {
-        std::lock_guard g(mu);
-        give_up = stop;
-      }
-      if (!give_up) try {
-          auto conn = std::make_unique<nbd::Connection>(targets, opts);
-          if (conn->size() < virtual_size)
-            throw nbd::NbdError("the NBD export has " + std::to_string(conn->size()) + " bytes, the VDI " +
-                                std::to_string(virtual_size));
-          conns[id] = std::move(conn);
-        } catch (...) {
-          std::lock_guard g(mu);
-          if (!failure) failure = std::current_exception();
-          stop = true;
-          cv.notify_all();
-        }
-      ++opened;
+      std::lock_guard g(mu);
+      stopped = stop;
     }
+    try {
+      if (!stopped) {
+        auto conn = std::make_unique<nbd::Connection>(targets, opts);
+        if (conn->size() < virtual_size)
+          throw nbd::NbdError("the NBD export has " + std::to_string(conn->size()) + " bytes, the VDI " +
+                              std::to_string(virtual_size));
+        conns[id] = std::move(conn);
+      }
+    } catch (...) {
+      fail_with(std::current_exception());
+    }
+    ++opened;
     open_cv.notify_all();
-    if (!conns[id]) return;
-    nbd::Connection& conn = *conns[id];
+    return conns[id].get();
+  };
+
+  auto worker = [&](size_t id) {
+    nbd::Connection* opened_conn = open_in_turn(id);
+    if (!opened_conn) return;
+    nbd::Connection& conn = *opened_conn;
     std::vector<size_t> batch;
     std::vector<Buffer> bufs;
     std::vector<nbd::Connection::Request> reqs;
@@ -117,10 +128,7 @@ TransferStats transfer(const std::vector<nbd::Target>& targets, const nbd::Optio
       try {
         conn.pread_batch(reqs);
       } catch (...) {
-        std::lock_guard g(mu);
-        if (!failure) failure = std::current_exception();
-        stop = true;
-        cv.notify_all();
+        fail_with(std::current_exception());
         return;
       }
       std::lock_guard g(mu);
