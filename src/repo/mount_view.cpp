@@ -66,20 +66,29 @@ std::map<std::string, std::map<std::string, std::string>> MountView::by_name() {
   return tree;
 }
 
+namespace {
+// The names and entries of a VDI's directory, for listing and lookup alike.
+ViewEntry image_entry(const ManifestPtr& m) { return {ViewEntry::Kind::Image, {}, m, m->time, 0, m->virtual_size, 0}; }
+ViewEntry partition_entry(const ManifestPtr& m, const Partition& p) {
+  return {ViewEntry::Kind::Image, {}, m, m->time, p.offset, p.size, p.number};
+}
+ViewEntry latest_entry(const ManifestPtr& last) {
+  return {ViewEntry::Kind::Link, format_point_name(last->time) + ".raw", nullptr, last->time};
+}
+std::string partition_name(const std::string& point_name, const Partition& p) {
+  return point_name + "-part" + std::to_string(p.number) + ".raw";
+}
+}  // namespace
+
 std::vector<std::pair<std::string, ViewEntry>> MountView::vdi_dir(const std::string& vdi) {
   std::vector<std::pair<std::string, ViewEntry>> out;
   auto pl = repo_->points(vdi);
   for (auto& m : pl.points) {
     std::string name = format_point_name(m->time);
-    out.emplace_back(name + ".raw", ViewEntry{ViewEntry::Kind::Image, {}, m, m->time, 0, m->virtual_size, 0});
-    for (auto& p : partitions(m))
-      out.emplace_back(name + "-part" + std::to_string(p.number) + ".raw",
-                       ViewEntry{ViewEntry::Kind::Image, {}, m, m->time, p.offset, p.size, p.number});
+    out.emplace_back(name + ".raw", image_entry(m));
+    for (auto& p : partitions(m)) out.emplace_back(partition_name(name, p), partition_entry(m, p));
   }
-  if (!pl.points.empty()) {
-    auto& last = pl.points.back();
-    out.emplace_back(kLatest, ViewEntry{ViewEntry::Kind::Link, format_point_name(last->time) + ".raw", nullptr, last->time});
-  }
+  if (!pl.points.empty()) out.emplace_back(kLatest, latest_entry(pl.points.back()));
   return out;
 }
 
@@ -89,17 +98,13 @@ std::vector<std::pair<std::string, ViewEntry>> MountView::vdi_dir(const std::str
 std::optional<ViewEntry> MountView::vdi_entry(const std::string& vdi, const std::string& name) {
   auto pl = repo_->points(vdi);
   if (pl.points.empty()) return std::nullopt;
-  if (name == kLatest) {
-    auto& last = pl.points.back();
-    return ViewEntry{ViewEntry::Kind::Link, format_point_name(last->time) + ".raw", nullptr, last->time};
-  }
+  if (name == kLatest) return latest_entry(pl.points.back());
   for (auto& m : pl.points) {
     std::string base = format_point_name(m->time);
     if (name.compare(0, base.size(), base) != 0) continue;
-    if (name == base + ".raw") return ViewEntry{ViewEntry::Kind::Image, {}, m, m->time, 0, m->virtual_size, 0};
+    if (name == base + ".raw") return image_entry(m);
     for (auto& p : partitions(m))
-      if (name == base + "-part" + std::to_string(p.number) + ".raw")
-        return ViewEntry{ViewEntry::Kind::Image, {}, m, m->time, p.offset, p.size, p.number};
+      if (name == partition_name(base, p)) return partition_entry(m, p);
   }
   return std::nullopt;
 }

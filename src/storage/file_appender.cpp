@@ -17,6 +17,10 @@ namespace {
 constexpr size_t kBuffers = 3;
 constexpr size_t kAlign = 4096;  // every logical block size Linux has
 
+[[noreturn]] void fail(const std::string& path, int err) {
+  throw StorageError("cannot write " + path + ": " + std::strerror(err), err);
+}
+
 bool set_direct(int fd, bool on) {
   int flags = ::fcntl(fd, F_GETFL);
   if (flags < 0) return false;
@@ -118,11 +122,11 @@ void FileAppender::write_out(const Buffer& b) {
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && errno == EINVAL && direct_) {  // the file system took the flag but not the write
       direct_ = false;
-      if (!set_direct(fd_, false)) throw StorageError("cannot write " + path_ + ": " + std::strerror(errno), errno);
+      if (!set_direct(fd_, false)) fail(path_, errno);
       continue;
     }
-    if (n < 0) throw StorageError("cannot write " + path_ + ": " + std::strerror(errno), errno);
-    if (n == 0) throw StorageError("cannot write " + path_ + ": no progress", EIO);
+    if (n < 0) fail(path_, errno);
+    if (n == 0) fail(path_, EIO);
     done += static_cast<size_t>(n);
   }
 }
@@ -138,8 +142,7 @@ void FileAppender::finish() {
     thread_.join();
     rethrow_failure();
     // The tail is shorter than a buffer, so not aligned for O_DIRECT.
-    if (direct_ && !set_direct(fd_, false))
-      throw StorageError("cannot write " + path_ + ": " + std::strerror(errno), errno);
+    if (direct_ && !set_direct(fd_, false)) fail(path_, errno);
     direct_ = false;
   }
   if (current_.data && current_.used) write_out(current_);
