@@ -75,6 +75,10 @@ struct Manifest {
   std::string vdi_name, vm_name, vm_uuid, snapshot_uuid;
   uint64_t blocks_written = 0;  // data records this point stored
   uint64_t bytes_stored = 0;    // bytes of its pack, records and nodes
+  // Blocks of the image that hold data (not zero), counted at commit so that
+  // stat can tell st_blocks without walking the index; unset in manifests
+  // written before the count existed.
+  std::optional<uint64_t> blocks_allocated;
 };
 
 Bytes encode_manifest(const Manifest& m);

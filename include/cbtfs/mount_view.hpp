@@ -11,6 +11,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -42,6 +43,9 @@ class MountView {
   std::optional<ViewEntry> lookup(const std::string& path);
   // nullopt when path is not a directory.
   std::optional<std::vector<std::pair<std::string, ViewEntry>>> list(const std::string& path);
+  // Bytes of an image or partition that hold data, for st_blocks: the
+  // manifest's count for a whole image, else counted once and kept.
+  uint64_t allocated_bytes(const ViewEntry& e);
   // user.cbtfs.* attributes of an image or partition.
   static std::vector<std::pair<std::string, std::string>> xattrs(const ViewEntry& e);
   Repository& repo() { return *repo_; }
@@ -57,6 +61,7 @@ class MountView {
   std::shared_ptr<Repository> repo_;
   std::mutex mu_;
   std::map<std::pair<std::string, uint32_t>, std::vector<Partition>> partitions_;
+  std::map<std::tuple<std::string, uint32_t, uint64_t>, uint64_t> allocated_;
 };
 
 }  // namespace cbtfs

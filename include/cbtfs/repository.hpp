@@ -35,15 +35,18 @@ struct PointList {
   std::vector<std::string> errors;  // manifests that could not be read
 };
 
+// A cached record is known by where it is and by its checksum: a place
+// that ever held other bytes can never answer for them.
 struct RecordKey {
   const void* vdi;  // interned per VDI by the Repository
   uint32_t pack;
   uint64_t offset;
+  uint64_t hash;
   bool operator==(const RecordKey&) const = default;
 };
 struct RecordKeyHash {
   size_t operator()(const RecordKey& k) const noexcept {
-    return std::hash<const void*>()(k.vdi) ^ (std::hash<uint64_t>()(k.offset) * 31 + k.pack);
+    return std::hash<const void*>()(k.vdi) ^ (std::hash<uint64_t>()(k.offset) * 31 + k.pack) ^ k.hash;
   }
 };
 
@@ -79,6 +82,11 @@ class Repository {
   static std::string pack_key(const std::string& vdi, uint32_t pack);
   static std::string lock_key(const std::string& vdi);
   static std::string journal_key(const std::string& vdi);
+  // vdis/<uuid>/forgotten/<seq>: left by forget, so that the VDI's next
+  // point numbers start above every number it ever used.
+  static std::string forgotten_key(const std::string& vdi, uint32_t seq);
+  // The highest point number the VDI has ever used (0: none).
+  uint32_t highest_seq(const std::string& vdi);
 
   // A small text a writer keeps beside a VDI's points while it holds the
   // VDI's lock: what the next writer must clean up should this one die.
@@ -125,6 +133,9 @@ class PointReader {
   // The first offset >= offset that holds data (or is a hole); size() if none.
   uint64_t next_data(uint64_t offset);
   uint64_t next_hole(uint64_t offset);
+  // Blocks holding data among [first, end): skips zero subtrees, so it
+  // costs the index nodes of the data that is there, not the disk's size.
+  uint64_t allocated_blocks(uint64_t first, uint64_t end);
 
  private:
   std::shared_ptr<Repository> repo_;
@@ -210,6 +221,7 @@ class PointWriter {
   std::vector<Level> levels_;
   std::unique_ptr<ObjectWriter> pack_;
   uint64_t blocks_written_ = 0;
+  uint64_t blocks_allocated_ = 0;  // of the point being built: the parent's, then each change
   bool committed_ = false;
 };
 

@@ -16,9 +16,10 @@ namespace {
 
 MountState& state() { return *static_cast<MountState*>(fuse_get_context()->private_data); }
 
-// One translation from exceptions to errno for every callback.
+// One translation from exceptions to errno for every callback. The result
+// keeps the callback's own type: lseek answers 64-bit offsets.
 template <typename F>
-int guarded(const char* verb, const char* path, F&& f) {
+auto guarded(const char* verb, const char* path, F&& f) -> decltype(f()) {
   try {
     return f();
   } catch (const CorruptError& e) {
@@ -43,7 +44,8 @@ mode_t dir_mode(mode_t image_mode) {
   return m;
 }
 
-void fill_stat(const ViewEntry& e, struct stat* st) {
+// with_blocks=false for a listing: the kernel takes only the type from it.
+void fill_stat(const ViewEntry& e, struct stat* st, bool with_blocks = true) {
   auto& s = state();
   std::memset(st, 0, sizeof *st);
   st->st_uid = s.uid;
@@ -59,9 +61,9 @@ void fill_stat(const ViewEntry& e, struct stat* st) {
       st->st_nlink = 1;
       st->st_size = static_cast<off_t>(e.size);
       st->st_blksize = kBlockSize;
-      // Reported fully allocated: the true figure would need a walk of the
-      // index, and sparse copies use SEEK_DATA/SEEK_HOLE, not st_blocks.
-      st->st_blocks = static_cast<blkcnt_t>((e.size + 511) / 512);
+      // Only blocks holding data count: cp, tar -S and du decide sparseness
+      // from st_blocks.
+      if (with_blocks) st->st_blocks = static_cast<blkcnt_t>((s.view.allocated_bytes(e) + 511) / 512);
       break;
     case ViewEntry::Kind::Link:
       st->st_mode = S_IFLNK | 0777;
@@ -133,7 +135,7 @@ int op_readdir(const char* path, void* buf, fuse_fill_dir_t fill, off_t, fuse_fi
     fill(buf, "..", nullptr, 0, static_cast<fuse_fill_dir_flags>(0));
     for (auto& [name, e] : *entries) {
       struct stat st;
-      fill_stat(e, &st);
+      fill_stat(e, &st, /*with_blocks=*/false);
       if (fill(buf, name.c_str(), &st, 0, static_cast<fuse_fill_dir_flags>(0))) break;
     }
     return 0;

@@ -221,6 +221,7 @@ Bytes encode_manifest(const Manifest& m) {
             {"snapshot_uuid", m.snapshot_uuid},
             {"blocks_written", m.blocks_written},
             {"bytes_stored", m.bytes_stored}};
+  if (m.blocks_allocated) body["blocks_allocated"] = *m.blocks_allocated;
   return sign("point", body);
 }
 
@@ -246,10 +247,12 @@ Manifest decode_manifest(std::span<const std::byte> data, const std::string& whe
     m.snapshot_uuid = b.value("snapshot_uuid", "");
     m.blocks_written = b.value("blocks_written", uint64_t{0});
     m.bytes_stored = b.value("bytes_stored", uint64_t{0});
+    if (b.contains("blocks_allocated")) m.blocks_allocated = b.at("blocks_allocated").get<uint64_t>();
     if (!is_uuid(m.vdi)) throw FormatError("bad VDI uuid");
     if (m.seq == 0 || m.depth != tree_depth(block_count(m.virtual_size)) || m.depth > 6)
       throw FormatError("inconsistent sequence number, size or depth");
     if (m.virtual_size > (uint64_t{1} << 50)) throw FormatError("virtual size out of range");
+    if (m.blocks_allocated > block_count(m.virtual_size)) throw FormatError("more allocated blocks than the disk has");
     return m;
   } catch (const json::exception& e) {
     throw FormatError(where + ": malformed point manifest: " + e.what());

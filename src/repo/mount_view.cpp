@@ -78,6 +78,10 @@ ViewEntry latest_entry(const ManifestPtr& last) {
 std::string partition_name(const std::string& point_name, const Partition& p) {
   return point_name + "-part" + std::to_string(p.number) + ".raw";
 }
+std::string latest_partition_name(const Partition& p) { return "latest-part" + std::to_string(p.number) + ".raw"; }
+ViewEntry latest_partition_entry(const ManifestPtr& last, const Partition& p) {
+  return {ViewEntry::Kind::Link, partition_name(format_point_name(last->time), p), nullptr, last->time};
+}
 }  // namespace
 
 std::vector<std::pair<std::string, ViewEntry>> MountView::vdi_dir(const std::string& vdi) {
@@ -88,7 +92,11 @@ std::vector<std::pair<std::string, ViewEntry>> MountView::vdi_dir(const std::str
     out.emplace_back(name + ".raw", image_entry(m));
     for (auto& p : partitions(m)) out.emplace_back(partition_name(name, p), partition_entry(m, p));
   }
-  if (!pl.points.empty()) out.emplace_back(kLatest, latest_entry(pl.points.back()));
+  if (!pl.points.empty()) {
+    auto& last = pl.points.back();
+    out.emplace_back(kLatest, latest_entry(last));
+    for (auto& p : partitions(last)) out.emplace_back(latest_partition_name(p), latest_partition_entry(last, p));
+  }
   return out;
 }
 
@@ -99,6 +107,11 @@ std::optional<ViewEntry> MountView::vdi_entry(const std::string& vdi, const std:
   auto pl = repo_->points(vdi);
   if (pl.points.empty()) return std::nullopt;
   if (name == kLatest) return latest_entry(pl.points.back());
+  if (name.starts_with("latest-part")) {
+    for (auto& p : partitions(pl.points.back()))
+      if (name == latest_partition_name(p)) return latest_partition_entry(pl.points.back(), p);
+    return std::nullopt;
+  }
   for (auto& m : pl.points) {
     std::string base = format_point_name(m->time);
     if (name.compare(0, base.size(), base) != 0) continue;
@@ -177,6 +190,25 @@ std::vector<Partition> MountView::partitions(const ManifestPtr& m) {
   return parts;
 }
 
+uint64_t MountView::allocated_bytes(const ViewEntry& e) {
+  const Manifest& m = *e.point;
+  uint64_t first = e.offset / kBlockSize, end = (e.offset + e.size + kBlockSize - 1) / kBlockSize;
+  uint64_t blocks = 0;
+  if (e.partition == 0 && m.blocks_allocated) {
+    blocks = *m.blocks_allocated;
+  } else {
+    std::tuple<std::string, uint32_t, uint64_t> key{m.vdi, m.seq, e.offset};
+    {
+      std::lock_guard g(mu_);
+      if (auto it = allocated_.find(key); it != allocated_.end()) return it->second;
+    }
+    blocks = PointReader(repo_, e.point, /*keep_cached=*/false).allocated_blocks(first, end);
+    std::lock_guard g(mu_);
+    return allocated_[key] = std::min(blocks * kBlockSize, e.size);
+  }
+  return std::min(blocks * kBlockSize, e.size);
+}
+
 std::vector<std::pair<std::string, std::string>> MountView::xattrs(const ViewEntry& e) {
   const Manifest& m = *e.point;
   std::vector<std::pair<std::string, std::string>> out = {{"user.cbtfs.vdi_uuid", m.vdi},
@@ -187,8 +219,9 @@ std::vector<std::pair<std::string, std::string>> MountView::xattrs(const ViewEnt
           {"user.cbtfs.time", format_iso_time(m.time)},
           {"user.cbtfs.chain", std::to_string(m.chain)},
           {"user.cbtfs.seq", std::to_string(m.seq)},
-          {"user.cbtfs.virtual_size", std::to_string(m.virtual_size)}};
+          {"user.cbtfs.virtual_size", std::to_string(e.size)}};
   if (e.partition) {
+    out.emplace_back("user.cbtfs.disk_size", std::to_string(m.virtual_size));
     out.emplace_back("user.cbtfs.partition", std::to_string(e.partition));
     out.emplace_back("user.cbtfs.partition_offset", std::to_string(e.offset));
   }

@@ -94,4 +94,25 @@ uint64_t PointReader::next_hole(uint64_t offset) {
   return size;
 }
 
+uint64_t PointReader::allocated_blocks(uint64_t first, uint64_t end) {
+  end = std::min(end, block_count(point_->virtual_size));
+  // The node at `level` covering blocks [base, base + fanout^(level+1)).
+  auto count = [&](auto& self, const BlockRef& ref, uint32_t level, uint64_t base) -> uint64_t {
+    if (ref.is_zero()) return 0;
+    uint64_t span = uint64_t{1} << (10 * level);
+    uint64_t n = 0;
+    auto node = repo_->node(point_->vdi, ref, keep_cached_);
+    for (uint64_t i = 0; i < kFanout; ++i) {
+      uint64_t lo = base + i * span, hi = lo + span;
+      if (hi <= first || lo >= end) continue;
+      BlockRef child = decode_ref(node->data() + i * kRefSize);
+      if (level == 0) n += !child.is_zero();
+      else n += self(self, child, level - 1, lo);
+    }
+    return n;
+  };
+  if (first >= end) return 0;
+  return count(count, point_->root, point_->depth - 1, 0);
+}
+
 }  // namespace cbtfs

@@ -51,6 +51,10 @@ PointWriter::PointWriter(std::shared_ptr<Repository> repo, const std::string& vd
 
   if (latest && !info_.force_full && latest->virtual_size == info_.virtual_size) {
     parent_ = latest;
+    // A parent written before the count existed is counted once here.
+    blocks_allocated_ = latest->blocks_allocated
+                            ? *latest->blocks_allocated
+                            : PointReader(repo_, latest, false).allocated_blocks(0, nblocks_);
     m_.parent = latest->seq;
     m_.chain = latest->chain;
     m_.root = latest->root;
@@ -73,8 +77,7 @@ uint32_t PointWriter::clean_leftovers() {
   std::string base = "vdis/" + vdi_;
   st.remove_temporaries(base + "/points");
   st.remove_temporaries(base + "/packs");
-  uint32_t max_seq = 0;
-  for (auto& n : st.list(base + "/points")) max_seq = std::max(max_seq, parse_point_name(n));
+  uint32_t max_seq = repo_->highest_seq(vdi_);
   // Point seqs only grow and the newest point is never pruned, so a pack
   // newer than every manifest is exactly one whose writer died before its
   // manifest landed. Older packs without a manifest of their own may still
@@ -179,9 +182,11 @@ void PointWriter::put_block(uint64_t block, std::span<const std::byte> data) {
     if (!slot.is_zero()) {
       slot = BlockRef{};
       leaf.dirty = true;
+      --blocks_allocated_;
     }
     return;
   }
+  if (slot.is_zero()) ++blocks_allocated_;
   uint64_t h = hash_bytes(data);
   if (!slot.is_zero() && slot.hash == h) return;  // unchanged since the parent
   // The slot is filled in by drain(), in order, once compressed.
@@ -198,6 +203,7 @@ void PointWriter::start_new_chain(const std::string& reason) {
   m_.chain = m_.seq;
   m_.root = BlockRef{};
   m_.chain_reason = reason;
+  blocks_allocated_ = 0;
 }
 
 void PointWriter::set_source(const std::string& snapshot_uuid, int64_t time) {
@@ -221,6 +227,7 @@ void PointWriter::put_zeros(uint64_t first, uint64_t end) {
         if (!slot.is_zero()) {
           slot = BlockRef{};
           leaf.dirty = true;
+          --blocks_allocated_;
         }
       }
     }
@@ -235,6 +242,7 @@ Manifest PointWriter::commit() {
   for (uint32_t level = 0; level < m_.depth; ++level)
     if (levels_[level].index >= 0) finish(level);
   m_.blocks_written = blocks_written_;
+  m_.blocks_allocated = blocks_allocated_;
   // On S3 the lock is a lease: it is renewed right before each step that
   // makes something visible, so no other writer can have taken it over.
   if (pack_) {

@@ -11,6 +11,7 @@
 namespace cbtfs {
 
 uint32_t parse_pack_name(const std::string& name);
+uint32_t parse_point_name(const std::string& name);
 
 namespace {
 
@@ -139,6 +140,13 @@ void forget_vdi(std::shared_ptr<Repository> repo, const std::string& vdi, const 
   auto lock = repo->lock_vdi(vdi, holder);
   auto& st = repo->storage();
   std::string base = "vdis/" + vdi;
+  // Point numbers are never used twice in a VDI's life (a long-lived mount
+  // knows points by number), so the highest one outlives the points.
+  uint32_t highest = 0;
+  for (auto& n : st.list(base + "/points")) highest = std::max(highest, parse_point_name(n));
+  for (auto& n : st.list(base + "/packs")) highest = std::max(highest, parse_pack_name(n));
+  if (highest > 0 && !st.size(Repository::forgotten_key(vdi, highest)))
+    st.put(Repository::forgotten_key(vdi, highest), {});
   // Newest first: a crash part-way leaves the older points, still complete.
   auto names = st.list(base + "/points");
   for (auto it = names.rbegin(); it != names.rend(); ++it) st.remove(base + "/points/" + *it);

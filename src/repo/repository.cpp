@@ -91,6 +91,18 @@ std::string Repository::pack_key(const std::string& vdi, uint32_t pack) {
   return "vdis/" + vdi + "/packs/" + seq_name(pack, ".pack");
 }
 std::string Repository::lock_key(const std::string& vdi) { return "vdis/" + vdi + "/lock"; }
+std::string Repository::forgotten_key(const std::string& vdi, uint32_t seq) {
+  return "vdis/" + vdi + "/forgotten/" + seq_name(seq, "");
+}
+
+uint32_t Repository::highest_seq(const std::string& vdi) {
+  uint32_t high = 0;
+  for (auto& n : storage_->list("vdis/" + vdi + "/points")) high = std::max(high, parse_point_name(n));
+  for (auto& n : storage_->list("vdis/" + vdi + "/forgotten"))
+    if (n.size() == 8 && n.find_first_not_of("0123456789") == std::string::npos)
+      high = std::max(high, static_cast<uint32_t>(std::stoul(n)));
+  return high;
+}
 
 std::vector<std::string> Repository::vdis() {
   std::vector<std::string> out;
@@ -200,7 +212,7 @@ void Repository::read_record(const std::string& vdi, const BlockRef& ref, std::s
 }
 
 std::shared_ptr<const Bytes> Repository::node(const std::string& vdi, const BlockRef& ref, bool keep) {
-  RecordKey k{intern(vdi), ref.pack, ref.offset};
+  RecordKey k{intern(vdi), ref.pack, ref.offset, ref.hash};
   if (auto hit = nodes_.get(k)) return hit;
   auto n = std::make_shared<Bytes>(kNodeSize);
   read_record(vdi, ref, *n);
@@ -209,7 +221,7 @@ std::shared_ptr<const Bytes> Repository::node(const std::string& vdi, const Bloc
 }
 
 void Repository::read_block(const std::string& vdi, const BlockRef& ref, std::span<std::byte> out, bool cache) {
-  RecordKey k{intern(vdi), ref.pack, ref.offset};
+  RecordKey k{intern(vdi), ref.pack, ref.offset, ref.hash};
   if (cache) {
     if (auto hit = blocks_.get(k)) {
       std::memcpy(out.data(), hit->data(), kBlockSize);

@@ -61,7 +61,7 @@ def chain(tmp_path, repo):
 def test_every_point_reads_back_exactly(chain, repo, mnt):
     with Mount(repo, mnt) as m:
         listing = sorted(os.listdir(m.path(VDI)))
-        assert listing == sorted(NAMES + PART1 + ["latest.raw"])
+        assert listing == sorted(NAMES + PART1 + ["latest.raw", "latest-part1.raw"])
         for state, name in zip(chain, NAMES):
             assert os.path.getsize(m.path(VDI, name)) == os.path.getsize(state)
             assert files_equal(m.path(VDI, name), state), name
@@ -151,7 +151,7 @@ def test_read_only_modes_xattrs_and_names(chain, repo, mnt):
         assert "user.cbtfs.snapshot_uuid" in os.listxattr(img)
         link = m.path("by-name", "test vm", "system disk")
         assert os.readlink(link) == f"../../{VDI}"
-        assert sorted(os.listdir(link)) == sorted(NAMES + PART1 + ["latest.raw"])
+        assert sorted(os.listdir(link)) == sorted(NAMES + PART1 + ["latest.raw", "latest-part1.raw"])
     with Mount(repo, mnt, "-o", "mode=0444") as m:
         assert os.stat(m.path(VDI, NAMES[0])).st_mode & 0o777 == 0o444
 
@@ -254,9 +254,11 @@ def test_partitions_are_files_that_loop_mount(tmp_path, repo, mnt):
     import_image(repo, mbr, vm, "2026-11-20T03:00:00Z")
     with Mount(repo, mnt) as m:
         base = "2026-11-20T030000Z"
-        assert sorted(os.listdir(m.path(vg))) == [f"{base}-part1.raw", f"{base}-part2.raw", f"{base}.raw", "latest.raw"]
+        assert sorted(os.listdir(m.path(vg))) == [f"{base}-part1.raw", f"{base}-part2.raw", f"{base}.raw",
+                                                  "latest-part1.raw", "latest-part2.raw", "latest.raw"]
         assert sorted(os.listdir(m.path(vm))) == [f"{base}-part1.raw", f"{base}-part5.raw", f"{base}-part6.raw",
-                                                  f"{base}.raw", "latest.raw"]
+                                                  f"{base}.raw", "latest-part1.raw", "latest-part5.raw",
+                                                  "latest-part6.raw", "latest.raw"]
         for vdi, n, img in ((vg, 1, ext), (vg, 2, fat), (vm, 1, p1), (vm, 5, p5), (vm, 6, p6)):
             part = m.path(vdi, f"{base}-part{n}.raw")
             assert os.path.getsize(part) == os.path.getsize(img)

@@ -1,6 +1,7 @@
 """Tests of the XAPI simulator itself (tests/xapi_sim): XAPI's wire format and
 errors, snapshots, CBT bitmaps computed from the data, data_destroy, fault
-injection, and real NBD over TLS served by nbdkit. Self-contained: needs
+injection, real NBD over TLS served by nbdkit, and tasks (Async calls, imports
+that report through a task). Self-contained: needs
 /usr/bin/python3, openssl, nbdkit and libnbd-bin (nbdcopy, nbdinfo)."""
 
 import base64
@@ -9,6 +10,7 @@ import json
 import os
 import random
 import signal
+import socket
 import ssl
 import subprocess
 import time
@@ -551,3 +553,212 @@ def test_sigterm_stops_every_nbdkit(tmp_path):
     assert sim.nbdkit_pids() == []
     assert not os.path.exists(os.path.join(sim.dir, "ready.json"))
     assert "Traceback" not in sim.log()
+
+
+# --- tasks: Async calls, task.*, imports that report through a task ---------------------------
+
+def wait_task(sim, task, timeout=20):
+    """Polls task.get_status as a client does; returns the final status."""
+    deadline = time.monotonic() + timeout
+    while (status := sim.call("task.get_status", task)) in ("pending", "cancelling"):
+        assert time.monotonic() < deadline, f"task {task} still {status}"
+        time.sleep(0.05)
+    return status
+
+
+def result_ref(result):
+    """The ref in a task's result, the XML-RPC serialisation <value>OpaqueRef:...</value>."""
+    assert result.startswith("<value>"), result
+    return xmlrpc.client.loads(f"<methodResponse><params><param>{result}</param></params>"
+                               "</methodResponse>")[0][0]
+
+
+def post_call(sim, method, *params):
+    """One XML-RPC POST, no retry (xmlrpc.client sends a call again when the connection drops)."""
+    url = urllib.parse.urlsplit(sim.info["url"])
+    conn = http.client.HTTPSConnection(url.hostname, url.port, context=sim.context, timeout=30)
+    try:
+        conn.request("POST", "/", body=xmlrpc.client.dumps(params, method), headers={"Content-Type": "text/xml"})
+        return conn.getresponse().read()
+    finally:
+        conn.close()
+
+
+def put_import(sim, query, body):
+    """PUT /import_raw_vdi; returns (status, task-id header, answer)."""
+    url = urllib.parse.urlsplit(sim.info["url"])
+    conn = http.client.HTTPSConnection(url.hostname, url.port, context=sim.context, timeout=30)
+    try:
+        conn.request("PUT", "/import_raw_vdi?" + urllib.parse.urlencode(query), body=body)
+        r = conn.getresponse()
+        return r.status, r.getheader("task-id"), r.read()
+    finally:
+        conn.close()
+
+
+def new_vdi(sim, size=MIB):
+    sr = sim.call("SR.get_by_name_label", "Local storage")[0]
+    ref = sim.call("VDI.create", {"name_label": "restored", "SR": sr, "virtual_size": str(size), "type": "user",
+                                  "sharable": False, "read_only": False, "other_config": {}})
+    return ref, sim.call("VDI.get_uuid", ref)
+
+
+def test_async_snapshots_report_through_tasks(sim):
+    uuid = sim.disks("web01")[0]["uuid"]
+    ref = sim.ref(uuid)
+    sim.write(uuid, 0, b"async")
+    task = sim.call("Async.VDI.snapshot", ref, {})
+    assert task.startswith("OpaqueRef:") and task in sim.call("task.get_all")
+    assert wait_task(sim, task) == "success"
+    rec = sim.call("task.get_record", task)
+    assert (rec["name_label"], rec["status"], rec["progress"], rec["error_info"]) == \
+        ("Async.VDI.snapshot", "success", 1.0, [])
+    assert str(rec["finished"]) >= str(rec["created"]) > "1970"
+    assert sim.call("task.get_by_uuid", rec["uuid"]) == task
+    snap = result_ref(sim.call("task.get_result", task))
+    assert (sim.call("VDI.get_is_a_snapshot", snap), sim.call("VDI.get_snapshot_of", snap)) == (True, ref)
+    assert read_file(sim.vdi_state(sim.call("VDI.get_uuid", snap))["path"])[:5] == b"async"
+    assert {"uuid": rec["uuid"], "ref": task, "name": "Async.VDI.snapshot", "status": "success",
+            "result": f"<value>{snap}</value>", "error_info": []} in sim.get("/state")["tasks"]
+
+    vm = sim.call("VM.get_by_name_label", "web01")[0]
+    task = sim.call("Async.VM.snapshot", vm, "async-backup")
+    assert wait_task(sim, task) == "success"
+    snap_vm = result_ref(sim.call("task.get_result", task))
+    assert sim.call("VM.get_snapshot_of", snap_vm) == vm and sim.call("VM.get_name_label", snap_vm) == "async-backup"
+
+    # Errors of the call itself fail the task; those of the dispatch answer the call.
+    task = sim.call("Async.VDI.snapshot", snap, {})
+    assert wait_task(sim, task) == "failure"
+    assert sim.call("task.get_error_info", task)[0] == "OPERATION_NOT_ALLOWED"
+    assert sim.call("task.get_result", task) == ""
+    bogus = "OpaqueRef:4e0c9c9a-0000-4000-8000-000000000000"
+    task = sim.call("Async.VDI.snapshot", bogus, {})
+    assert wait_task(sim, task) == "failure"
+    assert sim.call("task.get_error_info", task) == ["HANDLE_INVALID", "VDI", bogus]
+    assert sim.error("Async.VDI.snapshot") == ["MESSAGE_PARAMETER_COUNT_MISMATCH", "Async.VDI.snapshot", "3", "1"]
+    assert sim.error("Async.VDI.get_nbd_info", ref) == ["MESSAGE_METHOD_UNKNOWN", "Async.VDI.get_nbd_info"]
+    assert sim.error("task.get_status", bogus) == ["HANDLE_INVALID", "task", bogus]
+    with pytest.raises(XapiFailure) as e:
+        sim.value(sim.proxy.Async.VDI.snapshot("OpaqueRef:nosession", ref, {}))
+    assert e.value.description == ["SESSION_INVALID", "OpaqueRef:nosession"]
+
+
+def test_async_snapshot_whose_answer_is_lost_still_runs(sim):
+    uuid = sim.disks("web01")[0]["uuid"]
+    ref = sim.ref(uuid)
+    sim.post("/reset_counters", {})
+    sim.post("/fail", {"method": "Async.VDI.snapshot", "no_answer": True})
+    with pytest.raises(http.client.RemoteDisconnected):
+        post_call(sim, "Async.VDI.snapshot", sim.session, ref, {})
+    assert sim.get("/calls")["Async.VDI.snapshot"] == 1
+    (task,) = sim.get("/state")["tasks"]                               # the client never learnt its ref
+    assert task["name"] == "Async.VDI.snapshot"
+    assert wait_task(sim, task["ref"]) == "success"
+    assert [v["uuid"] for v in sim.get("/state")["vdis"] if v["snapshot_of"] == uuid] == \
+        [sim.call("VDI.get_uuid", result_ref(sim.call("task.get_result", task["ref"])))]
+
+    sim.post("/fail", {"method": "task.get_status", "error": ["INTERNAL_ERROR", "injected"]})
+    assert sim.error("task.get_status", task["ref"]) == ["INTERNAL_ERROR", "injected"]
+    assert sim.call("task.get_status", task["ref"]) == "success"
+
+
+def test_task_delay_cancel_destroy_and_expiry(sim):
+    uuid = sim.disks("web01")[0]["uuid"]
+    ref = sim.ref(uuid)
+    sim.post("/task_delay", {"method": "Async.VDI.snapshot", "seconds": 1.5})
+    start = time.monotonic()
+    slow = sim.call("Async.VDI.snapshot", ref, {})
+    assert time.monotonic() - start < 1                                 # the call answers at once
+    time.sleep(0.5)
+    assert sim.call("task.get_status", slow) == "pending"
+    assert sim.call("task.get_result", slow) == "" and sim.call("VDI.get_snapshots", ref) == []
+    assert wait_task(sim, slow) == "success"
+    assert time.monotonic() - start >= 1.5
+    fast = sim.call("Async.VDI.snapshot", ref, {})                     # the delay was for one task
+    assert wait_task(sim, fast, timeout=1) == "success"
+
+    sim.post("/task_delay", {"method": "Async.VDI.snapshot", "seconds": 60, "count": 2})
+    cancelled = sim.call("Async.VDI.snapshot", ref, {})
+    sim.call("task.cancel", cancelled)
+    assert sim.call("task.get_status", cancelled) == "cancelled"
+    assert sim.call("task.get_error_info", cancelled) == ["TASK_CANCELLED", cancelled]
+    sim.call("task.cancel", cancelled)                                  # a finished task: no effect
+    sim.call("task.cancel", slow)
+    assert sim.call("task.get_status", slow) == "success"
+    doomed = sim.call("Async.VDI.snapshot", ref, {})
+    sim.call("task.destroy", doomed)                                   # pending: it goes when it ends
+    assert sim.call("task.get_current_operations", doomed) == {"task": "destroy"}
+    snapshots = len(sim.call("VDI.get_snapshots", ref))
+    sim.call("task.cancel", doomed)
+    assert sim.error("task.get_status", doomed) == ["HANDLE_INVALID", "task", doomed]
+    assert len(sim.call("VDI.get_snapshots", ref)) == snapshots == 2   # neither cancelled task snapshotted
+
+    sim.call("task.destroy", fast)
+    assert sim.error("task.get_record", fast) == ["HANDLE_INVALID", "task", fast]
+    assert sim.error("task.destroy", fast) == ["HANDLE_INVALID", "task", fast]
+    own = sim.call("task.create", "restore", "a client's own task")
+    assert (sim.call("task.get_status", own), sim.call("task.get_name_description", own)) == \
+        ("pending", "a client's own task")
+    assert sim.post("/expire_tasks", {}) == {"expired": [slow, cancelled]}
+    for gone in (slow, cancelled):
+        assert sim.error("task.get_status", gone) == ["HANDLE_INVALID", "task", gone]
+    assert sim.call("task.get_all") == [own]                            # a pending task stays
+    assert [t["ref"] for t in sim.get("/state")["tasks"]] == [own]
+
+    for bad in ({"method": "VDI.snapshot", "seconds": 1}, {"method": "Async.VDI.destroy", "seconds": 1},
+                {"method": "Async.VDI.snapshot", "seconds": -1}):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            sim.post("/task_delay", bad)
+        assert e.value.code == 400
+
+
+def test_import_reports_through_its_task(sim):
+    vdi, vdi_uuid = new_vdi(sim)
+    body = random.Random(6).randbytes(MIB // 2)
+    task = sim.call("task.create", "restore", "")
+    status, task_header, answer = put_import(sim, {"session_id": sim.session, "vdi": vdi, "format": "raw",
+                                                   "task_id": task}, body)
+    assert (status, task_header, answer) == (200, task, b"")
+    assert sim.call("task.get_status", task) == "success"
+    assert result_ref(sim.call("task.get_result", task)) == vdi
+    assert read_file(sim.vdi_state(vdi_uuid)["path"]) == body + bytes(MIB // 2)
+
+    # An I/O error partway: HTTP 200 all the same, the failure is in the task only.
+    sim.post("/import_fail", {"after_bytes": 3 * BLOCK})
+    task = sim.call("task.create", "restore", "")
+    other = bytes([0xAB]) * (MIB // 2)
+    status, _, _ = put_import(sim, {"session_id": sim.session, "vdi": vdi_uuid, "task_id": task}, other)
+    assert status == 200
+    assert sim.call("task.get_status", task) == "failure"
+    assert sim.call("task.get_error_info", task) == ["VDI_IO_ERROR", "Device I/O errors"]
+    assert read_file(sim.vdi_state(vdi_uuid)["path"])[:MIB // 2] == other[:3 * BLOCK] + body[3 * BLOCK:]
+
+    task = sim.call("task.create", "restore", "")                      # more than the VDI holds
+    status, _, _ = put_import(sim, {"session_id": sim.session, "vdi": vdi, "task_id": task}, bytes(MIB + 512))
+    assert status == 200
+    assert sim.call("task.get_error_info", task) == ["VDI_IO_ERROR", "Device I/O errors"]
+
+    task = sim.call("task.create", "restore", "")                      # the client goes away partway
+    url = urllib.parse.urlsplit(sim.info["url"])
+    with sim.context.wrap_socket(socket.create_connection((url.hostname, url.port)),
+                                 server_hostname=url.hostname) as s:
+        s.sendall(f"PUT /import_raw_vdi?session_id={sim.session}&vdi={vdi}&task_id={task} HTTP/1.1\r\n"
+                  f"Host: {url.hostname}\r\nContent-Length: {MIB}\r\n\r\n".encode() + bytes(1000))
+        assert s.recv(1024).startswith(b"HTTP/1.1 200 ")                # answered before the body came
+    assert wait_task(sim, task) == "failure"
+    assert sim.call("task.get_error_info", task) == ["VDI_IO_ERROR", "Device I/O errors"]
+
+    task = sim.call("task.create", "restore", "")                      # refused before the body
+    bogus = "7c4ab9a0-0000-4000-8000-000000000000"
+    status, _, _ = put_import(sim, {"session_id": sim.session, "vdi": bogus, "task_id": task}, b"x")
+    assert status == 404
+    assert sim.call("task.get_error_info", task) == ["UUID_INVALID", "VDI", bogus]
+    status, _, _ = put_import(sim, {"session_id": sim.session, "vdi": vdi, "task_id": "OpaqueRef:nope"}, b"x")
+    assert status == 404
+
+    sim.post("/import_fail", {"after_bytes": 0})                        # without a task: an HTTP error
+    status, _, answer = put_import(sim, {"session_id": sim.session, "vdi": vdi}, b"y" * 4096)
+    assert status == 500 and b"injected" in answer
+    assert [t["status"] for t in sim.get("/state")["tasks"]] == ["success", "failure", "failure", "failure",
+                                                                  "failure"]

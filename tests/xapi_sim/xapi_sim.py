@@ -1,13 +1,14 @@
 #!/usr/bin/python3
 """XAPI simulator for the cbtfs integration tests and demo.
 
-Speaks XenServer's XML-RPC API over HTTPS for the calls cbtfs-ingest makes
+Speaks XenServer's XML-RPC API over HTTPS for the calls cbtfs makes
 (sessions; VM, VBD, VDI and SR records; snapshots; changed block tracking;
-NBD export info; data_destroy), serves VDI data over NBD with real nbdkit
-processes (TLS or not), and offers a plain-HTTP JSON control API with which a
-test acts as the guest (writes into a disk), as the administrator (resizes a
-disk, disables CBT) or as a faulty host (fails or stalls calls, drops NBD
-connections). See README.md beside this file.
+NBD export info; data_destroy; tasks and Async calls; raw imports), serves
+VDI data over NBD with real nbdkit processes (TLS or not), and offers a
+plain-HTTP JSON control API with which a test acts as the guest (writes into a
+disk), as the administrator (resizes a disk, disables CBT) or as a faulty host
+(fails or stalls calls, drops NBD connections, fails imports). See README.md
+beside this file.
 
 The invariant that matters: changed-block bitmaps are computed from the data.
 Every snapshot taken with CBT enabled keeps a SHA-1 per 64 KiB block (also
@@ -75,12 +76,22 @@ class XapiError(Exception):
 
 
 class HttpError(Exception):
-    """A request answered with a bare HTTP status (malformed XML-RPC, bad upload, control errors)."""
+    """A request answered with a bare HTTP status (malformed XML-RPC, bad upload, control errors);
+    error_info is what an import's task reports for it."""
 
-    def __init__(self, status, message):
+    def __init__(self, status, message, error_info=None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.error_info = list(error_info or ["INTERNAL_ERROR", message])
+
+
+class UploadFailed(HttpError):
+    """An upload that stopped partway; `written` bytes of it are in the VDI."""
+
+    def __init__(self, status, message, written):
+        super().__init__(status, message)
+        self.written = written
 
 
 # ----------------------------------------------------------------------------
@@ -355,6 +366,32 @@ class Vdi:
         return self.snapshot_of if self.is_a_snapshot else self
 
 
+TASK_DONE = frozenset({"success", "failure", "cancelled"})
+IO_ERROR = ("VDI_IO_ERROR", "Device I/O errors")    # what XAPI puts in a task when vhd-tool fails
+
+
+@dataclass(eq=False)
+class Task:
+    """An XAPI task: made by an Async.* call or by task.create, finished once (TaskHelper's
+    complete/failed change only a pending task), kept until task.destroy or expiry."""
+    CLASS = "task"
+    name_label: str
+    name_description: str = ""
+    uuid: str = field(default_factory=new_uuid)
+    ref: str = field(default_factory=new_ref)
+    status: str = "pending"
+    progress: float = 0.0
+    result: str = ""                    # the XML-RPC serialisation of the value, "" until success
+    error_info: list = field(default_factory=list)
+    created: datetime = field(default_factory=now)
+    finished: datetime = EPOCH          # XAPI's "never" until the task ends
+    destroy_requested: bool = False     # task.destroy while pending: it goes when it ends, as in XAPI
+
+    @property
+    def done(self):
+        return self.status in TASK_DONE
+
+
 def unrelated(reason="Source and target VDI are unrelated"):
     return XapiError("SR_BACKEND_FAILURE_460", "", reason, "")
 
@@ -445,6 +482,14 @@ class Model:
                 "is_tools_iso": False, "metadata_of_pool": NULL_REF, "metadata_latest": False,
                 "allowed_operations": [], "current_operations": {}, "other_config": vdi.other_config,
                 "sm_config": {}, "xenstore_data": {}, "crash_dumps": [], "tags": []}
+
+    def _task_record(self, task):
+        return {"uuid": task.uuid, "name_label": task.name_label, "name_description": task.name_description,
+                "allowed_operations": [],
+                "current_operations": {"task": "destroy"} if task.destroy_requested else {},
+                "created": task.created, "finished": task.finished, "status": task.status,
+                "progress": task.progress, "type": "<none/>", "result": task.result,
+                "error_info": task.error_info, "other_config": {}, "subtask_of": NULL_REF, "subtasks": []}
 
     @staticmethod
     def _allocated(vdi):
@@ -624,6 +669,36 @@ class Model:
     def resize(self, vdi, size):
         os.truncate(vdi.path, size)
         vdi.virtual_size = size
+
+    # -- tasks ---------------------------------------------------------------
+
+    def finish_task(self, task, status, result="", error_info=()):
+        """Ends a pending task (a finished one stays as it is, as in XAPI); a task whose
+        destroy was asked for meanwhile goes now."""
+        if task.done:
+            return
+        task.status, task.progress, task.finished = status, 1.0, now()
+        task.result, task.error_info = result, list(error_info)
+        if task.destroy_requested:
+            del self.objects[task.ref]
+
+    def cancel_task(self, task):
+        """XAPI marks the task and its operation fails with TASK_CANCELLED at its next check;
+        here no operation runs between two such checks, so the task ends at once."""
+        self.finish_task(task, "cancelled", error_info=["TASK_CANCELLED", task.ref])
+
+    def destroy_task(self, task):
+        if task.done:
+            del self.objects[task.ref]
+        else:
+            task.destroy_requested = True
+
+    def expire_tasks(self):
+        """Drops every finished task, as the host's garbage collection does after a while."""
+        expired = [t for t in self.all("task") if t.done]
+        for task in expired:
+            del self.objects[task.ref]
+        return expired
 
 
 # ----------------------------------------------------------------------------
@@ -945,6 +1020,18 @@ class FailRule:
     expire_session: bool = False    # the call's session is logged out first
 
 
+@dataclass
+class TaskDelay:
+    count: int
+    seconds: float                  # the task stays pending this long before its work is done
+
+
+@dataclass
+class ImportFault:
+    count: int
+    after_bytes: int                # the import writes this much, then fails as on an I/O error
+
+
 class Host:
     def __init__(self, state_dir, config, certs):
         self.config = config
@@ -958,16 +1045,22 @@ class Host:
         self.nbd = NbdManager(state_dir, config["nbd"], certs.nbd_dir, self.lock)
         self.sessions = {}          # session ref -> user name
         self.fail_rules = {}        # method -> FailRule
+        self.task_delays = {}       # Async.* method -> TaskDelay
+        self.import_faults = {}     # "import_raw_vdi" -> ImportFault
         self.calls = Counter()      # method -> calls received
 
-    def take_fail_rule(self, method):
+    def take_rule(self, rules, key):
+        """The rule armed for key, one of its uses spent; None if none is armed."""
         with self.lock:
-            rule = self.fail_rules.get(method)
+            rule = rules.get(key)
             if rule is not None:
                 rule.count -= 1
                 if rule.count <= 0:
-                    del self.fail_rules[method]
+                    del rules[key]
             return rule
+
+    def take_fail_rule(self, method):
+        return self.take_rule(self.fail_rules, method)
 
     def release_nbd(self, vdi, operation):
         """Waits (lock released) for the VDI's NBD clients to leave, then stops its server;
@@ -1006,8 +1099,12 @@ def api(name):
     return register
 
 
-RECORD_CLASSES = ("VM", "VBD", "VDI", "SR")
+RECORD_CLASSES = ("VM", "VBD", "VDI", "SR", "task")
 GENERIC_ARITY = {"get_all": 1, "get_all_records": 1}     # other generic calls take (session, arg)
+ASYNC = "Async."
+# The calls served in an Async.* form too: it returns a task at once and does the call in a
+# thread. XAPI has Async forms of most calls; these are the ones a backup client waits on.
+ASYNC_METHODS = frozenset({"VM.snapshot", "VDI.snapshot", "VDI.list_changed_blocks"})
 
 
 class XapiService:
@@ -1056,11 +1153,13 @@ class XapiService:
         return Reply(200, body)
 
     def _dispatch(self, method, params):
-        entry = API.get(method)
-        cls, _, op = method.partition(".")
+        name = method.removeprefix(ASYNC)
+        is_async = name != method
+        entry = API.get(name) if not is_async or name in ASYNC_METHODS else None
+        cls, _, op = name.partition(".")
         if entry is not None:
             fn, least, most = entry
-        elif cls in RECORD_CLASSES and (op in GENERIC_ARITY or op.startswith("get_")):
+        elif not is_async and cls in RECORD_CLASSES and (op in GENERIC_ARITY or op.startswith("get_")):
             fn, least, most = None, GENERIC_ARITY.get(op, 2), GENERIC_ARITY.get(op, 2)
         else:
             raise XapiError("MESSAGE_METHOD_UNKNOWN", method)
@@ -1068,6 +1167,9 @@ class XapiService:
             raise XapiError("MESSAGE_PARAMETER_COUNT_MISMATCH", method, most, len(params))
         if method != LOGIN:
             self._check_session(params[0])
+        if is_async:
+            # As in XAPI, the refs are checked by the call itself: a bad one fails the task.
+            return self._start_task(method, fn, params).ref
         if fn is None:
             return self._generic(cls, op, *params[1:])
         return fn(self, *params)
@@ -1107,6 +1209,47 @@ class XapiService:
     @api("session.logout")
     def session_logout(self, session):
         del self.host.sessions[session]
+
+    # -- tasks ---------------------------------------------------------------
+
+    def _start_task(self, method, fn, params):
+        """A pending task for an Async.* call, whose work a thread does (host lock held)."""
+        task = self.model.add(Task(name_label=method))
+        delay = self.host.take_rule(self.host.task_delays, method)
+        threading.Thread(target=self._run_task, args=(task, fn, params, delay.seconds if delay else 0),
+                         name=f"task-{task.uuid}", daemon=True).start()
+        log(f"{method}: task {task.ref} started" + (f", pending for {delay.seconds} s" if delay else ""))
+        return task
+
+    def _run_task(self, task, fn, params, delay):
+        with self.host.lock:
+            # The lock is let go while waiting; task.cancel wakes the wait.
+            self.host.cond.wait_for(lambda: task.done, delay)
+            if task.done:
+                log(f"{task.name_label}: task {task.ref} {task.status} before its work began")
+                return
+            try:
+                result = encode_value(fn(self, *params))
+                self.model.finish_task(task, "success", result=result)
+            except XapiError as e:
+                self.model.finish_task(task, "failure", error_info=e.description)
+            except Exception as e:      # a bug: the task says so rather than stay pending
+                log(traceback.format_exc())
+                self.model.finish_task(task, "failure", error_info=["INTERNAL_ERROR", f"{type(e).__name__}: {e}"])
+            log(f"{task.name_label}: task {task.ref} {task.status} {' '.join(task.error_info)}".rstrip())
+
+    @api("task.create")
+    def task_create(self, session, label, description):
+        return self.model.add(Task(name_label=label, name_description=description)).ref
+
+    @api("task.cancel")
+    def task_cancel(self, session, task):
+        self.model.cancel_task(self.model.get("task", task))
+        self.host.cond.notify_all()
+
+    @api("task.destroy")
+    def task_destroy(self, session, self_):
+        self.model.destroy_task(self.model.get("task", self_))
 
     # -- VMs -----------------------------------------------------------------
 
@@ -1190,27 +1333,60 @@ class XapiService:
     # -- HTTP handlers -------------------------------------------------------
 
     def import_target(self, query):
-        """The VDI a PUT /import_raw_vdi writes into; HttpError if the request is wrong."""
+        """The VDI a PUT /import_raw_vdi writes into, and the task (from task_id, else None) that
+        reports how it went. HttpError if the request is wrong; that fails the task too."""
         with self.host.lock:
             if query.get("session_id") not in self.host.sessions:
                 raise HttpError(401, "invalid session")
-            if query.get("format", "raw") != "raw":
-                raise HttpError(400, "only format=raw is supported")
-            key = query.get("vdi", "")
+            task = None
+            if "task_id" in query:
+                try:
+                    task = self.model.get("task", query["task_id"])
+                except XapiError:
+                    raise HttpError(404, f"no task {query['task_id']}")
             try:
-                vdi = (self.model.get("VDI", key) if key.startswith("OpaqueRef:")
-                       else self.model.by_uuid("VDI", key))
-            except XapiError:
-                raise HttpError(404, f"no VDI {key}")
-            if not vdi.path:
-                raise HttpError(400, f"VDI {key} has no data")
-            return vdi
+                return self._import_vdi(query), task
+            except HttpError as e:
+                if task is not None:
+                    self.model.finish_task(task, "failure", error_info=e.error_info)
+                    log(f"import_raw_vdi: task {task.ref} failure {' '.join(e.error_info)}")
+                raise
 
-    def imported(self, vdi, length):
+    def _import_vdi(self, query):
+        fmt = query.get("format", "raw")
+        if fmt != "raw":
+            raise HttpError(400, "only format=raw is supported", ["INTERNAL_ERROR", f"Unknown format {fmt}"])
+        key = query.get("vdi", "")
+        try:
+            vdi = self.model.get("VDI", key) if key.startswith("OpaqueRef:") else self.model.by_uuid("VDI", key)
+        except XapiError as e:
+            raise HttpError(404, f"no VDI {key}", e.description)
+        if not vdi.path:
+            raise HttpError(400, f"VDI {key} has no data", ["VDI_INCOMPATIBLE_TYPE", vdi.ref, vdi.type])
+        return vdi
+
+    def take_import_fault(self):
+        return self.host.take_rule(self.host.import_faults, "import_raw_vdi")
+
+    def import_progress(self, task, written, total):
+        with self.host.lock:
+            if not task.done:
+                task.progress = min(written / total, 0.99) if total else 0.0
+
+    def imported(self, vdi, length, task=None, failure=None):
+        """Logs the bytes an import wrote (a failed one too: they are in the VDI) and ends its
+        task: success with the VDI's ref as result, as XAPI's raw import does, or failure with
+        what XAPI reports whenever its vhd-tool fails."""
         with self.host.lock:
             if length:
                 self.model.log_write(vdi, 0, length)
-        log(f"import_raw_vdi: {length} bytes into VDI {vdi.uuid}")
+            if task is not None and failure is None:
+                self.model.finish_task(task, "success", result=encode_value(vdi.ref))
+            elif task is not None:
+                self.model.finish_task(task, "failure", error_info=IO_ERROR)
+        outcome = "" if failure is None else f", then failed: {failure}"
+        on_task = f" (task {task.ref}: {task.status})" if task is not None else ""
+        log(f"import_raw_vdi: {length} bytes into VDI {vdi.uuid}{outcome}{on_task}")
 
 
 # ----------------------------------------------------------------------------
@@ -1232,6 +1408,13 @@ def int_field(body, name, default=None):
         return int(value)
     except (TypeError, ValueError):
         raise HttpError(400, f"{name} must be an integer")
+
+
+def number_field(body, name):
+    value = body.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise HttpError(400, f"{name} must be a number, 0 or more")
+    return value
 
 
 class ControlApi:
@@ -1256,7 +1439,8 @@ class ControlApi:
     def post(self, path, body):
         handler = {"/write": self.write, "/resize": self.resize, "/disable_cbt": self.disable_cbt,
                    "/fail": self.fail, "/nbd_drop": self.nbd_drop, "/nbd_faults": self.nbd_faults,
-                   "/reset_counters": self.reset_counters}.get(path)
+                   "/reset_counters": self.reset_counters, "/task_delay": self.task_delay,
+                   "/import_fail": self.import_fail, "/expire_tasks": self.expire_tasks}.get(path)
         if handler is None:
             raise HttpError(404, f"no POST {path}")
         with self.host.lock:
@@ -1275,7 +1459,9 @@ class ControlApi:
                  "cbt_enabled": v.cbt_enabled, "virtual_size": v.virtual_size, "path": v.path,
                  "sr_type": v.sr.type, "nbd_running": nbd.running(v.uuid)}
                 for v in m.all("VDI")]
-        return {"vms": vms, "vdis": vdis, "sessions": len(self.host.sessions)}
+        tasks = [{"uuid": t.uuid, "ref": t.ref, "name": t.name_label, "status": t.status, "result": t.result,
+                  "error_info": t.error_info} for t in m.all("task")]
+        return {"vms": vms, "vdis": vdis, "tasks": tasks, "sessions": len(self.host.sessions)}
 
     def write(self, body):
         vdi = live_vdi_of(self.host, body)
@@ -1365,6 +1551,26 @@ class ControlApi:
         self.host.nbd.reset_counters()
         return {}
 
+    def task_delay(self, body):
+        method = body.get("method")
+        if not isinstance(method, str) or not method.startswith(ASYNC) or method[len(ASYNC):] not in ASYNC_METHODS:
+            raise HttpError(400, f"method must be one of {', '.join(sorted(ASYNC + m for m in ASYNC_METHODS))}")
+        seconds = number_field(body, "seconds")
+        delay = TaskDelay(count=int_field(body, "count", 1), seconds=seconds)
+        self.host.task_delays[method] = delay
+        return {"method": method, "seconds": seconds, "count": delay.count}
+
+    def import_fail(self, body):
+        after = int_field(body, "after_bytes")
+        if after < 0:
+            raise HttpError(400, "after_bytes must not be negative")
+        fault = ImportFault(count=int_field(body, "count", 1), after_bytes=after)
+        self.host.import_faults["import_raw_vdi"] = fault
+        return {"after_bytes": after, "count": fault.count}
+
+    def expire_tasks(self, body):
+        return {"expired": [t.ref for t in self.model.expire_tasks()]}
+
 
 # ----------------------------------------------------------------------------
 # HTTP servers
@@ -1448,24 +1654,82 @@ class XapiHandler(Handler):
         service = self.server.service
         body = self.body_chunks()
         try:
-            vdi = service.import_target({k: v[0] for k, v in parse_qs(url.query).items()})
-            length = self.receive_into(vdi, body)
+            vdi, task = service.import_target({k: v[0] for k, v in parse_qs(url.query).items()})
         except HttpError as e:
-            for _ in body:          # take in the rest of the upload, then answer
-                pass
-            return self.reply_text(e.status, e.message + "\n")
+            return self.refuse(body, e)
+        if task is not None:
+            return self.import_with_task(vdi, task, body)
+        fault = service.take_import_fault()
+        try:
+            length = self.receive_into(vdi, body, fault)
+        except UploadFailed as e:
+            service.imported(vdi, e.written, failure=e.message)
+            return self.refuse(body, e)
         service.imported(vdi, length)
         self.reply_text(200, "")
 
-    def receive_into(self, vdi, body):
+    def import_with_task(self, vdi, task, body):
+        """As XAPI: HTTP 200 before the body is read, the outcome in the task only. The answer
+        has no length and ends when the connection closes, once the body is taken in."""
+        service = self.server.service
+        self.close_connection = True
+        try:
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.send_header("task-id", task.ref)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.end_headers()
+            self.wfile.flush()
+        except OSError as e:
+            log(f"import_raw_vdi: the answer did not reach the client: {e}")
+        fault = service.take_import_fault()
+        try:
+            length = self.receive_into(vdi, body, fault, task)
+        except UploadFailed as e:
+            service.imported(vdi, e.written, task, failure=e.message)
+            self.drain(body)
+            return
+        service.imported(vdi, length, task)
+
+    def refuse(self, body, error):
+        """Takes in the rest of the upload, then answers with the error."""
+        self.drain(body)
+        try:
+            self.reply_text(error.status, error.message + "\n")
+        except OSError:
+            self.close_connection = True
+
+    def drain(self, body):
+        try:
+            for _ in body:
+                pass
+        except (HttpError, OSError, ValueError):   # the client went away: nothing more to take in
+            self.close_connection = True
+
+    def receive_into(self, vdi, body, fault=None, task=None):
+        """Writes the body at offset 0 of the VDI; returns its length. UploadFailed when the
+        body is too long or breaks off, when an armed ImportFault strikes or the task is cancelled."""
+        total = int(self.headers.get("Content-Length") or 0)
         written = 0
         fd = os.open(vdi.path, os.O_WRONLY)
         try:
             for chunk in body:
+                if task is not None and task.status == "cancelled":
+                    raise UploadFailed(400, f"task {task.ref} was cancelled", written)
                 if written + len(chunk) > vdi.virtual_size:
-                    raise HttpError(400, f"more data than the {vdi.virtual_size}-byte VDI holds")
+                    raise UploadFailed(400, f"more data than the {vdi.virtual_size}-byte VDI holds", written)
+                if fault is not None:
+                    chunk = chunk[:fault.after_bytes - written]
                 os.pwrite(fd, chunk, written)
                 written += len(chunk)
+                if fault is not None and written >= fault.after_bytes:
+                    raise UploadFailed(500, f"injected I/O error after {written} bytes", written)
+                if task is not None:
+                    self.server.service.import_progress(task, written, total)
+        except UploadFailed:
+            raise
+        except (HttpError, OSError, ValueError) as e:   # a short body, a client gone, bad chunking
+            raise UploadFailed(400, getattr(e, "message", None) or f"the upload broke off: {e}", written)
         finally:
             os.close(fd)
         return written
