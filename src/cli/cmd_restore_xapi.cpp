@@ -3,6 +3,8 @@
 // image streamed into it with one HTTP PUT to /import_raw_vdi (XAPI's raw
 // import, the same handler xe vdi-import uses), checksums verified on the
 // way; a VDI whose upload failed is destroyed, so none is left half filled.
+// The handler answers 200 before it has read the body: only the task it is
+// given (task_id) says whether the data landed.
 #include <curl/curl.h>
 
 #include <algorithm>
@@ -15,6 +17,7 @@
 #include "commands.hpp"
 #include "progress.hpp"
 #include "xapi/client.hpp"
+#include "xapi/tasks.hpp"
 
 namespace cbtfs {
 
@@ -60,16 +63,19 @@ size_t keep_some(char* p, size_t size, size_t n, void* body) {
   return size * n;
 }
 
-void upload(const xapi::ClientOptions& co, const std::string& session, const std::string& vdi_ref, Source& src) {
+void upload(const xapi::ClientOptions& co, const std::string& session, const std::string& vdi_ref,
+            const std::string& task, Source& src) {
   CURL* c = curl_easy_init();
   if (!c) throw StorageError("cannot initialise libcurl", ENOMEM);
   std::string base = co.url;
   while (!base.empty() && base.back() == '/') base.pop_back();
   char* s = curl_easy_escape(c, session.c_str(), 0);
   char* v = curl_easy_escape(c, vdi_ref.c_str(), 0);
-  std::string url = base + "/import_raw_vdi?format=raw&session_id=" + s + "&vdi=" + v;
+  char* t = curl_easy_escape(c, task.c_str(), 0);
+  std::string url = base + "/import_raw_vdi?format=raw&session_id=" + s + "&vdi=" + v + "&task_id=" + t;
   curl_free(s);
   curl_free(v);
+  curl_free(t);
   std::string body;
   char err[CURL_ERROR_SIZE] = {0};
   curl_easy_setopt(c, CURLOPT_URL, url.c_str());
@@ -97,6 +103,16 @@ void upload(const xapi::ClientOptions& co, const std::string& session, const std
   while (!body.empty() && (body.back() == '\n' || body.back() == '\r')) body.pop_back();
   if (status != 200)
     throw StorageError("upload to " + base + " refused: HTTP " + std::to_string(status) + (body.empty() ? "" : ": " + body), EIO);
+}
+
+// The import's own verdict: HTTP 200 only said the handler started.
+void check_import(xapi::Client& client, const std::string& task, long seconds) {
+  auto o = xapi::wait_task(client, task, seconds);
+  using S = xapi::TaskOutcome::State;
+  if (o.state == S::Success) return;
+  if (o.state == S::Failure) throw xapi::XapiError("import_raw_vdi", o.error);
+  throw StorageError(o.state == S::Pending ? "the host did not finish the import within " + std::to_string(seconds) + " s"
+                                           : "the import's task vanished before it reported", EIO);
 }
 
 }  // namespace
@@ -130,7 +146,16 @@ int cmd_restore_xapi(const RestoreXapiArgs& a) {
     PointReader reader(repo, m);
     Progress progress("restore " + format_point_name(m->time), size);
     Source src{reader, m->virtual_size, size, 0, progress, {}};
-    upload(a.xapi, client.session(), ref, src);
+    std::string task = client.call("task.create", {Value("cbtfs-repo restore"), Value("import into " + ref)}).str();
+    try {
+      upload(a.xapi, client.session(), ref, task, src);
+      check_import(client, task, a.xapi.timeout_seconds);
+    } catch (...) {
+      xapi::cancel_task(client, task);
+      xapi::destroy_task(client, task);
+      throw;
+    }
+    xapi::destroy_task(client, task);
     progress.finish();
     std::printf("%s\n", vrec.at("uuid").str().c_str());
     std::fprintf(stderr, "cbtfs-repo: restored %s of VDI %s as VDI %s ('%s', %s) in SR %s\n",

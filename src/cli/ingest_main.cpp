@@ -46,6 +46,8 @@ int run(int argc, char** argv) {
   app.add_option("--ca-file", co.ca_file, "CA certificate(s) to verify the host with (default: the system's)");
   app.add_option("--xapi-timeout", co.timeout_seconds, "seconds a XAPI call may take")
       ->default_val(600)->check(CLI::Range(1, 86400));
+  app.add_option("--snapshot-timeout", io.snapshot_timeout, "seconds the host may take to snapshot a disk")
+      ->default_val(600)->check(CLI::Range(1, 86400));
   app.add_flag("--insecure", co.insecure, "do not verify TLS certificates (XAPI and NBD)");
   app.add_option("--jobs", io.jobs, "VDIs backed up in parallel")->default_val(2)->check(CLI::Range(1, 16));
   app.add_option("--connections", io.connections, "NBD connections per VDI")->default_val(4)->check(CLI::Range(1, 16));

@@ -21,6 +21,11 @@
 
 namespace cbtfs::ingest {
 
+using xapi::TaskOutcome;
+using xapi::cancel_task;
+using xapi::destroy_task;
+using xapi::wait_task;
+
 namespace {
 
 constexpr uint64_t kMaxExtentBlocks = 32;  // 2 MiB NBD requests
@@ -33,6 +38,7 @@ struct Task {
   std::unique_ptr<PointWriter> writer;
   bool cbt_was_off = false;
   bool journal = false;  // the repository holds a journal for this disk
+  std::string snapshot_task;  // the Async.VDI.snapshot task, until the snapshot is named
   bool committed = false;
   Outcome out;
 };
@@ -217,34 +223,55 @@ class Run {
     }
   }
 
-  // A journal means a run died between VDI.snapshot and naming the
-  // snapshot (see snapshot()). Its snapshot is the earliest of those taken
-  // since; when that is ambiguous, nothing is touched.
+  // A journal means a run died, or lost an answer, between starting
+  // Async.VDI.snapshot and naming the snapshot (see snapshot()). Only a
+  // snapshot the journaled task returned is provably ours and removed; any
+  // other that appeared meanwhile may be an admin's or another tool's, so
+  // it is reported with the command to remove it, never destroyed.
   void recover_journal(Task& t) {
     auto text = repo_->journal(t.vdi.uuid);
     if (!text) return;
     std::set<std::string> existing;
+    std::vector<std::string> tasks;
     try {
       auto j = nlohmann::json::parse(*text);
       for (auto& u : j.at("existing")) existing.insert(u.get<std::string>());
+      if (j.contains("tasks"))
+        for (auto& r : j.at("tasks")) tasks.push_back(r.get<std::string>());
     } catch (const nlohmann::json::exception& e) {
       say(t, std::string("ignoring an unreadable journal: ") + e.what());
       repo_->clear_journal(t.vdi.uuid);
       return;
     }
-    std::vector<VdiInfo> newer;
-    for (auto& s : snapshots_of(t)) {
-      if (!existing.count(s.uuid)) newer.push_back(s);
+    bool proven = !tasks.empty();
+    std::set<std::string> accounted;
+    for (auto& task : tasks) {
+      TaskOutcome o = wait_task(c_, task, opts_.snapshot_timeout);
+      if (o.state == TaskOutcome::State::Pending)
+        throw std::runtime_error("the snapshot an interrupted run started (task " + task +
+                                 ") is still being taken on the host; try again once it has finished");
+      if (o.state == TaskOutcome::State::Gone) proven = false;
+      if (o.state == TaskOutcome::State::Success && !o.result.empty()) {
+        try {
+          VdiInfo s = get_vdi(c_, o.result);
+          accounted.insert(s.uuid);
+          if (s.type != "cbt_metadata" && s.uuid != needed_snapshot(t)) {
+            say(t, "removing snapshot " + s.uuid + ", taken by an interrupted run (task " + task + ")");
+            destroy_vdi(c_, s.ref);
+          }
+        } catch (const xapi::XapiError& e) {
+          if (e.code() != "HANDLE_INVALID") throw;  // already gone
+        }
+      }
+      destroy_task(c_, task);
     }
-    std::sort(newer.begin(), newer.end(), [](auto& a, auto& b) { return a.snapshot_time < b.snapshot_time; });
-    if (!newer.empty()) {
-      const VdiInfo& s = newer[0];
-      if (newer.size() > 1 && newer[1].snapshot_time == s.snapshot_time)
-        say(t, "an interrupted run left a snapshot, but which one is ambiguous; leaving " + s.uuid + " and " +
-                   newer[1].uuid + " alone");
-      else if (!ours(s) && s.type != "cbt_metadata") {
-        say(t, "removing snapshot " + s.uuid + ", left unnamed by an interrupted run");
-        destroy_vdi(c_, s.ref);
+    if (!proven) {
+      for (auto& s : snapshots_of(t)) {
+        if (existing.count(s.uuid) || accounted.count(s.uuid) || ours(s) || s.type == "cbt_metadata") continue;
+        say(t, "snapshot " + s.uuid + " (taken " + format_iso_time(s.snapshot_time) +
+                   ") appeared while an interrupted run was taking its snapshot, but nothing proves that run "
+                   "took it: it may be an admin's or another tool's, so it is left alone. If it is not needed, "
+                   "remove it with: xe vdi-destroy uuid=" + s.uuid);
       }
     }
     repo_->clear_journal(t.vdi.uuid);
@@ -273,6 +300,42 @@ class Run {
                  " snapshot " + s.uuid);
       destroy_vdi(c_, s.ref);
     }
+  }
+
+  // The snapshot task `task` (journaled) to its end. A failure that leaves
+  // the task's outcome unknown is settled at once where the host lets us,
+  // so that no snapshot with data outlives the run; else the next run does.
+  VdiInfo await_snapshot(Task& t, const std::string& task) {
+    TaskOutcome o;
+    try {
+      o = wait_task(c_, task, opts_.snapshot_timeout);
+      if (o.state == TaskOutcome::State::Success && !o.result.empty()) {
+        // The task stays until the snapshot bears our name: it is the
+        // proof a next run needs should this one die before that.
+        t.snapshot_task = task;
+        return get_vdi(c_, o.result);
+      }
+    } catch (const std::exception&) {
+      try {
+        recover_journal(t);
+        t.journal = false;
+      } catch (const std::exception& e2) {
+        say(t, std::string("the next run will clean up after this snapshot: ") + e2.what());
+      }
+      throw;
+    }
+    if (o.state == TaskOutcome::State::Pending) {
+      cancel_task(c_, task);
+      throw std::runtime_error("the host did not finish the snapshot within " + std::to_string(opts_.snapshot_timeout) +
+                               " s (task " + task + "); the next run removes it if it completes");
+    }
+    if (o.state == TaskOutcome::State::Failure) {
+      destroy_task(c_, task);
+      repo_->clear_journal(t.vdi.uuid);  // the host took nothing
+      t.journal = false;
+      throw xapi::XapiError("VDI.snapshot", o.error);
+    }
+    throw std::runtime_error("the snapshot task " + task + " ended without a result");
   }
 
   void snapshot(Group& g) {
@@ -304,19 +367,24 @@ class Run {
         }
       } else {
         // VDI.snapshot cannot name its snapshot: until we have, only this
-        // journal lets a later run find it should we die.
+        // journal lets a later run find it should we die or lose an answer.
         Task& t = tasks_[g.tasks[0]];
-        nlohmann::json existing = nlohmann::json::array();
-        for (auto& s : snapshots_of(t)) existing.push_back(s.uuid);
-        repo_->put_journal(t.vdi.uuid, nlohmann::json{{"snapshot_of", t.vdi.uuid}, {"existing", existing}}.dump());
+        nlohmann::json journal{{"snapshot_of", t.vdi.uuid}, {"existing", nlohmann::json::array()},
+                               {"tasks", nlohmann::json::array()}};
+        for (auto& s : snapshots_of(t)) journal["existing"].push_back(s.uuid);
+        repo_->put_journal(t.vdi.uuid, journal.dump());
         t.journal = true;
+        std::string task;
         try {
-          t.snap = snapshot_vdi(c_, t.vdi);
+          task = start_snapshot_vdi(c_, t.vdi);
         } catch (const xapi::XapiError&) {
           repo_->clear_journal(t.vdi.uuid);  // the host refused: nothing to find
           t.journal = false;
           throw;
         }
+        journal["tasks"].push_back(task);
+        repo_->put_journal(t.vdi.uuid, journal.dump());
+        t.snap = await_snapshot(t, task);
       }
     } catch (const std::exception& e) {
       for (size_t i : g.tasks) fail(tasks_[i], std::string("snapshot failed: ") + e.what());
@@ -333,6 +401,7 @@ class Run {
         c_.call("VDI.set_name_label", {xapi::Value(t.snap->ref), xapi::Value(name)});
         if (t.journal) repo_->clear_journal(t.vdi.uuid);
         t.journal = false;
+        if (!t.snapshot_task.empty()) destroy_task(c_, t.snapshot_task);
         if (t.writer) t.writer->set_source(t.snap->uuid, now);
       } catch (const std::exception& e) {
         fail(t, std::string("cannot name the snapshot: ") + e.what());
@@ -468,6 +537,7 @@ class Run {
       try {
         destroy_vdi(c_, t.snap->ref);
         if (t.journal) repo_->clear_journal(t.vdi.uuid);
+        if (!t.snapshot_task.empty()) destroy_task(c_, t.snapshot_task);
       } catch (const std::exception& e) {
         fail(t, "cannot remove the snapshot " + t.snap->uuid + " from the host: " + e.what());
       }

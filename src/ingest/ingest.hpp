@@ -25,6 +25,7 @@ struct Options {
   int connections = 4;            // NBD connections per VDI
   nbd::Options nbd;
   bool progress = true;
+  long snapshot_timeout = 600;    // seconds a VDI snapshot may take on the host
 };
 
 struct Outcome {

@@ -114,8 +114,8 @@ VmInfo snapshot_vm(xapi::Client& c, const VmInfo& vm, const std::string& name) {
   return get_vm(c, c.call("VM.snapshot", {Value(vm.ref), Value(name)}).str());
 }
 
-VdiInfo snapshot_vdi(xapi::Client& c, const VdiInfo& vdi) {
-  return get_vdi(c, c.call("VDI.snapshot", {Value(vdi.ref), Value(std::map<std::string, Value>{})}).str());
+std::string start_snapshot_vdi(xapi::Client& c, const VdiInfo& vdi) {
+  return c.call("Async.VDI.snapshot", {Value(vdi.ref), Value(std::map<std::string, Value>{})}).str();
 }
 
 std::vector<nbd::Target> nbd_targets(xapi::Client& c, const VdiInfo& snap) {

@@ -6,6 +6,7 @@
 
 #include "nbd/nbd_reader.hpp"
 #include "xapi/client.hpp"
+#include "xapi/tasks.hpp"
 
 namespace cbtfs::ingest {
 
@@ -37,7 +38,12 @@ std::vector<std::string> leftover_snapshot_vms(xapi::Client& c, const VmInfo& vm
 
 // Snapshots the whole VM (a crash-consistent set); returns the snapshot VM.
 VmInfo snapshot_vm(xapi::Client& c, const VmInfo& vm, const std::string& name);
-VdiInfo snapshot_vdi(xapi::Client& c, const VdiInfo& vdi);
+// VDI.snapshot cannot name its snapshot, so it is taken as a task
+// (Async.VDI.snapshot): the task's ref is known before the snapshot exists,
+// and the host keeps the task's result for a while after it ends. A run
+// that loses the answer, or dies waiting, can read back exactly what it took.
+std::string start_snapshot_vdi(xapi::Client& c, const VdiInfo& vdi);
+
 std::vector<nbd::Target> nbd_targets(xapi::Client& c, const VdiInfo& snap);
 // These three retry VDI_IN_USE for a while: the host may still be
 // unplugging a VBD.

@@ -176,7 +176,7 @@ def test_failures_leave_no_half_point_and_no_data_snapshot(sim, repo):
     p = ingest(sim, repo, "--vdi", db["uuid"], check=False, ca=False)
     assert p.returncode == 4 and "certificate" in p.stderr
     # a failing snapshot: exit 1, nothing committed, nothing left on the host
-    sim.post("/fail", {"method": "VDI.snapshot", "error": ["SR_BACKEND_FAILURE_44", "", "no space", ""], "count": 1})
+    sim.post("/fail", {"method": "Async.VDI.snapshot", "error": ["SR_BACKEND_FAILURE_44", "", "no space", ""], "count": 1})
     p = ingest(sim, repo, "--vdi", db["uuid"], check=False)
     assert p.returncode == 1 and "FAILED" in p.stderr and "SR_BACKEND_FAILURE_44" in p.stderr
     assert ls_json(repo)["vdis"] == []
@@ -228,7 +228,8 @@ def test_no_cbt_metadata_starts_a_new_chain(sim, repo):
 # Every XAPI call an incremental run makes, failing once: the run fails or
 # copes, but never leaves a half point or a snapshot with data, and the next
 # run works.
-CALLS = ["VDI.get_by_uuid", "VDI.get_record", "VBD.get_record", "VM.get_record", "VDI.snapshot",
+CALLS = ["VDI.get_by_uuid", "VDI.get_record", "VBD.get_record", "VM.get_record", "Async.VDI.snapshot",
+         "task.get_status", "task.get_result",
          "VDI.set_name_label", "VDI.list_changed_blocks", "VDI.get_nbd_info", "VDI.data_destroy", "VDI.destroy"]
 
 
@@ -297,7 +298,8 @@ def test_two_ingests_of_one_vdi_at_once(sim, repo):
 # Moments at which a run is killed: while the host holds up the given call
 # (the call itself is then never made), or in the middle of the NBD transfer.
 KILL_MOMENTS = [
-    ("vdi", "VDI.snapshot"),             # journal written, no snapshot yet
+    ("vdi", "Async.VDI.snapshot"),       # journal written, no snapshot yet
+    ("vdi", "task.get_status"),          # snapshot being taken, its task journaled
     ("vdi", "VDI.set_name_label"),       # snapshot taken, not yet named as ours
     ("vdi", "VDI.list_changed_blocks"),
     ("vdi", "nbd"),
@@ -345,7 +347,7 @@ def test_kill_9_at_many_moments(sim, repo, mnt, tmp_path):
         time.sleep(2.5)  # until the held call would have been made
         after_kill()
         left = [v for v in sim.vdis() if v.get("is_a_snapshot") and v["type"] != "cbt_metadata"]
-        assert bool(left) == (moment not in ("VDI.snapshot", "VM.snapshot")), (mode, moment, left)
+        assert bool(left) == (moment not in ("Async.VDI.snapshot", "VM.snapshot")), (mode, moment, left)
 
         assert repo_tool("verify", repo).returncode == 0, (mode, moment)
         for d in disks:
@@ -422,6 +424,14 @@ def test_restore_to_xenserver(sim, repo, tmp_path):
     p = run(*restore_cmd(sim, repo, disk["uuid"], sr), check=False)
     assert p.returncode == 1 and "checksum" in p.stderr, p.stderr
     assert {v["uuid"] for v in sim.vdis()} == before
+    # The host answers 200 before it reads the body and fails the import
+    # later, through the task: the restore fails and the new VDI goes.
+    flip_object_byte(repo, f"vdis/{disk['uuid']}/packs/{pack}", 5000)  # repaired
+    sim.post("/import_fail", {"after_bytes": 2 * MIB})
+    p = run(*restore_cmd(sim, repo, disk["uuid"], sr), check=False)
+    assert p.returncode != 0 and "VDI_IO_ERROR" in p.stderr, p.stderr
+    assert {v["uuid"] for v in sim.vdis()} == before
+    assert not [t for t in sim.state()["tasks"] if t["status"] == "pending"]
     # So does an SR that does not exist, before anything is created.
     p = run(*restore_cmd(sim, repo, disk["uuid"], "00000000-0000-4000-8000-000000000000"), check=False)
     assert p.returncode != 0 and "UUID_INVALID" in p.stderr, p.stderr
@@ -457,12 +467,12 @@ def test_no_core_dump_can_carry_the_password(sim, repo, tmp_path):
         # cbtfs-ingest, logged in (the password is in its memory), held up by the host.
         db = sim.disks_of("db01")[0]
         sim.post("/reset_counters", {})
-        sim.post("/fail", {"method": "VDI.snapshot", "delay": 2, "count": 1})
+        sim.post("/fail", {"method": "Async.VDI.snapshot", "delay": 2, "count": 1})
         p = subprocess.Popen([INGEST, "--xapi", sim.url, "--password-file", sim.password_file, "--ca-file",
                               sim.ca_file, "--vdi", db["uuid"], str(repo)], preexec_fn=unlimited,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
-        while sim.get("/calls").get("VDI.snapshot", 0) == 0:
+        while sim.get("/calls").get("Async.VDI.snapshot", 0) == 0:
             assert p.poll() is None and time.monotonic() < deadline
             time.sleep(0.01)
         # Nor is it on the command line anyone can read in /proc.

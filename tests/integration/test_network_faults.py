@@ -170,9 +170,9 @@ def test_a_snapshot_that_times_out_is_not_repeated(sim, repo, mnt, disk):
     changed = change(sim, disk, 4)
     before = points(repo)
     delay = TIMEOUT + 3
-    sim.post("/fail", {"method": "VDI.snapshot", "delay": delay, "count": 1})
+    sim.post("/fail", {"method": "Async.VDI.snapshot", "delay": delay, "count": 1})
     p, summary, seconds = ingest(sim, repo, disk, "--xapi-timeout", TIMEOUT)
-    assert calls(sim, "VDI.snapshot") == 1
+    assert calls(sim, "Async.VDI.snapshot") == 1
     assert seconds < delay, seconds                 # gave up after the timeout, no retry
     # The host gets the abandoned call only after the run logged out: it
     # refuses it (SESSION_INVALID), so no snapshot is made behind our back.
@@ -182,32 +182,85 @@ def test_a_snapshot_that_times_out_is_not_repeated(sim, repo, mnt, disk):
     next_run_is_right(sim, repo, mnt, disk, changed)
 
 
+def admin_snapshot(sim, disk):
+    """What an admin does between two runs: xe vdi-snapshot ("before upgrade")."""
+    proxy, session = sim.xapi()
+    ref = proxy.VDI.get_by_uuid(session, disk["uuid"])["Value"]
+    snap = proxy.VDI.snapshot(session, ref, {})["Value"]
+    proxy.VDI.set_name_label(session, snap, "before upgrade")
+    return proxy.VDI.get_uuid(session, snap)["Value"]
+
+
 @pytest.mark.parametrize("fault", ["malformed", "no_answer"])
-def test_a_lost_snapshot_answer_is_not_resent_and_the_next_run_cleans_up(sim, repo, mnt, disk, fault):
-    """The host made the snapshot, but its answer came garbled or not at all:
-    the call is not repeated (a second snapshot would be made), the VDI fails,
-    and the snapshot it never learnt of, unnamed, is removed by the next run
-    (the journal)."""
+def test_a_lost_snapshot_answer_is_reported_and_an_admin_snapshot_survives(sim, repo, mnt, disk, fault):
+    """The host made the snapshot, but the answer that names its task came
+    garbled or not at all: the call is not repeated (a second snapshot would
+    be made) and the VDI fails. An admin then takes a snapshot of their own.
+    Nothing proves which of the two the failed run took, so the next run
+    destroys neither: it names the candidates and the command to remove one,
+    and backs up as usual."""
     backed_up(sim, repo, disk)
     changed = change(sim, disk, 5)
     before = points(repo)
-    sim.post("/fail", {"method": "VDI.snapshot", fault: True, "count": 1})
+    sim.post("/fail", {"method": "Async.VDI.snapshot", fault: True, "count": 1})
     p, summary, _ = ingest(sim, repo, disk)
-    # Resent, the call would make a second snapshot, and the first one, which
-    # nobody names or records, would keep its data on the host for good.
-    # (An HTTP client may resend by itself a request that got no answer on a
-    # connection it reused.)
-    assert calls(sim, "VDI.snapshot") == 1, f"VDI.snapshot was sent again after its answer was lost:\n{p.stderr}"
+    # Resent, the call would make a second snapshot. (An HTTP client may
+    # resend by itself a request that got no answer on a connection it reused.)
+    assert calls(sim, "Async.VDI.snapshot") == 1, f"the snapshot was asked for again after its answer was lost:\n{p.stderr}"
     assert p.returncode == 1 and "snapshot failed: " in p.stderr, p.stderr
     assert points(repo) == before
     assert repo_tool("verify", repo).returncode == 0
     left = data_snapshots(sim)
     assert len(left) == 1 and left[0]["snapshot_of"] == disk["uuid"] and left[0]["name"] == "db", left
+    mine = admin_snapshot(sim, disk)
     out, log, _ = succeeds(sim, repo, disk)
-    assert f"removing snapshot {left[0]['uuid']}, left unnamed by an interrupted run" in log, log
     assert not out["full"] and out["blocks_read"] == changed, out
-    assert data_snapshots(sim) == [] and left[0]["uuid"] not in {v["uuid"] for v in sim.vdis()}
+    for uuid in (left[0]["uuid"], mine):
+        assert sim.vdi(uuid)["type"] != "cbt_metadata"       # neither destroyed nor emptied
+        assert f"remove it with: xe vdi-destroy uuid={uuid}" in log, log
+    assert "removing snapshot" not in log, log
     stored_equals_disk(repo, mnt, disk)
+
+
+def test_a_run_killed_while_its_snapshot_is_taken_and_an_admin_snapshot(sim, repo, mnt, disk):
+    """The run is killed while the host takes its snapshot (the task is
+    journaled); the snapshot completes; an admin takes one of their own. The
+    next run reads the task's result back and removes exactly its own."""
+    backed_up(sim, repo, disk)
+    changed = change(sim, disk, 6)
+    sim.post("/task_delay", {"method": "Async.VDI.snapshot", "seconds": 2})
+    cmd = [INGEST, "--xapi", sim.url, "--password-file", sim.password_file, "--ca-file", sim.ca_file,
+           "--vdi", disk["uuid"], str(repo)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while calls(sim, "task.get_status") == 0:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    time.sleep(2.5)                                  # the host finishes the snapshot
+    left = data_snapshots(sim)
+    assert len(left) == 1, left
+    mine = admin_snapshot(sim, disk)
+    out, log, _ = succeeds(sim, repo, disk)
+    assert f"removing snapshot {left[0]['uuid']}, taken by an interrupted run" in log, log
+    assert left[0]["uuid"] not in {v["uuid"] for v in sim.vdis()}
+    assert sim.vdi(mine)["type"] != "cbt_metadata" and mine not in log
+    assert not out["full"] and out["blocks_read"] == changed, out
+    stored_equals_disk(repo, mnt, disk)
+
+
+def test_a_snapshot_slower_than_its_deadline(sim, repo, mnt, disk):
+    """--snapshot-timeout: the run gives up on a snapshot the host is slow to
+    take, cancels the task, and fails cleanly; the next run is right."""
+    backed_up(sim, repo, disk)
+    changed = change(sim, disk, 7)
+    before = points(repo)
+    sim.post("/task_delay", {"method": "Async.VDI.snapshot", "seconds": 5})
+    p, summary, seconds = ingest(sim, repo, disk, "--snapshot-timeout", 1)
+    assert seconds < 5, seconds
+    fails_cleanly(sim, repo, disk, p, summary, before, "did not finish the snapshot within 1 s")
+    next_run_is_right(sim, repo, mnt, disk, changed)
 
 
 def test_a_lost_data_destroy_answer_after_the_commit(sim, repo, mnt, disk):
