@@ -29,6 +29,7 @@ std::vector<bool> select_kept(const std::vector<int64_t>& times, const Retention
 struct PruneReport {
   std::vector<std::string> removed;  // image names
   std::vector<std::string> kept;
+  std::vector<std::string> in_use;  // would go, but a reader has it open: kept until a later prune
   uint64_t packs_deleted = 0;
   uint64_t bytes_freed = 0;
   uint64_t bytes_dead = 0;  // in packs that remaining points still partly need

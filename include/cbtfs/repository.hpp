@@ -85,6 +85,10 @@ class Repository {
   // vdis/<uuid>/forgotten/<seq>: left by forget, so that the VDI's next
   // point numbers start above every number it ever used.
   static std::string forgotten_key(const std::string& vdi, uint32_t seq);
+  // Registers a reader of the point (a claim on its manifest) until the
+  // returned claim goes: prune keeps a point that is being read. nullptr
+  // when the point is gone or being removed.
+  std::unique_ptr<Claim> hold_point(const Manifest& m);
   // The highest point number the VDI has ever used (0: none).
   uint32_t highest_seq(const std::string& vdi);
 

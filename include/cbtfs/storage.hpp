@@ -43,6 +43,13 @@ class StorageLock {
   virtual void check() {}
 };
 
+// A claim on a key, held until the object goes: readers share one on a
+// point they read, and whoever removes the point needs it alone.
+class Claim {
+ public:
+  virtual ~Claim() = default;
+};
+
 class Storage {
  public:
   virtual ~Storage() = default;
@@ -81,6 +88,12 @@ class Storage {
     std::string s(reinterpret_cast<const char*>(b->data()), b->size());
     return s.substr(0, s.find_first_of(std::string("\n\0", 2)));
   }
+  // Claims on an existing object: shared ones (readers) exclude an
+  // exclusive one (a remover) and the reverse; nullptr when the other kind
+  // holds it or the object is gone. A storage that cannot tell grants both
+  // (no protection; see cbtfs-s3(7)).
+  virtual std::unique_ptr<Claim> claim_shared(const std::string& /*key*/) { return std::make_unique<Claim>(); }
+  virtual std::unique_ptr<Claim> claim_exclusive(const std::string& /*key*/) { return std::make_unique<Claim>(); }
   // A human name for messages ("/srv/backup").
   virtual std::string describe() const = 0;
 };

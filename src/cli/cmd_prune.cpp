@@ -24,6 +24,8 @@ int cmd_prune(const PruneArgs& a) {
     if (!repo->has_vdi(vdi)) continue;
     PruneReport r = prune_vdi(repo, vdi, p, a.dry_run, holder_text("cbtfs-repo prune"));
     for (auto& n : r.removed) std::printf("%s %s/%s\n", a.dry_run ? "would remove" : "removed", vdi.c_str(), n.c_str());
+    for (auto& n : r.in_use)
+      std::printf("kept, in use: %s/%s (open by a reader; a later prune removes it)\n", vdi.c_str(), n.c_str());
     removed += r.removed.size();
     freed += r.bytes_freed;
     dead += r.bytes_dead;

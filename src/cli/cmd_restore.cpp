@@ -61,6 +61,8 @@ int cmd_restore(const std::string& path, const std::string& vdi, const std::stri
                 bool force) {
   auto repo = Repository::open(path);
   ManifestPtr m = find_point(*repo, vdi, point);
+  auto hold = repo->hold_point(*m);  // a prune meanwhile keeps the point until we are done
+  if (!hold) throw UsageError("point " + format_point_name(m->time) + " of VDI " + vdi + " was just removed");
   struct stat st{};
   bool exists = ::stat(dest.c_str(), &st) == 0;
   bool device = exists && S_ISBLK(st.st_mode);

@@ -120,6 +120,8 @@ void check_import(xapi::Client& client, const std::string& task, long seconds) {
 int cmd_restore_xapi(const RestoreXapiArgs& a) {
   auto repo = Repository::open(a.repo);
   ManifestPtr m = find_point(*repo, a.vdi, a.point);
+  auto hold = repo->hold_point(*m);  // a prune meanwhile keeps the point until we are done
+  if (!hold) throw UsageError("point " + format_point_name(m->time) + " of VDI " + a.vdi + " was just removed");
   xapi::Client client(a.xapi);
   client.login();
   std::string sr = client.call("SR.get_by_uuid", {Value(a.sr)}).str();

@@ -78,6 +78,7 @@ struct OpenImage {
   ViewEntry entry;
   PointReader reader;
   std::shared_ptr<PointOverlay> overlay;  // with -o overlay: shared by every file of the point
+  std::unique_ptr<Claim> hold;            // prune keeps the point while it is open
 };
 
 OpenImage* image_of(fuse_file_info* fi) { return reinterpret_cast<OpenImage*>(fi->fh); }
@@ -149,8 +150,11 @@ int op_open(const char* path, fuse_file_info* fi) {
     auto e = s.view.lookup(path);
     if (!e) return -ENOENT;
     if (e->kind != ViewEntry::Kind::Image) return -EISDIR;
+    auto hold = s.view.repo().hold_point(*e->point);
+    if (!hold) return -ENOENT;  // pruned since it was looked up
     auto overlay = s.overlay ? s.overlay->of(*e->point) : nullptr;
-    fi->fh = reinterpret_cast<uint64_t>(new OpenImage{*e, PointReader(s.view.repo_ptr(), e->point), overlay});
+    fi->fh = reinterpret_cast<uint64_t>(
+        new OpenImage{*e, PointReader(s.view.repo_ptr(), e->point), overlay, std::move(hold)});
     fi->keep_cache = !overlay;
     fi->direct_io = overlay != nullptr;
     return 0;

@@ -85,13 +85,26 @@ PruneReport prune_vdi(std::shared_ptr<Repository> repo, const std::string& vdi, 
   auto keep = select_kept(times, policy);
 
   PruneReport r;
+  auto& st = repo->storage();
+  // A point someone is reading (an open image, a restore) stays until they
+  // close it; holding the others' claims keeps new readers out meanwhile.
+  std::vector<std::unique_ptr<Claim>> claims;
+  for (size_t i = 0; i < pl.points.size(); ++i) {
+    if (keep[i]) continue;
+    auto claim = st.claim_exclusive(Repository::point_key(vdi, pl.points[i]->seq));
+    if (!claim) {
+      keep[i] = true;
+      r.in_use.push_back(format_point_name(pl.points[i]->time) + ".raw");
+      continue;
+    }
+    claims.push_back(std::move(claim));
+  }
   std::vector<ManifestPtr> remaining;
   for (size_t i = 0; i < pl.points.size(); ++i) {
     std::string name = format_point_name(pl.points[i]->time) + ".raw";
     (keep[i] ? r.kept : r.removed).push_back(name);
     if (keep[i]) remaining.push_back(pl.points[i]);
   }
-  auto& st = repo->storage();
   // Manifests first: from here on the removed points are gone for every
   // reader, and no remaining point depends on them.
   if (!dry_run)

@@ -95,6 +95,14 @@ std::string Repository::forgotten_key(const std::string& vdi, uint32_t seq) {
   return "vdis/" + vdi + "/forgotten/" + seq_name(seq, "");
 }
 
+// The claim comes first: a prune that removes the manifest after it must
+// have seen it; one that removed it before is seen here.
+std::unique_ptr<Claim> Repository::hold_point(const Manifest& m) {
+  auto claim = storage_->claim_shared(point_key(m.vdi, m.seq));
+  if (!claim || !storage_->size(point_key(m.vdi, m.seq))) return nullptr;
+  return claim;
+}
+
 uint32_t Repository::highest_seq(const std::string& vdi) {
   uint32_t high = 0;
   for (auto& n : storage_->list("vdis/" + vdi + "/points")) high = std::max(high, parse_point_name(n));

@@ -84,6 +84,8 @@ class CachedStorage final : public Storage {
     inner_->remove(key);
   }
   void remove_temporaries(const std::string& prefix) override { inner_->remove_temporaries(prefix); }
+  std::unique_ptr<Claim> claim_shared(const std::string& key) override { return inner_->claim_shared(key); }
+  std::unique_ptr<Claim> claim_exclusive(const std::string& key) override { return inner_->claim_exclusive(key); }
   uint64_t discard(const std::string& key, uint64_t offset, uint64_t length) override {
     return inner_->discard(key, offset, length);
   }

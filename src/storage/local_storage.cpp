@@ -15,10 +15,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <list>
+#include <memory>
 #include <mutex>
 #include <random>
 #include <unordered_map>
@@ -168,6 +170,15 @@ class LocalWriter final : public ObjectWriter {
   bool committed_ = false;
 };
 
+// flock(2) on a file: released when the descriptor closes or the process dies.
+class LocalClaim final : public Claim {
+ public:
+  explicit LocalClaim(Fd fd) : fd_(std::move(fd)) {}
+
+ private:
+  Fd fd_;
+};
+
 class LocalLock final : public StorageLock {
  public:
   explicit LocalLock(Fd fd) : fd_(std::move(fd)) {}
@@ -179,13 +190,10 @@ class LocalLock final : public StorageLock {
 class LocalStorage final : public Storage {
  public:
   explicit LocalStorage(std::string root) : root_(std::move(root)) {}
-  ~LocalStorage() override {
-    for (auto& [k, e] : fds_) ::close(e.fd);
-    for (int fd : parked_) ::close(fd);
-  }
 
   void read(const std::string& key, uint64_t offset, std::span<std::byte> out) override {
-    int fd = cached_fd(key);
+    auto open_file = cached_fd(key);  // held: evicted meanwhile, it closes after this read
+    int fd = open_file->get();
     size_t done = 0;
     while (done < out.size()) {
       ssize_t n = ::pread(fd, out.data() + done, out.size() - done, static_cast<off_t>(offset + done));
@@ -315,10 +323,29 @@ class LocalStorage final : public Storage {
     return std::make_unique<LocalLock>(std::move(fd));
   }
 
+  std::unique_ptr<Claim> claim_shared(const std::string& key) override { return claim(key, LOCK_SH); }
+  std::unique_ptr<Claim> claim_exclusive(const std::string& key) override { return claim(key, LOCK_EX); }
+
   std::string describe() const override { return root_.str(); }
 
  private:
   std::string path(const std::string& key) const { return root_.path(key); }
+
+  // flock(2) on the object itself: nothing is written, so a read-only
+  // repository or a read-only mount can claim too. nullptr when the object
+  // is gone or the other kind of claim holds it.
+  std::unique_ptr<Claim> claim(const std::string& key, int how) {
+    Fd fd(root_.open(key, O_RDONLY));
+    if (fd.get() < 0) {
+      if (errno == ENOENT) return nullptr;
+      root_.fail_at("cannot open", key);
+    }
+    if (::flock(fd.get(), how | LOCK_NB) != 0) {
+      if (errno == EWOULDBLOCK) return nullptr;
+      fail("cannot lock", path(key));
+    }
+    return std::make_unique<LocalClaim>(std::move(fd));
+  }
 
   // nullptr when the directory does not exist.
   DIR* open_dir(const std::string& key) {
@@ -336,26 +363,20 @@ class LocalStorage final : public Storage {
   }
 
   // Pack files are read at random offsets many times a second; opening them
-  // once keeps the read path to a single pread.
-  int cached_fd(const std::string& key) {
+  // once keeps the read path to a single pread. A descriptor is shared with
+  // the reads using it, so evicting it never closes it under one.
+  std::shared_ptr<Fd> cached_fd(const std::string& key) {
     std::lock_guard g(mu_);
+    sweep_removed();
     if (auto it = fds_.find(key); it != fds_.end()) {
       lru_.splice(lru_.begin(), lru_, it->second.pos);
       return it->second.fd;
     }
-    int fd = root_.open(key, O_RDONLY);
-    if (fd < 0) root_.fail_at("cannot open", key);
+    auto fd = std::make_shared<Fd>(root_.open(key, O_RDONLY));
+    if (fd->get() < 0) root_.fail_at("cannot open", key);
     if (fds_.size() >= kMaxFds) {
-      // Another thread may still be in pread on the evicted descriptor, so it
-      // is parked instead of closed; parked ones close with the storage.
-      auto& victim = fds_.at(lru_.back());
-      parked_.push_back(victim.fd);
       fds_.erase(lru_.back());
       lru_.pop_back();
-      if (parked_.size() > kMaxFds) {
-        ::close(parked_.front());
-        parked_.erase(parked_.begin());
-      }
     }
     lru_.push_front(key);
     fds_[key] = Entry{fd, lru_.begin()};
@@ -365,23 +386,40 @@ class LocalStorage final : public Storage {
   void forget_fd(const std::string& key) {
     std::lock_guard g(mu_);
     if (auto it = fds_.find(key); it != fds_.end()) {
-      parked_.push_back(it->second.fd);
       lru_.erase(it->second.pos);
       fds_.erase(it);
+    }
+  }
+
+  // Another process (prune) may have removed files we hold open: their
+  // space comes back only once we close them, so a long-lived mount looks
+  // at most once a second. Caller holds mu_.
+  void sweep_removed() {
+    auto now = std::chrono::steady_clock::now();
+    if (now - last_sweep_ < std::chrono::seconds(1)) return;
+    last_sweep_ = now;
+    for (auto it = fds_.begin(); it != fds_.end();) {
+      struct stat st;
+      if (::fstat(it->second.fd->get(), &st) == 0 && st.st_nlink == 0) {
+        lru_.erase(it->second.pos);
+        it = fds_.erase(it);
+      } else {
+        ++it;
+      }
     }
   }
 
   static constexpr size_t kMaxFds = 256;
   static constexpr uint64_t kPunch = 4096;
   struct Entry {
-    int fd;
+    std::shared_ptr<Fd> fd;
     std::list<std::string>::iterator pos;
   };
   Root root_;
   std::mutex mu_;
   std::unordered_map<std::string, Entry> fds_;
   std::list<std::string> lru_;
-  std::vector<int> parked_;
+  std::chrono::steady_clock::time_point last_sweep_{};
 };
 
 }  // namespace
