@@ -48,7 +48,10 @@ int run(int argc, char** argv) {
       ->default_val(600)->check(CLI::Range(1, 86400));
   app.add_option("--snapshot-timeout", io.snapshot_timeout, "seconds the host may take to snapshot a disk")
       ->default_val(600)->check(CLI::Range(1, 86400));
-  app.add_flag("--insecure", co.insecure, "do not verify TLS certificates (XAPI and NBD)");
+  bool insecure_nbd = false;
+  app.add_flag("--insecure", co.insecure, "do not verify XAPI's TLS certificate (NBD stays pinned)");
+  app.add_flag("--insecure-nbd", insecure_nbd,
+               "do not verify the NBD server's certificate, and accept NBD without TLS");
   app.add_option("--jobs", io.jobs, "VDIs backed up in parallel")->default_val(2)->check(CLI::Range(1, 16));
   app.add_option("--connections", io.connections, "NBD connections per VDI")->default_val(4)->check(CLI::Range(1, 16));
   app.add_flag("--json", json, "print a JSON summary on standard output");
@@ -66,7 +69,12 @@ int run(int argc, char** argv) {
   }
   if (co.url.find("://") == std::string::npos) co.url = "https://" + co.url;
   co.password = read_password(password_file);
-  io.nbd.verify = !co.insecure;
+  // Each opt-out covers one connection: NBD is pinned to the certificate
+  // XAPI hands out, so it stays verified unless asked otherwise.
+  io.nbd.verify = !insecure_nbd;
+  if (co.insecure && !quiet)
+    std::fprintf(stderr, "cbtfs-ingest: warning: --insecure: XAPI's certificate is not verified; the NBD "
+                         "certificates it hands out are only as trustworthy as that connection\n");
   io.progress = !quiet && isatty(STDERR_FILENO);
 
   std::shared_ptr<Repository> repo;

@@ -455,7 +455,7 @@ class Run {
       std::erase_if(targets, [](const nbd::Target& x) { return x.cert.empty(); });
       if (targets.empty() && !nbd_targets(c_, *t.snap).empty())
         throw std::runtime_error(
-            "the host offers NBD only without TLS (an 'insecure_nbd' network); give --insecure to accept that");
+            "the host offers NBD only without TLS (an 'insecure_nbd' network); give --insecure-nbd to accept that");
     }
     if (targets.empty())
       throw std::runtime_error(

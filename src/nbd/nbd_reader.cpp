@@ -2,6 +2,7 @@
 // reads have deadlines: a server that stops answering is a failure, not a
 // hang.
 #include "nbd_reader.hpp"
+#include "tls_bridge.hpp"
 
 #include <libnbd.h>
 #include <netdb.h>
@@ -71,6 +72,7 @@ void Connection::disconnect() noexcept {
   nbd_shutdown(H(h_), 0);
   nbd_close(H(h_));
   h_ = nullptr;
+  bridge_.reset();
 }
 
 void Connection::connect() {
@@ -81,9 +83,20 @@ void Connection::connect() {
     if (!h) throw NbdError("cannot create an NBD handle: " + last_error());
     h_ = h;
     bool tls = !t.cert.empty();
-    std::string host = resolves_to(t.subject, t.address) ? t.subject : t.address;
+    bool named = resolves_to(t.subject, t.address);
     int rc = nbd_set_export_name(h, t.exportname.c_str());
-    if (rc == 0 && tls) {
+    if (rc == 0 && tls && opts_.verify && !named) {
+      // libnbd would check the address against a certificate that names
+      // a host: the pin is checked by the bridge instead.
+      try {
+        bridge_ = std::make_unique<TlsBridge>(t.address, t.port, t.cert, opts_.timeout);
+      } catch (const NbdError& e) {
+        errors += std::string("; ") + e.what();
+        continue;
+      }
+      rc = nbd_set_tls(h, LIBNBD_TLS_DISABLE);
+      if (rc == 0) rc = nbd_aio_connect_socket(h, bridge_->take_client_fd());
+    } else if (rc == 0 && tls) {
       // The host's own certificate is the only trust anchor: a pin, not a
       // CA search. libnbd reads it as ca-cert.pem from a directory.
       if (certdir_.empty()) {
@@ -97,7 +110,7 @@ void Connection::connect() {
       if (rc == 0) rc = nbd_set_tls_certificates(h, certdir_.c_str());
       if (rc == 0) rc = nbd_set_tls_verify_peer(h, opts_.verify);
     }
-    if (rc == 0) rc = nbd_aio_connect_tcp(h, host.c_str(), t.port.c_str());
+    if (rc == 0 && !bridge_) rc = nbd_aio_connect_tcp(h, (named ? t.subject : t.address).c_str(), t.port.c_str());
     auto deadline = std::chrono::steady_clock::now() + opts_.timeout;
     while (rc == 0 && nbd_aio_is_connecting(h)) {
       if (std::chrono::steady_clock::now() > deadline) {
@@ -116,7 +129,7 @@ void Connection::connect() {
     }
     std::string why = last_error();
     if (tls && opts_.verify && why.find("certificate") != std::string::npos)
-      why += " (the NBD server's certificate does not match the one XAPI gave; --insecure skips the check)";
+      why += " (the NBD server's certificate does not match the one XAPI gave; --insecure-nbd skips the check)";
     if (errors.find(t.address + ":" + t.port + ": timed out") == std::string::npos)
       errors += "; " + t.address + ":" + t.port + ": " + why;
   }

@@ -15,6 +15,8 @@
 
 namespace cbtfs::nbd {
 
+class TlsBridge;
+
 class NbdError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
@@ -66,6 +68,7 @@ class Connection {
   std::vector<Target> targets_;
   Options opts_;
   void* h_ = nullptr;  // struct nbd_handle*
+  std::unique_ptr<TlsBridge> bridge_;  // TLS done by us (see tls_bridge.hpp), when in use
   std::string certdir_;
   uint64_t size_ = 0;
   uint64_t bytes_read_ = 0;

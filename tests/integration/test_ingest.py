@@ -489,3 +489,35 @@ def test_no_core_dump_can_carry_the_password(sim, repo, tmp_path):
     time.sleep(2.5)  # the held call is dropped; the next run is clean
     ingest(sim, repo, "--vdi", db["uuid"])
     no_data_snapshots_left(sim)
+
+
+@pytest.mark.parametrize("pin", ["right", "other"])
+def test_nbd_tls_when_the_certificate_names_a_host_that_does_not_resolve(tmp_path, repo, mnt, pin):
+    """A dedicated backup network: XAPI gives the NBD address 127.0.0.1 and
+    a certificate for 'xenhost.backup.invalid' only (no address in it).
+    Without --insecure-nbd the run verifies the server by that exact
+    certificate; a server presenting another one (another key, same name)
+    is refused. --insecure (XAPI's TLS) changes nothing for NBD."""
+    sim = Sim(tmp_path, [{"name": "db01", "disks": [{"name": "db", "size": 4 * MIB}]}],
+              nbd_host_name="xenhost.backup.invalid", nbd_pin=pin)
+    try:
+        db = sim.disks_of("db01")[0]
+        sim.write(db["uuid"], 0, random.Random(30).randbytes(2 * MIB))
+        p = ingest(sim, repo, "--vdi", db["uuid"], "--insecure", check=False)
+        if pin == "right":
+            assert p.returncode == 0, p.stderr
+            assert "--insecure: XAPI's certificate is not verified" in p.stderr
+            sim.write(db["uuid"], 3 * MIB, b"second run")
+            ingest(sim, repo, "--vdi", db["uuid"])
+            with Mount(repo, mnt) as m:
+                assert files_equal(m.path(db["uuid"], "latest.raw"), sim.vdi(db["uuid"])["path"])
+        else:
+            assert p.returncode == 1, p.stderr
+            assert "not the one XAPI gave for it" in p.stderr, p.stderr
+            assert ls_json(repo)["vdis"] == []
+            no_data_snapshots_left(sim)
+            # The explicit opt-out for NBD alone still works.
+            p = ingest(sim, repo, "--vdi", db["uuid"], "--insecure-nbd")
+            assert len(ls_json(repo)["vdis"][0]["points"]) == 1
+    finally:
+        sim.stop()

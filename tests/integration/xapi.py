@@ -15,11 +15,11 @@ PASSWORD = "s3cr3t-pw"
 
 
 class Sim:
-    def __init__(self, tmp, vms, nbd="tls"):
+    def __init__(self, tmp, vms, nbd="tls", **config):
         self.dir = str(tmp / "sim")
         os.makedirs(self.dir, exist_ok=True)
         cfg = tmp / "sim.json"
-        cfg.write_text(json.dumps({"user": "root", "password": PASSWORD, "nbd": nbd, "vms": vms}))
+        cfg.write_text(json.dumps({"user": "root", "password": PASSWORD, "nbd": nbd, "vms": vms, **config}))
         self.proc = subprocess.Popen(["/usr/bin/python3", SIM, "--state-dir", self.dir, "--config", str(cfg)],
                                      stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.dir, "sim.log"), "w"))
         ready = os.path.join(self.dir, "ready.json")

@@ -207,6 +207,30 @@ def make_certificates(state_dir):
     return certs
 
 
+def self_signed(state_dir, stem, name):
+    """A self-signed certificate naming only the host name (no address), as
+    a host on a dedicated backup network has; returns (cert file, key file)."""
+    cert, key = os.path.join(state_dir, f"{stem}.pem"), os.path.join(state_dir, f"{stem}-key.pem")
+    if not os.path.exists(cert):
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "825", "-subj", f"/CN={name}",
+                "-keyout", key, "-out", cert, "-addext", f"subjectAltName=DNS:{name}")
+    return cert, key
+
+
+def use_nbd_host_name(certs, state_dir, name, pin):
+    """config nbd_host_name: nbdkit presents a certificate for that name only;
+    get_nbd_info hands out that certificate (or, with nbd_pin "other", one of
+    another key for the same name: a server that is not the host)."""
+    cert, key = self_signed(state_dir, "nbd-named", name)
+    certs.nbd_dir = os.path.join(state_dir, "nbd-tls-named")
+    os.makedirs(certs.nbd_dir, exist_ok=True)
+    for src, dst in ((cert, "ca-cert.pem"), (cert, "server-cert.pem"), (key, "server-key.pem")):
+        shutil.copyfile(src, os.path.join(certs.nbd_dir, dst))
+    handed_out = self_signed(state_dir, "nbd-other", name)[0] if pin == "other" else cert
+    with open(handed_out) as f:
+        return f.read()
+
+
 # ----------------------------------------------------------------------------
 # Block digests and bitmaps
 
@@ -1036,6 +1060,9 @@ class Host:
     def __init__(self, state_dir, config, certs):
         self.config = config
         self.certs = certs
+        self.nbd_subject = config.get("nbd_host_name", "localhost")
+        self.nbd_cert_pem = (use_nbd_host_name(certs, state_dir, self.nbd_subject, config.get("nbd_pin"))
+                             if "nbd_host_name" in config else certs.cert_pem)
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         vdi_dir = os.path.join(state_dir, "vdis")
@@ -1312,7 +1339,7 @@ class XapiService:
             return []
         port = self.host.nbd.serve(vdi)
         return [{"exportname": f"/{vdi.uuid}?session_id={session}", "address": "127.0.0.1", "port": port,
-                 "cert": self.host.certs.cert_pem, "subject": "localhost"}]
+                 "cert": self.host.nbd_cert_pem, "subject": self.host.nbd_subject}]
 
     @api("VDI.data_destroy")
     def vdi_data_destroy(self, session, vdi):
