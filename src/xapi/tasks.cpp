@@ -38,12 +38,14 @@ TaskOutcome task_outcome(Client& c, const std::string& task) {
 
 TaskOutcome wait_task(Client& c, const std::string& task, long seconds) {
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(seconds);
-  auto pause = std::chrono::milliseconds(50);
+  // Fine at first (a snapshot of a small or quiet disk takes milliseconds,
+  // and an incremental run is worth little more), then about once a second.
+  auto pause = std::chrono::milliseconds(5);
   for (;;) {
     TaskOutcome o = task_outcome(c, task);
     if (o.state != TaskOutcome::State::Pending || std::chrono::steady_clock::now() >= deadline) return o;
     std::this_thread::sleep_for(pause);
-    pause = std::min<std::chrono::milliseconds>(pause * 2, std::chrono::seconds(2));
+    pause = std::min<std::chrono::milliseconds>(pause * 3 / 2 + std::chrono::milliseconds(1), std::chrono::seconds(1));
   }
 }
 
