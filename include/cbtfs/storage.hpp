@@ -48,6 +48,11 @@ class StorageLock {
 class Claim {
  public:
   virtual ~Claim() = default;
+  // False for an exclusive claim on a storage that cannot shut out new
+  // readers at once (S3: readers announce themselves with lease objects);
+  // alone() then tells whether one came since it was granted.
+  virtual bool exact() const { return true; }
+  virtual bool alone() { return true; }
 };
 
 class Storage {

@@ -88,31 +88,40 @@ PruneReport prune_vdi(std::shared_ptr<Repository> repo, const std::string& vdi, 
   auto& st = repo->storage();
   // A point someone is reading (an open image, a restore) stays until they
   // close it; holding the others' claims keeps new readers out meanwhile.
-  std::vector<std::unique_ptr<Claim>> claims;
+  std::vector<std::unique_ptr<Claim>> claims(pl.points.size());
+  auto in_use = [&](size_t i) {
+    keep[i] = true;
+    r.in_use.push_back(format_point_name(pl.points[i]->time) + ".raw");
+  };
   for (size_t i = 0; i < pl.points.size(); ++i) {
     if (keep[i]) continue;
-    auto claim = st.claim_exclusive(Repository::point_key(vdi, pl.points[i]->seq));
-    if (!claim) {
-      keep[i] = true;
-      r.in_use.push_back(format_point_name(pl.points[i]->time) + ".raw");
-      continue;
-    }
-    claims.push_back(std::move(claim));
+    claims[i] = st.claim_exclusive(Repository::point_key(vdi, pl.points[i]->seq));
+    if (!claims[i]) in_use(i);
   }
+  // Manifests first: from here on the removed points are gone for every
+  // reader, and no remaining point depends on them. A storage whose claims
+  // cannot shut new readers out (S3) is asked once more after the removal;
+  // a reader that came meanwhile gets its point back, byte for byte.
+  if (!dry_run)
+    for (size_t i = 0; i < pl.points.size(); ++i) {
+      if (keep[i]) continue;
+      std::string key = Repository::point_key(vdi, pl.points[i]->seq);
+      std::optional<Bytes> original;
+      if (!claims[i]->exact()) original = st.get(key);
+      st.remove(key);
+      if (original && !claims[i]->alone()) {
+        st.put(key, *original);
+        in_use(i);
+        continue;
+      }
+      repo->forget_point(vdi, pl.points[i]->seq);
+    }
   std::vector<ManifestPtr> remaining;
   for (size_t i = 0; i < pl.points.size(); ++i) {
     std::string name = format_point_name(pl.points[i]->time) + ".raw";
     (keep[i] ? r.kept : r.removed).push_back(name);
     if (keep[i]) remaining.push_back(pl.points[i]);
   }
-  // Manifests first: from here on the removed points are gone for every
-  // reader, and no remaining point depends on them.
-  if (!dry_run)
-    for (size_t i = 0; i < pl.points.size(); ++i)
-      if (!keep[i]) {
-        st.remove(Repository::point_key(vdi, pl.points[i]->seq));
-        repo->forget_point(vdi, pl.points[i]->seq);
-      }
   auto live = live_records(*repo, vdi, remaining);
   for (auto& n : st.list("vdis/" + vdi + "/packs")) {
     uint32_t pack = parse_pack_name(n);
