@@ -29,6 +29,7 @@
 
 #include "cbtfs/errors.hpp"
 #include "s3_client.hpp"
+#include "s3_reader_leases.hpp"
 
 namespace cbtfs {
 namespace {
@@ -380,6 +381,12 @@ class S3Storage final : public Storage {
     return std::make_unique<S3Lock>(c_, k, body, strip_quotes(take.header("etag")));
   }
 
+  // Readers of a point announce themselves with lease objects (no flock on S3).
+  std::unique_ptr<Claim> claim_shared(const std::string& key) override { return leases_.shared(full("claims/" + key)); }
+  std::unique_ptr<Claim> claim_exclusive(const std::string& key) override {
+    return leases_.exclusive(full("claims/" + key));
+  }
+
   std::string describe() const override { return c_.describe(); }
 
  private:
@@ -390,6 +397,7 @@ class S3Storage final : public Storage {
   }
 
   s3::Client c_;
+  s3::ReaderLeases leases_{c_, lease_seconds()};
 };
 
 void apply(S3Config& c, const std::string& name, const std::string& value) {
