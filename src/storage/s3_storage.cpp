@@ -8,7 +8,12 @@
 //   - one lock holder: a lock object created with If-None-Match: * and kept
 //     alive by a heartbeat (If-Match on its ETag); a holder that died stops
 //     beating, and after a lease (90 s) of the gateway's own clock its lock
-//     may be taken over, again with If-Match so only one taker wins.
+//     may be taken over, again with If-Match so only one taker wins. It is
+//     released by a conditional rewrite, never a DELETE (kReleased), and a
+//     holder that could not rewrite it counts it as lost;
+//   - fencing: what a holder commits or removes under its lock must be done
+//     before its lease could run out (request deadlines), so a holder that
+//     stalled past it cannot commit over the next holder's work.
 #include "cbtfs/s3_storage.hpp"
 
 #include <curl/curl.h>
