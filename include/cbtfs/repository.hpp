@@ -196,7 +196,7 @@ class PointWriter {
     std::vector<BlockRef> entries;
     bool dirty = false;
   };
-  uint32_t clean_leftovers();  // returns the highest point seq in use
+  uint32_t clean_leftovers();  // returns the highest point or pack number ever used
   void ensure(uint32_t level, uint64_t index);
   void finish(uint32_t level);
   BlockRef store(std::span<const std::byte> plain);

@@ -82,9 +82,16 @@ uint32_t PointWriter::clean_leftovers() {
   // newer than every manifest is exactly one whose writer died before its
   // manifest landed. Older packs without a manifest of their own may still
   // hold blocks that later points share: they stay.
-  for (auto& n : st.list(base + "/packs"))
-    if (parse_pack_name(n) > max_seq) st.remove(base + "/packs/" + n);
-  return max_seq;
+  // Its number is not used again either: a writer that lost its lock
+  // while stalled must never find its number taken by other bytes.
+  uint32_t used = max_seq;
+  for (auto& n : st.list(base + "/packs")) {
+    uint32_t pack = parse_pack_name(n);
+    if (pack <= max_seq) continue;
+    st.remove(base + "/packs/" + n);
+    used = std::max(used, pack);
+  }
+  return used;
 }
 
 std::vector<BlockRef> PointWriter::load_node(const BlockRef& ref) {

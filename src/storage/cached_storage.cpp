@@ -31,7 +31,7 @@ class CachedStorage final : public Storage {
       throw StorageError("cannot create a cache file in " + o_.dir + ": " + std::strerror(errno), errno);
     uint64_t slots = std::max<uint64_t>(2 * o_.threads, o_.size / o_.chunk);
     for (uint64_t i = slots; i-- > 0;) free_.push_back(static_cast<uint32_t>(i));
-    for (unsigned i = 0; i < o_.threads; ++i) workers_.emplace_back([this] { prefetch_loop(); });
+    // No threads yet: see start_workers().
   }
   ~CachedStorage() override {
     {
@@ -209,10 +209,11 @@ class CachedStorage final : public Storage {
   // streaming: the chunks after it are queued for the workers.
   void read_ahead(const std::string& key, uint64_t c, uint64_t size) {
     std::lock_guard g(mu_);
-    auto& last = last_chunk_[key];
-    bool sequential = c == last + 1;
-    last = c;
+    auto [it, first_read] = last_chunk_.try_emplace(key, c);
+    bool sequential = !first_read && c == it->second + 1;
+    it->second = c;
     if (!sequential || o_.readahead == 0) return;
+    start_workers();
     uint64_t chunks = (size + o_.chunk - 1) / o_.chunk;
     for (uint64_t n = c + 1; n < chunks && n <= c + o_.readahead; ++n) {
       std::string id = chunk_id(key, n);
@@ -225,6 +226,15 @@ class CachedStorage final : public Storage {
       work_.pop_front();
     }
     work_cv_.notify_all();
+  }
+
+  // The workers start with the first reader that streams, not with the
+  // cache: the mount opens the repository before fuse_daemonize() forks,
+  // and threads do not survive a fork (the daemon would have none, and
+  // would abort joining them at unmount). Called under mu_.
+  void start_workers() {
+    if (!workers_.empty()) return;
+    for (unsigned i = 0; i < o_.threads; ++i) workers_.emplace_back([this] { prefetch_loop(); });
   }
 
   void prefetch_loop() {

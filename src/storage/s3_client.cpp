@@ -131,13 +131,28 @@ Response Client::send(const Request& r) {
     why.clear();
     Response resp = send_once(r, why);
     bool again = !why.empty() || transient(resp.status);
-    if (!again || attempt >= 8) {
+    auto pause = std::chrono::milliseconds(std::min(100 << attempt, 8000));
+    bool late = r.deadline && std::chrono::steady_clock::now() + pause >= *r.deadline;
+    if (!again || attempt >= 8 || late) {
+      if (late && !why.empty())
+        throw StorageError("no answer from " + config_.endpoint + " for " + describe() + "/" + r.key +
+                               " within its deadline: " + why,
+                           ETIMEDOUT);
       if (!why.empty()) throw StorageError("cannot reach " + config_.endpoint + " for " + describe() + ": " + why, EIO);
       return resp;
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(std::min(100 << attempt, 8000)));
+    std::this_thread::sleep_for(pause);
   }
 }
+
+namespace {
+// What is left of a request's deadline, for libcurl: at least 1 ms (0
+// would mean no limit).
+long millis_left(const Request& r) {
+  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(*r.deadline - std::chrono::steady_clock::now());
+  return std::max<long>(1, static_cast<long>(left.count()));
+}
+}  // namespace
 
 Response Client::send_once(const Request& r, std::string& transport_error) {
   ++requests_;
@@ -188,6 +203,7 @@ Response Client::send_once(const Request& r, std::string& transport_error) {
   curl_easy_setopt(c, CURLOPT_LOW_SPEED_LIMIT, 1024L);
   curl_easy_setopt(c, CURLOPT_LOW_SPEED_TIME, 60L);
   curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
+  if (r.deadline) curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, millis_left(r));
   if (debug_) curl_easy_setopt(c, CURLOPT_VERBOSE, 1L);
   if (!config_.ca_file.empty()) curl_easy_setopt(c, CURLOPT_CAINFO, config_.ca_file.c_str());
   if (config_.insecure) {

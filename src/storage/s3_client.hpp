@@ -3,7 +3,9 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstddef>
+#include <optional>
 #include <map>
 #include <mutex>
 #include <span>
@@ -33,6 +35,10 @@ struct Request {
     range_length = length;
     return *this;
   }
+  Request& until(std::chrono::steady_clock::time_point t) {
+    deadline = t;
+    return *this;
+  }
 
   std::string method;  // GET, HEAD, PUT, POST, DELETE
   std::string key;     // object key below the bucket; "" for the bucket
@@ -40,6 +46,9 @@ struct Request {
   std::vector<std::string> headers;          // "Name: value"
   std::span<const std::byte> body;
   uint64_t range_first = 0, range_length = 0;  // a ranged GET when range_length > 0
+  // A request that must be over by then, answered or abandoned, retries
+  // included (a writer's commit must land within its lease, or not at all).
+  std::optional<std::chrono::steady_clock::time_point> deadline;
 };
 
 struct Response {
@@ -64,6 +73,8 @@ class Client {
 
   // Any HTTP status is returned; only transport failures that outlast the
   // retries throw (StorageError). 5xx and 429 answers are retried too.
+  // A request with a deadline is abandoned when it passes: StorageError
+  // with ETIMEDOUT, and a 5xx then stays the answer.
   Response send(const Request& r);
   // For messages: "s3://bucket/prefix".
   std::string describe() const;

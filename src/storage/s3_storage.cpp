@@ -8,11 +8,17 @@
 //   - one lock holder: a lock object created with If-None-Match: * and kept
 //     alive by a heartbeat (If-Match on its ETag); a holder that died stops
 //     beating, and after a lease (90 s) of the gateway's own clock its lock
-//     may be taken over, again with If-Match so only one taker wins.
+//     may be taken over, again with If-Match so only one taker wins. It is
+//     released by a conditional rewrite, never a DELETE (kReleased), and a
+//     holder that could not rewrite it counts it as lost;
+//   - fencing: what a holder commits or removes under its lock must be done
+//     before its lease could run out (request deadlines), so a holder that
+//     stalled past it cannot commit over the next holder's work.
 #include "cbtfs/s3_storage.hpp"
 
 #include <curl/curl.h>
 #include <sys/prctl.h>
+#include <unistd.h>
 #include <pugixml.hpp>
 
 #include <algorithm>
@@ -23,6 +29,8 @@
 #include <deque>
 #include <fstream>
 #include <future>
+#include <map>
+#include <optional>
 #include <random>
 #include <set>
 #include <thread>
@@ -38,7 +46,7 @@ using s3::Request;
 using s3::Response;
 
 constexpr size_t kPartSize = 16 << 20;   // multipart above this; parts of this size
-constexpr size_t kPartsInFlight = 4;     // 64 MiB of a pack in memory at most
+constexpr size_t kPartsInFlight = 4;     // parts of 16 MiB being sent at once
 
 // A lock not refreshed for this long belongs to a dead writer. 90 s by
 // default; CBTFS_S3_LEASE_SECONDS changes it (all writers must agree).
@@ -92,13 +100,210 @@ Response conflict() {
   throw StorageError(msg, err);
 }
 
+// The body a released lock holds. Ceph RGW 16.2 ignores If-Match on DELETE
+// (a DELETE with a wrong ETag removes the object), so a holder cannot
+// delete its lock without risking the next holder's: it overwrites it with
+// this, If-Match on its own ETag, and the next writer takes a released
+// lock at once. The first line is empty: lock_holder() says "nobody".
+const std::string kReleased = "\nreleased\n";
+
+// How long a lock rewritten at time t is surely ours, on our own clock: the
+// gateway's clock starts the lease when it stores the rewrite (after we
+// sent it), and a taker reads the age in whole seconds (HTTP dates), so up
+// to 1 s early; a twentieth of the lease covers clocks that run at
+// slightly different rates.
+std::chrono::steady_clock::duration safe_lease() {
+  return std::chrono::milliseconds(lease_seconds() * 1000 - 1000 - lease_seconds() * 50);
+}
+
+class S3Lock;
+
+// The locks this process holds, by the prefix they guard ("p/vdis/UUID/"),
+// so that what a writer commits under a prefix is fenced by its lease.
+class LockRegistry {
+ public:
+  void add(const std::string& prefix, S3Lock* l) {
+    std::lock_guard g(mu_);
+    locks_[prefix] = l;
+  }
+  void remove(const std::string& prefix) {
+    std::lock_guard g(mu_);
+    locks_.erase(prefix);
+  }
+  // The deadline before which a write of key must be over: nullopt when no
+  // lock of ours guards it. Throws LockedError when the lease is lost.
+  std::optional<std::chrono::steady_clock::time_point> fence(const std::string& key);
+
+ private:
+  std::mutex mu_;
+  std::map<std::string, S3Lock*> locks_;
+};
+
+class S3Lock final : public StorageLock {
+ public:
+  S3Lock(s3::Client& c, LockRegistry& reg, std::string key, std::string body, std::string etag,
+         std::chrono::steady_clock::time_point written)
+      : c_(c), reg_(reg), key_(std::move(key)), body_(std::move(body)), etag_(std::move(etag)),
+        valid_until_(written + safe_lease()) {
+    reg_.add(guarded_prefix(), this);
+    beat_ = std::thread([this] { heartbeat(); });
+  }
+  ~S3Lock() override {
+    reg_.remove(guarded_prefix());
+    {
+      std::lock_guard g(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    beat_.join();
+    release();
+  }
+  // Called before a commit: a lock just rewritten cannot be taken over for
+  // a whole lease, however late the heartbeat thread runs.
+  void check() override {
+    if (!refresh()) throw lost_error();
+  }
+  // The end of the lease as this process can trust it, refreshed first when
+  // less than `need` of it is left; throws LockedError when it is lost.
+  std::chrono::steady_clock::time_point deadline(std::chrono::steady_clock::duration need) {
+    auto until = valid_until();
+    if (until - std::chrono::steady_clock::now() < need && !refresh()) throw lost_error();
+    until = valid_until();
+    if (until <= std::chrono::steady_clock::now()) throw lost_error();
+    return until;
+  }
+
+ private:
+  std::string guarded_prefix() const { return key_.substr(0, key_.rfind('/') + 1); }
+
+  LockedError lost_error() const {
+    return LockedError("lost the lock " + c_.describe() + "/" + key_ + " (" + why_lost_ +
+                       "); another writer may hold it now, so nothing more is committed");
+  }
+
+  std::chrono::steady_clock::time_point valid_until() {
+    std::lock_guard g(mu_);
+    return valid_until_;
+  }
+
+  void lose(const std::string& why) {
+    std::lock_guard g(mu_);
+    if (!lost_) why_lost_ = why;
+    lost_ = true;
+  }
+
+  // Rewrites the lock object; false when the lock is lost. A rewrite that
+  // failed for any reason counts as lost: after it, nothing says how long
+  // the lease still runs, and another writer may take it over.
+  bool refresh() {
+    std::lock_guard serial(refresh_mu_);
+    std::string etag;
+    {
+      std::lock_guard g(mu_);
+      if (lost_) return false;
+      etag = etag_;
+    }
+    auto sent = std::chrono::steady_clock::now();
+    std::string fresh;
+    try {
+      Request req = Request("PUT", key_).header("If-Match: " + etag).with_body(bytes_of(body_));
+      Response r = c_.send(req.until(sent + safe_lease()));
+      if (r.status == 200) {
+        fresh = strip_quotes(r.header("etag"));
+      } else if (r.status == 412 || r.status == 404) {
+        // An earlier rewrite of ours may have landed unseen (its answer was
+        // lost and retried): the body, unique to this holder, tells.
+        Response cur = c_.send(Request("GET", key_));
+        if (cur.status != 200 || cur.text() != body_) {
+          lose("it was taken over: this process stalled for longer than the " + std::to_string(lease_seconds()) +
+               " s lease");
+          return false;
+        }
+        fresh = strip_quotes(cur.header("etag"));
+      } else {
+        lose("cannot rewrite it: HTTP " + std::to_string(r.status) + " " + r.error_code());
+        return false;
+      }
+    } catch (const std::exception& e) {
+      lose(std::string("cannot rewrite it: ") + e.what());
+      return false;
+    }
+    std::lock_guard g(mu_);
+    etag_ = fresh;
+    valid_until_ = sent + safe_lease();
+    return true;
+  }
+
+  void heartbeat() {
+    std::unique_lock g(mu_);
+    while (!cv_.wait_for(g, std::chrono::milliseconds(lease_seconds() * 1000 / 4), [this] { return stop_; })) {
+      g.unlock();
+      if (!refresh()) {
+        std::fprintf(stderr, "cbtfs: lost the lock %s/%s: %s\n", c_.describe().c_str(), key_.c_str(),
+                     why_lost_.c_str());
+        return;
+      }
+      g.lock();
+    }
+  }
+
+  // Conditional, so a lock another writer holds now stays his. Best effort:
+  // a lock not released runs out by itself.
+  void release() {
+    std::string etag;
+    {
+      std::lock_guard g(mu_);
+      etag = etag_;
+    }
+    try {
+      c_.send(Request("PUT", key_).header("If-Match: " + etag).with_body(bytes_of(kReleased)));
+    } catch (const std::exception&) {
+    }
+  }
+
+  s3::Client& c_;
+  LockRegistry& reg_;
+  std::string key_, body_, etag_;
+  std::chrono::steady_clock::time_point valid_until_;
+  std::string why_lost_;
+  std::mutex refresh_mu_;  // one rewrite at a time: each needs the last ETag
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false, lost_ = false;
+  std::thread beat_;
+};
+
+// A commit needs this much of the lease left, or the lease is renewed first.
+std::chrono::steady_clock::duration commit_window() { return safe_lease() / 2; }
+
+std::optional<std::chrono::steady_clock::time_point> LockRegistry::fence(const std::string& key) {
+  // Held throughout, so the lock cannot be released meanwhile.
+  std::lock_guard g(mu_);
+  for (auto& [prefix, lock] : locks_)
+    if (key.rfind(prefix, 0) == 0) return lock->deadline(commit_window());
+  return std::nullopt;
+}
+
+// Part n of an upload (from 1). S3 allows 10000 parts; parts of 16 MiB
+// keep memory small for packs up to 32 GiB, and larger packs get larger
+// parts (doubling every 2000 parts: 1 TiB in 10000 parts).
+size_t part_size(size_t n) { return kPartSize << std::min<size_t>((n - 1) / 2000, 4); }
+
+// Parts being sent at once: 4 of 16 MiB, fewer as parts grow, so a writer
+// holds about 80 MiB of a pack at most (a filling part and those in
+// flight) until parts reach 64 MiB.
+size_t parts_in_flight(size_t n) { return std::max<size_t>(1, kPartsInFlight >> ((n - 1) / 2000)); }
+
 // A pack can be gigabytes: it streams out in parts while it is written.
+// A part's bytes are freed once it is uploaded (only its ETag is kept),
+// and at most parts_in_flight() parts are being sent: memory does not
+// grow with the pack.
 class S3Writer final : public ObjectWriter {
  public:
-  S3Writer(s3::Client& c, std::string key) : c_(c), key_(std::move(key)) {}
+  S3Writer(s3::Client& c, LockRegistry& locks, std::string key) : c_(c), locks_(locks), key_(std::move(key)) {}
   ~S3Writer() override {
+    wait_parts(0);
     if (committed_ || upload_id_.empty()) return;
-    for (auto& f : inflight_) f.wait();
     Request r = Request("DELETE", key_).param("uploadId", upload_id_);
     try {
       c_.send(r);  // best effort: remove_temporaries() aborts what is left
@@ -108,29 +313,29 @@ class S3Writer final : public ObjectWriter {
   void append(std::span<const std::byte> data) override {
     buf_.insert(buf_.end(), data.begin(), data.end());
     size_ += data.size();
-    if (buf_.size() >= kPartSize) send_part();
+    if (buf_.size() >= part_size(etags_.size() + 1)) send_part();
   }
   uint64_t size() const override { return size_; }
 
   void commit() override {
     if (upload_id_.empty()) {
       Request r = Request("PUT", key_).header("If-None-Match: *").with_body(buf_);
-      Response resp = c_.send(r);
+      Response resp = send_fenced(r);
       if (resp.status == 412 && stored_equals(buf_)) resp.status = 200;  // our own retried PUT
       if (resp.status != 200) fail(c_, resp.status == 412 ? "refusing to overwrite" : "cannot write", key_, resp);
       committed_ = true;
       return;
     }
     if (!buf_.empty()) send_part();
+    wait_parts(0);
     // Completing an upload overwrites whatever is there: look first.
     if (c_.send(Request("HEAD", key_)).status == 200) fail(c_, "refusing to overwrite", key_, conflict());
     std::string xml = "<CompleteMultipartUpload>";
-    for (size_t i = 0; i < inflight_.size(); ++i)
-      xml += "<Part><PartNumber>" + std::to_string(i + 1) + "</PartNumber><ETag>" + inflight_[i].get() +
-             "</ETag></Part>";
+    for (size_t i = 0; i < etags_.size(); ++i)
+      xml += "<Part><PartNumber>" + std::to_string(i + 1) + "</PartNumber><ETag>" + etags_[i] + "</ETag></Part>";
     xml += "</CompleteMultipartUpload>";
     Request r = Request("POST", key_).param("uploadId", upload_id_).with_body(bytes_of(xml));
-    Response resp = c_.send(r);
+    Response resp = send_fenced(r);
     // S3 may answer 200 with an error document when completion fails late.
     if (resp.status != 200 || resp.text().find("<Error>") != std::string::npos)
       fail(c_, "cannot complete the upload of", key_, resp);
@@ -138,6 +343,19 @@ class S3Writer final : public ObjectWriter {
   }
 
  private:
+  // A commit under a VDI's lock must be over before the lease could run
+  // out: a writer that stalled past it may have lost the lock, and the
+  // next holder may be removing this very object.
+  Response send_fenced(Request& r) {
+    if (auto deadline = locks_.fence(key_)) r.until(*deadline);
+    try {
+      return c_.send(r);
+    } catch (const StorageError& e) {
+      if (e.error_number() != ETIMEDOUT) throw;
+      throw LockedError(std::string(e.what()) + "; not committed, since the lock's lease may have run out");
+    }
+  }
+
   bool stored_equals(const Bytes& want) {
     Response r = c_.send(Request("GET", key_));
     return r.status == 200 && r.body == want;
@@ -154,125 +372,49 @@ class S3Writer final : public ObjectWriter {
     if (upload_id_.empty()) fail(c_, "no upload id for", key_, resp);
   }
 
+  // Collects finished parts (oldest first) until at most `keep` are in
+  // flight; the first failure is thrown once all have been waited for.
+  void wait_parts(size_t keep) {
+    std::exception_ptr first;
+    while (inflight_.size() > keep) {
+      auto& [number, f] = inflight_.front();
+      try {
+        etags_[number - 1] = f.get();
+      } catch (...) {
+        if (!first) first = std::current_exception();
+      }
+      inflight_.pop_front();
+    }
+    if (first) std::rethrow_exception(first);
+  }
+
   void send_part() {
     if (upload_id_.empty()) start_upload();
-    // A full window waits for its oldest part, which bounds memory.
-    auto busy = [&] {
-      return std::count_if(inflight_.begin(), inflight_.end(), [](auto& f) {
-        return f.wait_for(std::chrono::seconds(0)) != std::future_status::ready;
-      });
-    };
-    for (auto& f : inflight_) {
-      if (static_cast<size_t>(busy()) < kPartsInFlight) break;
-      f.wait();
-    }
+    size_t number = etags_.size() + 1;
+    wait_parts(parts_in_flight(number) - 1);
+    etags_.emplace_back();
+    // The task owns the bytes and drops them as soon as they are sent: a
+    // finished future keeps only its ETag.
     auto part = std::make_shared<Bytes>(std::move(buf_));
     buf_ = Bytes();
-    buf_.reserve(kPartSize + (1 << 20));
-    int number = static_cast<int>(inflight_.size()) + 1;
-    inflight_.push_back(std::async(std::launch::async, [this, part, number] {
-      Request r = Request("PUT", key_).param("partNumber", std::to_string(number)).param("uploadId", upload_id_).with_body(*part);
-      Response resp = c_.send(r);
+    inflight_.emplace_back(number, std::async(std::launch::async, [this, number, part]() mutable {
+      Request r = Request("PUT", key_).param("partNumber", std::to_string(number)).param("uploadId", upload_id_);
+      Response resp = c_.send(r.with_body(*part));
+      part.reset();
       if (resp.status != 200) fail(c_, "cannot upload part " + std::to_string(number) + " of", key_, resp);
       return resp.header("etag");
-    }).share());
+    }));
   }
 
   s3::Client& c_;
+  LockRegistry& locks_;
   std::string key_;
   std::string upload_id_;
   Bytes buf_;
   uint64_t size_ = 0;
-  std::vector<std::shared_future<std::string>> inflight_;
+  std::vector<std::string> etags_;  // one per part, filled in as parts finish
+  std::deque<std::pair<size_t, std::future<std::string>>> inflight_;
   bool committed_ = false;
-};
-
-class S3Lock final : public StorageLock {
- public:
-  S3Lock(s3::Client& c, std::string key, std::string body, std::string etag)
-      : c_(c), key_(std::move(key)), body_(std::move(body)), etag_(std::move(etag)) {
-    beat_ = std::thread([this] { heartbeat(); });
-  }
-  ~S3Lock() override {
-    {
-      std::lock_guard g(mu_);
-      stop_ = true;
-    }
-    cv_.notify_all();
-    beat_.join();
-    if (lost_) return;
-    try {
-      c_.send(Request("DELETE", key_));
-    } catch (const std::exception&) {
-      // The lease runs out by itself.
-    }
-  }
-  // Called before a commit: a lock just rewritten cannot be taken over for
-  // a whole lease, however late the heartbeat thread runs.
-  void check() override {
-    if (!refresh())
-      throw LockedError("the lock " + c_.describe() + "/" + key_ +
-                        " was taken over by another writer (this process stalled longer than the " +
-                        std::to_string(lease_seconds()) + " s lease)");
-  }
-
- private:
-  // Rewrites the lock object; false when another writer holds it now.
-  bool refresh() {
-    std::lock_guard serial(refresh_mu_);
-    std::string etag;
-    {
-      std::lock_guard g(mu_);
-      if (lost_) return false;
-      etag = etag_;
-    }
-    Response r = c_.send(Request("PUT", key_).header("If-Match: " + etag).with_body(bytes_of(body_)));
-    std::string fresh;
-    if (r.status == 200) {
-      fresh = strip_quotes(r.header("etag"));
-    } else if (r.status == 412 || r.status == 404) {
-      // An earlier rewrite of ours may have landed unseen (its answer was
-      // lost and retried): the body, unique to this holder, tells.
-      Response cur = c_.send(Request("GET", key_));
-      if (cur.status != 200 || cur.text() != body_) {
-        std::lock_guard g(mu_);
-        lost_ = true;
-        return false;
-      }
-      fresh = strip_quotes(cur.header("etag"));
-    } else {
-      fail(c_, "cannot refresh the lock", key_, r);
-    }
-    std::lock_guard g(mu_);
-    etag_ = fresh;
-    return true;
-  }
-
-  void heartbeat() {
-    std::unique_lock g(mu_);
-    while (!cv_.wait_for(g, std::chrono::milliseconds(lease_seconds() * 1000 / 4), [this] { return stop_; })) {
-      g.unlock();
-      bool held = true;
-      try {
-        held = refresh();
-      } catch (const std::exception& e) {
-        std::fprintf(stderr, "cbtfs: cannot refresh the lock %s: %s\n", key_.c_str(), e.what());
-      }
-      if (!held) {
-        std::fprintf(stderr, "cbtfs: lost the lock %s/%s to another writer\n", c_.describe().c_str(), key_.c_str());
-        return;
-      }
-      g.lock();
-    }
-  }
-
-  s3::Client& c_;
-  std::string key_, body_, etag_;
-  std::mutex refresh_mu_;  // one rewrite at a time: each needs the last ETag
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool stop_ = false, lost_ = false;
-  std::thread beat_;
 };
 
 class S3Storage final : public Storage {
@@ -337,48 +479,28 @@ class S3Storage final : public Storage {
   }
 
   std::unique_ptr<ObjectWriter> create(const std::string& key) override {
-    return std::make_unique<S3Writer>(c_, full(key));
+    return std::make_unique<S3Writer>(c_, locks_, full(key));
   }
 
+  // Fenced like a commit: a writer that may have lost its lock must not
+  // remove what the next holder is writing.
   void remove(const std::string& key) override {
-    Response r = c_.send(Request("DELETE", full(key)));
+    Request req("DELETE", full(key));
+    if (auto deadline = locks_.fence(req.key)) req.until(*deadline);
+    Response r = c_.send(req);
     if (r.status != 204 && r.status != 200 && r.status != 404) fail(c_, "cannot remove", full(key), r);
   }
 
   // What a dead writer leaves on S3 is an incomplete multipart upload.
-  void remove_temporaries(const std::string& prefix) override {
-    std::string p = full(prefix) + "/";
-    Response r = c_.send(Request("GET", "").param("prefix", p).param("uploads", ""));
-    if (r.status != 200) fail(c_, "cannot list the uploads under", p, r);
-    pugi::xml_document doc;
-    doc.load_buffer(r.body.data(), r.body.size());
-    for (auto u : doc.child("ListMultipartUploadsResult").children("Upload")) {
-      Response a = c_.send(Request("DELETE", u.child_value("Key")).param("uploadId", u.child_value("UploadId")));
-      if (a.status != 204 && a.status != 200 && a.status != 404) fail(c_, "cannot abort the upload of", u.child_value("Key"), a);
-    }
-  }
+  void remove_temporaries(const std::string& prefix) override { abort_uploads(full(prefix) + "/"); }
 
   std::unique_ptr<StorageLock> try_lock(const std::string& key, const std::string& holder) override {
-    std::string k = full(key);
-    std::string body = holder + "\n" + random_token() + "\n";
-    Response r = c_.send(Request("PUT", k).header("If-None-Match: *").with_body(bytes_of(body)));
-    if (r.status == 200) return std::make_unique<S3Lock>(c_, k, body, strip_quotes(r.header("etag")));
-    if (r.status != 412) fail(c_, "cannot lock", k, r);
-    // Held, or left by a holder that died: the gateway's clock decides.
-    Response cur = c_.send(Request("GET", k));
-    if (cur.status == 404) return nullptr;  // just released: the caller may try again
-    if (cur.status != 200) fail(c_, "cannot read the lock", k, cur);
-    if (cur.text() == body)  // our own first PUT landed, and its retry saw it
-      return std::make_unique<S3Lock>(c_, k, body, strip_quotes(cur.header("etag")));
-    time_t modified = curl_getdate(cur.header("last-modified").c_str(), nullptr);
-    time_t now = curl_getdate(cur.header("date").c_str(), nullptr);
-    if (modified < 0 || now < 0 || now - modified < lease_seconds()) return nullptr;
-    std::string etag = strip_quotes(cur.header("etag"));
-    Response take = c_.send(Request("PUT", k).header("If-Match: " + etag).with_body(bytes_of(body)));
-    if (take.status != 200) return nullptr;
-    std::fprintf(stderr, "cbtfs: took over the lock %s/%s, abandoned %ld s ago by %s", c_.describe().c_str(),
-                 k.c_str(), static_cast<long>(now - modified), cur.text().substr(0, cur.text().find('\n') + 1).c_str());
-    return std::make_unique<S3Lock>(c_, k, body, strip_quotes(take.header("etag")));
+    auto lock = acquire(key, holder);
+    // Whoever takes a lock cleans up after the dead writers it guarded
+    // against (prune as much as a writer): their uploads cost space until
+    // aborted. The key's directory is what the lock guards.
+    if (lock) abort_uploads(full(key).substr(0, full(key).rfind('/') + 1));
+    return lock;
   }
 
   // Readers of a point announce themselves with lease objects (no flock on S3).
@@ -390,6 +512,67 @@ class S3Storage final : public Storage {
   std::string describe() const override { return c_.describe(); }
 
  private:
+  // Every upload under p, page after page: a listing gives 1000 at most.
+  void abort_uploads(const std::string& p) {
+    std::string key_marker, id_marker;
+    for (;;) {
+      Request req = Request("GET", "").param("prefix", p).param("uploads", "");
+      if (!key_marker.empty()) req.param("key-marker", key_marker).param("upload-id-marker", id_marker);
+      Response r = c_.send(req);
+      if (r.status != 200) fail(c_, "cannot list the uploads under", p, r);
+      pugi::xml_document doc;
+      if (!doc.load_buffer(r.body.data(), r.body.size())) fail(c_, "unreadable upload listing of", p, r);
+      auto result = doc.child("ListMultipartUploadsResult");
+      for (auto u : result.children("Upload")) abort_upload(u.child_value("Key"), u.child_value("UploadId"));
+      if (std::string(result.child_value("IsTruncated")) != "true") return;
+      std::string next_key = result.child_value("NextKeyMarker"), next_id = result.child_value("NextUploadIdMarker");
+      if (next_key.empty() || (next_key == key_marker && next_id == id_marker))
+        fail(c_, "the upload listing does not move on under", p, r);
+      key_marker = next_key;
+      id_marker = next_id;
+    }
+  }
+
+  std::unique_ptr<StorageLock> acquire(const std::string& key, const std::string& holder) {
+    std::string k = full(key);
+    std::string body = holder + "\n" + random_token() + "\n";
+    auto sent = std::chrono::steady_clock::now();
+    Response r = c_.send(Request("PUT", k).header("If-None-Match: *").with_body(bytes_of(body)));
+    if (r.status == 200) return make_lock(k, body, r, sent);
+    if (r.status != 412) fail(c_, "cannot lock", k, r);
+    // Released, held, or left by a holder that died: the gateway's clock
+    // decides the last.
+    Response cur = c_.send(Request("GET", k));
+    if (cur.status == 404) return nullptr;  // removed by an older cbtfs: the caller may try again
+    if (cur.status != 200) fail(c_, "cannot read the lock", k, cur);
+    if (cur.text() == body)  // our own first PUT landed, and its retry saw it
+      return make_lock(k, body, cur, sent);
+    time_t modified = curl_getdate(cur.header("last-modified").c_str(), nullptr);
+    time_t now = curl_getdate(cur.header("date").c_str(), nullptr);
+    bool released = cur.text() == kReleased;
+    if (!released && (modified < 0 || now < 0 || now - modified < lease_seconds())) return nullptr;
+    // If-Match: of several takers, one wins.
+    std::string etag = strip_quotes(cur.header("etag"));
+    sent = std::chrono::steady_clock::now();
+    Response take = c_.send(Request("PUT", k).header("If-Match: " + etag).with_body(bytes_of(body)));
+    if (take.status != 200) return nullptr;
+    if (!released)
+      std::fprintf(stderr, "cbtfs: took over the lock %s/%s, abandoned %ld s ago by %s", c_.describe().c_str(),
+                   k.c_str(), static_cast<long>(now - modified),
+                   cur.text().substr(0, cur.text().find('\n') + 1).c_str());
+    return make_lock(k, body, take, sent);
+  }
+
+  std::unique_ptr<StorageLock> make_lock(const std::string& k, const std::string& body, const Response& r,
+                                         std::chrono::steady_clock::time_point sent) {
+    return std::make_unique<S3Lock>(c_, locks_, k, body, strip_quotes(r.header("etag")), sent);
+  }
+
+  void abort_upload(const std::string& key, const std::string& id) {
+    Response a = c_.send(Request("DELETE", key).param("uploadId", id));
+    if (a.status != 204 && a.status != 200 && a.status != 404) fail(c_, "cannot abort the upload of", key, a);
+  }
+
   std::string full(const std::string& key) const {
     const std::string& root = c_.config().prefix;
     if (root.empty()) return key;
@@ -397,6 +580,7 @@ class S3Storage final : public Storage {
   }
 
   s3::Client c_;
+  LockRegistry locks_;  // the locks this process holds here, which fence its writes
   s3::ReaderLeases leases_{c_, lease_seconds()};
 };
 
@@ -414,6 +598,50 @@ void apply(S3Config& c, const std::string& name, const std::string& value) {
 std::string env(const char* name) {
   const char* v = std::getenv(name);
   return v ? v : "";
+}
+
+// name=value pairs of a URL's query, in order.
+std::vector<std::pair<std::string, std::string>> query_settings(const std::string& query) {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (size_t pos = 0; pos < query.size();) {
+    auto amp = query.find('&', pos);
+    std::string kv = query.substr(pos, amp == std::string::npos ? std::string::npos : amp - pos);
+    pos = amp == std::string::npos ? query.size() : amp + 1;
+    auto eq = kv.find('=');
+    out.emplace_back(kv.substr(0, eq), eq == std::string::npos ? "" : kv.substr(eq + 1));
+  }
+  return out;
+}
+
+constexpr const char* kDefaultConfig = "/etc/cbtfs/s3.conf";
+
+// The settings file: ?config=FILE in the URL, else CBTFS_S3_CONFIG, else
+// /etc/cbtfs/s3.conf when it exists. A mount from fstab or by mount(8) at
+// boot has no environment to pass credentials in: the URL or the default
+// file names them instead (a path is no secret). "" for none.
+std::string config_file(const std::string& query) {
+  for (auto& [name, value] : query_settings(query))
+    if (name == "config") return value;
+  if (std::string file = env("CBTFS_S3_CONFIG"); !file.empty()) return file;
+  return ::access(kDefaultConfig, F_OK) == 0 ? kDefaultConfig : "";
+}
+
+void read_config_file(S3Config& c, const std::string& file) {
+  if (file.empty()) return;
+  std::ifstream in(file);
+  if (!in) throw UsageError("cannot read the S3 settings file " + file);
+  for (std::string line; std::getline(in, line);) {
+    auto first = line.find_first_not_of(" \t");
+    if (first == std::string::npos || line[first] == '#') continue;
+    auto eq = line.find('=');
+    if (eq == std::string::npos) throw UsageError(file + ": expected name = value, got '" + line + "'");
+    auto trim = [](std::string s) {
+      s.erase(0, s.find_first_not_of(" \t"));
+      s.erase(s.find_last_not_of(" \t\r") + 1);
+      return s;
+    };
+    apply(c, trim(line.substr(0, eq)), trim(line.substr(eq + 1)));
+  }
 }
 
 }  // namespace
@@ -435,22 +663,7 @@ S3Config s3_config_from_url(const std::string& url) {
   if (c.bucket.empty()) throw UsageError(url + ": no bucket (s3://BUCKET/PREFIX)");
 
   // Lowest precedence first: the file, then the environment, then the URL.
-  if (std::string file = env("CBTFS_S3_CONFIG"); !file.empty()) {
-    std::ifstream in(file);
-    if (!in) throw UsageError("cannot read " + file + " (CBTFS_S3_CONFIG)");
-    for (std::string line; std::getline(in, line);) {
-      auto first = line.find_first_not_of(" \t");
-      if (first == std::string::npos || line[first] == '#') continue;
-      auto eq = line.find('=');
-      if (eq == std::string::npos) throw UsageError(file + ": expected name = value, got '" + line + "'");
-      auto trim = [](std::string s) {
-        s.erase(0, s.find_first_not_of(" \t"));
-        s.erase(s.find_last_not_of(" \t\r") + 1);
-        return s;
-      };
-      apply(c, trim(line.substr(0, eq)), trim(line.substr(eq + 1)));
-    }
-  }
+  read_config_file(c, config_file(query));
   apply(c, "endpoint", env("CBTFS_S3_ENDPOINT"));
   apply(c, "endpoint", env("AWS_ENDPOINT_URL"));
   apply(c, "region", env("AWS_DEFAULT_REGION"));
@@ -458,16 +671,11 @@ S3Config s3_config_from_url(const std::string& url) {
   apply(c, "access_key", env("AWS_ACCESS_KEY_ID"));
   apply(c, "secret_key", env("AWS_SECRET_ACCESS_KEY"));
   apply(c, "ca_file", env("CBTFS_S3_CA_FILE"));
-  for (size_t pos = 0; pos < query.size();) {
-    auto amp = query.find('&', pos);
-    std::string kv = query.substr(pos, amp == std::string::npos ? std::string::npos : amp - pos);
-    pos = amp == std::string::npos ? query.size() : amp + 1;
-    auto eq = kv.find('=');
-    std::string name = kv.substr(0, eq);
+  for (auto& [name, value] : query_settings(query)) {
     if (name == "access_key" || name == "secret_key")
       throw UsageError("credentials do not belong in the repository URL; use AWS_ACCESS_KEY_ID and "
                        "AWS_SECRET_ACCESS_KEY or a CBTFS_S3_CONFIG file");
-    apply(c, name, eq == std::string::npos ? "" : kv.substr(eq + 1));
+    if (name != "config") apply(c, name, value);
   }
   if (c.endpoint.empty()) c.endpoint = "https://s3." + c.region + ".amazonaws.com";
   while (!c.endpoint.empty() && c.endpoint.back() == '/') c.endpoint.pop_back();

@@ -7,8 +7,8 @@ import signal
 import subprocess
 import time
 
-from conftest import (BACKEND, BLOCK, BUCKET, LEASE_SECONDS, REPO_TOOL, Mount, files_equal, list_objects, ls_json,
-                      repo_tool, run)
+from conftest import (BACKEND, BLOCK, BUCKET, LEASE_SECONDS, REPO_TOOL, Mount, files_equal, get_object,
+                      list_objects, ls_json, repo_tool, run)
 
 assert BACKEND == "s3", "run with CBTFS_TEST_BACKEND=s3"
 
@@ -21,6 +21,13 @@ def image(path, nblocks, seed):
         for _ in range(nblocks):
             f.write(rnd.randbytes(BLOCK))
     return str(path)
+
+
+def get_object_or_empty(repo, key):
+    try:
+        return get_object(repo, key)
+    except Exception:
+        return b""
 
 
 def test_wrong_credentials_and_missing_bucket(repo):
@@ -59,7 +66,9 @@ def test_a_stalled_writer_loses_its_lease_and_commits_nothing(tmp_path, repo, mn
     slow = subprocess.Popen([REPO_TOOL, "import", "-q", "--vdi", VDI, "--time", "2026-11-21T03:00:00Z", repo, big],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 20
-    while "lock" not in list_objects(repo, f"vdis/{VDI}"):
+    # The lock object outlives its holders (a released lock names nobody):
+    # wait for this writer's name in it.
+    while f"pid {slow.pid} ".encode() not in get_object_or_empty(repo, f"vdis/{VDI}/lock"):
         assert slow.poll() is None and time.monotonic() < deadline, slow.stderr.read()
         time.sleep(0.01)
     time.sleep(0.3)  # into its upload

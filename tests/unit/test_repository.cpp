@@ -204,8 +204,8 @@ TEST_CASE("an uncommitted point is invisible, and its leftovers are cleaned by t
   t.write(kVdi, d, 3);
   CHECK(fs::exists(packs / "00000002.pack") == false);  // the new point had nothing to store
   CHECK(fs::exists(packs / ".tmp.00000003.pack.1.2") == false);
-  CHECK(t.repo->latest(kVdi)->seq == 2);
-  CHECK(t.read_all(kVdi, 2) == d);
+  CHECK(t.repo->latest(kVdi)->seq == 3);  // the orphan's number is not used again
+  CHECK(t.read_all(kVdi, 3) == d);
 }
 
 TEST_CASE("a flipped byte in a pack gives CorruptError for that block only, and verify names it") {
