@@ -59,7 +59,7 @@ ManifestPtr find_point(Repository& repo, const std::string& vdi, const std::stri
 
 int cmd_restore(const std::string& path, const std::string& vdi, const std::string& point, const std::string& dest,
                 bool force) {
-  auto repo = Repository::open(path);
+  auto repo = open_repository(path);
   ManifestPtr m = find_point(*repo, vdi, point);
   struct stat st{};
   bool exists = ::stat(dest.c_str(), &st) == 0;
