@@ -17,6 +17,7 @@
 #include <cerrno>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
 
@@ -244,6 +245,93 @@ std::string escape_commas(const std::string& s) {
   return out;
 }
 
+// The checks that need no repository and no mount; an exit code on refusal.
+std::optional<int> refuse_options(Options& o, uint64_t& overlay_max) {
+  if (o.repo.empty() || o.mountpoint.empty()) {
+    usage();
+    return kExitUsage;
+  }
+  if (o.mode & ~0777u || (o.mode & 0222u)) {
+    std::fprintf(stderr, "cbtfs: mode=%o: images are read-only; give read bits only (e.g. 0440)\n", o.mode);
+    return kExitUsage;
+  }
+  overlay_max = o.overlay_dir ? UINT64_MAX : OverlayStore::default_ram_max();
+  if (o.overlay_max) {
+    auto v = parse_size(o.overlay_max);
+    if (!v || *v == 0) {
+      std::fprintf(stderr, "cbtfs: overlay_max=%s: give a size such as 512M or 4G\n", o.overlay_max);
+      return kExitUsage;
+    }
+    overlay_max = *v;
+  }
+  if (!make_absolute(o.overlay_dir, "overlay") || !make_absolute(o.cache_dir, "cache_dir")) return kExitUsage;
+  if (std::string why = mount_point_problem(o.mountpoint); !why.empty()) {
+    std::fprintf(stderr, "cbtfs: %s\n", why.c_str());
+    return kExitUsage;
+  }
+  return std::nullopt;
+}
+
+// The repository, or nullptr after saying why not. real: its absolute
+// path, or its URL without the query, for fsname.
+std::shared_ptr<Repository> open_repository(const Options& o, std::string& real) {
+  // The fsname shows in mount(8) and df(1): an absolute path, or the URL
+  // without its query (an endpoint is no secret, but it is noise there).
+  real = o.repo.substr(0, o.repo.find('?'));
+  if (!is_s3_url(o.repo)) {
+    char buf[PATH_MAX];
+    if (!realpath(o.repo.c_str(), buf)) {
+      std::fprintf(stderr, "cbtfs: cannot open repository %s: %s\n", o.repo.c_str(), std::strerror(errno));
+      return nullptr;
+    }
+    real = buf;
+  }
+  try {
+    if (!is_s3_url(o.repo)) return Repository::open(real);
+    // Every read would be a round trip to the gateway without it.
+    CacheOptions co;
+    if (o.cache_dir) co.dir = o.cache_dir;
+    co.size = uint64_t{o.cache_mb} << 20;
+    return Repository::open(make_cached_storage(open_storage(o.repo), co));
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "cbtfs: cannot open repository %s: %s\n", real.c_str(), e.what());
+    return nullptr;
+  }
+}
+
+// Mounts, goes to the background unless -f, serves until unmounted.
+int mount_and_serve(fuse* f, const fuse_cmdline_opts& cmd, const Options& o, const fuse_args& args,
+                    const std::string& real) {
+  if (fuse_mount(f, cmd.mountpoint) != 0) {
+    std::fprintf(stderr, "cbtfs: cannot mount %s at %s\n", real.c_str(), cmd.mountpoint);
+    mount_failure_hint(args);
+    return kExitFailed;
+  }
+  int rc = kExitFailed;
+  raise_readahead(cmd.mountpoint, o.readahead_kb);
+  if (fuse_daemonize(cmd.foreground) == 0) {
+    fuse_session* se = fuse_get_session(f);
+    if (fuse_set_signal_handlers(se) == 0) {
+      int err;
+      if (cmd.singlethread) {
+        err = fuse_loop(f);
+      } else {
+        fuse_loop_config* lc = fuse_loop_cfg_create();
+        fuse_loop_cfg_set_clone_fd(lc, cmd.clone_fd);
+        fuse_loop_cfg_set_max_threads(lc, cmd.max_threads);
+        err = fuse_loop_mt(f, lc);
+        fuse_loop_cfg_destroy(lc);
+      }
+      // A positive value is the signal (SIGTERM, SIGINT) that ended a
+      // clean unmount; only a negative one is a failure.
+      rc = err >= 0 ? kExitOk : kExitFailed;
+      fuse_remove_signal_handlers(se);
+    }
+  }
+  fuse_unmount(f);
+  return rc;
+}
+
 }  // namespace
 
 int main(int argc, char* argv[]) {
@@ -268,55 +356,11 @@ int main(int argc, char* argv[]) {
     std::printf("cbtfs %s (FUSE %s)\n", CBTFS_VERSION, fuse_pkgversion());
     return kExitOk;
   }
-  if (o.repo.empty() || o.mountpoint.empty()) {
-    usage();
-    return kExitUsage;
-  }
-  if (o.mode & ~0777u || (o.mode & 0222u)) {
-    std::fprintf(stderr, "cbtfs: mode=%o: images are read-only; give read bits only (e.g. 0440)\n", o.mode);
-    return kExitUsage;
-  }
-  uint64_t overlay_max = o.overlay_dir ? UINT64_MAX : OverlayStore::default_ram_max();
-  if (o.overlay_max) {
-    auto v = parse_size(o.overlay_max);
-    if (!v || *v == 0) {
-      std::fprintf(stderr, "cbtfs: overlay_max=%s: give a size such as 512M or 4G\n", o.overlay_max);
-      return kExitUsage;
-    }
-    overlay_max = *v;
-  }
-  if (!make_absolute(o.overlay_dir, "overlay") || !make_absolute(o.cache_dir, "cache_dir")) return kExitUsage;
-  if (std::string why = mount_point_problem(o.mountpoint); !why.empty()) {
-    std::fprintf(stderr, "cbtfs: %s\n", why.c_str());
-    return kExitUsage;
-  }
-
-  // The fsname shows in mount(8) and df(1): an absolute path, or the URL
-  // without its query (an endpoint is no secret, but it is noise there).
-  std::string real = o.repo.substr(0, o.repo.find('?'));
-  if (!cbtfs::is_s3_url(o.repo)) {
-    char buf[PATH_MAX];
-    if (!realpath(o.repo.c_str(), buf)) {
-      std::fprintf(stderr, "cbtfs: cannot open repository %s: %s\n", o.repo.c_str(), std::strerror(errno));
-      return kExitRepo;
-    }
-    real = buf;
-  }
-  std::shared_ptr<cbtfs::Repository> repo;
-  try {
-    if (cbtfs::is_s3_url(o.repo)) {
-      // Every read would be a round trip to the gateway without it.
-      cbtfs::CacheOptions co;
-      if (o.cache_dir) co.dir = o.cache_dir;
-      co.size = uint64_t{o.cache_mb} << 20;
-      repo = cbtfs::Repository::open(cbtfs::make_cached_storage(cbtfs::open_storage(o.repo), co));
-    } else {
-      repo = cbtfs::Repository::open(real);
-    }
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "cbtfs: cannot open repository %s: %s\n", real.c_str(), e.what());
-    return kExitRepo;
-  }
+  uint64_t overlay_max = 0;
+  if (auto rc = refuse_options(o, overlay_max)) return *rc;
+  std::string real;
+  std::shared_ptr<Repository> repo = open_repository(o, real);
+  if (!repo) return kExitRepo;
 
   // Read-only (unless writes go to an overlay), and the kernel enforces the
   // mode bits even with allow_other.
@@ -333,37 +377,11 @@ int main(int argc, char* argv[]) {
   }
   openlog("cbtfs", LOG_PID | (cmd.foreground ? LOG_PERROR : 0), LOG_DAEMON);
 
-  cbtfs::MountState st{cbtfs::MountView(repo), static_cast<mode_t>(o.mode), getuid(), getgid(), time(nullptr), o.readahead_kb, nullptr};
-  if (o.overlay) st.overlay = std::make_unique<cbtfs::OverlayStore>(o.overlay_dir ? o.overlay_dir : "", overlay_max);
-  fuse* f = fuse_new(&args, &cbtfs::fuse_operations_table(), sizeof(fuse_operations), &st);
+  MountState st{MountView(repo), static_cast<mode_t>(o.mode), getuid(), getgid(), time(nullptr), o.readahead_kb, nullptr};
+  if (o.overlay) st.overlay = std::make_unique<OverlayStore>(o.overlay_dir ? o.overlay_dir : "", overlay_max);
+  fuse* f = fuse_new(&args, &fuse_operations_table(), sizeof(fuse_operations), &st);
   if (!f) return kExitUsage;
-  int rc = kExitFailed;
-  if (fuse_mount(f, cmd.mountpoint) == 0) {
-    raise_readahead(cmd.mountpoint, o.readahead_kb);
-    if (fuse_daemonize(cmd.foreground) == 0) {
-      fuse_session* se = fuse_get_session(f);
-      if (fuse_set_signal_handlers(se) == 0) {
-        int err;
-        if (cmd.singlethread) {
-          err = fuse_loop(f);
-        } else {
-          fuse_loop_config* lc = fuse_loop_cfg_create();
-          fuse_loop_cfg_set_clone_fd(lc, cmd.clone_fd);
-          fuse_loop_cfg_set_max_threads(lc, cmd.max_threads);
-          err = fuse_loop_mt(f, lc);
-          fuse_loop_cfg_destroy(lc);
-        }
-        // A positive value is the signal (SIGTERM, SIGINT) that ended a
-        // clean unmount; only a negative one is a failure.
-        rc = err >= 0 ? kExitOk : kExitFailed;
-        fuse_remove_signal_handlers(se);
-      }
-    }
-    fuse_unmount(f);
-  } else {
-    std::fprintf(stderr, "cbtfs: cannot mount %s at %s\n", real.c_str(), cmd.mountpoint);
-    mount_failure_hint(args);
-  }
+  int rc = mount_and_serve(f, cmd, o, args, real);
   fuse_destroy(f);
   return rc;
 }
