@@ -57,6 +57,10 @@ Bytes encode_record(Bytes&& plain, BlockRef& ref, uint64_t hash);
 // Verifies the checksum and decompresses into out (whose size is the
 // record's uncompressed size). Throws CorruptError, never returns bad data.
 void decode_record(std::span<const std::byte> stored, const BlockRef& ref, std::span<std::byte> out);
+// Whether a stored record holds exactly plain (no checksum needed: equal
+// bytes are the proof). scratch holds a decompressed record meanwhile.
+bool record_equals(std::span<const std::byte> stored, const BlockRef& ref, std::span<const std::byte> plain,
+                   Bytes& scratch);
 uint64_t hash_bytes(std::span<const std::byte> data);
 bool all_zero(std::span<const std::byte> data);
 

@@ -4,6 +4,7 @@
 // never written.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -18,17 +19,27 @@
 
 namespace cbtfs {
 
+// What all the overlays of one mount may hold together (-o overlay_max):
+// a RAM overlay must not grow until the machine swaps or the OOM killer
+// picks a victim.
+struct OverlayBudget {
+  uint64_t max = UINT64_MAX;  // bytes
+  std::atomic<uint64_t> used{0};
+};
+
 // The writes to one point, at 4 KiB granularity.
 class PointOverlay {
  public:
-  PointOverlay(int scratch_fd, uint64_t size);
+  // budget nullptr: no limit but the scratch file's own.
+  PointOverlay(int scratch_fd, uint64_t size, std::shared_ptr<OverlayBudget> budget = nullptr);
   ~PointOverlay();
   PointOverlay(const PointOverlay&) = delete;
   PointOverlay& operator=(const PointOverlay&) = delete;
 
   // Like PointReader::read, with the writes laid over base.
   size_t read(PointReader& base, uint64_t offset, std::span<std::byte> out);
-  // Writes within the point's size; throws UsageError past its end.
+  // Writes within the point's size; throws UsageError past its end, and
+  // StorageError(ENOSPC) when the budget has no room for the new pages.
   void write(PointReader& base, uint64_t offset, std::span<const std::byte> data);
   bool written() const;
 
@@ -37,23 +48,30 @@ class PointOverlay {
   bool has(uint64_t page) const { return bits_[page / 64] >> (page % 64) & 1; }
   void pread_all(std::byte* p, size_t n, uint64_t off) const;
   void pwrite_all(const std::byte* p, size_t n, uint64_t off);
+  void reserve(uint64_t offset, uint64_t end);
 
   int fd_;
   uint64_t size_;
   std::vector<uint64_t> bits_;
   mutable std::shared_mutex mu_;
   bool any_ = false;
+  std::shared_ptr<OverlayBudget> budget_;
 };
 
 class OverlayStore {
  public:
-  // dir empty: scratch in RAM (memfd); else unlinked files in dir.
-  explicit OverlayStore(std::string dir) : dir_(std::move(dir)) {}
+  // dir empty: scratch in RAM (memfd); else unlinked files in dir (an
+  // absolute path: the daemon runs in "/"). max_bytes: what all the
+  // overlays together may hold.
+  OverlayStore(std::string dir, uint64_t max_bytes);
+  // The default of -o overlay_max for a RAM overlay: a quarter of the RAM.
+  static uint64_t default_ram_max();
   // The overlay of a point, made on first use and kept until the mount goes.
   std::shared_ptr<PointOverlay> of(const Manifest& point);
 
  private:
   std::string dir_;
+  std::shared_ptr<OverlayBudget> budget_ = std::make_shared<OverlayBudget>();
   std::mutex mu_;
   std::map<std::pair<std::string, uint32_t>, std::shared_ptr<PointOverlay>> overlays_;
 };

@@ -201,6 +201,18 @@ class PointWriter {
   void finish(uint32_t level);
   BlockRef store(std::span<const std::byte> plain);
   std::vector<BlockRef> load_node(const BlockRef& ref);
+  void store_block(uint64_t block, Bytes&& data, uint64_t hash);
+
+  // A block whose checksum equals the parent's is compared with the
+  // parent's bytes before it counts as unchanged; such blocks wait here
+  // so that a run of them is read back with one storage read.
+  struct Candidate {
+    uint64_t block;
+    BlockRef parent;
+    Bytes data;
+  };
+  void compare_later(uint64_t block, const BlockRef& parent, std::span<const std::byte> data);
+  void compare_candidates();
 
   // Blocks being compressed, oldest first; drained before their leaf is
   // finished and whenever too many are in flight.
@@ -224,6 +236,8 @@ class PointWriter {
   int64_t last_block_ = -1;
   std::vector<Level> levels_;
   std::unique_ptr<ObjectWriter> pack_;
+  std::vector<Candidate> candidates_;  // all in the loaded leaf, parent records in one pack, in order
+  Bytes compare_;                      // a parent block decompressed to compare with
   uint64_t blocks_written_ = 0;
   uint64_t blocks_allocated_ = 0;  // of the point being built: the parent's, then each change
   bool committed_ = false;

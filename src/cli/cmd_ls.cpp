@@ -7,6 +7,7 @@
 #include "cbtfs/repository.hpp"
 #include "commands.hpp"
 #include "progress.hpp"
+#include "text.hpp"
 
 namespace cbtfs {
 
@@ -29,14 +30,14 @@ json point_json(const Manifest& m) {
 }  // namespace
 
 int cmd_ls(const std::string& path, bool as_json) {
-  auto repo = Repository::open(path);
+  auto repo = open_repository(path);
   json vdis = json::array();
   int rc = kExitOk;
   for (auto& vdi : repo->vdis()) {
     auto pl = repo->points(vdi);
     for (auto& e : pl.errors) {
       std::fprintf(stderr, "cbtfs-repo: %s\n", e.c_str());
-      rc = kExitDamaged;
+      rc = kExitFailed;
     }
     if (pl.points.empty()) continue;
     auto& last = *pl.points.back();
@@ -51,13 +52,14 @@ int cmd_ls(const std::string& path, bool as_json) {
                           {"points", points}});
       continue;
     }
-    std::printf("%s  %s  VM %s  %s\n", vdi.c_str(), last.vdi_name.empty() ? "-" : last.vdi_name.c_str(),
-                last.vm_name.empty() ? "-" : last.vm_name.c_str(), human_bytes(last.virtual_size).c_str());
+    // Names come from the hypervisor and its guests: no terminal escapes.
+    std::printf("%s  %s  VM %s  %s\n", vdi.c_str(), last.vdi_name.empty() ? "-" : printable(last.vdi_name).c_str(),
+                last.vm_name.empty() ? "-" : printable(last.vm_name).c_str(), human_bytes(last.virtual_size).c_str());
     for (auto& m : pl.points) {
       std::string kind = m->parent ? "delta" : "full";
       std::printf("  %s.raw  %-5s  %10s stored  %8llu blocks%s%s\n", format_point_name(m->time).c_str(), kind.c_str(),
                   human_bytes(m->bytes_stored).c_str(), static_cast<unsigned long long>(m->blocks_written),
-                  m->chain_reason.empty() ? "" : "  new chain: ", m->chain_reason.c_str());
+                  m->chain_reason.empty() ? "" : "  new chain: ", printable(m->chain_reason).c_str());
     }
   }
   if (as_json) std::printf("%s\n", json{{"repository", repo->storage().describe()}, {"vdis", vdis}}.dump(2).c_str());
@@ -65,7 +67,7 @@ int cmd_ls(const std::string& path, bool as_json) {
 }
 
 int cmd_info(const std::string& path, const std::string& only) {
-  auto repo = Repository::open(path);
+  auto repo = open_repository(path);
   std::printf("repository  %s\nformat      cbtfs v%u, %u KiB blocks\n", repo->storage().describe().c_str(),
               kFormatVersion, kBlockSize / 1024);
   uint64_t total = 0, npoints = 0, nvdis = 0;
@@ -89,7 +91,8 @@ int cmd_info(const std::string& path, const std::string& only) {
       auto& last = *pl.points.back();
       std::printf("VDI         %s (%s, VM %s)\nsize        %s (%llu bytes)\npoints      %zu in %zu chain(s), "
                   "%s to %s\nstored      %s\n",
-                  vdi.c_str(), last.vdi_name.c_str(), last.vm_name.c_str(), human_bytes(last.virtual_size).c_str(),
+                  vdi.c_str(), printable(last.vdi_name).c_str(), printable(last.vm_name).c_str(),
+                  human_bytes(last.virtual_size).c_str(),
                   static_cast<unsigned long long>(last.virtual_size), pl.points.size(), chains.size(),
                   format_iso_time(pl.points.front()->time).c_str(), format_iso_time(last.time).c_str(),
                   human_bytes(bytes).c_str());

@@ -13,7 +13,7 @@ namespace cbtfs {
 int cmd_prune(const PruneArgs& a) {
   RetentionPolicy p{a.last, a.hourly, a.daily, a.weekly, a.monthly, a.yearly};
   if (!p.any()) throw UsageError("no retention rule given: say what to keep (--keep-last N, --keep-daily N, ...)");
-  auto repo = Repository::open(a.repo);
+  auto repo = open_repository(a.repo);
   auto vdis = repo->vdis();
   if (!a.vdi.empty()) {
     if (!repo->has_vdi(a.vdi)) throw UsageError("no VDI " + a.vdi + " in " + a.repo);
@@ -41,7 +41,7 @@ int cmd_prune(const PruneArgs& a) {
 }
 
 int cmd_forget(const std::string& path, const std::string& vdi) {
-  auto repo = Repository::open(path);
+  auto repo = open_repository(path);
   forget_vdi(repo, vdi, holder_text("cbtfs-repo forget"));
   std::printf("forgot VDI %s\n", vdi.c_str());
   return kExitOk;

@@ -59,7 +59,7 @@ ManifestPtr find_point(Repository& repo, const std::string& vdi, const std::stri
 
 int cmd_restore(const std::string& path, const std::string& vdi, const std::string& point, const std::string& dest,
                 bool force) {
-  auto repo = Repository::open(path);
+  auto repo = open_repository(path);
   ManifestPtr m = find_point(*repo, vdi, point);
   auto hold = repo->hold_point(*m);  // a prune meanwhile keeps the point until we are done
   if (!hold) throw UsageError("point " + format_point_name(m->time) + " of VDI " + vdi + " was just removed");

@@ -16,6 +16,7 @@
 #include "cbtfs/repository.hpp"
 #include "commands.hpp"
 #include "progress.hpp"
+#include "text.hpp"
 #include "xapi/client.hpp"
 #include "xapi/tasks.hpp"
 
@@ -118,7 +119,7 @@ void check_import(xapi::Client& client, const std::string& task, long seconds) {
 }  // namespace
 
 int cmd_restore_xapi(const RestoreXapiArgs& a) {
-  auto repo = Repository::open(a.repo);
+  auto repo = open_repository(a.repo);
   ManifestPtr m = find_point(*repo, a.vdi, a.point);
   auto hold = repo->hold_point(*m);  // a prune meanwhile keeps the point until we are done
   if (!hold) throw UsageError("point " + format_point_name(m->time) + " of VDI " + a.vdi + " was just removed");
@@ -161,7 +162,7 @@ int cmd_restore_xapi(const RestoreXapiArgs& a) {
     progress.finish();
     std::printf("%s\n", vrec.at("uuid").str().c_str());
     std::fprintf(stderr, "cbtfs-repo: restored %s of VDI %s as VDI %s ('%s', %s) in SR %s\n",
-                 format_point_name(m->time).c_str(), a.vdi.c_str(), vrec.at("uuid").str().c_str(), name.c_str(),
+                 format_point_name(m->time).c_str(), a.vdi.c_str(), vrec.at("uuid").str().c_str(), printable(name).c_str(),
                  human_bytes(size).c_str(), a.sr.c_str());
   } catch (...) {
     try {

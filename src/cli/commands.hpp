@@ -3,27 +3,25 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 
+#include "cbtfs/exit_codes.hpp"
+#include "cbtfs/repository.hpp"
 #include "xapi/client.hpp"
 
 namespace cbtfs {
 
-// Exit codes of cbtfs-repo (documented in cbtfs-repo(1)).
-enum ExitCode : int {
-  kExitOk = 0,
-  kExitDamaged = 1,   // verify found damage
-  kExitUsage = 2,     // bad command line or request
-  kExitRepo = 3,      // repository missing, unreadable or of a newer version
-  kExitLocked = 4,    // another writer holds the VDI
-  kExitIo = 5,        // I/O error, full disk
-};
-
 struct ImportArgs {
   std::string repo, image, vdi, vm_name, vdi_name, time;
+  std::optional<uint64_t> size;  // --size: needed for a pipe, checked for a file
   bool quiet = false;
 };
+
+// Repository::open, with every reason it cannot be opened (missing, not a
+// repository, newer format, unreadable) one exit status (kExitRepo).
+std::shared_ptr<Repository> open_repository(const std::string& path);
 
 int cmd_init(const std::string& repo);
 int cmd_import(const ImportArgs& a);

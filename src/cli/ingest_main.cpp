@@ -1,7 +1,6 @@
 // cbtfs-ingest [OPTIONS] REPO: pulls new points from XenServer into REPO.
-// Exit codes (cbtfs-ingest(1)): 0 every selected VDI got a new point,
-// 1 at least one did not, 2 usage, 3 repository unusable, 4 XAPI unreachable
-// or login refused.
+// Exit codes: the table of cbtfs/exit_codes.hpp (cbtfs-ingest(1)); 1 when
+// at least one selected VDI got no new point.
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -11,16 +10,17 @@
 #include <nlohmann/json.hpp>
 
 #include "cbtfs/errors.hpp"
+#include "cbtfs/exit_codes.hpp"
 #include "cbtfs/repository.hpp"
+#include "exit_status.hpp"
 #include "ingest/ingest.hpp"
 #include "password.hpp"
 #include "progress.hpp"
+#include "text.hpp"
 
 using namespace cbtfs;
 
 namespace {
-
-enum Exit { kOk = 0, kSomeFailed = 1, kUsage = 2, kRepo = 3, kXapi = 4 };
 
 nlohmann::json to_json(const ingest::Outcome& o) {
   return {{"vdi_uuid", o.vdi_uuid},     {"vdi_name", o.vdi_name},         {"vm_name", o.vm_name},
@@ -60,7 +60,7 @@ int run(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e) == 0 ? kOk : kUsage;
+    return app.exit(e) == 0 ? kExitOk : kExitUsage;
   }
   if (io.vms.empty() && io.vdis.empty()) throw UsageError("nothing to back up: give --vm or --vdi");
   for (auto& v : io.vdis) {
@@ -82,7 +82,7 @@ int run(int argc, char** argv) {
     repo = Repository::open(repo_path);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "cbtfs-ingest: cannot open repository %s: %s\n", repo_path.c_str(), e.what());
-    return kRepo;
+    return kExitRepo;
   }
 
   xapi::Client client(co);
@@ -91,7 +91,7 @@ int run(int argc, char** argv) {
   } catch (const std::exception& e) {
     std::fprintf(stderr, "cbtfs-ingest: cannot log in to %s as %s: %s\n", client.url().c_str(), co.user.c_str(),
                  e.what());
-    return kXapi;
+    return kExitXapi;
   }
   if (!client.redirected_from().empty() && !quiet)
     std::fprintf(stderr, "cbtfs-ingest: %s is a pool member; using the pool master at %s\n",
@@ -101,7 +101,7 @@ int run(int argc, char** argv) {
     std::lock_guard g(log_mu);
     if (!quiet || line.find("FAILED") != std::string::npos) {
       if (io.progress) std::fprintf(stderr, "\r\033[K");
-      std::fprintf(stderr, "cbtfs-ingest: %s\n", line.c_str());
+      std::fprintf(stderr, "cbtfs-ingest: %s\n", printable(line).c_str());  // names come from the host
     }
   };
   auto outcomes = ingest::run(client, repo, io, log);
@@ -117,7 +117,7 @@ int run(int argc, char** argv) {
   if (!quiet || failed)
     std::fprintf(stderr, "cbtfs-ingest: %zu of %zu VDI(s) backed up%s\n", outcomes.size() - failed, outcomes.size(),
                  failed ? "; see the FAILED lines above" : "");
-  return failed ? kSomeFailed : kOk;
+  return failed ? kExitFailed : kExitOk;
 }
 
 }  // namespace
@@ -125,11 +125,7 @@ int run(int argc, char** argv) {
 int main(int argc, char** argv) {
   try {
     return run(argc, argv);
-  } catch (const UsageError& e) {
-    std::fprintf(stderr, "cbtfs-ingest: %s\n", e.what());
-    return kUsage;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "cbtfs-ingest: %s\n", e.what());
-    return kSomeFailed;
+  } catch (...) {
+    return report_exception("cbtfs-ingest");
   }
 }

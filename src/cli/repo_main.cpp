@@ -6,16 +6,50 @@
 
 #include "cbtfs/errors.hpp"
 #include "cbtfs/format.hpp"
+#include "cbtfs/size_arg.hpp"
 #include "commands.hpp"
+#include "exit_status.hpp"
 #include "password.hpp"
 
 using namespace cbtfs;
+
+namespace cbtfs {
+
+std::shared_ptr<Repository> open_repository(const std::string& path) {
+  try {
+    return Repository::open(path);
+  } catch (const UsageError& e) {  // a directory that is no repository
+    throw FormatError(e.what());
+  }
+}
+
+}  // namespace cbtfs
 
 namespace {
 
 std::string lower(std::string s) {
   std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
   return s;
+}
+
+std::string command_names(CLI::App& app) {
+  std::string names;
+  for (auto* sub : app.get_subcommands({})) names += (names.empty() ? "" : ", ") + sub->get_name();
+  return names;
+}
+
+// CLI11 reports a word that is no command as "A subcommand is required",
+// which hides the typo; say which word it was and what the commands are.
+void check_command(CLI::App& app, int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a.empty() || a[0] == '-') continue;  // the program's own flags (--help, --version) take no value
+    auto subs = app.get_subcommands({});
+    if (std::none_of(subs.begin(), subs.end(), [&](CLI::App* sub) { return sub->check_name(a); }))
+      throw UsageError("unknown command '" + a + "'; the commands are: " + command_names(app));
+    return;
+  }
+  if (argc <= 1) throw UsageError("a command is required: " + command_names(app) + " (see cbtfs-repo --help)");
 }
 
 int run(int argc, char** argv) {
@@ -30,10 +64,12 @@ int run(int argc, char** argv) {
   init->add_option("REPO", repo, "repository directory")->required();
 
   auto* imp = app.add_subcommand("import", "store a raw disk image as the next point of a VDI");
-  imp->add_option("--vdi", ia.vdi, "VDI uuid (default: a new VDI)");
+  imp->add_option("--vdi", ia.vdi, "VDI uuid (default: the one VDI with these names, else a new VDI)");
   imp->add_option("--vm-name", ia.vm_name, "name of the VM the disk belongs to");
   imp->add_option("--vdi-name", ia.vdi_name, "name of the disk");
   imp->add_option("--time", ia.time, "time of the point, ISO 8601 (default: now)");
+  std::string import_size;
+  imp->add_option("--size", import_size, "size of the disk in bytes (512M, 10G, ...): needed when IMAGE is a pipe");
   imp->add_flag("-q,--quiet", ia.quiet, "print nothing on success");
   imp->add_option("REPO", ia.repo, "repository")->required();
   imp->add_option("IMAGE", ia.image, "raw image file or block device")->required();
@@ -84,6 +120,7 @@ int run(int argc, char** argv) {
   forget->add_option("REPO", repo, "repository")->required();
   forget->add_option("VDI", vdi, "VDI uuid")->required();
 
+  check_command(app, argc, argv);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -94,6 +131,10 @@ int run(int argc, char** argv) {
   pa.vdi = lower(pa.vdi);
   if (!pa.vdi.empty() && !is_uuid(pa.vdi)) throw UsageError("'" + pa.vdi + "' is not a VDI uuid");
   ia.vdi = lower(ia.vdi);
+  if (!import_size.empty()) {
+    ia.size = parse_size(import_size);
+    if (!ia.size || *ia.size == 0) throw UsageError("--size '" + import_size + "': give bytes, or a size such as 10G");
+  }
   if (!vdi.empty() && !is_uuid(vdi)) throw UsageError("'" + vdi + "' is not a VDI uuid");
   if (!ia.vdi.empty() && !is_uuid(ia.vdi)) throw UsageError("--vdi '" + ia.vdi + "' is not a uuid");
 
@@ -124,24 +165,7 @@ int run(int argc, char** argv) {
 int main(int argc, char** argv) {
   try {
     return run(argc, argv);
-  } catch (const UsageError& e) {
-    std::fprintf(stderr, "cbtfs-repo: %s\n", e.what());
-    return kExitUsage;
-  } catch (const LockedError& e) {
-    std::fprintf(stderr, "cbtfs-repo: %s\n", e.what());
-    return kExitLocked;
-  } catch (const CorruptError& e) {
-    std::fprintf(stderr, "cbtfs-repo: damaged data: %s\n", e.what());
-    return kExitDamaged;
-  } catch (const FormatError& e) {
-    std::fprintf(stderr, "cbtfs-repo: %s\n", e.what());
-    return kExitRepo;
-  } catch (const StorageError& e) {
-    std::fprintf(stderr, "cbtfs-repo: %s\n", e.what());
-    // Missing or forbidden (permissions, S3 credentials): cannot be opened.
-    return e.error_number() == ENOENT || e.error_number() == EACCES ? kExitRepo : kExitIo;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "cbtfs-repo: %s\n", e.what());
-    return kExitIo;
+  } catch (...) {
+    return report_exception("cbtfs-repo");
   }
 }

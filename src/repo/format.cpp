@@ -201,6 +201,16 @@ void decode_record(std::span<const std::byte> stored, const BlockRef& ref, std::
   if (hash_bytes(out) != ref.hash) throw CorruptError("checksum mismatch");
 }
 
+bool record_equals(std::span<const std::byte> stored, const BlockRef& ref, std::span<const std::byte> plain,
+                   Bytes& scratch) {
+  if (stored.size() != ref.length()) return false;
+  if (ref.raw()) return stored.size() == plain.size() && std::memcmp(stored.data(), plain.data(), plain.size()) == 0;
+  scratch.resize(plain.size());
+  int n = LZ4_decompress_safe(reinterpret_cast<const char*>(stored.data()), reinterpret_cast<char*>(scratch.data()),
+                              static_cast<int>(stored.size()), static_cast<int>(scratch.size()));
+  return n == static_cast<int>(plain.size()) && std::memcmp(scratch.data(), plain.data(), plain.size()) == 0;
+}
+
 Bytes encode_manifest(const Manifest& m) {
   json body{{"version", kFormatVersion},
             {"vdi", m.vdi},

@@ -12,10 +12,16 @@
 
 namespace cbtfs {
 
-PointOverlay::PointOverlay(int scratch_fd, uint64_t size)
-    : fd_(scratch_fd), size_(size), bits_((size + kPage * 64 - 1) / (kPage * 64)) {}
+PointOverlay::PointOverlay(int scratch_fd, uint64_t size, std::shared_ptr<OverlayBudget> budget)
+    : fd_(scratch_fd), size_(size), bits_((size + kPage * 64 - 1) / (kPage * 64)), budget_(std::move(budget)) {}
 
-PointOverlay::~PointOverlay() { ::close(fd_); }
+PointOverlay::~PointOverlay() {
+  ::close(fd_);
+  if (!budget_) return;
+  uint64_t pages = 0;
+  for (auto w : bits_) pages += static_cast<uint64_t>(__builtin_popcountll(w));
+  budget_->used -= pages * kPage;
+}
 
 bool PointOverlay::written() const {
   std::shared_lock g(mu_);
@@ -67,9 +73,31 @@ size_t PointOverlay::read(PointReader& base, uint64_t offset, std::span<std::byt
   return n;
 }
 
+namespace {
+std::string mib(uint64_t bytes) { return std::to_string(bytes >> 20) + " MiB"; }
+}  // namespace
+
+// Takes room for the pages of [offset, end) not written before, all or
+// nothing, so that a refused write changes nothing. Called under mu_.
+void PointOverlay::reserve(uint64_t offset, uint64_t end) {
+  if (!budget_) return;
+  uint64_t fresh = 0;
+  for (uint64_t p = offset / kPage; p * kPage < end; ++p) fresh += !has(p);
+  uint64_t want = fresh * kPage;
+  if (!want) return;
+  uint64_t used = budget_->used.load();
+  do {
+    if (want > budget_->max || used > budget_->max - want)
+      throw StorageError("the overlay is full (" + mib(used) + " written, overlay_max=" + mib(budget_->max) +
+                             "): raise -o overlay_max=SIZE, or give -o overlay=DIR to keep the writes on disk",
+                         ENOSPC);
+  } while (!budget_->used.compare_exchange_weak(used, used + want));
+}
+
 void PointOverlay::write(PointReader& base, uint64_t offset, std::span<const std::byte> data) {
   if (offset + data.size() > size_) throw UsageError("write past the end of the image");
   std::unique_lock g(mu_);
+  reserve(offset, offset + data.size());
   std::vector<std::byte> page(kPage);
   for (uint64_t pos = offset, end = offset + data.size(); pos < end;) {
     uint64_t p = pos / kPage, page_end = std::min((p + 1) * kPage, size_);
@@ -89,6 +117,14 @@ void PointOverlay::write(PointReader& base, uint64_t offset, std::span<const std
   }
 }
 
+OverlayStore::OverlayStore(std::string dir, uint64_t max_bytes) : dir_(std::move(dir)) { budget_->max = max_bytes; }
+
+uint64_t OverlayStore::default_ram_max() {
+  long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGESIZE);
+  if (pages <= 0 || page <= 0) return uint64_t{1} << 30;
+  return static_cast<uint64_t>(pages) * static_cast<uint64_t>(page) / 4;
+}
+
 std::shared_ptr<PointOverlay> OverlayStore::of(const Manifest& point) {
   std::lock_guard g(mu_);
   auto key = std::make_pair(point.vdi, point.seq);
@@ -104,7 +140,7 @@ std::shared_ptr<PointOverlay> OverlayStore::of(const Manifest& point) {
     ::close(fd);
     throw StorageError(std::string("cannot size an overlay file: ") + std::strerror(err), err);
   }
-  auto o = std::make_shared<PointOverlay>(fd, point.virtual_size);
+  auto o = std::make_shared<PointOverlay>(fd, point.virtual_size, budget_);
   overlays_[key] = o;
   return o;
 }

@@ -149,7 +149,10 @@ void PointWriter::ensure(uint32_t level, uint64_t index) {
 }
 
 void PointWriter::finish(uint32_t level) {
-  if (level == 0) drain(0);
+  if (level == 0) {
+    compare_candidates();  // they belong to this leaf
+    drain(0);
+  }
   Level& l = levels_[level];
   BlockRef ref = l.old_ref;
   if (l.dirty) {
@@ -195,12 +198,62 @@ void PointWriter::put_block(uint64_t block, std::span<const std::byte> data) {
   }
   if (slot.is_zero()) ++blocks_allocated_;
   uint64_t h = hash_bytes(data);
-  if (!slot.is_zero() && slot.hash == h) return;  // unchanged since the parent
+  if (!slot.is_zero() && slot.hash == h) {
+    compare_later(block, slot, data);  // probably unchanged since the parent
+    return;
+  }
+  store_block(block, Bytes(data.begin(), data.end()), h);
+}
+
+void PointWriter::store_block(uint64_t block, Bytes&& data, uint64_t hash) {
   // The slot is filled in by drain(), in order, once compressed.
-  leaf.dirty = true;
+  levels_[0].dirty = true;
   ++blocks_written_;
-  pending_.push_back({block, pool_->submit(Bytes(data.begin(), data.end()), h)});
+  pending_.push_back({block, pool_->submit(std::move(data), hash)});
   drain(kMaxPending);
+}
+
+// XXH3-64 is a checksum, not a cryptographic hash: a guest can write a
+// block that hashes like the one before it, and its backup would keep the
+// old bytes. Equal checksums only pick the blocks worth comparing; the
+// bytes decide. Reading the parent's records back costs a pass over them:
+// runs of them that lie together in a pack are read in one piece (one
+// request on S3, not one per block), gaps up to kMaxGap included.
+void PointWriter::compare_later(uint64_t block, const BlockRef& parent, std::span<const std::byte> data) {
+  constexpr uint64_t kMaxGap = 1 << 20, kMaxSpan = 8 << 20;
+  if (!candidates_.empty()) {
+    const BlockRef& first = candidates_.front().parent;
+    const BlockRef& last = candidates_.back().parent;
+    uint64_t last_end = last.offset + last.length();
+    bool joins = parent.pack == first.pack && parent.offset >= last_end && parent.offset - last_end <= kMaxGap &&
+                 parent.offset + parent.length() - first.offset <= kMaxSpan;
+    if (!joins) compare_candidates();
+  }
+  candidates_.push_back({block, parent, Bytes(data.begin(), data.end())});
+}
+
+void PointWriter::compare_candidates() {
+  if (candidates_.empty()) return;
+  const BlockRef& first = candidates_.front().parent;
+  uint64_t start = first.offset, end = candidates_.back().parent.offset + candidates_.back().parent.length();
+  Bytes stored(end - start);
+  bool readable = start >= kPackHeaderSize;
+  try {
+    if (readable) repo_->storage().read(Repository::pack_key(vdi_, first.pack), start, stored);
+  } catch (const FormatError&) {  // a truncated pack: what it lost is written anew
+    readable = false;
+  } catch (const StorageError& e) {
+    if (e.error_number() != ENOENT) throw;
+    readable = false;
+  }
+  for (auto& c : candidates_) {
+    // A damaged or unreadable parent block is replaced, not kept.
+    bool same = readable && c.parent.length() <= kBlockSize + 1024 &&
+                record_equals({stored.data() + (c.parent.offset - start), c.parent.length()}, c.parent, c.data,
+                              compare_);
+    if (!same) store_block(c.block, std::move(c.data), c.parent.hash);
+  }
+  candidates_.clear();
 }
 
 void PointWriter::start_new_chain(const std::string& reason) {

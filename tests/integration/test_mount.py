@@ -181,12 +181,12 @@ def test_mount_helper_and_fstab_style(chain, repo, mnt, tmp_path):
 
 def test_mount_refuses_bad_repositories(tmp_path, mnt):
     p = run(CBTFS, tmp_path / "missing", mnt, check=False)
-    assert p.returncode == 2 and "cannot open repository" in p.stderr
+    assert p.returncode == 3 and "cannot open repository" in p.stderr
     (tmp_path / "empty").mkdir()
     p = run(CBTFS, tmp_path / "empty", mnt, check=False)
-    assert p.returncode == 2 and "not a cbtfs repository" in p.stderr
+    assert p.returncode == 3 and "not a cbtfs repository" in p.stderr
     p = run(CBTFS, tmp_path / "empty", mnt, "-o", "mode=0644", check=False)
-    assert p.returncode == 1
+    assert p.returncode == 2
     assert not os.path.ismount(mnt)
 
 

@@ -77,7 +77,7 @@ def test_a_stalled_writer_loses_its_lease_and_commits_nothing(tmp_path, repo, mn
         # While the lease runs, the lock holds; once it has run out, another
         # writer takes the lock over and commits.
         p = repo_tool("import", "-q", "--vdi", VDI, "--time", "2026-11-22T03:00:00Z", repo, base, check=False)
-        assert p.returncode == 4 and "being written by another process" in p.stderr, p.stderr
+        assert p.returncode == 6 and "being written by another process" in p.stderr, p.stderr
         time.sleep(LEASE_SECONDS + 2)
         p = repo_tool("import", "-q", "--vdi", VDI, "--time", "2026-11-22T03:00:00Z", repo, base, check=False)
         assert p.returncode == 0, p.stderr

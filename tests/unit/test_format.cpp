@@ -7,6 +7,7 @@
 
 #include "cbtfs/errors.hpp"
 #include "cbtfs/format.hpp"
+#include "cbtfs/size_arg.hpp"
 #include "helpers.hpp"
 
 using namespace cbtfs;
@@ -242,4 +243,20 @@ TEST_CASE("uuids") {
   CHECK(!is_uuid(std::string(kVdi).substr(1)));
   CHECK(is_uuid(random_uuid()));
   CHECK(random_uuid() != random_uuid());
+}
+
+TEST_CASE("sizes on command lines: bytes or K/M/G/T/P, powers of 1024") {
+  CHECK(parse_size("4096") == 4096u);
+  CHECK(parse_size("512M") == 512ull << 20);
+  CHECK(parse_size("4g") == 4ull << 30);
+  CHECK(parse_size("4GiB") == 4ull << 30);
+  CHECK(parse_size("1T") == 1ull << 40);
+  CHECK(parse_size("10B") == 10u);
+  CHECK_FALSE(parse_size(""));
+  CHECK_FALSE(parse_size("M"));
+  CHECK_FALSE(parse_size("-1"));
+  CHECK_FALSE(parse_size("12X"));
+  CHECK_FALSE(parse_size("1.5G"));
+  CHECK_FALSE(parse_size("99999999999999999999"));
+  CHECK_FALSE(parse_size("17179869184G"));  // 2^64 bytes
 }
