@@ -46,7 +46,25 @@ using s3::Request;
 using s3::Response;
 
 constexpr size_t kPartSize = 16 << 20;   // multipart above this; parts of this size
+constexpr size_t kMaxParts = 10000;      // S3's limit
 constexpr size_t kPartsInFlight = 4;     // parts of 16 MiB being sent at once
+
+// Test knobs, not settings: CBTFS_S3_PART_SIZE and CBTFS_S3_MAX_PARTS let
+// a test make parts grow, and reach the part limit, with a pack of a few
+// hundred MiB instead of terabytes.
+size_t env_number(const char* name, size_t fallback) {
+  const char* v = std::getenv(name);
+  long long n = v ? std::atoll(v) : 0;
+  return n > 0 ? static_cast<size_t>(n) : fallback;
+}
+size_t base_part_size() {
+  static const size_t s = env_number("CBTFS_S3_PART_SIZE", kPartSize);
+  return s;
+}
+size_t max_parts() {
+  static const size_t n = env_number("CBTFS_S3_MAX_PARTS", kMaxParts);
+  return n;
+}
 
 // A lock not refreshed for this long belongs to a dead writer. 90 s by
 // default; CBTFS_S3_LEASE_SECONDS changes it (all writers must agree).
@@ -287,12 +305,13 @@ std::optional<std::chrono::steady_clock::time_point> LockRegistry::fence(const s
 // Part n of an upload (from 1). S3 allows 10000 parts; parts of 16 MiB
 // keep memory small for packs up to 32 GiB, and larger packs get larger
 // parts (doubling every 2000 parts: 1 TiB in 10000 parts).
-size_t part_size(size_t n) { return kPartSize << std::min<size_t>((n - 1) / 2000, 4); }
+size_t doublings(size_t n) { return std::min<size_t>((n - 1) / std::max<size_t>(1, max_parts() / 5), 4); }
+size_t part_size(size_t n) { return base_part_size() << doublings(n); }
 
 // Parts being sent at once: 4 of 16 MiB, fewer as parts grow, so a writer
 // holds about 80 MiB of a pack at most (a filling part and those in
 // flight) until parts reach 64 MiB.
-size_t parts_in_flight(size_t n) { return std::max<size_t>(1, kPartsInFlight >> ((n - 1) / 2000)); }
+size_t parts_in_flight(size_t n) { return std::max<size_t>(1, kPartsInFlight >> doublings(n)); }
 
 // A pack can be gigabytes: it streams out in parts while it is written.
 // A part's bytes are freed once it is uploaded (only its ETag is kept),
