@@ -1,6 +1,7 @@
 #include "s3_client.hpp"
 
 #include <curl/curl.h>
+#include <unistd.h>
 #include <pugixml.hpp>
 
 #include <algorithm>
@@ -45,17 +46,48 @@ size_t collect_header(char* p, size_t size, size_t n, void* out) {
   return size * n;
 }
 
+// A request body being sent: bytes in memory, or a file read straight
+// into libcurl's buffer (no copy of the whole body in memory).
 struct Upload {
   std::span<const std::byte> data;
-  size_t pos = 0;
+  int fd = -1;
+  uint64_t size = 0;
+  uint64_t pos = 0;
+  std::string error;  // why the file could not be read
 };
+
+size_t feed_file(char* p, size_t max, Upload* u) {
+  size_t want = static_cast<size_t>(std::min<uint64_t>(max, u->size - u->pos));
+  if (want == 0) return 0;
+  ssize_t k;
+  do {
+    k = ::pread(u->fd, p, want, static_cast<off_t>(u->pos));
+  } while (k < 0 && errno == EINTR);
+  if (k <= 0) {  // the file is shorter than the Content-Length sent: never send less
+    u->error = k < 0 ? std::strerror(errno) : "the file is shorter than expected";
+    return CURL_READFUNC_ABORT;
+  }
+  u->pos += static_cast<uint64_t>(k);
+  return static_cast<size_t>(k);
+}
 
 size_t feed(char* p, size_t size, size_t n, void* in) {
   auto* u = static_cast<Upload*>(in);
-  size_t k = std::min(size * n, u->data.size() - u->pos);
+  if (u->fd >= 0) return feed_file(p, size * n, u);
+  size_t k = std::min<size_t>(size * n, u->data.size() - u->pos);
   std::memcpy(p, u->data.data() + u->pos, k);
   u->pos += k;
   return k;
+}
+
+// libcurl rewinds a body it must send again on the same request (a
+// redirect, an authentication retry); without this it would fail.
+int rewind_body(void* in, curl_off_t offset, int origin) {
+  auto* u = static_cast<Upload*>(in);
+  uint64_t size = u->fd >= 0 ? u->size : u->data.size();
+  if (origin != SEEK_SET || offset < 0 || static_cast<uint64_t>(offset) > size) return CURL_SEEKFUNC_CANTSEEK;
+  u->pos = static_cast<uint64_t>(offset);
+  return CURL_SEEKFUNC_OK;
 }
 
 bool transient(long status) { return status == 429 || status >= 500; }
@@ -210,14 +242,16 @@ Response Client::send_once(const Request& r, std::string& transport_error) {
     curl_easy_setopt(c, CURLOPT_SSL_VERIFYPEER, 0L);
     curl_easy_setopt(c, CURLOPT_SSL_VERIFYHOST, 0L);
   }
-  Upload up{r.body};
+  Upload up{r.body, r.body_fd, r.body_fd_size, 0, {}};
   if (r.method == "HEAD") {
     curl_easy_setopt(c, CURLOPT_NOBODY, 1L);
   } else if (r.method == "PUT") {
     curl_easy_setopt(c, CURLOPT_UPLOAD, 1L);
     curl_easy_setopt(c, CURLOPT_READFUNCTION, feed);
     curl_easy_setopt(c, CURLOPT_READDATA, &up);
-    curl_easy_setopt(c, CURLOPT_INFILESIZE_LARGE, static_cast<curl_off_t>(r.body.size()));
+    curl_easy_setopt(c, CURLOPT_SEEKFUNCTION, rewind_body);
+    curl_easy_setopt(c, CURLOPT_SEEKDATA, &up);
+    curl_easy_setopt(c, CURLOPT_INFILESIZE_LARGE, static_cast<curl_off_t>(r.body_size()));
   } else if (r.method == "POST") {
     curl_easy_setopt(c, CURLOPT_POST, 1L);
     curl_easy_setopt(c, CURLOPT_POSTFIELDS, r.body.data());
@@ -229,6 +263,7 @@ Response Client::send_once(const Request& r, std::string& transport_error) {
   curl_slist_free_all(headers);
   if (rc != CURLE_OK) {
     transport_error = err[0] ? err : curl_easy_strerror(rc);
+    if (!up.error.empty()) transport_error += " (cannot read the body: " + up.error + ")";
     if (rc == CURLE_PEER_FAILED_VERIFICATION || rc == CURLE_SSL_CACERT_BADFILE)
       transport_error += " (the endpoint's certificate is not trusted: set CBTFS_S3_CA_FILE)";
     return resp;

@@ -30,6 +30,15 @@ struct Request {
     body = b;
     return *this;
   }
+  // A PUT body read from the file fd (offsets 0 to size), a bounded buffer
+  // at a time, so a large part need not be in memory. The caller keeps fd
+  // open until send() returns.
+  Request& with_file_body(int fd, uint64_t size) {
+    body_fd = fd;
+    body_fd_size = size;
+    return *this;
+  }
+  uint64_t body_size() const { return body_fd >= 0 ? body_fd_size : body.size(); }
   Request& range(uint64_t first, uint64_t length) {
     range_first = first;
     range_length = length;
@@ -45,6 +54,8 @@ struct Request {
   std::map<std::string, std::string> query;  // sorted, as SigV4 wants them
   std::vector<std::string> headers;          // "Name: value"
   std::span<const std::byte> body;
+  int body_fd = -1;  // instead of body when >= 0 (PUT only)
+  uint64_t body_fd_size = 0;
   uint64_t range_first = 0, range_length = 0;  // a ranged GET when range_length > 0
   // A request that must be over by then, answered or abandoned, retries
   // included (a writer's commit must land within its lease, or not at all).

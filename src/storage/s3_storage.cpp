@@ -17,6 +17,7 @@
 #include "cbtfs/s3_storage.hpp"
 
 #include <curl/curl.h>
+#include <fcntl.h>
 #include <sys/prctl.h>
 #include <unistd.h>
 #include <pugixml.hpp>
@@ -26,6 +27,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <fstream>
 #include <future>
@@ -45,8 +47,27 @@ namespace {
 using s3::Request;
 using s3::Response;
 
-constexpr size_t kPartSize = 16 << 20;   // multipart above this; parts of this size
-constexpr size_t kPartsInFlight = 4;     // parts of 16 MiB being sent at once
+constexpr size_t kPartSize = 16 << 20;        // multipart above this; the first parts, in memory
+constexpr size_t kMaxParts = 10000;           // S3's limit
+constexpr uint64_t kLargestPart = 4ull << 30;  // S3 allows 5 GiB; parts overshoot by a record
+constexpr size_t kPartsInFlight = 4;          // parts being sent while the next one fills
+
+// Test knobs, not settings: CBTFS_S3_PART_SIZE and CBTFS_S3_MAX_PARTS let
+// a test make parts grow, and reach the part limit, with a pack of a few
+// hundred MiB instead of terabytes.
+size_t env_number(const char* name, size_t fallback) {
+  const char* v = std::getenv(name);
+  long long n = v ? std::atoll(v) : 0;
+  return n > 0 ? static_cast<size_t>(n) : fallback;
+}
+size_t base_part_size() {
+  static const size_t s = env_number("CBTFS_S3_PART_SIZE", kPartSize);
+  return s;
+}
+size_t max_parts() {
+  static const size_t n = env_number("CBTFS_S3_MAX_PARTS", kMaxParts);
+  return n;
+}
 
 // A lock not refreshed for this long belongs to a dead writer. 90 s by
 // default; CBTFS_S3_LEASE_SECONDS changes it (all writers must agree).
@@ -284,25 +305,127 @@ std::optional<std::chrono::steady_clock::time_point> LockRegistry::fence(const s
   return std::nullopt;
 }
 
-// Part n of an upload (from 1). S3 allows 10000 parts; parts of 16 MiB
-// keep memory small for packs up to 32 GiB, and larger packs get larger
-// parts (doubling every 2000 parts: 1 TiB in 10000 parts).
-size_t part_size(size_t n) { return kPartSize << std::min<size_t>((n - 1) / 2000, 4); }
+// Part n of an upload (from 1). S3 allows 10000 parts of at most 5 GiB,
+// and the writer does not know how large the pack will be. The first
+// tenth of the parts are of 16 MiB (packs up to 16 GiB); then every 125
+// parts (an 80th of the limit) are 16 MiB larger than the ones before:
+// 2 TiB fit in 6518 parts of up to 736 MiB, 4 TiB in 8895 of up to
+// 1040 MiB, and 10000 parts hold 5.1 TiB (S3's largest object is 5 TiB).
+// Growing by steps rather than doubling keeps the largest part, and so
+// the spool, about half as large for the same reach.
+uint64_t part_size(size_t n) {
+  size_t flat = std::max<size_t>(1, max_parts() / 10), step = std::max<size_t>(1, max_parts() / 80);
+  uint64_t growths = n <= flat ? 0 : (n - flat + step - 1) / step;
+  return std::min<uint64_t>(base_part_size() * (1 + growths), kLargestPart);
+}
 
-// Parts being sent at once: 4 of 16 MiB, fewer as parts grow, so a writer
-// holds about 80 MiB of a pack at most (a filling part and those in
-// flight) until parts reach 64 MiB.
-size_t parts_in_flight(size_t n) { return std::max<size_t>(1, kPartsInFlight >> ((n - 1) / 2000)); }
+// What max_parts() parts can hold, for the message when a pack outgrows it.
+uint64_t largest_pack() {
+  uint64_t total = 0;
+  for (size_t n = 1; n <= max_parts(); ++n) total += part_size(n);
+  return total;
+}
 
-// A pack can be gigabytes: it streams out in parts while it is written.
-// A part's bytes are freed once it is uploaded (only its ETag is kept),
-// and at most parts_in_flight() parts are being sent: memory does not
-// grow with the pack.
+std::string mib(uint64_t bytes) { return std::to_string((bytes + (1 << 20) - 1) >> 20) + " MiB"; }
+
+// Where parts too large to keep in memory wait for their upload:
+// CBTFS_S3_SPOOL_DIR, else TMPDIR, else /var/tmp (a disk: /tmp is often a
+// tmpfs, which is memory again).
+std::string spool_dir() {
+  for (const char* name : {"CBTFS_S3_SPOOL_DIR", "TMPDIR"})
+    if (const char* v = std::getenv(name); v && *v) return v;
+  return "/var/tmp";
+}
+
+// An unlinked file in the spool directory: nobody else sees it, and its
+// space comes back when it is closed, however the process ends.
+class SpoolFile {
+ public:
+  // `what` names the part, for messages.
+  explicit SpoolFile(std::string what) : dir_(spool_dir()), what_(std::move(what)) {
+    fd_ = ::open(dir_.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+    if (fd_ < 0 && (errno == EOPNOTSUPP || errno == EISDIR)) fd_ = named_then_unlinked();
+    if (fd_ < 0) throw error(errno, "cannot create a file for");
+  }
+  ~SpoolFile() { ::close(fd_); }
+  SpoolFile(const SpoolFile&) = delete;
+  SpoolFile& operator=(const SpoolFile&) = delete;
+
+  void write(std::span<const std::byte> data) {
+    while (!data.empty()) {
+      ssize_t k = ::write(fd_, data.data(), data.size());
+      if (k < 0 && errno == EINTR) continue;
+      if (k < 0) throw error(errno, "cannot store");
+      data = data.subspan(static_cast<size_t>(k));
+    }
+  }
+  int fd() const { return fd_; }
+
+ private:
+  // A file system without O_TMPFILE: a named file, unlinked at once.
+  int named_then_unlinked() {
+    std::string name = dir_ + "/.cbtfs-part-XXXXXX";
+    int fd = ::mkostemp(name.data(), O_CLOEXEC);
+    if (fd >= 0) ::unlink(name.c_str());
+    return fd;
+  }
+
+  StorageError error(int err, const std::string& what) const {
+    return StorageError(what + " " + what_ + " in the spool directory " + dir_ + ": " + std::strerror(err) +
+                            " (parts larger than " + mib(base_part_size()) + " wait there for their upload, up to " +
+                            std::to_string(kPartsInFlight + 1) +
+                            " at once; set CBTFS_S3_SPOOL_DIR to a local directory with room for them)",
+                        err);
+  }
+
+  std::string dir_, what_;
+  int fd_ = -1;
+};
+
+// The bytes of one part: in memory while parts are small (most packs
+// never touch the disk), else in a spool file, so that memory does not
+// grow with the parts.
+class Part {
+ public:
+  Part(uint64_t target, std::string what) {
+    if (target > base_part_size()) {
+      file_.emplace(std::move(what));
+    } else {
+      // Room for the record that crosses the target: no reallocation,
+      // which would briefly hold the part twice. Untouched pages cost no
+      // memory.
+      bytes_.reserve(target + (1 << 20));
+    }
+  }
+  void append(std::span<const std::byte> data) {
+    if (file_) file_->write(data);
+    else bytes_.insert(bytes_.end(), data.begin(), data.end());
+    size_ += data.size();
+  }
+  uint64_t size() const { return size_; }
+  const Bytes& bytes() const { return bytes_; }
+  Request& attach(Request& r) const { return file_ ? r.with_file_body(file_->fd(), size_) : r.with_body(bytes_); }
+
+ private:
+  Bytes bytes_;
+  std::optional<SpoolFile> file_;
+  uint64_t size_ = 0;
+};
+
+// A pack can be terabytes: it streams out in parts while it is written.
+// At most kPartsInFlight parts are being sent while the next one fills,
+// and a part is dropped once it is stored (only its ETag is kept). Parts
+// of 16 MiB are in memory (80 MiB at most); larger ones are in the spool
+// directory, which so holds at most five parts. Memory does not grow with
+// the pack.
 class S3Writer final : public ObjectWriter {
  public:
   S3Writer(s3::Client& c, LockRegistry& locks, std::string key) : c_(c), locks_(locks), key_(std::move(key)) {}
   ~S3Writer() override {
-    wait_parts(0);
+    try {
+      wait_parts(0);
+    } catch (const std::exception&) {  // failed parts of an upload aborted below
+    }
     if (committed_ || upload_id_.empty()) return;
     Request r = Request("DELETE", key_).param("uploadId", upload_id_);
     try {
@@ -311,22 +434,20 @@ class S3Writer final : public ObjectWriter {
     }
   }
   void append(std::span<const std::byte> data) override {
-    buf_.insert(buf_.end(), data.begin(), data.end());
+    if (!part_) part_ = new_part();
+    part_->append(data);
     size_ += data.size();
-    if (buf_.size() >= part_size(etags_.size() + 1)) send_part();
+    if (part_->size() >= part_size(next_number())) send_part();
   }
   uint64_t size() const override { return size_; }
 
   void commit() override {
+    if (!part_) part_ = new_part();
     if (upload_id_.empty()) {
-      Request r = Request("PUT", key_).header("If-None-Match: *").with_body(buf_);
-      Response resp = send_fenced(r);
-      if (resp.status == 412 && stored_equals(buf_)) resp.status = 200;  // our own retried PUT
-      if (resp.status != 200) fail(c_, resp.status == 412 ? "refusing to overwrite" : "cannot write", key_, resp);
-      committed_ = true;
+      commit_small();
       return;
     }
-    if (!buf_.empty()) send_part();
+    if (part_->size() > 0) send_part();
     wait_parts(0);
     // Completing an upload overwrites whatever is there: look first.
     if (c_.send(Request("HEAD", key_)).status == 200) fail(c_, "refusing to overwrite", key_, conflict());
@@ -343,6 +464,26 @@ class S3Writer final : public ObjectWriter {
   }
 
  private:
+  size_t next_number() const { return etags_.size() + 1; }
+  // key_ has the repository's prefix already: not describe() + key_.
+  std::string url() const { return "s3://" + c_.config().bucket + "/" + key_; }
+
+  std::shared_ptr<Part> new_part() {
+    size_t n = next_number();
+    std::string what = "part " + std::to_string(n) + " (" + mib(part_size(n)) + ") of " + url();
+    return std::make_shared<Part>(part_size(n), what);
+  }
+
+  // An object smaller than one part: a single PUT. Its only part is the
+  // first, which is always in memory.
+  void commit_small() {
+    Request r = Request("PUT", key_).header("If-None-Match: *").with_body(part_->bytes());
+    Response resp = send_fenced(r);
+    if (resp.status == 412 && stored_equals(part_->bytes())) resp.status = 200;  // our own retried PUT
+    if (resp.status != 200) fail(c_, resp.status == 412 ? "refusing to overwrite" : "cannot write", key_, resp);
+    committed_ = true;
+  }
+
   // A commit under a VDI's lock must be over before the lease could run
   // out: a writer that stalled past it may have lost the lock, and the
   // next holder may be removing this very object.
@@ -362,6 +503,9 @@ class S3Writer final : public ObjectWriter {
   }
 
   void start_upload() {
+    // A spool directory that cannot be used is said now, not after the
+    // first 16 GiB.
+    SpoolFile probe("a part of " + url());
     Response head = c_.send(Request("HEAD", key_));
     if (head.status == 200) fail(c_, "refusing to overwrite", key_, conflict());
     Response resp = c_.send(Request("POST", key_).param("uploads", ""));
@@ -388,18 +532,26 @@ class S3Writer final : public ObjectWriter {
     if (first) std::rethrow_exception(first);
   }
 
+  // Said before the part S3 would refuse is sent, rather than after.
+  [[noreturn]] void too_large() const {
+    throw StorageError("cannot write " + url() + ": the pack is too large for S3: an upload has at most " +
+                           std::to_string(max_parts()) + " parts, which hold " + mib(largest_pack()) +
+                           " as this writer sizes them",
+                       EFBIG);
+  }
+
   void send_part() {
     if (upload_id_.empty()) start_upload();
-    size_t number = etags_.size() + 1;
-    wait_parts(parts_in_flight(number) - 1);
+    size_t number = next_number();
+    if (number > max_parts()) too_large();
+    wait_parts(kPartsInFlight - 1);
     etags_.emplace_back();
-    // The task owns the bytes and drops them as soon as they are sent: a
-    // finished future keeps only its ETag.
-    auto part = std::make_shared<Bytes>(std::move(buf_));
-    buf_ = Bytes();
+    // The task owns the part and drops it (its memory, or its spool file)
+    // as soon as it is stored: a finished future keeps only its ETag.
+    std::shared_ptr<Part> part = std::move(part_);
     inflight_.emplace_back(number, std::async(std::launch::async, [this, number, part]() mutable {
       Request r = Request("PUT", key_).param("partNumber", std::to_string(number)).param("uploadId", upload_id_);
-      Response resp = c_.send(r.with_body(*part));
+      Response resp = c_.send(part->attach(r));
       part.reset();
       if (resp.status != 200) fail(c_, "cannot upload part " + std::to_string(number) + " of", key_, resp);
       return resp.header("etag");
@@ -410,7 +562,7 @@ class S3Writer final : public ObjectWriter {
   LockRegistry& locks_;
   std::string key_;
   std::string upload_id_;
-  Bytes buf_;
+  std::shared_ptr<Part> part_;  // the part being filled; none right after one is sent
   uint64_t size_ = 0;
   std::vector<std::string> etags_;  // one per part, filled in as parts finish
   std::deque<std::pair<size_t, std::future<std::string>>> inflight_;
