@@ -757,8 +757,8 @@ def test_import_reports_through_its_task(sim):
     status, _, _ = put_import(sim, {"session_id": sim.session, "vdi": vdi, "task_id": "OpaqueRef:nope"}, b"x")
     assert status == 404
 
-    sim.post("/import_fail", {"after_bytes": 0})                        # without a task: an HTTP error
+    sim.post("/import_fail", {"after_bytes": 0})                        # without a task: 200, as XAPI
     status, _, answer = put_import(sim, {"session_id": sim.session, "vdi": vdi}, b"y" * 4096)
-    assert status == 500 and b"injected" in answer
+    assert status == 200                                                # (the failure is only logged)
     assert [t["status"] for t in sim.get("/state")["tasks"]] == ["success", "failure", "failure", "failure",
                                                                   "failure"]
