@@ -11,6 +11,7 @@ either backend."""
 
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -204,6 +205,15 @@ def mnt(tmp_path):
     yield m
     if os.path.ismount(m):
         subprocess.run(["fusermount3", "-u", "-z", str(m)], capture_output=True)
+
+
+def image(path, nblocks, seed):
+    """A file of nblocks random 64 KiB blocks (incompressible), from a fixed seed."""
+    rnd = random.Random(seed)
+    with open(path, "wb") as f:
+        for _ in range(nblocks):
+            f.write(rnd.randbytes(BLOCK))
+    return str(path)
 
 
 def files_equal(a, b):

@@ -7,20 +7,12 @@ import signal
 import subprocess
 import time
 
-from conftest import (BACKEND, BLOCK, BUCKET, LEASE_SECONDS, REPO_TOOL, Mount, files_equal, get_object,
+from conftest import (image, BACKEND, BLOCK, BUCKET, LEASE_SECONDS, REPO_TOOL, Mount, files_equal, get_object,
                       list_objects, ls_json, repo_tool, run)
 
 assert BACKEND == "s3", "run with CBTFS_TEST_BACKEND=s3"
 
 VDI = "3c4d5e6f-7a8b-4c9d-8e0f-1a2b3c4d5e6f"
-
-
-def image(path, nblocks, seed):
-    rnd = random.Random(seed)
-    with open(path, "wb") as f:
-        for _ in range(nblocks):
-            f.write(rnd.randbytes(BLOCK))
-    return str(path)
 
 
 def get_object_or_empty(repo, key):

@@ -17,7 +17,7 @@ import time
 import pytest
 
 import conftest
-from conftest import (BACKEND, BLOCK, CBTFS, LEASE_SECONDS, REPO_TOOL, _s3_split, files_equal, get_object,
+from conftest import (image, BACKEND, BLOCK, CBTFS, LEASE_SECONDS, REPO_TOOL, _s3_split, files_equal, get_object,
                       list_objects, ls_json, repo_tool, run)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "s3"))
@@ -26,14 +26,6 @@ from fault_proxy import Answer, FaultProxy, Hold  # noqa: E402
 assert BACKEND == "s3", "run with CBTFS_TEST_BACKEND=s3"
 
 VDI = "5e6f7a8b-9c0d-4e1f-8a2b-3c4d5e6f7a8b"
-
-
-def image(path, nblocks, seed):
-    rnd = random.Random(seed)
-    with open(path, "wb") as f:
-        for _ in range(nblocks):
-            f.write(rnd.randbytes(BLOCK))
-    return str(path)
 
 
 def start_import(repo, img, time_iso, endpoint=None):
