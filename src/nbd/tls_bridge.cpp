@@ -141,7 +141,6 @@ TlsBridge::TlsBridge(const std::string& address, const std::string& port, const 
   unsigned char g[kGreetingSize];
   read_exact(tcp_, g, sizeof g, "no greeting");
   if (std::memcmp(g, kGreetingMagic, 16) != 0) throw NbdError(where + ": not a newstyle NBD server");
-  greeting_.assign(reinterpret_cast<char*>(g), sizeof g);
   std::string hello;
   put32(hello, kClientFixedNewstyle | (get_be(g + 16, 2) & kFlagNoZeroes));  // what libnbd will say too
   hello.append("IHAVEOPT", 8);
@@ -182,7 +181,7 @@ TlsBridge::TlsBridge(const std::string& address, const std::string& port, const 
   client_ = pair[1];
   stop_ = ::eventfd(0, EFD_CLOEXEC);
   if (stop_ < 0) throw NbdError(std::string("eventfd: ") + strerror(errno));
-  write_all(local_, greeting_.data(), greeting_.size());  // libnbd reads the server's greeting first
+  write_all(local_, g, sizeof g);  // libnbd reads the server's greeting first
   ::fcntl(tcp_, F_SETFL, ::fcntl(tcp_, F_GETFL) | O_NONBLOCK);
   thread_ = std::thread([this] { relay(); });
   cleanup.armed = false;

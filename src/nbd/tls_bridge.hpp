@@ -36,7 +36,6 @@ class TlsBridge {
   int stop_ = -1;    // eventfd: wakes the relay to end
   void* ctx_ = nullptr;  // SSL_CTX*
   void* ssl_ = nullptr;  // SSL*
-  std::string greeting_;  // the server's, replayed to libnbd
   std::thread thread_;
 };
 
