@@ -15,7 +15,8 @@ namespace cbtfs {
 
 inline constexpr uint32_t kFormatVersion = 1;
 inline constexpr uint32_t kBlockSize = 64 * 1024;  // CBT granularity
-inline constexpr uint32_t kFanout = 1024;          // refs per index node
+inline constexpr uint32_t kFanoutBits = 10;
+inline constexpr uint32_t kFanout = 1u << kFanoutBits;  // refs per index node
 inline constexpr uint32_t kRefSize = 24;
 inline constexpr uint32_t kNodeSize = kFanout * kRefSize;
 inline constexpr std::array<char, 8> kPackMagic = {'C', 'B', 'T', 'F', 'S', 'P', 'K', '1'};
@@ -38,6 +39,25 @@ struct BlockRef {
 
 void encode_ref(const BlockRef& r, std::byte* out);
 BlockRef decode_ref(const std::byte* in);
+
+// An index node as stored: kFanout refs, in block order. A ref at level 0
+// is a data block; one at level L > 0 is a node whose entries are refs at
+// level L - 1, each covering blocks_under(L - 1) blocks.
+class IndexNode {
+ public:
+  explicit IndexNode(std::span<const std::byte> bytes) : bytes_(bytes) {}
+  BlockRef operator[](uint64_t entry) const { return decode_ref(bytes_.data() + entry * kRefSize); }
+
+ private:
+  std::span<const std::byte> bytes_;
+};
+Bytes encode_node(std::span<const BlockRef> entries);  // entries.size() == kFanout
+// Blocks a ref at `level` covers.
+inline uint64_t blocks_under(uint32_t level) { return uint64_t{1} << (kFanoutBits * level); }
+// Which entry of the node at `level` (>= 1) on block's path leads to it.
+inline uint64_t entry_of(uint64_t block, uint32_t level) {
+  return (block >> (kFanoutBits * (level - 1))) & (kFanout - 1);
+}
 
 // Depth of the index tree for a disk of n blocks: 1 when one node covers it.
 uint32_t tree_depth(uint64_t nblocks);

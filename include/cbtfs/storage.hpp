@@ -83,6 +83,9 @@ class Storage {
   // Removes what dead writers left under prefix (objects never committed).
   // Only safe while holding the lock that guards that prefix.
   virtual void remove_temporaries(const std::string& prefix) = 0;
+  // How many of those are left by writers that are gone (a running writer's
+  // are not leftovers); 0 where the storage cannot tell.
+  virtual size_t leftovers(const std::string& /*prefix*/) { return 0; }
   // nullptr when someone else holds it; holder() then says who, if known.
   virtual std::unique_ptr<StorageLock> try_lock(const std::string& key, const std::string& holder) = 0;
   // Who holds the lock key, as try_lock's holder said: the lock object's
@@ -102,10 +105,5 @@ class Storage {
   // A human name for messages ("/srv/backup").
   virtual std::string describe() const = 0;
 };
-
-// The local-directory backend. The directory must exist.
-std::unique_ptr<Storage> open_local_storage(const std::string& root);
-// A local directory, or an S3 bucket for s3://BUCKET/PREFIX (s3_storage.hpp).
-std::unique_ptr<Storage> open_storage(const std::string& location);
 
 }  // namespace cbtfs

@@ -15,7 +15,7 @@
 #include <ctime>
 
 #include "cbtfs/errors.hpp"
-#include "cbtfs/repository.hpp"
+#include "cbtfs/point_writer.hpp"
 #include "commands.hpp"
 #include "progress.hpp"
 #include "text.hpp"

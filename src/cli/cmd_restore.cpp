@@ -17,7 +17,8 @@
 #include <vector>
 
 #include "cbtfs/errors.hpp"
-#include "cbtfs/repository.hpp"
+#include "cbtfs/full_io.hpp"
+#include "cbtfs/point_reader.hpp"
 #include "commands.hpp"
 #include "progress.hpp"
 
@@ -26,16 +27,8 @@ namespace cbtfs {
 namespace {
 
 void write_all(int fd, const std::byte* p, size_t n, uint64_t off, const std::string& dest) {
-  while (n) {
-    ssize_t w = ::pwrite(fd, p, n, static_cast<off_t>(off));
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      throw StorageError("cannot write " + dest + ": " + std::strerror(errno), errno);
-    }
-    p += w;
-    off += static_cast<uint64_t>(w);
-    n -= static_cast<size_t>(w);
-  }
+  if (auto r = io::write_all(fd, p, n, static_cast<int64_t>(off)); r.error)
+    throw StorageError("cannot write " + dest + ": " + std::strerror(r.error), r.error);
 }
 
 }  // namespace

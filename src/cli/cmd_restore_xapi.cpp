@@ -13,7 +13,7 @@
 #include <map>
 
 #include "cbtfs/errors.hpp"
-#include "cbtfs/repository.hpp"
+#include "cbtfs/point_reader.hpp"
 #include "commands.hpp"
 #include "progress.hpp"
 #include "text.hpp"

@@ -14,7 +14,12 @@
 namespace cbtfs {
 namespace {
 
-MountState& state() { return *static_cast<MountState*>(fuse_get_context()->private_data); }
+thread_local MountState* scoped_state = nullptr;  // see CallbackScope
+
+MountState& state() {
+  if (scoped_state) return *scoped_state;
+  return *static_cast<MountState*>(fuse_get_context()->private_data);
+}
 
 // One translation from exceptions to errno for every callback. The result
 // keeps the callback's own type: lseek answers 64-bit offsets.
@@ -281,6 +286,9 @@ fuse_operations make_table() {
 }
 
 }  // namespace
+
+CallbackScope::CallbackScope(MountState& state) { scoped_state = &state; }
+CallbackScope::~CallbackScope() { scoped_state = nullptr; }
 
 const fuse_operations& fuse_operations_table() {
   static const fuse_operations ops = make_table();

@@ -8,8 +8,8 @@
 
 #include <memory>
 
-#include "cbtfs/mount_view.hpp"
-#include "cbtfs/overlay.hpp"
+#include "mount/mount_view.hpp"
+#include "mount/overlay.hpp"
 
 namespace cbtfs {
 
@@ -23,8 +23,18 @@ struct MountState {
   std::unique_ptr<OverlayStore> overlay;  // -o overlay: images writable, writes thrown away
 };
 
-// The state is reached through fuse_get_context()->private_data, so tests
-// can call the callbacks without a kernel mount.
 const fuse_operations& fuse_operations_table();
+
+// The callbacks find the state through fuse_get_context()->private_data,
+// which libfuse sets only on its own threads. While one of these lives, the
+// callbacks called on this thread use `state` instead: tests call them
+// without a kernel mount.
+class CallbackScope {
+ public:
+  explicit CallbackScope(MountState& state);
+  ~CallbackScope();
+  CallbackScope(const CallbackScope&) = delete;
+  CallbackScope& operator=(const CallbackScope&) = delete;
+};
 
 }  // namespace cbtfs

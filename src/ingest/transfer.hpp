@@ -7,7 +7,7 @@
 #include <functional>
 #include <vector>
 
-#include "cbtfs/repository.hpp"
+#include "cbtfs/point_writer.hpp"
 #include "changed_blocks.hpp"
 #include "nbd/nbd_reader.hpp"
 

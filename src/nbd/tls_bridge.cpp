@@ -19,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "cbtfs/full_io.hpp"
 #include "nbd_reader.hpp"
 
 namespace cbtfs::nbd {
@@ -54,25 +55,14 @@ uint64_t get_be(const unsigned char* p, int n) {
 }
 
 void read_exact(int fd, void* buf, size_t n, const char* what) {
-  auto* p = static_cast<char*>(buf);
-  while (n) {
-    ssize_t r = ::read(fd, p, n);
-    if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) throw NbdError(std::string("NBD server: ") + what + ": " + (r == 0 ? "connection closed" : strerror(errno)));
-    p += r;
-    n -= static_cast<size_t>(r);
-  }
+  auto r = io::read_all(fd, buf, n);
+  if (r.bytes < n)
+    throw NbdError(std::string("NBD server: ") + what + ": " + (r.error ? strerror(r.error) : "connection closed"));
 }
 
 void write_all(int fd, const void* buf, size_t n) {
-  auto* p = static_cast<const char*>(buf);
-  while (n) {
-    ssize_t r = ::write(fd, p, n);
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) throw NbdError(std::string("NBD server: cannot send: ") + strerror(errno));
-    p += r;
-    n -= static_cast<size_t>(r);
-  }
+  if (auto r = io::write_all(fd, buf, n); r.error)
+    throw NbdError(std::string("NBD server: cannot send: ") + strerror(r.error));
 }
 
 int connect_tcp(const std::string& address, const std::string& port, std::chrono::seconds timeout) {

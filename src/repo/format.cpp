@@ -110,6 +110,12 @@ BlockRef decode_ref(const std::byte* in) {
 
 uint64_t block_count(uint64_t virtual_size) { return (virtual_size + kBlockSize - 1) / kBlockSize; }
 
+Bytes encode_node(std::span<const BlockRef> entries) {
+  Bytes node(kNodeSize);
+  for (size_t i = 0; i < entries.size() && i < kFanout; ++i) encode_ref(entries[i], node.data() + i * kRefSize);
+  return node;
+}
+
 uint32_t tree_depth(uint64_t nblocks) {
   uint32_t depth = 1;
   for (uint64_t cover = kFanout; cover < nblocks; cover *= kFanout) ++depth;

@@ -4,8 +4,9 @@
 #include <algorithm>
 #include <cstring>
 
+#include "cbtfs/point_reader.hpp"
+
 #include "cbtfs/errors.hpp"
-#include "cbtfs/repository.hpp"
 
 namespace cbtfs {
 
@@ -14,11 +15,9 @@ PointReader::PointReader(std::shared_ptr<Repository> repo, ManifestPtr point, bo
 
 BlockRef PointReader::lookup(uint64_t block) {
   BlockRef ref = point_->root;
-  for (uint32_t level = point_->depth; level-- > 0;) {
+  for (uint32_t level = point_->depth; level > 0; --level) {
     if (ref.is_zero()) return ref;
-    auto node = repo_->node(point_->vdi, ref, keep_cached_);
-    uint64_t idx = (block >> (10 * level)) & (kFanout - 1);
-    ref = decode_ref(node->data() + idx * kRefSize);
+    ref = IndexNode(*repo_->node(point_->vdi, ref, keep_cached_))[entry_of(block, level)];
   }
   return ref;
 }
@@ -72,13 +71,12 @@ uint64_t PointReader::next_data(uint64_t offset) {
     uint64_t skip = 0;
     for (uint32_t level = point_->depth;; --level) {
       if (ref.is_zero()) {
-        uint64_t span = uint64_t{1} << (10 * level);
+        uint64_t span = blocks_under(level);
         skip = span - (b & (span - 1));
         break;
       }
       if (level == 0) break;
-      auto node = repo_->node(point_->vdi, ref, keep_cached_);
-      ref = decode_ref(node->data() + ((b >> (10 * (level - 1))) & (kFanout - 1)) * kRefSize);
+      ref = IndexNode(*repo_->node(point_->vdi, ref, keep_cached_))[entry_of(b, level)];
     }
     if (skip == 0) return std::max(offset, b * kBlockSize);
     b += skip;
@@ -96,23 +94,23 @@ uint64_t PointReader::next_hole(uint64_t offset) {
 
 uint64_t PointReader::allocated_blocks(uint64_t first, uint64_t end) {
   end = std::min(end, block_count(point_->virtual_size));
-  // The node at `level` covering blocks [base, base + fanout^(level+1)).
+  // The node at `level` covering blocks [base, base + blocks_under(level)).
   auto count = [&](auto& self, const BlockRef& ref, uint32_t level, uint64_t base) -> uint64_t {
     if (ref.is_zero()) return 0;
-    uint64_t span = uint64_t{1} << (10 * level);
+    uint64_t span = blocks_under(level - 1);
     uint64_t n = 0;
     auto node = repo_->node(point_->vdi, ref, keep_cached_);
+    IndexNode entries(*node);
     for (uint64_t i = 0; i < kFanout; ++i) {
       uint64_t lo = base + i * span, hi = lo + span;
       if (hi <= first || lo >= end) continue;
-      BlockRef child = decode_ref(node->data() + i * kRefSize);
-      if (level == 0) n += !child.is_zero();
-      else n += self(self, child, level - 1, lo);
+      if (level == 1) n += !entries[i].is_zero();
+      else n += self(self, entries[i], level - 1, lo);
     }
     return n;
   };
   if (first >= end) return 0;
-  return count(count, point_->root, point_->depth - 1, 0);
+  return count(count, point_->root, point_->depth, 0);
 }
 
 }  // namespace cbtfs

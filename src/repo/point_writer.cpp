@@ -12,17 +12,17 @@
 #include <cstring>
 #include <thread>
 
+#include "cbtfs/point_writer.hpp"
+
 #include "cbtfs/errors.hpp"
-#include "cbtfs/repository.hpp"
+#include "cbtfs/layout.hpp"
+#include "cbtfs/point_reader.hpp"
 
 namespace cbtfs {
 
 namespace {
 constexpr size_t kMaxPending = 32;  // 2 MiB of blocks in flight per writer
 }
-
-uint32_t parse_point_name(const std::string& name);
-uint32_t parse_pack_name(const std::string& name);
 
 PointWriter::PointWriter(std::shared_ptr<Repository> repo, const std::string& vdi, PointInfo info,
                          const std::string& holder)
@@ -74,9 +74,8 @@ PointWriter::~PointWriter() = default;  // an uncommitted pack is discarded by i
 
 uint32_t PointWriter::clean_leftovers() {
   auto& st = repo_->storage();
-  std::string base = "vdis/" + vdi_;
-  st.remove_temporaries(base + "/points");
-  st.remove_temporaries(base + "/packs");
+  st.remove_temporaries(layout::points_dir(vdi_));
+  st.remove_temporaries(layout::packs_dir(vdi_));
   uint32_t max_seq = repo_->highest_seq(vdi_);
   // Point seqs only grow and the newest point is never pruned, so a pack
   // newer than every manifest is exactly one whose writer died before its
@@ -85,10 +84,10 @@ uint32_t PointWriter::clean_leftovers() {
   // Its number is not used again either: a writer that lost its lock
   // while stalled must never find its number taken by other bytes.
   uint32_t used = max_seq;
-  for (auto& n : st.list(base + "/packs")) {
-    uint32_t pack = parse_pack_name(n);
+  for (auto& n : st.list(layout::packs_dir(vdi_))) {
+    uint32_t pack = layout::parse_pack_name(n);
     if (pack <= max_seq) continue;
-    st.remove(base + "/packs/" + n);
+    st.remove(layout::pack_key(vdi_, pack));
     used = std::max(used, pack);
   }
   return used;
@@ -98,13 +97,14 @@ std::vector<BlockRef> PointWriter::load_node(const BlockRef& ref) {
   std::vector<BlockRef> entries(kFanout);
   if (ref.is_zero()) return entries;
   auto node = repo_->node(vdi_, ref);
-  for (uint32_t i = 0; i < kFanout; ++i) entries[i] = decode_ref(node->data() + i * kRefSize);
+  IndexNode stored(*node);
+  for (uint32_t i = 0; i < kFanout; ++i) entries[i] = stored[i];
   return entries;
 }
 
 void PointWriter::append(BlockRef& ref, Bytes& stored) {
   if (!pack_) {
-    pack_ = repo_->storage().create(Repository::pack_key(vdi_, m_.seq));
+    pack_ = repo_->storage().create(layout::pack_key(vdi_, m_.seq));
     pack_->append(encode_pack_header(m_.seq));
   }
   ref.pack = m_.seq;
@@ -161,9 +161,7 @@ void PointWriter::finish(uint32_t level) {
     if (empty) {
       ref = BlockRef{};
     } else {
-      Bytes node(kNodeSize);
-      for (uint32_t i = 0; i < kFanout; ++i) encode_ref(l.entries[i], node.data() + i * kRefSize);
-      ref = store(node);
+      ref = store(encode_node(l.entries));
     }
   }
   if (level + 1 < m_.depth) {
@@ -239,7 +237,7 @@ void PointWriter::compare_candidates() {
   Bytes stored(end - start);
   bool readable = start >= kPackHeaderSize;
   try {
-    if (readable) repo_->storage().read(Repository::pack_key(vdi_, first.pack), start, stored);
+    if (readable) repo_->storage().read(layout::pack_key(vdi_, first.pack), start, stored);
   } catch (const FormatError&) {  // a truncated pack: what it lost is written anew
     readable = false;
   } catch (const StorageError& e) {
@@ -312,7 +310,7 @@ Manifest PointWriter::commit() {
     pack_->commit();
   }
   lock_->check();
-  repo_->storage().put(Repository::point_key(vdi_, m_.seq), encode_manifest(m_));
+  repo_->storage().put(layout::point_key(vdi_, m_.seq), encode_manifest(m_));
   committed_ = true;
   return m_;
 }

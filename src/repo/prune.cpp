@@ -7,11 +7,9 @@
 #include <set>
 
 #include "cbtfs/errors.hpp"
+#include "cbtfs/layout.hpp"
 
 namespace cbtfs {
-
-uint32_t parse_pack_name(const std::string& name);
-uint32_t parse_point_name(const std::string& name);
 
 namespace {
 
@@ -44,7 +42,8 @@ std::map<uint32_t, Ranges> live_records(Repository& repo, const std::string& vdi
     live[ref.pack].emplace_back(ref.offset, ref.length());
     if (level == 0) return;
     auto node = repo.node(vdi, ref);
-    for (uint32_t i = 0; i < kFanout; ++i) walk(decode_ref(node->data() + i * kRefSize), level - 1);
+    IndexNode entries(*node);
+    for (uint32_t i = 0; i < kFanout; ++i) walk(entries[i], level - 1);
   };
   for (auto& m : points) walk(m->root, m->depth);
   return live;
@@ -95,7 +94,7 @@ PruneReport prune_vdi(std::shared_ptr<Repository> repo, const std::string& vdi, 
   };
   for (size_t i = 0; i < pl.points.size(); ++i) {
     if (keep[i]) continue;
-    claims[i] = st.claim_exclusive(Repository::point_key(vdi, pl.points[i]->seq));
+    claims[i] = st.claim_exclusive(layout::point_key(vdi, pl.points[i]->seq));
     if (!claims[i]) in_use(i);
   }
   // Manifests first: from here on the removed points are gone for every
@@ -105,7 +104,7 @@ PruneReport prune_vdi(std::shared_ptr<Repository> repo, const std::string& vdi, 
   if (!dry_run)
     for (size_t i = 0; i < pl.points.size(); ++i) {
       if (keep[i]) continue;
-      std::string key = Repository::point_key(vdi, pl.points[i]->seq);
+      std::string key = layout::point_key(vdi, pl.points[i]->seq);
       std::optional<Bytes> original;
       if (!claims[i]->exact()) original = st.get(key);
       st.remove(key);
@@ -123,10 +122,10 @@ PruneReport prune_vdi(std::shared_ptr<Repository> repo, const std::string& vdi, 
     if (keep[i]) remaining.push_back(pl.points[i]);
   }
   auto live = live_records(*repo, vdi, remaining);
-  for (auto& n : st.list("vdis/" + vdi + "/packs")) {
-    uint32_t pack = parse_pack_name(n);
+  for (auto& n : st.list(layout::packs_dir(vdi))) {
+    uint32_t pack = layout::parse_pack_name(n);
     if (!pack) continue;
-    std::string key = "vdis/" + vdi + "/packs/" + n;
+    std::string key = layout::pack_key(vdi, pack);
     uint64_t size = st.size(key).value_or(0);
     auto it = live.find(pack);
     if (it == live.end()) {
@@ -158,23 +157,22 @@ PruneReport prune_vdi(std::shared_ptr<Repository> repo, const std::string& vdi, 
 
 void forget_vdi(std::shared_ptr<Repository> repo, const std::string& vdi, const std::string& holder) {
   if (!is_uuid(vdi)) throw UsageError("'" + vdi + "' is not a VDI uuid");
-  if (repo->storage().list("vdis/" + vdi).empty()) throw UsageError("no VDI " + vdi + " in the repository");
+  if (repo->storage().list(layout::vdi_dir(vdi)).empty()) throw UsageError("no VDI " + vdi + " in the repository");
   auto lock = repo->lock_vdi(vdi, holder);
   auto& st = repo->storage();
-  std::string base = "vdis/" + vdi;
   // Point numbers are never used twice in a VDI's life (a long-lived mount
   // knows points by number), so the highest one outlives the points.
   uint32_t highest = 0;
-  for (auto& n : st.list(base + "/points")) highest = std::max(highest, parse_point_name(n));
-  for (auto& n : st.list(base + "/packs")) highest = std::max(highest, parse_pack_name(n));
-  if (highest > 0 && !st.size(Repository::forgotten_key(vdi, highest)))
-    st.put(Repository::forgotten_key(vdi, highest), {});
+  const std::string points = layout::points_dir(vdi), packs = layout::packs_dir(vdi);
+  for (auto& n : st.list(points)) highest = std::max(highest, layout::parse_point_name(n));
+  for (auto& n : st.list(packs)) highest = std::max(highest, layout::parse_pack_name(n));
+  if (highest > 0 && !st.size(layout::forgotten_key(vdi, highest))) st.put(layout::forgotten_key(vdi, highest), {});
   // Newest first: a crash part-way leaves the older points, still complete.
-  auto names = st.list(base + "/points");
-  for (auto it = names.rbegin(); it != names.rend(); ++it) st.remove(base + "/points/" + *it);
-  for (auto& n : st.list(base + "/packs")) st.remove(base + "/packs/" + n);
-  st.remove_temporaries(base + "/points");
-  st.remove_temporaries(base + "/packs");
+  auto names = st.list(points);
+  for (auto it = names.rbegin(); it != names.rend(); ++it) st.remove(points + "/" + *it);
+  for (auto& n : st.list(packs)) st.remove(packs + "/" + n);
+  st.remove_temporaries(points);
+  st.remove_temporaries(packs);
 }
 
 }  // namespace cbtfs

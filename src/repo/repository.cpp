@@ -1,63 +1,27 @@
 // Repository: header, VDI and point listing, verified record reads.
 #include "cbtfs/repository.hpp"
 
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
-#include <cstdio>
 #include <cstring>
 
-#include "cbtfs/cached_storage.hpp"
 #include "cbtfs/errors.hpp"
-#include "cbtfs/s3_storage.hpp"
+#include "cbtfs/layout.hpp"
+#include "cbtfs/open_storage.hpp"
 
 namespace cbtfs {
 
-namespace {
-constexpr const char* kHeaderKey = "cbtfs-repository";
-
-std::string seq_name(uint32_t seq, const char* suffix) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%08u%s", seq, suffix);
-  return buf;
-}
-
-// "00000012.point" -> 12; 0 for anything else (temporaries, strangers).
-uint32_t parse_seq(const std::string& name, const std::string& suffix) {
-  if (name.size() != 8 + suffix.size() || name.compare(8, suffix.size(), suffix) != 0) return 0;
-  uint32_t v = 0;
-  for (size_t i = 0; i < 8; ++i) {
-    if (name[i] < '0' || name[i] > '9') return 0;
-    v = v * 10 + static_cast<uint32_t>(name[i] - '0');
-  }
-  return v;
-}
-}  // namespace
-
-uint32_t parse_point_name(const std::string& name) { return parse_seq(name, ".point"); }
-uint32_t parse_pack_name(const std::string& name) { return parse_seq(name, ".pack"); }
-
-std::unique_ptr<Storage> open_storage(const std::string& location) {
-  return is_s3_url(location) ? open_s3_storage(s3_config_from_url(location)) : open_local_storage(location);
-}
+using namespace layout;
 
 void Repository::init(const std::string& path) {
-  if (!is_s3_url(path) && ::mkdir(path.c_str(), 0700) != 0 && errno != EEXIST)
-    throw StorageError("cannot create " + path + ": " + std::strerror(errno), errno);
-  auto st = open_storage(path);
+  auto st = create_storage(path);
   if (st->size(kHeaderKey)) throw UsageError(path + " is already a cbtfs repository");
   if (!st->list("").empty()) throw UsageError(path + " is not empty; refusing to create a repository in it");
   st->put(kHeaderKey, encode_repo_header(random_uuid()));
 }
 
-// Records are small and S3 round trips are not: reads of a remote
-// repository go through the chunk cache (verify, restore, ingest's parents).
-std::shared_ptr<Repository> Repository::open(const std::string& path) {
-  auto st = open_storage(path);
-  if (is_s3_url(path)) st = make_cached_storage(std::move(st), CacheOptions{});
-  return open(std::move(st));
-}
+std::shared_ptr<Repository> Repository::open(const std::string& path) { return open(open_storage(path)); }
 
 std::shared_ptr<Repository> Repository::open(std::unique_ptr<Storage> st) {
   std::string where = st->describe();
@@ -68,8 +32,6 @@ std::shared_ptr<Repository> Repository::open(std::unique_ptr<Storage> st) {
 }
 
 Repository::Repository(std::unique_ptr<Storage> storage, std::string id) : storage_(std::move(storage)), id_(std::move(id)) {}
-
-std::string Repository::journal_key(const std::string& vdi) { return "vdis/" + vdi + "/journal"; }
 
 void Repository::put_journal(const std::string& vdi, const std::string& text) {
   storage_->remove(journal_key(vdi));
@@ -84,17 +46,6 @@ std::optional<std::string> Repository::journal(const std::string& vdi) {
 
 void Repository::clear_journal(const std::string& vdi) { storage_->remove(journal_key(vdi)); }
 
-std::string Repository::point_key(const std::string& vdi, uint32_t seq) {
-  return "vdis/" + vdi + "/points/" + seq_name(seq, ".point");
-}
-std::string Repository::pack_key(const std::string& vdi, uint32_t pack) {
-  return "vdis/" + vdi + "/packs/" + seq_name(pack, ".pack");
-}
-std::string Repository::lock_key(const std::string& vdi) { return "vdis/" + vdi + "/lock"; }
-std::string Repository::forgotten_key(const std::string& vdi, uint32_t seq) {
-  return "vdis/" + vdi + "/forgotten/" + seq_name(seq, "");
-}
-
 // The claim comes first: a prune that removes the manifest after it must
 // have seen it; one that removed it before is seen here.
 std::unique_ptr<Claim> Repository::hold_point(const Manifest& m) {
@@ -105,21 +56,19 @@ std::unique_ptr<Claim> Repository::hold_point(const Manifest& m) {
 
 uint32_t Repository::highest_seq(const std::string& vdi) {
   uint32_t high = 0;
-  for (auto& n : storage_->list("vdis/" + vdi + "/points")) high = std::max(high, parse_point_name(n));
-  for (auto& n : storage_->list("vdis/" + vdi + "/forgotten"))
-    if (n.size() == 8 && n.find_first_not_of("0123456789") == std::string::npos)
-      high = std::max(high, static_cast<uint32_t>(std::stoul(n)));
+  for (auto& n : storage_->list(points_dir(vdi))) high = std::max(high, parse_point_name(n));
+  for (auto& n : storage_->list(forgotten_dir(vdi))) high = std::max(high, parse_forgotten_name(n));
   return high;
 }
 
 std::vector<std::string> Repository::vdis() {
   std::vector<std::string> out;
-  for (auto& n : storage_->list("vdis"))
+  for (auto& n : storage_->list(kVdisDir))
     if (is_uuid(n)) out.push_back(n);
   return out;
 }
 
-bool Repository::has_vdi(const std::string& vdi) { return is_uuid(vdi) && !storage_->list("vdis/" + vdi + "/points").empty(); }
+bool Repository::has_vdi(const std::string& vdi) { return is_uuid(vdi) && !storage_->list(points_dir(vdi)).empty(); }
 
 // The manifest of one point, parsed once per process (they never change).
 ManifestPtr Repository::manifest(const std::string& vdi, uint32_t seq) {
@@ -140,7 +89,7 @@ ManifestPtr Repository::manifest(const std::string& vdi, uint32_t seq) {
 PointList Repository::points(const std::string& vdi) {
   PointList out;
   if (!is_uuid(vdi)) return out;
-  for (auto& name : storage_->list("vdis/" + vdi + "/points")) {
+  for (auto& name : storage_->list(points_dir(vdi))) {
     uint32_t seq = parse_point_name(name);
     if (seq == 0) continue;
     // A damaged manifest is reported and skipped; an I/O error is not
@@ -158,7 +107,7 @@ PointList Repository::points(const std::string& vdi) {
 // manifest of a long chain at each backup would cost a request per point.
 ManifestPtr Repository::latest(const std::string& vdi) {
   if (!is_uuid(vdi)) return nullptr;
-  auto names = storage_->list("vdis/" + vdi + "/points");
+  auto names = storage_->list(points_dir(vdi));
   for (auto it = names.rbegin(); it != names.rend(); ++it) {
     uint32_t seq = parse_point_name(*it);
     if (seq == 0) continue;

@@ -5,10 +5,9 @@
 #include <set>
 
 #include "cbtfs/errors.hpp"
+#include "cbtfs/layout.hpp"
 
 namespace cbtfs {
-
-uint32_t parse_pack_name(const std::string& name);
 
 namespace {
 
@@ -31,7 +30,7 @@ struct Walker {
     try {
       if (packs_seen.insert(ref.pack).second) {
         Bytes h(kPackHeaderSize);
-        std::string k = Repository::pack_key(vdi, ref.pack);
+        std::string k = layout::pack_key(vdi, ref.pack);
         repo.storage().read(k, 0, h);
         check_pack_header(h, ref.pack, repo.storage().describe() + "/" + k);
       }
@@ -66,10 +65,11 @@ struct Walker {
     }
     if (!is_node) return;
     auto node = repo.node(vdi, ref);
-    uint64_t span = uint64_t{1} << (10 * (level - 1));
+    IndexNode entries(*node);
+    uint64_t span = blocks_under(level - 1);
     uint64_t nblocks = block_count(m.virtual_size);
     for (uint32_t i = 0; i < kFanout; ++i) {
-      BlockRef child = decode_ref(node->data() + i * kRefSize);
+      BlockRef child = entries[i];
       uint64_t b = first_block + i * span;
       if (child.is_zero()) continue;
       if (b >= nblocks) {
@@ -94,11 +94,16 @@ VerifyReport verify_vdi(Repository& repo, const std::string& vdi, const std::fun
     if (m->pack) owned.insert(m->pack);
     w.walk(*m, m->root, m->depth, 0);
   }
-  for (auto& n : repo.storage().list("vdis/" + vdi + "/packs")) {
-    uint32_t s = parse_pack_name(n);
+  for (auto& n : repo.storage().list(layout::packs_dir(vdi))) {
+    uint32_t s = layout::parse_pack_name(n);
     if (s && !owned.count(s) && !w.packs_seen.count(s))
       report.warnings.push_back("VDI " + vdi + ": pack " + n + " holds nothing any point needs (left by an interrupted writer or prune; the next import or prune removes it)");
   }
+  auto& st = repo.storage();
+  if (size_t n = st.leftovers(layout::packs_dir(vdi)) + st.leftovers(layout::points_dir(vdi)))
+    report.warnings.push_back("VDI " + vdi + ": " + std::to_string(n) +
+                              " unfinished temporary file(s) left by an interrupted writer; the next writer of that "
+                              "VDI removes them");
   return report;
 }
 

@@ -19,6 +19,7 @@
 #include <unordered_set>
 
 #include "cbtfs/errors.hpp"
+#include "cbtfs/full_io.hpp"
 
 namespace cbtfs {
 namespace {
@@ -60,17 +61,12 @@ class CachedStorage final : public Storage {
         continue;
       }
       uint64_t at = uint64_t{pin.entry->slot} * o_.chunk + (from - c * o_.chunk);
-      for (size_t done = 0; done < dst.size();) {
-        ssize_t n = ::pread(fd_, dst.data() + done, dst.size() - done, static_cast<off_t>(at + done));
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) {
-          int err = n < 0 ? errno : EIO;
-          release(pin);
-          throw StorageError("cannot read the cache file: " + std::string(std::strerror(err)), err);
-        }
-        done += static_cast<size_t>(n);
-      }
+      auto r = io::read_all(fd_, dst.data(), dst.size(), static_cast<int64_t>(at));
       release(pin);
+      if (r.bytes < dst.size()) {
+        int err = r.error ? r.error : EIO;
+        throw StorageError("cannot read the cache file: " + std::string(std::strerror(err)), err);
+      }
     }
     read_ahead(key, last, size);
   }
@@ -197,12 +193,8 @@ class CachedStorage final : public Storage {
     Bytes buf(std::min<uint64_t>(o_.chunk, size - from));
     inner_->read(key, from, buf);
     uint64_t at = uint64_t{slot} * o_.chunk;
-    for (size_t done = 0; done < buf.size();) {
-      ssize_t n = ::pwrite(fd_, buf.data() + done, buf.size() - done, static_cast<off_t>(at + done));
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) throw StorageError("cannot write the cache file in " + o_.dir + ": " + std::strerror(errno), errno);
-      done += static_cast<size_t>(n);
-    }
+    if (auto r = io::write_all(fd_, buf.data(), buf.size(), static_cast<int64_t>(at)); r.error)
+      throw StorageError("cannot write the cache file in " + o_.dir + ": " + std::strerror(r.error), r.error);
   }
 
   // A reader that just moved from chunk c-1 of key to chunk c is

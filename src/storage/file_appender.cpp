@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "cbtfs/errors.hpp"
+#include "cbtfs/full_io.hpp"
 
 namespace cbtfs {
 namespace {
@@ -118,16 +119,14 @@ void FileAppender::work() {
 void FileAppender::write_out(const Buffer& b) {
   size_t done = 0;
   while (done < b.used) {
-    ssize_t n = ::pwrite(fd_, b.data + done, b.used - done, static_cast<off_t>(b.offset + done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0 && errno == EINVAL && direct_) {  // the file system took the flag but not the write
+    auto r = io::write_all(fd_, b.data + done, b.used - done, static_cast<int64_t>(b.offset + done));
+    done += r.bytes;
+    if (r.error == EINVAL && direct_) {  // the file system took the flag but not the write
       direct_ = false;
       if (!set_direct(fd_, false)) fail(path_, errno);
       continue;
     }
-    if (n < 0) fail(path_, errno);
-    if (n == 0) fail(path_, EIO);
-    done += static_cast<size_t>(n);
+    if (r.error) fail(path_, r.error);
   }
 }
 

@@ -12,12 +12,14 @@
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <list>
 #include <memory>
@@ -27,6 +29,7 @@
 #include <utility>
 
 #include "cbtfs/errors.hpp"
+#include "cbtfs/full_io.hpp"
 #include "cbtfs/storage.hpp"
 #include "file_appender.hpp"
 
@@ -37,6 +40,18 @@ constexpr const char* kTmpPrefix = ".tmp.";
 
 [[noreturn]] void fail(const std::string& what, const std::string& path, int err = errno) {
   throw StorageError(what + " " + path + ": " + std::strerror(err), err);
+}
+
+// A writer names its unfinished file ".tmp.<name>.<pid>.<random>" and
+// removes it when it stops, even on SIGTERM; one killed leaves it behind. A
+// writer still running (an import next to a verify) leaves nothing yet.
+bool is_leftover(const std::string& name) {
+  if (name.rfind(kTmpPrefix, 0) != 0) return false;
+  auto end = name.rfind('.');
+  auto start = end == 0 ? std::string::npos : name.rfind('.', end - 1);
+  if (start == std::string::npos) return true;
+  long pid = std::strtol(name.c_str() + start + 1, nullptr, 10);
+  return !(pid > 0 && (::kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM));
 }
 
 class Fd {
@@ -193,19 +208,11 @@ class LocalStorage final : public Storage {
 
   void read(const std::string& key, uint64_t offset, std::span<std::byte> out) override {
     auto open_file = cached_fd(key);  // held: evicted meanwhile, it closes after this read
-    int fd = open_file->get();
-    size_t done = 0;
-    while (done < out.size()) {
-      ssize_t n = ::pread(fd, out.data() + done, out.size() - done, static_cast<off_t>(offset + done));
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        fail("cannot read", path(key));
-      }
-      if (n == 0)
-        throw FormatError("short read from " + path(key) + " at offset " + std::to_string(offset + done) +
-                          ": the file is truncated");
-      done += static_cast<size_t>(n);
-    }
+    auto r = io::read_all(open_file->get(), out.data(), out.size(), static_cast<int64_t>(offset));
+    if (r.error) fail("cannot read", path(key), r.error);
+    if (r.bytes < out.size())
+      throw FormatError("short read from " + path(key) + " at offset " + std::to_string(offset + r.bytes) +
+                        ": the file is truncated");
   }
 
   std::optional<Bytes> get(const std::string& key) override {
@@ -217,13 +224,10 @@ class LocalStorage final : public Storage {
     Bytes out;
     std::byte buf[65536];
     for (;;) {
-      ssize_t n = ::read(fd.get(), buf, sizeof buf);
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        fail("cannot read", path(key));
-      }
-      if (n == 0) break;
-      out.insert(out.end(), buf, buf + n);
+      auto r = io::read_all(fd.get(), buf, sizeof buf);
+      if (r.error) fail("cannot read", path(key), r.error);
+      out.insert(out.end(), buf, buf + r.bytes);
+      if (r.bytes < sizeof buf) break;
       if (out.size() > (64u << 20)) throw StorageError(path(key) + " is too large for a metadata file", EFBIG);
     }
     return out;
@@ -267,6 +271,15 @@ class LocalStorage final : public Storage {
         root_.fail_at("cannot remove", prefix + "/" + j, err);
       }
     ::closedir(d);
+  }
+
+  size_t leftovers(const std::string& prefix) override {
+    DIR* d = open_dir(prefix);
+    if (!d) return 0;
+    size_t n = 0;
+    while (struct dirent* e = ::readdir(d)) n += is_leftover(e->d_name);
+    ::closedir(d);
+    return n;
   }
 
   std::unique_ptr<ObjectWriter> create(const std::string& key) override {

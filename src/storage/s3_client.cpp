@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "cbtfs/errors.hpp"
+#include "cbtfs/full_io.hpp"
 
 namespace cbtfs::s3 {
 
@@ -59,16 +60,13 @@ struct Upload {
 size_t feed_file(char* p, size_t max, Upload* u) {
   size_t want = static_cast<size_t>(std::min<uint64_t>(max, u->size - u->pos));
   if (want == 0) return 0;
-  ssize_t k;
-  do {
-    k = ::pread(u->fd, p, want, static_cast<off_t>(u->pos));
-  } while (k < 0 && errno == EINTR);
-  if (k <= 0) {  // the file is shorter than the Content-Length sent: never send less
-    u->error = k < 0 ? std::strerror(errno) : "the file is shorter than expected";
+  auto r = io::read_all(u->fd, p, want, static_cast<int64_t>(u->pos));
+  if (r.bytes < want) {  // the file is shorter than the Content-Length sent: never send less
+    u->error = r.error ? std::strerror(r.error) : "the file is shorter than expected";
     return CURL_READFUNC_ABORT;
   }
-  u->pos += static_cast<uint64_t>(k);
-  return static_cast<size_t>(k);
+  u->pos += r.bytes;
+  return r.bytes;
 }
 
 size_t feed(char* p, size_t size, size_t n, void* in) {

@@ -38,6 +38,7 @@
 #include <thread>
 
 #include "cbtfs/errors.hpp"
+#include "cbtfs/full_io.hpp"
 #include "s3_client.hpp"
 #include "s3_reader_leases.hpp"
 
@@ -352,12 +353,7 @@ class SpoolFile {
   SpoolFile& operator=(const SpoolFile&) = delete;
 
   void write(std::span<const std::byte> data) {
-    while (!data.empty()) {
-      ssize_t k = ::write(fd_, data.data(), data.size());
-      if (k < 0 && errno == EINTR) continue;
-      if (k < 0) throw error(errno, "cannot store");
-      data = data.subspan(static_cast<size_t>(k));
-    }
+    if (auto r = io::write_all(fd_, data.data(), data.size()); r.error) throw error(r.error, "cannot store");
   }
   int fd() const { return fd_; }
 

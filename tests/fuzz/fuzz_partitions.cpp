@@ -6,7 +6,7 @@
 #include <cstring>
 #include <set>
 
-#include "cbtfs/partitions.hpp"
+#include "mount/partitions.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 2) return 0;

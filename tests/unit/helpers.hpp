@@ -6,7 +6,8 @@
 #include <random>
 #include <string>
 
-#include "cbtfs/repository.hpp"
+#include "cbtfs/point_reader.hpp"
+#include "cbtfs/point_writer.hpp"
 
 namespace cbtfs::test {
 

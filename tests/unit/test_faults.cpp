@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "cbtfs/errors.hpp"
+#include "cbtfs/open_storage.hpp"
 #include "cbtfs/prune.hpp"
 #include "cbtfs/verify.hpp"
 #include "fault_storage.hpp"

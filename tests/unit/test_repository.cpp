@@ -8,7 +8,8 @@
 #include <fstream>
 
 #include "cbtfs/errors.hpp"
-#include "cbtfs/mount_view.hpp"
+#include "cbtfs/open_storage.hpp"
+#include "mount/mount_view.hpp"
 #include "cbtfs/verify.hpp"
 #include "helpers.hpp"
 

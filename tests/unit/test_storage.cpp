@@ -13,6 +13,7 @@
 
 #include "cbtfs/cached_storage.hpp"
 #include "cbtfs/errors.hpp"
+#include "cbtfs/open_storage.hpp"
 #include "cbtfs/s3_storage.hpp"
 
 using namespace cbtfs;

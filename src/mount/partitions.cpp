@@ -1,4 +1,4 @@
-#include "cbtfs/partitions.hpp"
+#include "partitions.hpp"
 
 #include <algorithm>
 #include <array>

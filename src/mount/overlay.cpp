@@ -1,4 +1,4 @@
-#include "cbtfs/overlay.hpp"
+#include "overlay.hpp"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "cbtfs/errors.hpp"
+#include "cbtfs/full_io.hpp"
 
 namespace cbtfs {
 
@@ -29,28 +30,13 @@ bool PointOverlay::written() const {
 }
 
 void PointOverlay::pread_all(std::byte* p, size_t n, uint64_t off) const {
-  while (n) {
-    ssize_t r = ::pread(fd_, p, n, static_cast<off_t>(off));
-    if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) throw StorageError(std::string("cannot read the overlay: ") + std::strerror(r < 0 ? errno : EIO), EIO);
-    p += r;
-    off += static_cast<uint64_t>(r);
-    n -= static_cast<size_t>(r);
-  }
+  auto r = io::read_all(fd_, p, n, static_cast<int64_t>(off));
+  if (r.bytes < n) throw StorageError(std::string("cannot read the overlay: ") + std::strerror(r.error ? r.error : EIO), EIO);
 }
 
 void PointOverlay::pwrite_all(const std::byte* p, size_t n, uint64_t off) {
-  while (n) {
-    ssize_t r = ::pwrite(fd_, p, n, static_cast<off_t>(off));
-    if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) {
-      int err = r < 0 ? errno : EIO;
-      throw StorageError(std::string("cannot write the overlay: ") + std::strerror(err), err);
-    }
-    p += r;
-    off += static_cast<uint64_t>(r);
-    n -= static_cast<size_t>(r);
-  }
+  auto r = io::write_all(fd_, p, n, static_cast<int64_t>(off));
+  if (r.error) throw StorageError(std::string("cannot write the overlay: ") + std::strerror(r.error), r.error);
 }
 
 size_t PointOverlay::read(PointReader& base, uint64_t offset, std::span<std::byte> out) {

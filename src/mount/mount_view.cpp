@@ -1,5 +1,5 @@
 // MountView: names in the mount, derived from manifests on every call.
-#include "cbtfs/mount_view.hpp"
+#include "mount_view.hpp"
 
 #include <algorithm>
 

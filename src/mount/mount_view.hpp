@@ -17,8 +17,8 @@
 
 #include <mutex>
 
-#include "cbtfs/partitions.hpp"
-#include "cbtfs/repository.hpp"
+#include "partitions.hpp"
+#include "cbtfs/point_reader.hpp"
 
 namespace cbtfs {
 

@@ -15,7 +15,7 @@
 #include <utility>
 #include <vector>
 
-#include "cbtfs/repository.hpp"
+#include "cbtfs/point_reader.hpp"
 
 namespace cbtfs {
 

@@ -1,0 +1,116 @@
+// Writing one new point of one VDI.
+#pragma once
+
+#include <climits>
+#include <cstdint>
+#include <deque>
+#include <future>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "cbtfs/encoder_pool.hpp"
+#include "cbtfs/format.hpp"
+#include "cbtfs/repository.hpp"
+#include "cbtfs/storage.hpp"
+
+namespace cbtfs {
+
+// What a new point says about itself; everything else the writer derives.
+struct PointInfo {
+  int64_t time = 0;
+  uint64_t virtual_size = 0;
+  std::string vdi_name, vm_name, vm_uuid, snapshot_uuid;
+  bool force_full = false;   // start a new chain even if the last point fits
+  std::string chain_reason;  // said in ls when force_full
+};
+
+// Writes one new point of one VDI. Holds the VDI's writer lock from
+// construction to destruction. Blocks are given in increasing order; a block
+// never given keeps the parent's content (zero without a parent).
+class PointWriter {
+ public:
+  // Throws LockedError if another writer holds the VDI, UsageError if the
+  // time is not after the latest point's.
+  PointWriter(std::shared_ptr<Repository> repo, const std::string& vdi, PointInfo info, const std::string& holder);
+  ~PointWriter();
+  PointWriter(const PointWriter&) = delete;
+  PointWriter& operator=(const PointWriter&) = delete;
+
+  // The point this one is a delta of, or nullptr for a full base.
+  ManifestPtr parent() const { return parent_; }
+  uint64_t block_count() const { return nblocks_; }
+  // Drops the parent before any block is given: this point becomes a full
+  // base of a new chain, for the reason shown in ls.
+  void start_new_chain(const std::string& reason);
+  // What is only known after the writer was set up (and locked): the
+  // snapshot the point was read from, and its time (moved past the latest
+  // point's if the clock says otherwise).
+  void set_source(const std::string& snapshot_uuid, int64_t time);
+  // data.size() == kBlockSize (the last block zero-padded).
+  void put_block(uint64_t block, std::span<const std::byte> data);
+  // Blocks [first, end) are all zero. Cheap where the parent has nothing
+  // there either: a sparse 1 TiB disk costs one pass over its leaves.
+  void put_zeros(uint64_t first, uint64_t end);
+  // Makes the point durable and visible; returns its manifest.
+  Manifest commit();
+
+  uint64_t blocks_written() const { return blocks_written_; }
+  uint64_t bytes_written() const;
+
+ private:
+  struct Level {
+    int64_t index = -1;  // which node of this level is loaded
+    BlockRef old_ref;    // what the parent pointed at before
+    std::vector<BlockRef> entries;
+    bool dirty = false;
+  };
+  uint32_t clean_leftovers();  // returns the highest point or pack number ever used
+  void ensure(uint32_t level, uint64_t index);
+  void finish(uint32_t level);
+  BlockRef store(std::span<const std::byte> plain);
+  std::vector<BlockRef> load_node(const BlockRef& ref);
+  void store_block(uint64_t block, Bytes&& data, uint64_t hash);
+
+  // A block whose checksum equals the parent's is compared with the
+  // parent's bytes before it counts as unchanged; such blocks wait here
+  // so that a run of them is read back with one storage read.
+  struct Candidate {
+    uint64_t block;
+    BlockRef parent;
+    Bytes data;
+  };
+  void compare_later(uint64_t block, const BlockRef& parent, std::span<const std::byte> data);
+  void compare_candidates();
+
+  // Blocks being compressed, oldest first; drained before their leaf is
+  // finished and whenever too many are in flight.
+  struct Pending {
+    uint64_t block;
+    std::future<EncoderPool::Encoded> encoded;
+  };
+  void drain(size_t keep);
+  void append(BlockRef& ref, Bytes& stored);
+
+  std::shared_ptr<Repository> repo_;
+  std::string vdi_;
+  std::unique_ptr<StorageLock> lock_;
+  std::unique_ptr<EncoderPool> pool_;
+  std::deque<Pending> pending_;
+  PointInfo info_;
+  ManifestPtr parent_;
+  int64_t latest_time_ = INT64_MIN;
+  Manifest m_;
+  uint64_t nblocks_ = 0;
+  int64_t last_block_ = -1;
+  std::vector<Level> levels_;
+  std::unique_ptr<ObjectWriter> pack_;
+  std::vector<Candidate> candidates_;  // all in the loaded leaf, parent records in one pack, in order
+  Bytes compare_;                      // a parent block decompressed to compare with
+  uint64_t blocks_written_ = 0;
+  uint64_t blocks_allocated_ = 0;  // of the point being built: the parent's, then each change
+  bool committed_ = false;
+};
+
+}  // namespace cbtfs
