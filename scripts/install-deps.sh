@@ -11,4 +11,5 @@ apt-get install -y -qq --no-install-recommends \
   catch2 python3 python3-pytest nbdkit libnbd-bin openssl \
   gdisk fdisk dosfstools e2fsprogs util-linux attr kmod time clang libclang-rt-14-dev \
   ceph-mon ceph-osd radosgw ceph-common python3-boto3 \
+  debhelper lintian man-db \
   >/dev/null

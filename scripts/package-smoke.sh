@@ -1,0 +1,67 @@
+#!/bin/bash
+# Installs the package that build-deb.sh left in dist/, uses it from PATH as
+# an admin would (init, import, mount -t fuse.cbtfs, an fstab line, man),
+# removes it, and checks that nothing of it is left. Changes this machine:
+# run it as root on a machine without cbtfs installed (CI).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+deb=$(realpath dist/cbtfs_"$(cat VERSION)"_*.deb)
+fail() { echo "package smoke test: $*" >&2; exit 1; }
+
+dpkg -s cbtfs >/dev/null 2>&1 && fail "cbtfs is installed already; this test installs and removes it"
+for d in /usr/local/sbin /usr/local/bin; do
+  [ -e "$d/cbtfs" ] && fail "$d/cbtfs would be found before the package's /usr/bin/cbtfs"
+done
+
+work=$(mktemp -d)
+cp /etc/fstab "$work/fstab.orig"
+cleanup() {
+  mountpoint -q "$work/mnt" && umount -l "$work/mnt"
+  cp "$work/fstab.orig" /etc/fstab
+  dpkg -s cbtfs >/dev/null 2>&1 && dpkg -r cbtfs >/dev/null
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+echo "== install $deb"
+apt-get install -y -qq "$deb" >/dev/null
+dpkg -L cbtfs > "$work/files"
+[ "$(command -v cbtfs)" = /usr/bin/cbtfs ] || fail "cbtfs is not /usr/bin/cbtfs in PATH: $(command -v cbtfs)"
+
+echo "== init, import, mount -t fuse.cbtfs"
+vdi=5a0c7f3e-2b1d-4c6e-8f9a-0d1e2f3a4b5c
+cd "$work"
+cbtfs-repo init repo
+head -c 3000000 /dev/urandom > disk.img
+truncate -s 64M disk.img
+cbtfs-repo import -q --vdi "$vdi" --time 2026-11-30T010000Z repo disk.img
+mkdir mnt
+mount -t fuse.cbtfs "$work/repo" "$work/mnt"
+ls -l "mnt/$vdi/"
+cmp "mnt/$vdi/latest.raw" disk.img
+umount "$work/mnt"
+
+echo "== an fstab line, mount MNT"
+echo "$work/repo $work/mnt fuse.cbtfs ro,noauto,allow_other 0 0" >> /etc/fstab
+mount "$work/mnt"
+grep -q " $work/mnt fuse.cbtfs " /proc/mounts || fail "the fstab mount is not there"
+cmp "mnt/$vdi/2026-11-30T010000Z.raw" disk.img
+umount "$work/mnt"
+cp "$work/fstab.orig" /etc/fstab
+
+echo "== man pages"
+for page in cbtfs cbtfs-repo cbtfs-ingest "5 cbtfs-format" "7 cbtfs-s3"; do
+  # shellcheck disable=SC2086
+  man -P cat $page 2>/dev/null | grep -q . || fail "man $page shows nothing"
+done
+
+echo "== remove"
+dpkg -r cbtfs >/dev/null
+status=$(dpkg-query -W -f='${db:Status-Abbrev}' cbtfs 2>/dev/null || true)
+case "$status" in "" | "un "*) ;; *) fail "after dpkg -r the package's status is '$status'" ;; esac
+while read -r f; do
+  [ -d "$f" ] && continue
+  [ -e "$f" ] && fail "$f is still there after dpkg -r"
+done < "$work/files"
+command -v cbtfs >/dev/null && fail "cbtfs is still in PATH after dpkg -r"
+echo "package smoke test: OK"
