@@ -10,6 +10,7 @@
 #include "cbtfs/errors.hpp"
 #include "cbtfs/exit_codes.hpp"
 #include "xapi/client.hpp"
+#include "xapi/vdi_import.hpp"
 
 namespace cbtfs {
 
@@ -35,6 +36,9 @@ inline int report_exception(const char* prog) {
   } catch (const xapi::TransportError& e) {
     std::fprintf(stderr, "%s: %s\n", prog, e.what());
     return kExitXapi;
+  } catch (const xapi::ImportError& e) {  // a restore's upload: the data did not land
+    std::fprintf(stderr, "%s: %s\n", prog, e.what());
+    return kExitIo;
   } catch (const StorageError& e) {
     std::fprintf(stderr, "%s: %s\n", prog, e.what());
     // Missing or forbidden (permissions, S3 credentials): cannot be opened.

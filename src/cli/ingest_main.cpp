@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <fstream>
 #include <mutex>
+#include <optional>
 #include <nlohmann/json.hpp>
 
 #include "cbtfs/errors.hpp"
@@ -21,6 +22,21 @@
 using namespace cbtfs;
 
 namespace {
+
+// The ingest's copying on the progress line ("ingest"), its clock started
+// when the copying begins rather than when the snapshots are taken.
+class ProgressLine : public ingest::ProgressReport {
+ public:
+  void start() override { bar_.emplace("ingest", 0); }
+  void update(uint64_t done, uint64_t total) override {
+    bar_->set_total(total);
+    bar_->update(done);
+  }
+  void finish() override { bar_.reset(); }  // clears the line
+
+ private:
+  std::optional<Progress> bar_;
+};
 
 nlohmann::json to_json(const ingest::Outcome& o) {
   return {{"vdi_uuid", o.vdi_uuid},     {"vdi_name", o.vdi_name},         {"vm_name", o.vm_name},
@@ -75,7 +91,7 @@ int run(int argc, char** argv) {
   if (co.insecure && !quiet)
     std::fprintf(stderr, "cbtfs-ingest: warning: --insecure: XAPI's certificate is not verified; the NBD "
                          "certificates it hands out are only as trustworthy as that connection\n");
-  io.progress = !quiet && isatty(STDERR_FILENO);
+  bool progress = !quiet && isatty(STDERR_FILENO);
 
   std::shared_ptr<Repository> repo;
   try {
@@ -100,11 +116,12 @@ int run(int argc, char** argv) {
   ingest::Log log = [&](const std::string& line) {
     std::lock_guard g(log_mu);
     if (!quiet || line.find("FAILED") != std::string::npos) {
-      if (io.progress) std::fprintf(stderr, "\r\033[K");
+      if (progress) std::fprintf(stderr, "\r\033[K");
       std::fprintf(stderr, "cbtfs-ingest: %s\n", printable(line).c_str());  // names come from the host
     }
   };
-  auto outcomes = ingest::run(client, repo, io, log);
+  ProgressLine progress_line;
+  auto outcomes = ingest::run(client, repo, io, log, progress ? &progress_line : nullptr);
   client.logout();
 
   size_t failed = 0;

@@ -6,9 +6,9 @@
 #include <cstdint>
 #include <string>
 
-namespace cbtfs {
+#include "cbtfs/human_bytes.hpp"
 
-std::string human_bytes(uint64_t n);
+namespace cbtfs {
 
 class Progress {
  public:

@@ -14,8 +14,8 @@
 #include <nlohmann/json.hpp>
 
 #include "cbtfs/errors.hpp"
+#include "cbtfs/human_bytes.hpp"
 #include "changed_blocks.hpp"
-#include "cli/progress.hpp"
 #include "transfer.hpp"
 #include "xapi_ops.hpp"
 
@@ -53,8 +53,8 @@ struct Group {
 
 class Run {
  public:
-  Run(xapi::Client& c, std::shared_ptr<Repository> repo, const Options& opts, const Log& log)
-      : c_(c), repo_(std::move(repo)), opts_(opts), log_(log) {
+  Run(xapi::Client& c, std::shared_ptr<Repository> repo, const Options& opts, const Log& log, ProgressReport* progress)
+      : c_(c), repo_(std::move(repo)), opts_(opts), log_(log), progress_(progress) {
     // Our snapshots are named after the repository, so that a second
     // repository backing up the same disks leaves them alone.
     prefix_ = "cbtfs-ingest " + (repo_->id().empty() ? std::string() : repo_->id().substr(0, 8) + " ");
@@ -485,16 +485,14 @@ class Run {
 
   void show_progress() {
     std::lock_guard g(progress_mu_);
-    if (!progress_) return;
-    progress_->set_total(total_);
-    progress_->update(done_);
+    if (progress_) progress_->update(done_, total_);
   }
 
   void transfer_all() {
     std::vector<size_t> ready;
     for (size_t i = 0; i < tasks_.size(); ++i)
       if (tasks_[i].writer && tasks_[i].snap && tasks_[i].out.error.empty()) ready.push_back(i);
-    if (opts_.progress) progress_ = std::make_unique<Progress>("ingest", 0);
+    if (progress_) progress_->start();
     std::atomic<size_t> next{0};
     auto worker = [&] {
       for (size_t k; (k = next++) < ready.size();) {
@@ -511,7 +509,6 @@ class Run {
     for (int i = 0; i < n; ++i) threads.emplace_back(worker);
     for (auto& th : threads) th.join();
     if (progress_) progress_->finish();
-    progress_.reset();
   }
 
   // NBD connections are closed by now. The snapshot VM record goes first
@@ -577,14 +574,15 @@ class Run {
   std::vector<Outcome> errors_;
   std::set<std::string> seen_;
   std::mutex progress_mu_;
-  std::unique_ptr<Progress> progress_;
+  ProgressReport* progress_;
   std::atomic<uint64_t> total_{0}, done_{0};
 };
 
 }  // namespace
 
-std::vector<Outcome> run(xapi::Client& client, std::shared_ptr<Repository> repo, const Options& opts, const Log& log) {
-  return Run(client, std::move(repo), opts, log).go();
+std::vector<Outcome> run(xapi::Client& client, std::shared_ptr<Repository> repo, const Options& opts, const Log& log,
+                         ProgressReport* progress) {
+  return Run(client, std::move(repo), opts, log, progress).go();
 }
 
 }  // namespace cbtfs::ingest

@@ -24,7 +24,6 @@ struct Options {
   int jobs = 2;                   // VDIs in parallel
   int connections = 4;            // NBD connections per VDI
   nbd::Options nbd;
-  bool progress = true;
   long snapshot_timeout = 600;    // seconds a VDI snapshot may take on the host
 };
 
@@ -45,7 +44,22 @@ struct Outcome {
 
 using Log = std::function<void(const std::string&)>;
 
+// How far the copying has come, for the command to draw: the ingest knows
+// no terminal. start() when the copying begins; update() with the bytes
+// copied of the bytes to copy so far (the total grows as each disk learns
+// what changed), from the copying threads but one call at a time; finish()
+// once they have all ended.
+class ProgressReport {
+ public:
+  virtual ~ProgressReport() = default;
+  virtual void start() = 0;
+  virtual void update(uint64_t done, uint64_t total) = 0;
+  virtual void finish() = 0;
+};
+
 // Never throws for a single VDI's failure: each Outcome says what happened.
-std::vector<Outcome> run(xapi::Client& client, std::shared_ptr<Repository> repo, const Options& opts, const Log& log);
+// progress may be null: no progress is reported.
+std::vector<Outcome> run(xapi::Client& client, std::shared_ptr<Repository> repo, const Options& opts, const Log& log,
+                         ProgressReport* progress);
 
 }  // namespace cbtfs::ingest

@@ -58,6 +58,9 @@ class Client {
   Value call(const std::string& method, std::vector<Value> args = {});
   const std::string& session() const { return session_; }
   const std::string& url() const { return opts_.url; }
+  // What the client was built with (url as above), for requests of its
+  // own that go beside the XML-RPC calls, such as an upload.
+  const ClientOptions& options() const { return opts_; }
   // The URL given, when login found a pool member there and moved to its
   // master (url() is then the master's); empty otherwise.
   const std::string& redirected_from() const { return redirected_from_; }
