@@ -1,5 +1,8 @@
-// Repository format v1: constants, the on-disk records and their codecs.
-// man/cbtfs-format.5 is the prose version of this file; keep them together.
+// Repository formats 1 and 2: constants, the on-disk records and their
+// codecs. man/cbtfs-format.5 is the prose version of this file; keep them
+// together. Format 1 keeps each VDI's records in packs of its own; format 2
+// keeps every record once in a block store shared by the whole repository,
+// known by a keyed hash of its content (see "FORMAT 2" in the page).
 #pragma once
 
 #include <array>
@@ -13,22 +16,41 @@
 
 namespace cbtfs {
 
-inline constexpr uint32_t kFormatVersion = 1;
+inline constexpr uint32_t kFormatVersion = 2;  // the newest format this cbtfs reads and writes
 inline constexpr uint32_t kBlockSize = 64 * 1024;  // CBT granularity
 inline constexpr uint32_t kFanoutBits = 10;
 inline constexpr uint32_t kFanout = 1u << kFanoutBits;  // refs per index node
-inline constexpr uint32_t kRefSize = 24;
-inline constexpr uint32_t kNodeSize = kFanout * kRefSize;
 inline constexpr std::array<char, 8> kPackMagic = {'C', 'B', 'T', 'F', 'S', 'P', 'K', '1'};
-inline constexpr uint32_t kPackHeaderSize = 16;
+inline constexpr std::array<char, 8> kPackMagic2 = {'C', 'B', 'T', 'F', 'S', 'P', 'K', '2'};
+
+// Bytes of one encoded reference, of an index node, of a pack header.
+constexpr uint32_t ref_size(uint32_t format) { return format >= 2 ? 48 : 24; }
+constexpr uint32_t node_size(uint32_t format) { return kFanout * ref_size(format); }
+constexpr uint32_t pack_header_size(uint32_t format) { return format >= 2 ? 24 : 16; }
+
+// Format 2's name of a record: HMAC-SHA-256 of its plaintext under the
+// repository's id key, first 128 bits. Keyed, so neither a guest nor anyone
+// without the key can make two blocks share a name.
+using BlockId = std::array<uint8_t, 16>;
+using IdKey = std::array<uint8_t, 32>;
+BlockId block_id(const IdKey& key, std::span<const std::byte> plain);
+struct BlockIdHash {
+  size_t operator()(const BlockId& id) const noexcept {
+    size_t h = 0;
+    for (size_t i = 0; i < sizeof h; ++i) h = h << 8 | id[i];  // a keyed hash already: any bits will do
+    return h;
+  }
+};
+IdKey random_id_key();
 
 // Where one stored record (a data block or an index node) lives.
 // pack == 0 means "nothing stored": an all-zero block or an all-zero subtree.
 struct BlockRef {
-  uint32_t pack = 0;
+  uint64_t pack = 0;        // format 1: the VDI's pack number; 2: the store's pack id
   uint32_t stored_len = 0;  // bytes in the pack; bit 31 set: stored uncompressed
   uint64_t offset = 0;      // byte offset in the pack
-  uint64_t hash = 0;        // XXH3-64 of the uncompressed record
+  uint64_t hash = 0;        // XXH3-64 of the uncompressed record, checked on every read
+  BlockId id{};             // format 2 only: block_id() of the uncompressed record
 
   static constexpr uint32_t kRawFlag = 0x80000000u;
   bool is_zero() const { return pack == 0; }
@@ -37,21 +59,22 @@ struct BlockRef {
   bool operator==(const BlockRef&) const = default;
 };
 
-void encode_ref(const BlockRef& r, std::byte* out);
-BlockRef decode_ref(const std::byte* in);
+void encode_ref(const BlockRef& r, std::byte* out, uint32_t format);
+BlockRef decode_ref(const std::byte* in, uint32_t format);
 
 // An index node as stored: kFanout refs, in block order. A ref at level 0
 // is a data block; one at level L > 0 is a node whose entries are refs at
 // level L - 1, each covering blocks_under(L - 1) blocks.
 class IndexNode {
  public:
-  explicit IndexNode(std::span<const std::byte> bytes) : bytes_(bytes) {}
-  BlockRef operator[](uint64_t entry) const { return decode_ref(bytes_.data() + entry * kRefSize); }
+  IndexNode(std::span<const std::byte> bytes, uint32_t format) : bytes_(bytes), format_(format) {}
+  BlockRef operator[](uint64_t entry) const { return decode_ref(bytes_.data() + entry * ref_size(format_), format_); }
 
  private:
   std::span<const std::byte> bytes_;
+  uint32_t format_;
 };
-Bytes encode_node(std::span<const BlockRef> entries);  // entries.size() == kFanout
+Bytes encode_node(std::span<const BlockRef> entries, uint32_t format);  // entries.size() == kFanout
 // Blocks a ref at `level` covers.
 inline uint64_t blocks_under(uint32_t level) { return uint64_t{1} << (kFanoutBits * level); }
 // Which entry of the node at `level` (>= 1) on block's path leads to it.
@@ -64,8 +87,8 @@ uint32_t tree_depth(uint64_t nblocks);
 uint64_t block_count(uint64_t virtual_size);
 
 // What a pack header holds: magic, format version, pack id.
-Bytes encode_pack_header(uint32_t pack);
-void check_pack_header(std::span<const std::byte> header, uint32_t pack, const std::string& where);
+Bytes encode_pack_header(uint64_t pack, uint32_t format);
+void check_pack_header(std::span<const std::byte> header, uint64_t pack, uint32_t format, const std::string& where);
 
 // LZ4 + XXH3 codec for one record. encode returns the bytes to store and
 // fills ref.stored_len/hash (pack/offset are the caller's).
@@ -86,13 +109,15 @@ bool all_zero(std::span<const std::byte> data);
 
 // One point in time of one VDI: the manifest file points/<seq>.point.
 struct Manifest {
+  uint32_t format = 1;  // of the repository it belongs to; it decides how refs are encoded
   std::string vdi;  // uuid
   uint32_t seq = 0;
   int64_t time = 0;  // seconds since the epoch, UTC
   uint64_t virtual_size = 0;
   uint32_t depth = 1;
   BlockRef root;
-  uint32_t pack = 0;    // pack this point created (0: none, nothing changed)
+  uint32_t pack = 0;    // format 1: pack this point created (0: none, nothing changed)
+  std::vector<uint64_t> packs;  // format 2: packs of the store this point created
   uint32_t chain = 0;   // seq of the full base this point's chain started at
   uint32_t parent = 0;  // previous point it is a delta of (0: a full base)
   std::string chain_reason;  // why a new chain started, for ls
@@ -112,9 +137,15 @@ Manifest decode_manifest(std::span<const std::byte> data, const std::string& whe
 // The repository header file "cbtfs-repository".
 // The header names the repository with a uuid, so that two repositories
 // backing up the same disk can tell their host-side snapshots apart.
-Bytes encode_repo_header(const std::string& id);
-// Returns the repository id ("" for a header written before ids existed).
-std::string check_repo_header(std::span<const std::byte> data, const std::string& where);
+// Format 2's header also holds the id key of block_id() (encryption will
+// seal it; until then whoever reads the repository reads its data anyway).
+struct RepoHeader {
+  std::string id;  // "" for a header written before ids existed
+  uint32_t format = 1;
+  IdKey id_key{};  // format 2
+};
+Bytes encode_repo_header(const RepoHeader& h);
+RepoHeader check_repo_header(std::span<const std::byte> data, const std::string& where);
 
 // "2026-11-24T030000Z" and back; both throw UsageError on nonsense.
 std::string format_point_name(int64_t t);

@@ -7,6 +7,9 @@
 //   vdis/<uuid>/forgotten/<seq>       the highest number a forgotten point had
 //   vdis/<uuid>/lock                  the writer lock
 //   vdis/<uuid>/journal               what a writer must clean up should it die
+// Format 2 adds the block store that every VDI shares:
+//   store/packs/<xx>/<id>.pack        records; <id> 16 hex digits, <xx> its first two
+//   store/index/<id>.idx              sorted (block id -> where) entries of pack <id>
 #pragma once
 
 #include <cstdint>
@@ -33,5 +36,13 @@ std::string journal_key(const std::string& vdi);
 uint32_t parse_point_name(const std::string& name);
 uint32_t parse_pack_name(const std::string& name);
 uint32_t parse_forgotten_name(const std::string& name);
+
+inline constexpr const char* kStorePacksDir = "store/packs";
+inline constexpr const char* kStoreIndexDir = "store/index";
+std::string store_pack_key(uint64_t pack);
+std::string store_index_key(uint64_t segment);
+// "0123456789abcdef.pack" / ".idx" back to its id; 0 for anything else.
+uint64_t parse_store_pack_name(const std::string& name);
+uint64_t parse_store_index_name(const std::string& name);
 
 }  // namespace cbtfs::layout

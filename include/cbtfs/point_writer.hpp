@@ -8,6 +8,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #include "cbtfs/encoder_pool.hpp"
@@ -16,6 +17,8 @@
 #include "cbtfs/storage.hpp"
 
 namespace cbtfs {
+
+class StoreWriter;
 
 // What a new point says about itself; everything else the writer derives.
 struct PointInfo {
@@ -58,6 +61,8 @@ class PointWriter {
 
   uint64_t blocks_written() const { return blocks_written_; }
   uint64_t bytes_written() const;
+  // Format 2: records found in the store instead of written again.
+  uint64_t records_deduplicated() const;
 
  private:
   struct Level {
@@ -71,7 +76,9 @@ class PointWriter {
   void finish(uint32_t level);
   BlockRef store(std::span<const std::byte> plain);
   std::vector<BlockRef> load_node(const BlockRef& ref);
-  void store_block(uint64_t block, Bytes&& data, uint64_t hash);
+  void store_block(uint64_t block, Bytes&& data, uint64_t hash, const BlockId& id = {});
+  // Format 2: a block that differs from the parent's, by its id.
+  void put_block_v2(BlockRef& slot, uint64_t block, std::span<const std::byte> data);
 
   // A block whose checksum equals the parent's is compared with the
   // parent's bytes before it counts as unchanged; such blocks wait here
@@ -88,6 +95,7 @@ class PointWriter {
   // finished and whenever too many are in flight.
   struct Pending {
     uint64_t block;
+    BlockId id;  // format 2
     std::future<EncoderPool::Encoded> encoded;
   };
   void drain(size_t keep);
@@ -98,6 +106,7 @@ class PointWriter {
   std::unique_ptr<StorageLock> lock_;
   std::unique_ptr<EncoderPool> pool_;
   std::deque<Pending> pending_;
+  std::unordered_set<BlockId, BlockIdHash> pending_ids_;  // format 2: repeats wait for the first copy
   PointInfo info_;
   ManifestPtr parent_;
   int64_t latest_time_ = INT64_MIN;
@@ -105,7 +114,8 @@ class PointWriter {
   uint64_t nblocks_ = 0;
   int64_t last_block_ = -1;
   std::vector<Level> levels_;
-  std::unique_ptr<ObjectWriter> pack_;
+  std::unique_ptr<ObjectWriter> pack_;     // format 1: this point's pack
+  std::unique_ptr<StoreWriter> store_;     // format 2: the shared store
   std::vector<Candidate> candidates_;  // all in the loaded leaf, parent records in one pack, in order
   Bytes compare_;                      // a parent block decompressed to compare with
   uint64_t blocks_written_ = 0;

@@ -33,6 +33,10 @@ struct PruneReport {
   uint64_t packs_deleted = 0;
   uint64_t bytes_freed = 0;
   uint64_t bytes_dead = 0;  // in packs that remaining points still partly need
+  // Format 2: the removed points' blocks are in the shared store, where
+  // other VDIs' points may use them; only a collection of the whole store
+  // can free them, which this version does not have yet.
+  bool store_not_collected = false;
 };
 
 // Holds the VDI's writer lock while it works (throws LockedError).

@@ -29,16 +29,22 @@ struct PointList {
 class Repository {
  public:
   // Creates the repository directory (mode 0700) and its header.
-  static void init(const std::string& path);
+  static void init(const std::string& path, uint32_t format = 1);
   // Opens and checks the header; throws FormatError/VersionError/StorageError.
   static std::shared_ptr<Repository> open(const std::string& path);
   // The same over a storage already opened (the mount puts a cache in front).
   static std::shared_ptr<Repository> open(std::unique_ptr<Storage> storage);
-  explicit Repository(std::unique_ptr<Storage> storage, std::string id = "");
+  explicit Repository(std::unique_ptr<Storage> storage, RepoHeader header = {});
 
   Storage& storage() { return *storage_; }
   // The uuid from the header ("" for repositories created without one).
-  const std::string& id() const { return id_; }
+  const std::string& id() const { return header_.id; }
+  uint32_t format() const { return header_.format; }
+  // Format 2: the key of block_id().
+  const IdKey& id_key() const { return header_.id_key; }
+  // The key of the pack a record of the VDI lives in: the VDI's own pack
+  // (format 1) or the shared store's (format 2).
+  std::string pack_key(const std::string& vdi, uint64_t pack) const;
   std::vector<std::string> vdis();
   bool has_vdi(const std::string& vdi);
   // Manifests are immutable, so they are parsed once and kept.
@@ -79,8 +85,8 @@ class Repository {
   // A cached record is known by where it is and by its checksum: a place
   // that ever held other bytes can never answer for them.
   struct RecordKey {
-    const void* vdi;  // interned per VDI by the Repository
-    uint32_t pack;
+    const void* vdi;  // interned per VDI by the Repository; nullptr in format 2 (one store)
+    uint64_t pack;
     uint64_t offset;
     uint64_t hash;
     bool operator==(const RecordKey&) const = default;
@@ -95,7 +101,7 @@ class Repository {
   void read_record(const std::string& vdi, const BlockRef& ref, std::span<std::byte> out);
 
   std::unique_ptr<Storage> storage_;
-  std::string id_;
+  RepoHeader header_;
   std::mutex mu_;
   std::map<std::string, std::unique_ptr<std::string>> interned_;
   std::map<std::pair<std::string, uint32_t>, ManifestPtr> manifests_;

@@ -278,9 +278,9 @@ int cmd_import(const ImportArgs& a) {
   }
 }
 
-int cmd_init(const std::string& repo) {
-  Repository::init(repo);
-  std::printf("created cbtfs repository %s\n", repo.c_str());
+int cmd_init(const std::string& repo, uint32_t format) {
+  Repository::init(repo, format);
+  std::printf("created cbtfs repository %s (format %u)\n", repo.c_str(), format);
   return kExitOk;
 }
 

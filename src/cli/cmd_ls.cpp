@@ -69,7 +69,7 @@ int cmd_ls(const std::string& path, bool as_json) {
 int cmd_info(const std::string& path, const std::string& only) {
   auto repo = open_repository(path);
   std::printf("repository  %s\nformat      cbtfs v%u, %u KiB blocks\n", repo->storage().describe().c_str(),
-              kFormatVersion, kBlockSize / 1024);
+              repo->format(), kBlockSize / 1024);
   uint64_t total = 0, npoints = 0, nvdis = 0;
   for (auto& vdi : repo->vdis()) {
     if (!only.empty() && vdi != only) continue;

@@ -20,6 +20,7 @@ int cmd_prune(const PruneArgs& a) {
     vdis = {a.vdi};
   }
   uint64_t removed = 0, freed = 0, dead = 0;
+  bool not_collected = false;
   for (auto& vdi : vdis) {
     if (!repo->has_vdi(vdi)) continue;
     PruneReport r = prune_vdi(repo, vdi, p, a.dry_run, holder_text("cbtfs-repo prune"));
@@ -29,6 +30,7 @@ int cmd_prune(const PruneArgs& a) {
     removed += r.removed.size();
     freed += r.bytes_freed;
     dead += r.bytes_dead;
+    not_collected = not_collected || r.store_not_collected;
   }
   std::printf("%s %llu point(s), %s %s", a.dry_run ? "would remove" : "removed",
               static_cast<unsigned long long>(removed), human_bytes(freed).c_str(), a.dry_run ? "would be freed" : "freed");
@@ -37,6 +39,9 @@ int cmd_prune(const PruneArgs& a) {
                 "share, or a storage that cannot free ranges of an object)",
                 human_bytes(dead).c_str());
   std::printf("\n");
+  if (not_collected)
+    std::printf("the removed points' blocks stay in the repository's shared block store (format 2) until a "
+                "collection of the store frees them; this version of cbtfs cannot collect it yet\n");
   return kExitOk;
 }
 

@@ -23,7 +23,7 @@ struct ImportArgs {
 // repository, newer format, unreadable) one exit status (kExitRepo).
 std::shared_ptr<Repository> open_repository(const std::string& path);
 
-int cmd_init(const std::string& repo);
+int cmd_init(const std::string& repo, uint32_t format);
 int cmd_import(const ImportArgs& a);
 int cmd_ls(const std::string& repo, bool json);
 int cmd_info(const std::string& repo, const std::string& vdi);

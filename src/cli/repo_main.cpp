@@ -61,6 +61,11 @@ int run(int argc, char** argv) {
   ImportArgs ia;
 
   auto* init = app.add_subcommand("init", "create an empty repository");
+  uint32_t format = 1;
+  init->add_option("--format", format,
+                   "1 (the default): packs per VDI; 2 (experimental): one deduplicated block store for every VDI, "
+                   "whose space prune does not free yet")
+      ->check(CLI::Range(1u, kFormatVersion));
   init->add_option("REPO", repo, "repository directory")->required();
 
   auto* imp = app.add_subcommand("import", "store a raw disk image as the next point of a VDI");
@@ -138,7 +143,7 @@ int run(int argc, char** argv) {
   if (!vdi.empty() && !is_uuid(vdi)) throw UsageError("'" + vdi + "' is not a VDI uuid");
   if (!ia.vdi.empty() && !is_uuid(ia.vdi)) throw UsageError("--vdi '" + ia.vdi + "' is not a uuid");
 
-  if (*init) return cmd_init(repo);
+  if (*init) return cmd_init(repo, format);
   if (*imp) return cmd_import(ia);
   if (*ls) return cmd_ls(repo, json);
   if (*info) return cmd_info(repo, vdi);

@@ -4,6 +4,9 @@
 #include "cbtfs/format.hpp"
 
 #include <lz4.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/rand.h>
 #include <xxhash.h>
 
 #include <cstring>
@@ -45,16 +48,39 @@ uint64_t parse_hex64(const std::string& s) {
   return std::stoull(s, nullptr, 16);
 }
 
-json ref_to_json(const BlockRef& r) {
-  return json{{"pack", r.pack}, {"stored_len", r.stored_len}, {"offset", r.offset}, {"hash", hex64(r.hash)}};
+template <size_t N>
+std::string hex_bytes(const std::array<uint8_t, N>& a) {
+  static const char* digits = "0123456789abcdef";
+  std::string s;
+  for (uint8_t b : a) {
+    s += digits[b >> 4];
+    s += digits[b & 15];
+  }
+  return s;
 }
 
-BlockRef ref_from_json(const json& j) {
+template <size_t N>
+std::array<uint8_t, N> parse_hex_bytes(const std::string& s, const char* what) {
+  std::array<uint8_t, N> a{};
+  if (s.size() != 2 * N || s.find_first_not_of("0123456789abcdef") != std::string::npos)
+    throw FormatError(std::string("bad ") + what + " field");
+  for (size_t i = 0; i < N; ++i) a[i] = static_cast<uint8_t>(std::stoul(s.substr(2 * i, 2), nullptr, 16));
+  return a;
+}
+
+json ref_to_json(const BlockRef& r, uint32_t format) {
+  json j{{"pack", r.pack}, {"stored_len", r.stored_len}, {"offset", r.offset}, {"hash", hex64(r.hash)}};
+  if (format >= 2) j["id"] = hex_bytes(r.id);
+  return j;
+}
+
+BlockRef ref_from_json(const json& j, uint32_t format) {
   BlockRef r;
-  r.pack = j.at("pack").get<uint32_t>();
+  r.pack = format >= 2 ? j.at("pack").get<uint64_t>() : j.at("pack").get<uint32_t>();
   r.stored_len = j.at("stored_len").get<uint32_t>();
   r.offset = j.at("offset").get<uint64_t>();
   r.hash = parse_hex64(j.at("hash").get<std::string>());
+  if (format >= 2) r.id = parse_hex_bytes<16>(j.at("id").get<std::string>(), "block id");
   return r;
 }
 
@@ -97,22 +123,56 @@ json verify(const char* kind, std::span<const std::byte> data, const std::string
 
 }  // namespace
 
-void encode_ref(const BlockRef& r, std::byte* out) {
-  put_le<uint32_t>(out, r.pack);
-  put_le<uint32_t>(out + 4, r.stored_len);
+// Format 1: pack u32, stored_len u32, offset u64, hash u64.
+// Format 2: pack u64, offset u64, stored_len u32, 0 u32, hash u64, id[16].
+void encode_ref(const BlockRef& r, std::byte* out, uint32_t format) {
+  if (format < 2) {
+    if (r.pack > UINT32_MAX) throw std::logic_error("format 1 pack number out of range");
+    put_le<uint32_t>(out, static_cast<uint32_t>(r.pack));
+    put_le<uint32_t>(out + 4, r.stored_len);
+    put_le<uint64_t>(out + 8, r.offset);
+    put_le<uint64_t>(out + 16, r.hash);
+    return;
+  }
+  put_le<uint64_t>(out, r.pack);
   put_le<uint64_t>(out + 8, r.offset);
-  put_le<uint64_t>(out + 16, r.hash);
+  put_le<uint32_t>(out + 16, r.stored_len);
+  put_le<uint32_t>(out + 20, 0);
+  put_le<uint64_t>(out + 24, r.hash);
+  std::memcpy(out + 32, r.id.data(), r.id.size());
 }
 
-BlockRef decode_ref(const std::byte* in) {
-  return BlockRef{get_le<uint32_t>(in), get_le<uint32_t>(in + 4), get_le<uint64_t>(in + 8), get_le<uint64_t>(in + 16)};
+BlockRef decode_ref(const std::byte* in, uint32_t format) {
+  if (format < 2)
+    return BlockRef{get_le<uint32_t>(in), get_le<uint32_t>(in + 4), get_le<uint64_t>(in + 8), get_le<uint64_t>(in + 16), {}};
+  BlockRef r{get_le<uint64_t>(in), get_le<uint32_t>(in + 16), get_le<uint64_t>(in + 8), get_le<uint64_t>(in + 24), {}};
+  std::memcpy(r.id.data(), in + 32, r.id.size());
+  return r;
+}
+
+BlockId block_id(const IdKey& key, std::span<const std::byte> plain) {
+  unsigned char mac[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  if (!HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()), reinterpret_cast<const unsigned char*>(plain.data()),
+            plain.size(), mac, &len) ||
+      len < 16)
+    throw std::runtime_error("HMAC-SHA-256 failed");
+  BlockId id;
+  std::memcpy(id.data(), mac, id.size());
+  return id;
+}
+
+IdKey random_id_key() {
+  IdKey k;
+  if (RAND_bytes(k.data(), static_cast<int>(k.size())) != 1) throw std::runtime_error("no random bytes for a key");
+  return k;
 }
 
 uint64_t block_count(uint64_t virtual_size) { return (virtual_size + kBlockSize - 1) / kBlockSize; }
 
-Bytes encode_node(std::span<const BlockRef> entries) {
-  Bytes node(kNodeSize);
-  for (size_t i = 0; i < entries.size() && i < kFanout; ++i) encode_ref(entries[i], node.data() + i * kRefSize);
+Bytes encode_node(std::span<const BlockRef> entries, uint32_t format) {
+  Bytes node(node_size(format));
+  for (size_t i = 0; i < entries.size() && i < kFanout; ++i) encode_ref(entries[i], node.data() + i * ref_size(format), format);
   return node;
 }
 
@@ -122,20 +182,30 @@ uint32_t tree_depth(uint64_t nblocks) {
   return depth;
 }
 
-Bytes encode_pack_header(uint32_t pack) {
-  Bytes h(kPackHeaderSize);
-  std::memcpy(h.data(), kPackMagic.data(), kPackMagic.size());
-  put_le<uint32_t>(h.data() + 8, kFormatVersion);
-  put_le<uint32_t>(h.data() + 12, pack);
+// Format 1: magic "CBTFSPK1", version u32, pack u32.
+// Format 2: magic "CBTFSPK2", version u32, 0 u32, pack u64.
+Bytes encode_pack_header(uint64_t pack, uint32_t format) {
+  Bytes h(pack_header_size(format));
+  const auto& magic = format >= 2 ? kPackMagic2 : kPackMagic;
+  std::memcpy(h.data(), magic.data(), magic.size());
+  put_le<uint32_t>(h.data() + 8, format);
+  if (format >= 2) {
+    put_le<uint64_t>(h.data() + 16, pack);
+  } else {
+    if (pack > UINT32_MAX) throw std::logic_error("format 1 pack number out of range");
+    put_le<uint32_t>(h.data() + 12, static_cast<uint32_t>(pack));
+  }
   return h;
 }
 
-void check_pack_header(std::span<const std::byte> h, uint32_t pack, const std::string& where) {
-  if (h.size() < kPackHeaderSize || std::memcmp(h.data(), kPackMagic.data(), kPackMagic.size()) != 0)
-    throw FormatError(where + ": not a cbtfs pack file");
+void check_pack_header(std::span<const std::byte> h, uint64_t pack, uint32_t format, const std::string& where) {
+  const auto& magic = format >= 2 ? kPackMagic2 : kPackMagic;
+  if (h.size() < pack_header_size(format) || std::memcmp(h.data(), magic.data(), magic.size()) != 0)
+    throw FormatError(where + ": not a cbtfs pack file of format " + std::to_string(format));
   auto v = get_le<uint32_t>(h.data() + 8);
   if (v > kFormatVersion) throw VersionError(where + ": pack of a newer format version " + std::to_string(v));
-  if (get_le<uint32_t>(h.data() + 12) != pack) throw FormatError(where + ": pack id does not match its name");
+  uint64_t named = format >= 2 ? get_le<uint64_t>(h.data() + 16) : get_le<uint32_t>(h.data() + 12);
+  if (named != pack) throw FormatError(where + ": pack id does not match its name");
 }
 
 uint64_t hash_bytes(std::span<const std::byte> d) { return XXH3_64bits(d.data(), d.size()); }
@@ -218,7 +288,7 @@ bool record_equals(std::span<const std::byte> stored, const BlockRef& ref, std::
 }
 
 Bytes encode_manifest(const Manifest& m) {
-  json body{{"version", kFormatVersion},
+  json body{{"version", m.format},
             {"vdi", m.vdi},
             {"seq", m.seq},
             {"time", format_iso_time(m.time)},
@@ -226,8 +296,7 @@ Bytes encode_manifest(const Manifest& m) {
             {"block_size", kBlockSize},
             {"fanout", kFanout},
             {"depth", m.depth},
-            {"root", ref_to_json(m.root)},
-            {"pack", m.pack},
+            {"root", ref_to_json(m.root, m.format)},
             {"chain", m.chain},
             {"parent", m.parent},
             {"chain_reason", m.chain_reason},
@@ -238,6 +307,10 @@ Bytes encode_manifest(const Manifest& m) {
             {"blocks_written", m.blocks_written},
             {"bytes_stored", m.bytes_stored}};
   if (m.blocks_allocated) body["blocks_allocated"] = *m.blocks_allocated;
+  if (m.format >= 2)
+    body["packs"] = m.packs;
+  else
+    body["pack"] = m.pack;
   return sign("point", body);
 }
 
@@ -245,6 +318,7 @@ Manifest decode_manifest(std::span<const std::byte> data, const std::string& whe
   json b = verify("point", data, where);
   try {
     Manifest m;
+    m.format = b.at("version").get<uint32_t>();
     if (b.at("block_size").get<uint32_t>() != kBlockSize || b.at("fanout").get<uint32_t>() != kFanout)
       throw FormatError("unsupported block size or fan-out");
     m.vdi = b.at("vdi").get<std::string>();
@@ -252,8 +326,11 @@ Manifest decode_manifest(std::span<const std::byte> data, const std::string& whe
     m.time = parse_time(b.at("time").get<std::string>());
     m.virtual_size = b.at("virtual_size").get<uint64_t>();
     m.depth = b.at("depth").get<uint32_t>();
-    m.root = ref_from_json(b.at("root"));
-    m.pack = b.at("pack").get<uint32_t>();
+    m.root = ref_from_json(b.at("root"), m.format);
+    if (m.format >= 2)
+      m.packs = b.at("packs").get<std::vector<uint64_t>>();
+    else
+      m.pack = b.at("pack").get<uint32_t>();
     m.chain = b.at("chain").get<uint32_t>();
     m.parent = b.at("parent").get<uint32_t>();
     m.chain_reason = b.value("chain_reason", "");
@@ -279,20 +356,26 @@ Manifest decode_manifest(std::span<const std::byte> data, const std::string& whe
   }
 }
 
-Bytes encode_repo_header(const std::string& id) {
-  return sign("repository",
-              json{{"version", kFormatVersion}, {"format", "cbtfs"}, {"block_size", kBlockSize}, {"id", id}});
+Bytes encode_repo_header(const RepoHeader& h) {
+  json body{{"version", h.format}, {"format", "cbtfs"}, {"block_size", kBlockSize}, {"id", h.id}};
+  if (h.format >= 2) body["id_key"] = hex_bytes(h.id_key);
+  return sign("repository", body);
 }
 
-std::string check_repo_header(std::span<const std::byte> data, const std::string& where) {
+RepoHeader check_repo_header(std::span<const std::byte> data, const std::string& where) {
   json b = verify("repository", data, where);
   if (b.value("format", "") != "cbtfs") throw FormatError(where + ": not a cbtfs repository");
   try {
-    std::string id = b.value("id", "");
-    if (!id.empty() && !is_uuid(id)) throw FormatError(where + ": malformed repository id");
-    return id;
+    RepoHeader h;
+    h.format = b.at("version").get<uint32_t>();
+    h.id = b.value("id", "");
+    if (!h.id.empty() && !is_uuid(h.id)) throw FormatError("malformed repository id");
+    if (h.format >= 2) h.id_key = parse_hex_bytes<32>(b.at("id_key").get<std::string>(), "id key");
+    return h;
   } catch (const json::exception&) {
-    throw FormatError(where + ": malformed repository id");
+    throw FormatError(where + ": malformed repository header");
+  } catch (const FormatError& e) {
+    throw FormatError(where + ": " + e.what());
   }
 }
 

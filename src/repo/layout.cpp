@@ -23,6 +23,24 @@ uint32_t parse_seq(const std::string& name, const std::string& suffix) {
   return v;
 }
 
+std::string hex_id(uint64_t v) {
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
+uint64_t parse_hex_id(const std::string& name, const std::string& suffix) {
+  if (name.size() != 16 + suffix.size() || name.compare(16, suffix.size(), suffix) != 0) return 0;
+  uint64_t v = 0;
+  for (size_t i = 0; i < 16; ++i) {
+    char c = name[i];
+    int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+    if (d < 0) return 0;
+    v = v << 4 | static_cast<uint64_t>(d);
+  }
+  return v;
+}
+
 }  // namespace
 
 std::string vdi_dir(const std::string& vdi) { return std::string(kVdisDir) + "/" + vdi; }
@@ -39,5 +57,14 @@ std::string journal_key(const std::string& vdi) { return vdi_dir(vdi) + "/journa
 uint32_t parse_point_name(const std::string& name) { return parse_seq(name, ".point"); }
 uint32_t parse_pack_name(const std::string& name) { return parse_seq(name, ".pack"); }
 uint32_t parse_forgotten_name(const std::string& name) { return parse_seq(name, ""); }
+
+// Two hex digits of fan-out keep a directory of a large store listable.
+std::string store_pack_key(uint64_t pack) {
+  std::string h = hex_id(pack);
+  return std::string(kStorePacksDir) + "/" + h.substr(0, 2) + "/" + h + ".pack";
+}
+std::string store_index_key(uint64_t segment) { return std::string(kStoreIndexDir) + "/" + hex_id(segment) + ".idx"; }
+uint64_t parse_store_pack_name(const std::string& name) { return parse_hex_id(name, ".pack"); }
+uint64_t parse_store_index_name(const std::string& name) { return parse_hex_id(name, ".idx"); }
 
 }  // namespace cbtfs::layout

@@ -17,7 +17,7 @@ BlockRef PointReader::lookup(uint64_t block) {
   BlockRef ref = point_->root;
   for (uint32_t level = point_->depth; level > 0; --level) {
     if (ref.is_zero()) return ref;
-    ref = IndexNode(*repo_->node(point_->vdi, ref, keep_cached_))[entry_of(block, level)];
+    ref = IndexNode(*repo_->node(point_->vdi, ref, keep_cached_), repo_->format())[entry_of(block, level)];
   }
   return ref;
 }
@@ -76,7 +76,7 @@ uint64_t PointReader::next_data(uint64_t offset) {
         break;
       }
       if (level == 0) break;
-      ref = IndexNode(*repo_->node(point_->vdi, ref, keep_cached_))[entry_of(b, level)];
+      ref = IndexNode(*repo_->node(point_->vdi, ref, keep_cached_), repo_->format())[entry_of(b, level)];
     }
     if (skip == 0) return std::max(offset, b * kBlockSize);
     b += skip;
@@ -100,7 +100,7 @@ uint64_t PointReader::allocated_blocks(uint64_t first, uint64_t end) {
     uint64_t span = blocks_under(level - 1);
     uint64_t n = 0;
     auto node = repo_->node(point_->vdi, ref, keep_cached_);
-    IndexNode entries(*node);
+    IndexNode entries(*node, repo_->format());
     for (uint64_t i = 0; i < kFanout; ++i) {
       uint64_t lo = base + i * span, hi = lo + span;
       if (hi <= first || lo >= end) continue;

@@ -7,6 +7,12 @@
 // after it is complete and fsync'ed; the manifest is written after that. A
 // crash before the manifest leaves an orphan pack that the next writer of the
 // VDI removes (clean_leftovers), under the same lock.
+//
+// Format 2: records go to the shared store (StoreWriter), and a record whose
+// id the store holds already is referenced, not written: a block unchanged
+// since the parent is known by its id alone, one that another VDI has (a
+// clone, a chain break) by the dedup index. The store's packs are committed
+// before the manifest too; what a crash leaves there is the store's garbage.
 #include <unistd.h>
 
 #include <cstring>
@@ -17,6 +23,7 @@
 #include "cbtfs/errors.hpp"
 #include "cbtfs/layout.hpp"
 #include "cbtfs/point_reader.hpp"
+#include "store_writer.hpp"
 
 namespace cbtfs {
 
@@ -66,8 +73,10 @@ PointWriter::PointWriter(std::shared_ptr<Repository> repo, const std::string& vd
       m_.chain_reason = "virtual size changed from " + std::to_string(latest->virtual_size) + " to " +
                         std::to_string(info_.virtual_size);
   }
+  m_.format = repo_->format();
   levels_.resize(m_.depth);
   pool_ = std::make_unique<EncoderPool>(std::max(1u, std::thread::hardware_concurrency()));
+  if (m_.format >= 2) store_ = std::make_unique<StoreWriter>(*repo_, [this] { lock_->check(); });
 }
 
 PointWriter::~PointWriter() = default;  // an uncommitted pack is discarded by its writer
@@ -97,15 +106,19 @@ std::vector<BlockRef> PointWriter::load_node(const BlockRef& ref) {
   std::vector<BlockRef> entries(kFanout);
   if (ref.is_zero()) return entries;
   auto node = repo_->node(vdi_, ref);
-  IndexNode stored(*node);
+  IndexNode stored(*node, repo_->format());
   for (uint32_t i = 0; i < kFanout; ++i) entries[i] = stored[i];
   return entries;
 }
 
 void PointWriter::append(BlockRef& ref, Bytes& stored) {
+  if (store_) {
+    store_->append(ref, std::move(stored));
+    return;
+  }
   if (!pack_) {
     pack_ = repo_->storage().create(layout::pack_key(vdi_, m_.seq));
-    pack_->append(encode_pack_header(m_.seq));
+    pack_->append(encode_pack_header(m_.seq, 1));
   }
   ref.pack = m_.seq;
   ref.offset = pack_->size();
@@ -114,6 +127,10 @@ void PointWriter::append(BlockRef& ref, Bytes& stored) {
 
 BlockRef PointWriter::store(std::span<const std::byte> plain) {
   BlockRef ref;
+  if (store_) {
+    ref.id = block_id(repo_->id_key(), plain);
+    if (auto found = store_->find(ref.id)) return *found;
+  }
   Bytes stored = encode_record(plain, ref);
   append(ref, stored);
   return ref;
@@ -124,7 +141,9 @@ void PointWriter::drain(size_t keep) {
     Pending p = std::move(pending_.front());
     pending_.pop_front();
     EncoderPool::Encoded e = p.encoded.get();
+    e.ref.id = p.id;
     append(e.ref, e.stored);
+    pending_ids_.erase(p.id);
     // Pending blocks all belong to the loaded leaf (drained before it changes).
     levels_[0].entries[p.block % kFanout] = e.ref;
   }
@@ -161,7 +180,7 @@ void PointWriter::finish(uint32_t level) {
     if (empty) {
       ref = BlockRef{};
     } else {
-      ref = store(encode_node(l.entries));
+      ref = store(encode_node(l.entries, m_.format));
     }
   }
   if (level + 1 < m_.depth) {
@@ -195,6 +214,10 @@ void PointWriter::put_block(uint64_t block, std::span<const std::byte> data) {
     return;
   }
   if (slot.is_zero()) ++blocks_allocated_;
+  if (store_) {
+    put_block_v2(slot, block, data);
+    return;
+  }
   uint64_t h = hash_bytes(data);
   if (!slot.is_zero() && slot.hash == h) {
     compare_later(block, slot, data);  // probably unchanged since the parent
@@ -203,11 +226,24 @@ void PointWriter::put_block(uint64_t block, std::span<const std::byte> data) {
   store_block(block, Bytes(data.begin(), data.end()), h);
 }
 
-void PointWriter::store_block(uint64_t block, Bytes&& data, uint64_t hash) {
+void PointWriter::put_block_v2(BlockRef& slot, uint64_t block, std::span<const std::byte> data) {
+  BlockId id = block_id(repo_->id_key(), data);
+  if (!slot.is_zero() && slot.id == id) return;  // unchanged since the parent: a keyed hash is proof
+  if (pending_ids_.count(id)) drain(0);  // a repeat of a block still being compressed: store it once
+  if (auto found = store_->find(id)) {
+    slot = *found;
+    levels_[0].dirty = true;
+    return;
+  }
+  store_block(block, Bytes(data.begin(), data.end()), hash_bytes(data), id);
+}
+
+void PointWriter::store_block(uint64_t block, Bytes&& data, uint64_t hash, const BlockId& id) {
   // The slot is filled in by drain(), in order, once compressed.
   levels_[0].dirty = true;
   ++blocks_written_;
-  pending_.push_back({block, pool_->submit(std::move(data), hash)});
+  if (store_) pending_ids_.insert(id);
+  pending_.push_back({block, id, pool_->submit(std::move(data), hash)});
   drain(kMaxPending);
 }
 
@@ -235,7 +271,7 @@ void PointWriter::compare_candidates() {
   const BlockRef& first = candidates_.front().parent;
   uint64_t start = first.offset, end = candidates_.back().parent.offset + candidates_.back().parent.length();
   Bytes stored(end - start);
-  bool readable = start >= kPackHeaderSize;
+  bool readable = start >= pack_header_size(1);
   try {
     if (readable) repo_->storage().read(layout::pack_key(vdi_, first.pack), start, stored);
   } catch (const FormatError&) {  // a truncated pack: what it lost is written anew
@@ -293,7 +329,12 @@ void PointWriter::put_zeros(uint64_t first, uint64_t end) {
   }
 }
 
-uint64_t PointWriter::bytes_written() const { return pack_ ? pack_->size() : 0; }
+uint64_t PointWriter::bytes_written() const {
+  if (store_) return store_->bytes_written();
+  return pack_ ? pack_->size() : 0;
+}
+
+uint64_t PointWriter::records_deduplicated() const { return store_ ? store_->records_deduplicated() : 0; }
 
 Manifest PointWriter::commit() {
   if (committed_) throw std::logic_error("commit twice");
@@ -308,6 +349,10 @@ Manifest PointWriter::commit() {
     m_.bytes_stored = pack_->size();
     lock_->check();
     pack_->commit();
+  }
+  if (store_) {
+    m_.bytes_stored = store_->bytes_written();
+    m_.packs = store_->commit();
   }
   lock_->check();
   repo_->storage().put(layout::point_key(vdi_, m_.seq), encode_manifest(m_));

@@ -34,15 +34,15 @@ int64_t bucket(int64_t t, int rule) {
 
 // The records (offset, length) each pack holds for the given points' trees.
 using Ranges = std::vector<std::pair<uint64_t, uint64_t>>;
-std::map<uint32_t, Ranges> live_records(Repository& repo, const std::string& vdi, const std::vector<ManifestPtr>& points) {
-  std::map<uint32_t, Ranges> live;
-  std::set<std::pair<uint32_t, uint64_t>> seen;
+std::map<uint64_t, Ranges> live_records(Repository& repo, const std::string& vdi, const std::vector<ManifestPtr>& points) {
+  std::map<uint64_t, Ranges> live;
+  std::set<std::pair<uint64_t, uint64_t>> seen;
   std::function<void(const BlockRef&, uint32_t)> walk = [&](const BlockRef& ref, uint32_t level) {
     if (ref.is_zero() || !seen.insert({ref.pack, ref.offset}).second) return;
     live[ref.pack].emplace_back(ref.offset, ref.length());
     if (level == 0) return;
     auto node = repo.node(vdi, ref);
-    IndexNode entries(*node);
+    IndexNode entries(*node, repo.format());
     for (uint32_t i = 0; i < kFanout; ++i) walk(entries[i], level - 1);
   };
   for (auto& m : points) walk(m->root, m->depth);
@@ -121,6 +121,10 @@ PruneReport prune_vdi(std::shared_ptr<Repository> repo, const std::string& vdi, 
     (keep[i] ? r.kept : r.removed).push_back(name);
     if (keep[i]) remaining.push_back(pl.points[i]);
   }
+  if (repo->format() >= 2) {
+    r.store_not_collected = !r.removed.empty();
+    return r;
+  }
   auto live = live_records(*repo, vdi, remaining);
   for (auto& n : st.list(layout::packs_dir(vdi))) {
     uint32_t pack = layout::parse_pack_name(n);
@@ -139,7 +143,7 @@ PruneReport prune_vdi(std::shared_ptr<Repository> repo, const std::string& vdi, 
     // space is given back in place (nothing moves, so no reference changes).
     auto& ranges = it->second;
     std::sort(ranges.begin(), ranges.end());
-    uint64_t pos = kPackHeaderSize;
+    uint64_t pos = pack_header_size(1);
     auto gap = [&](uint64_t from, uint64_t to) {
       if (to <= from) return;
       uint64_t freed = dry_run ? st.discardable(key, from, to - from) : st.discard(key, from, to - from);

@@ -14,11 +14,16 @@ namespace cbtfs {
 
 using namespace layout;
 
-void Repository::init(const std::string& path) {
+void Repository::init(const std::string& path, uint32_t format) {
+  if (format < 1 || format > kFormatVersion) throw UsageError("there is no repository format " + std::to_string(format));
   auto st = create_storage(path);
   if (st->size(kHeaderKey)) throw UsageError(path + " is already a cbtfs repository");
   if (!st->list("").empty()) throw UsageError(path + " is not empty; refusing to create a repository in it");
-  st->put(kHeaderKey, encode_repo_header(random_uuid()));
+  RepoHeader h;
+  h.id = random_uuid();
+  h.format = format;
+  if (format >= 2) h.id_key = random_id_key();
+  st->put(kHeaderKey, encode_repo_header(h));
 }
 
 std::shared_ptr<Repository> Repository::open(const std::string& path) { return open(open_storage(path)); }
@@ -27,11 +32,17 @@ std::shared_ptr<Repository> Repository::open(std::unique_ptr<Storage> st) {
   std::string where = st->describe();
   auto header = st->get(kHeaderKey);
   if (!header) throw UsageError(where + " is not a cbtfs repository (no " + kHeaderKey + " file; create one with 'cbtfs-repo init')");
-  std::string id = check_repo_header(*header, where + "/" + kHeaderKey);
-  return std::make_shared<Repository>(std::move(st), id);
+  RepoHeader h = check_repo_header(*header, where + "/" + kHeaderKey);
+  return std::make_shared<Repository>(std::move(st), h);
 }
 
-Repository::Repository(std::unique_ptr<Storage> storage, std::string id) : storage_(std::move(storage)), id_(std::move(id)) {}
+Repository::Repository(std::unique_ptr<Storage> storage, RepoHeader header)
+    : storage_(std::move(storage)), header_(std::move(header)) {}
+
+std::string Repository::pack_key(const std::string& vdi, uint64_t pack) const {
+  if (format() >= 2) return store_pack_key(pack);
+  return layout::pack_key(vdi, static_cast<uint32_t>(pack));
+}
 
 void Repository::put_journal(const std::string& vdi, const std::string& text) {
   storage_->remove(journal_key(vdi));
@@ -81,6 +92,9 @@ ManifestPtr Repository::manifest(const std::string& vdi, uint32_t seq) {
   if (!data) return nullptr;  // removed meanwhile
   auto m = std::make_shared<const Manifest>(decode_manifest(*data, where));
   if (m->vdi != vdi || m->seq != seq) throw FormatError(where + ": belongs to another VDI or point");
+  if (m->format != format())
+    throw FormatError(where + ": a point of format " + std::to_string(m->format) + " in a repository of format " +
+                      std::to_string(format()));
   std::lock_guard g(mu_);
   manifests_.emplace(std::make_pair(vdi, seq), m);
   return m;
@@ -152,7 +166,7 @@ const void* Repository::intern(const std::string& vdi) {
 }
 
 void Repository::read_record(const std::string& vdi, const BlockRef& ref, std::span<std::byte> out) {
-  if (ref.length() == 0 || ref.length() > kBlockSize + 1024 || ref.offset < kPackHeaderSize)
+  if (ref.length() == 0 || ref.length() > kBlockSize + 1024 || ref.offset < pack_header_size(format()))
     throw CorruptError("pack " + std::to_string(ref.pack) + " offset " + std::to_string(ref.offset) +
                        ": impossible record reference");
   Bytes stored(ref.length());
@@ -169,16 +183,16 @@ void Repository::read_record(const std::string& vdi, const BlockRef& ref, std::s
 }
 
 std::shared_ptr<const Bytes> Repository::node(const std::string& vdi, const BlockRef& ref, bool keep) {
-  RecordKey k{intern(vdi), ref.pack, ref.offset, ref.hash};
+  RecordKey k{format() >= 2 ? nullptr : intern(vdi), ref.pack, ref.offset, ref.hash};
   if (auto hit = nodes_.get(k)) return hit;
-  auto n = std::make_shared<Bytes>(kNodeSize);
+  auto n = std::make_shared<Bytes>(node_size(format()));
   read_record(vdi, ref, *n);
   if (keep) nodes_.put(k, n);
   return n;
 }
 
 void Repository::read_block(const std::string& vdi, const BlockRef& ref, std::span<std::byte> out, bool cache) {
-  RecordKey k{intern(vdi), ref.pack, ref.offset, ref.hash};
+  RecordKey k{format() >= 2 ? nullptr : intern(vdi), ref.pack, ref.offset, ref.hash};
   if (cache) {
     if (auto hit = blocks_.get(k)) {
       std::memcpy(out.data(), hit->data(), kBlockSize);

@@ -16,9 +16,9 @@ struct Walker {
   const std::string& vdi;
   const std::function<void(uint64_t)>& progress;
   VerifyReport& report;
-  std::set<std::pair<uint32_t, uint64_t>> good;
-  std::map<std::pair<uint32_t, uint64_t>, std::string> bad;
-  std::set<uint32_t> packs_seen;
+  std::set<std::pair<uint64_t, uint64_t>> good;
+  std::map<std::pair<uint64_t, uint64_t>, std::string> bad;
+  std::set<uint64_t> packs_seen;
   Bytes buf = Bytes(kBlockSize);
 
   // Returns the error text for a record, or empty when it verifies.
@@ -29,10 +29,10 @@ struct Walker {
     std::string err;
     try {
       if (packs_seen.insert(ref.pack).second) {
-        Bytes h(kPackHeaderSize);
-        std::string k = layout::pack_key(vdi, ref.pack);
+        Bytes h(pack_header_size(repo.format()));
+        std::string k = repo.pack_key(vdi, ref.pack);
         repo.storage().read(k, 0, h);
-        check_pack_header(h, ref.pack, repo.storage().describe() + "/" + k);
+        check_pack_header(h, ref.pack, repo.format(), repo.storage().describe() + "/" + k);
       }
       if (is_node) {
         repo.node(vdi, ref);
@@ -65,7 +65,7 @@ struct Walker {
     }
     if (!is_node) return;
     auto node = repo.node(vdi, ref);
-    IndexNode entries(*node);
+    IndexNode entries(*node, repo.format());
     uint64_t span = blocks_under(level - 1);
     uint64_t nblocks = block_count(m.virtual_size);
     for (uint32_t i = 0; i < kFanout; ++i) {

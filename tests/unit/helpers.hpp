@@ -39,15 +39,17 @@ inline Bytes text_bytes(size_t n, uint32_t seed) {
 struct TestRepo {
   TempDir dir;
   std::shared_ptr<Repository> repo;
-  TestRepo() {
-    Repository::init(dir.str() + "/r");
+  explicit TestRepo(uint32_t format = 1) {
+    Repository::init(dir.str() + "/r", format);
     repo = Repository::open(dir.str() + "/r");
   }
   std::string root() const { return dir.str() + "/r"; }
   // Writes a whole disk image as the next point; returns its manifest.
-  Manifest write(const std::string& vdi, const Bytes& disk, int64_t time) {
+  Manifest write(const std::string& vdi, const Bytes& disk, int64_t time, bool force_full = false) {
     PointInfo info;
     info.time = time;
+    info.force_full = force_full;
+    if (force_full) info.chain_reason = "test";
     info.virtual_size = disk.size();
     PointWriter w(repo, vdi, info, "unit test");
     uint64_t n = w.block_count();

@@ -14,14 +14,44 @@ using namespace cbtfs;
 using namespace cbtfs::test;
 
 TEST_CASE("refs round-trip through their 24-byte encoding") {
-  BlockRef r{7, 1234 | BlockRef::kRawFlag, 0x123456789abcULL, 0xfedcba9876543210ULL};
-  std::byte buf[kRefSize];
-  encode_ref(r, buf);
-  BlockRef back = decode_ref(buf);
+  BlockRef r{7, 1234 | BlockRef::kRawFlag, 0x123456789abcULL, 0xfedcba9876543210ULL, {}};
+  std::byte buf[24];
+  REQUIRE(ref_size(1) == sizeof buf);
+  encode_ref(r, buf, 1);
+  BlockRef back = decode_ref(buf, 1);
   CHECK(back == r);
   CHECK(back.raw());
   CHECK(back.length() == 1234);
   CHECK(std::to_integer<int>(buf[0]) == 7);  // little endian on disk
+  r.pack = uint64_t{1} << 32;  // format 1 has 32-bit pack numbers
+  CHECK_THROWS(encode_ref(r, buf, 1));
+}
+
+TEST_CASE("format 2 refs round-trip with a 64-bit pack and the block id") {
+  IdKey key = random_id_key();
+  Bytes block = random_bytes(kBlockSize, 3);
+  BlockRef r{0x0123456789abcdefULL, 4321, 0x1122334455ULL, hash_bytes(block), block_id(key, block)};
+  std::byte buf[48];
+  REQUIRE(ref_size(2) == sizeof buf);
+  encode_ref(r, buf, 2);
+  CHECK(decode_ref(buf, 2) == r);
+  CHECK(std::to_integer<int>(buf[0]) == 0xef);
+}
+
+TEST_CASE("block ids are keyed: same bytes, same id under one key, another under another") {
+  IdKey k1 = random_id_key(), k2 = random_id_key();
+  REQUIRE(k1 != k2);
+  Bytes a = random_bytes(kBlockSize, 1), b = a;
+  CHECK(block_id(k1, a) == block_id(k1, b));
+  CHECK(block_id(k1, a) != block_id(k2, a));
+  b[100] ^= std::byte{1};
+  CHECK(block_id(k1, a) != block_id(k1, b));
+  // HMAC-SHA-256 (RFC 4231 test case 2), first 128 bits.
+  IdKey jefe{};
+  std::memcpy(jefe.data(), "Jefe", 4);  // zero-padded to 32 bytes: the same HMAC key as "Jefe"
+  std::string msg = "what do ya want for nothing?";
+  BlockId want{0x5b, 0xdc, 0xc1, 0x46, 0xbf, 0x60, 0x75, 0x4e, 0x6a, 0x04, 0x24, 0x26, 0x08, 0x95, 0x75, 0xc7};
+  CHECK(block_id(jefe, std::as_bytes(std::span(msg))) == want);
 }
 
 TEST_CASE("tree depth grows with the disk, not with anything else") {
@@ -135,6 +165,22 @@ TEST_CASE("manifests round-trip") {
   CHECK(back.bytes_stored == m.bytes_stored);
 }
 
+TEST_CASE("format 2 manifests round-trip with the root's id and their packs") {
+  Manifest m = sample_manifest();
+  m.format = 2;
+  m.pack = 0;
+  m.packs = {0xfedcba9876543210ULL, 7};
+  m.root = BlockRef{0xfedcba9876543210ULL, 999, 4096, 42, block_id(random_id_key(), random_bytes(100, 1))};
+  Manifest back = decode_manifest(encode_manifest(m), "test");
+  CHECK(back.format == 2);
+  CHECK(back.root == m.root);
+  CHECK(back.packs == m.packs);
+  auto j = nlohmann::json::parse(as_text(encode_manifest(m)));
+  auto body = j["point"];
+  body["root"]["id"] = "xyz";
+  CHECK_THROWS_AS(decode_manifest(signed_json("point", body), "x"), FormatError);
+}
+
 TEST_CASE("names that are not UTF-8 are stored, not refused") {
   Manifest m = sample_manifest();
   m.vm_name = "bad \xff\xfe name";
@@ -171,7 +217,7 @@ TEST_CASE("manifests: truncation at every length and every bit flip give a clear
 TEST_CASE("manifests of a newer version are refused with a clear message") {
   auto j = nlohmann::json::parse(as_text(encode_manifest(sample_manifest())));
   auto body = j["point"];
-  body["version"] = 2;
+  body["version"] = kFormatVersion + 1;
   try {
     decode_manifest(signed_json("point", body), "x.point");
     FAIL("accepted a newer version");
@@ -194,9 +240,13 @@ TEST_CASE("manifests of a newer version are refused with a clear message") {
 
 TEST_CASE("repository header: good, damaged, newer, foreign") {
   std::string id = random_uuid();
-  Bytes h = encode_repo_header(id);
-  CHECK(check_repo_header(h, "r") == id);
-  CHECK(check_repo_header(signed_json("repository", {{"version", 1}, {"format", "cbtfs"}}), "r").empty());
+  Bytes h = encode_repo_header(RepoHeader{id, 1, {}});
+  CHECK(check_repo_header(h, "r").id == id);
+  CHECK(check_repo_header(h, "r").format == 1);
+  CHECK(check_repo_header(signed_json("repository", {{"version", 1}, {"format", "cbtfs"}}), "r").id.empty());
+  RepoHeader two{id, 2, random_id_key()};
+  CHECK(check_repo_header(encode_repo_header(two), "r").id_key == two.id_key);
+  CHECK_THROWS_AS(check_repo_header(signed_json("repository", {{"version", 2}, {"format", "cbtfs"}}), "r"), FormatError);
   CHECK_THROWS_AS(check_repo_header(signed_json("repository", {{"version", 1}, {"format", "cbtfs"}, {"id", "../x"}}), "r"),
                   FormatError);
   CHECK_THROWS_AS(check_repo_header(signed_json("repository", {{"version", 1}, {"format", "cbtfs"}, {"id", 7}}), "r"),
@@ -216,12 +266,21 @@ TEST_CASE("repository header: good, damaged, newer, foreign") {
 }
 
 TEST_CASE("pack headers") {
-  Bytes h = encode_pack_header(12);
-  CHECK_NOTHROW(check_pack_header(h, 12, "p"));
-  CHECK_THROWS_AS(check_pack_header(h, 13, "p"), FormatError);
-  CHECK_THROWS_AS(check_pack_header({h.data(), 8}, 12, "p"), FormatError);
+  Bytes h = encode_pack_header(12, 1);
+  CHECK(h.size() == pack_header_size(1));
+  CHECK_NOTHROW(check_pack_header(h, 12, 1, "p"));
+  CHECK_THROWS_AS(check_pack_header(h, 13, 1, "p"), FormatError);
+  CHECK_THROWS_AS(check_pack_header(h, 12, 2, "p"), FormatError);  // a format 1 pack where format 2 is expected
+  CHECK_THROWS_AS(check_pack_header({h.data(), 8}, 12, 1, "p"), FormatError);
   h[0] = std::byte{'X'};
-  CHECK_THROWS_AS(check_pack_header(h, 12, "p"), FormatError);
+  CHECK_THROWS_AS(check_pack_header(h, 12, 1, "p"), FormatError);
+
+  uint64_t big = 0xfedcba9876543210ULL;
+  Bytes h2 = encode_pack_header(big, 2);
+  CHECK(h2.size() == pack_header_size(2));
+  CHECK_NOTHROW(check_pack_header(h2, big, 2, "p"));
+  CHECK_THROWS_AS(check_pack_header(h2, big ^ 1, 2, "p"), FormatError);
+  CHECK_THROWS_AS(check_pack_header(h2, big, 1, "p"), FormatError);
 }
 
 TEST_CASE("times parse in the forms people type") {

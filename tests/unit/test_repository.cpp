@@ -123,7 +123,7 @@ TEST_CASE("zero blocks and zero subtrees cost nothing; seek finds data and holes
   d[3000 * kBlockSize + 5] = std::byte{2};
   Manifest m = t.write(kVdi, d, 1);
   CHECK(m.blocks_written == 2);
-  CHECK(m.bytes_stored < 4 * kNodeSize);
+  CHECK(m.bytes_stored < 4 * node_size(1));
   PointReader r(t.repo, t.repo->latest(kVdi));
   CHECK(r.next_data(0) == 10 * kBlockSize);
   CHECK(r.next_data(10 * kBlockSize + 3) == 10 * kBlockSize + 3);
@@ -214,7 +214,7 @@ TEST_CASE("a flipped byte in a pack gives CorruptError for that block only, and 
   Bytes d = mixed_disk(12, 0, 5);
   t.write(kVdi, d, 1);
   fs::path pack = fs::path(t.root()) / "vdis" / kVdi / "packs" / "00000001.pack";
-  flip_byte(pack, kPackHeaderSize + 100);  // inside the first record: block 0
+  flip_byte(pack, pack_header_size(1) + 100);  // inside the first record: block 0
   auto repo = Repository::open(t.root());  // fresh caches
   PointReader r(repo, repo->latest(kVdi));
   Bytes out(kBlockSize);

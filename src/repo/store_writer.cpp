@@ -1,0 +1,73 @@
+#include "store_writer.hpp"
+
+#include <openssl/rand.h>
+
+#include <cstring>
+#include <stdexcept>
+
+#include "cbtfs/layout.hpp"
+
+namespace cbtfs {
+
+namespace {
+
+// Random, so that writers of different VDIs need no agreement on names; the
+// storage refuses to commit over an existing name, should two ever meet.
+uint64_t random_pack_id() {
+  uint64_t v = 0;
+  while (v == 0)
+    if (RAND_bytes(reinterpret_cast<unsigned char*>(&v), sizeof v) != 1) throw std::runtime_error("no random bytes");
+  return v;
+}
+
+}  // namespace
+
+StoreWriter::StoreWriter(Repository& repo, std::function<void()> before_visible)
+    : repo_(repo), before_visible_(std::move(before_visible)) {}
+
+std::optional<BlockRef> StoreWriter::find(const BlockId& id) {
+  if (auto it = own_.find(id); it != own_.end()) {
+    ++deduplicated_;
+    return it->second;
+  }
+  if (!index_) index_ = std::make_unique<DedupIndex>(repo_.storage());
+  auto r = index_->find(id);
+  if (r) ++deduplicated_;
+  return r;
+}
+
+void StoreWriter::append(BlockRef& ref, Bytes&& stored) {
+  if (pack_ && pack_->size() + stored.size() > kStorePackCap) close_pack();
+  if (!pack_) {
+    pack_id_ = random_pack_id();
+    pack_ = repo_.storage().create(layout::store_pack_key(pack_id_));
+    pack_->append(encode_pack_header(pack_id_, 2));
+  }
+  ref.pack = pack_id_;
+  ref.offset = pack_->size();
+  pack_->append(std::move(stored));
+  entries_.push_back(ref);
+  if (own_.size() < kMaxOwn) own_.emplace(ref.id, ref);
+}
+
+// The pack first: an index entry must never name a record that is not there.
+void StoreWriter::close_pack() {
+  if (!pack_) return;
+  before_visible_();
+  closed_bytes_ += pack_->size();
+  pack_->commit();
+  pack_.reset();
+  packs_.push_back(pack_id_);
+  before_visible_();
+  repo_.storage().put(layout::store_index_key(pack_id_), encode_index_segment(std::move(entries_), pack_id_));
+  entries_.clear();
+}
+
+std::vector<uint64_t> StoreWriter::commit() {
+  close_pack();
+  return packs_;
+}
+
+uint64_t StoreWriter::bytes_written() const { return closed_bytes_ + (pack_ ? pack_->size() : 0); }
+
+}  // namespace cbtfs
