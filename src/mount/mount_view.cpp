@@ -293,6 +293,7 @@ std::shared_ptr<const PointVolumes> MountView::volumes(const ManifestPtr& m) {
     }
   }
   std::lock_guard g(mu_);
+  if (!partitions_.count(key)) return out;  // the table could not be read: asked again next time
   return volumes_.emplace(key, out).first->second;
 }
 

@@ -333,6 +333,38 @@ def test_lv_files_mount_with_their_files(guest, mnt):
             os.rmdir(d)
 
 
+def test_sparse_lv_copies_sparse_and_seeks_to_its_data(guest, mnt, tmp_path):
+    with Mount(guest["repo"], mnt) as m:
+        f = m.path(VDI, lv_file(POINTS[0], "data"))
+        ref = guest["refs"][0]["data"]
+        # Only the blocks holding data count, over both stripes.
+        assert 0 < os.stat(f).st_blocks * 512 < os.path.getsize(f) // 4
+        copy = tmp_path / "data.img"
+        run("cp", "--sparse=always", f, copy)
+        assert files_equal(copy, ref)
+        assert os.stat(copy).st_blocks * 512 < os.path.getsize(f) // 4
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            pos, seen = 0, 0
+            while True:  # every byte outside the data ranges found is zero in the reference
+                try:
+                    data = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError:
+                    data = os.path.getsize(f)
+                with open(ref, "rb") as r:
+                    r.seek(pos)
+                    assert r.read(data - pos).count(0) == data - pos, (pos, data)
+                if data >= os.path.getsize(f):
+                    break
+                hole = os.lseek(fd, data, os.SEEK_HOLE)
+                assert hole > data
+                seen += hole - data
+                pos = hole
+            assert 0 < seen < os.path.getsize(f) // 4
+        finally:
+            os.close(fd)
+
+
 def test_clone_with_the_same_vg_shows_at_once(guest, mnt):
     with Mount(guest["repo"], mnt) as m:
         for lv in SHOWN:
