@@ -4,6 +4,7 @@
 #include <syslog.h>
 
 #include <algorithm>
+#include <cctype>
 #include <set>
 
 namespace cbtfs {
@@ -275,7 +276,11 @@ std::shared_ptr<const PointVolumes> MountView::volumes(const ManifestPtr& m) {
   for (auto& g : scan.groups) {
     auto vg = std::make_shared<const lvm::VolumeGroup>(g);
     // Two VGs of one name on one disk: each named with the start of its uuid too.
-    std::string vg_name = vg_names[g.name] > 1 ? g.name + "." + g.uuid.substr(0, 6) : g.name;
+    std::string vg_name = g.name;
+    if (vg_names[g.name] > 1) {
+      vg_name += '.';
+      for (char c : g.uuid.substr(0, 6)) vg_name += std::isalnum(static_cast<unsigned char>(c)) ? c : '_';
+    }
     for (auto& s : g.skipped) skip(g.name + "/" + s.lv, s.reason);
     for (size_t i = 0; i < g.lvs.size(); ++i) {
       auto lv = std::make_shared<LvImage>();
