@@ -9,9 +9,9 @@ seconds=${1:-30}
   -Db_sanitize=address,undefined -Db_lundef=false
 meson compile -C build-fuzz
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
-for t in manifest record partitions xmlrpc bitmap; do
+for t in manifest record partitions lvm lvm-nocrc xmlrpc bitmap; do
   work=$(mktemp -d)
-  cp tests/fuzz/corpus/$t/* "$work"/
+  cp tests/fuzz/corpus/${t%-nocrc}/* "$work"/
   (cd build-fuzz && ./tests/fuzz/fuzz-$t -max_total_time="$seconds" -print_final_stats=1 "$work" 2>&1) |
     grep -E "stat::number_of_executed_units|ERROR|SUMMARY" | sed "s/^/fuzz-$t: /"
   rm -rf "$work"

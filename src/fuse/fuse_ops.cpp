@@ -88,6 +88,23 @@ struct OpenImage {
 
 OpenImage* image_of(fuse_file_info* fi) { return reinterpret_cast<OpenImage*>(fi->fh); }
 
+// Reads [pos, pos + out.size()) of an image: a window of the point, or the
+// pieces of an LV.
+size_t read_image(OpenImage& img, uint64_t pos, std::span<std::byte> out) {
+  auto read_at = [&](uint64_t at, std::span<std::byte> o) {
+    return img.overlay ? img.overlay->read(img.reader, at, o) : img.reader.read(at, o);
+  };
+  if (!img.entry.lv) return read_at(img.entry.offset + pos, out);
+  size_t done = 0;
+  for (auto& r : img.entry.lv->map(pos, out.size())) {
+    auto part = out.subspan(static_cast<size_t>(r.lv_offset - pos), static_cast<size_t>(r.length));
+    size_t n = read_at(r.disk_offset, part);
+    std::fill(part.begin() + static_cast<std::ptrdiff_t>(n), part.end(), std::byte{0});  // cannot be short: checked
+    done = static_cast<size_t>(r.lv_offset - pos + r.length);
+  }
+  return done;
+}
+
 void* op_init(fuse_conn_info* conn, fuse_config* cfg) {
   // Names can appear (new points) but never change meaning, and image
   // contents never change at all.
@@ -174,9 +191,7 @@ int op_read(const char* path, char* buf, size_t size, off_t off, fuse_file_info*
     if (pos >= img.entry.size) return 0;
     size = static_cast<size_t>(std::min<uint64_t>(size, img.entry.size - pos));
     std::span<std::byte> out{reinterpret_cast<std::byte*>(buf), size};
-    size_t n = img.overlay ? img.overlay->read(img.reader, img.entry.offset + pos, out)
-                           : img.reader.read(img.entry.offset + pos, out);
-    return static_cast<int>(n);
+    return static_cast<int>(read_image(img, pos, out));
   });
 }
 
@@ -188,7 +203,14 @@ int op_write(const char* path, const char* buf, size_t size, off_t off, fuse_fil
     auto pos = static_cast<uint64_t>(off);
     if (pos >= img.entry.size) return size ? -ENOSPC : 0;  // an image cannot grow
     size = static_cast<size_t>(std::min<uint64_t>(size, img.entry.size - pos));
-    img.overlay->write(img.reader, img.entry.offset + pos, {reinterpret_cast<const std::byte*>(buf), size});
+    std::span<const std::byte> data{reinterpret_cast<const std::byte*>(buf), size};
+    if (!img.entry.lv) {
+      img.overlay->write(img.reader, img.entry.offset + pos, data);
+    } else {
+      for (auto& r : img.entry.lv->map(pos, size))
+        img.overlay->write(img.reader, r.disk_offset,
+                           data.subspan(static_cast<size_t>(r.lv_offset - pos), static_cast<size_t>(r.length)));
+    }
     return static_cast<int>(size);
   });
 }
@@ -229,6 +251,21 @@ off_t op_lseek(const char* path, off_t off, int whence, fuse_file_info* fi) {
     if (pos >= img.entry.size) return -ENXIO;
     // Written pages are data wherever they are: no holes are claimed.
     if (img.overlay && img.overlay->written()) return whence == SEEK_DATA ? off : static_cast<off_t>(img.entry.size);
+    if (img.entry.lv) {
+      // Piece by piece, up to a budget (a striped LV has one per chunk);
+      // past it, everything counts as data, which is never wrong to claim.
+      constexpr size_t kBudget = 4096;
+      auto ranges = img.entry.lv->map(pos, img.entry.size - pos, kBudget);
+      for (auto& rg : ranges) {
+        uint64_t end = rg.disk_offset + rg.length;
+        uint64_t f = std::min(whence == SEEK_DATA ? r.next_data(rg.disk_offset) : r.next_hole(rg.disk_offset), end);
+        if (f < end) return static_cast<off_t>(rg.lv_offset + (f - rg.disk_offset));
+      }
+      uint64_t seen = ranges.empty() ? pos : ranges.back().lv_offset + ranges.back().length;
+      if (whence == SEEK_HOLE) return static_cast<off_t>(img.entry.size);
+      if (seen >= img.entry.size) return -ENXIO;
+      return static_cast<off_t>(seen);
+    }
     uint64_t at = img.entry.offset + pos, end = img.entry.offset + img.entry.size;
     uint64_t found = std::min(whence == SEEK_DATA ? r.next_data(at) : r.next_hole(at), end);
     if (whence == SEEK_DATA && found >= end) return -ENXIO;
@@ -241,7 +278,7 @@ int op_getxattr(const char* path, const char* name, char* value, size_t size) {
     auto e = state().view.lookup(path);
     if (!e) return -ENOENT;
     if (e->kind != ViewEntry::Kind::Image) return -ENODATA;
-    for (auto& [k, v] : MountView::xattrs(*e)) {
+    for (auto& [k, v] : state().view.xattrs(*e)) {
       if (k != name) continue;
       if (size == 0) return static_cast<int>(v.size());
       if (size < v.size()) return -ERANGE;
@@ -258,7 +295,7 @@ int op_listxattr(const char* path, char* list, size_t size) {
     if (!e) return -ENOENT;
     std::string all;
     if (e->kind == ViewEntry::Kind::Image)
-      for (auto& [k, v] : MountView::xattrs(*e)) all.append(k).push_back('\0');
+      for (auto& [k, v] : state().view.xattrs(*e)) all.append(k).push_back('\0');
     if (size == 0) return static_cast<int>(all.size());
     if (size < all.size()) return -ERANGE;
     std::memcpy(list, all.data(), all.size());
