@@ -10,6 +10,8 @@
 // Format 2 adds the block store that every VDI shares:
 //   store/packs/<xx>/<id>.pack        records; <id> 16 hex digits, <xx> its first two
 //   store/index/<id>.idx              sorted (block id -> where) entries of pack <id>
+//   store/gc/lock, store/gc/sweeping  the collector's lock, and its mark while it frees
+//   vdis/<uuid>/uses/<n>              packs a writer of the VDI relies on (see gc.hpp)
 #pragma once
 
 #include <cstdint>
@@ -44,5 +46,9 @@ std::string store_index_key(uint64_t segment);
 // "0123456789abcdef.pack" / ".idx" back to its id; 0 for anything else.
 uint64_t parse_store_pack_name(const std::string& name);
 uint64_t parse_store_index_name(const std::string& name);
+inline constexpr const char* kGcLockKey = "store/gc/lock";
+inline constexpr const char* kGcSweepingKey = "store/gc/sweeping";
+std::string uses_dir(const std::string& vdi);
+std::string uses_key(const std::string& vdi, uint32_t n);
 
 }  // namespace cbtfs::layout

@@ -34,8 +34,8 @@ struct PruneReport {
   uint64_t bytes_freed = 0;
   uint64_t bytes_dead = 0;  // in packs that remaining points still partly need
   // Format 2: the removed points' blocks are in the shared store, where
-  // other VDIs' points may use them; only a collection of the whole store
-  // can free them, which this version does not have yet.
+  // other VDIs' points may use them; a collection of the whole store
+  // (gc.hpp) frees what no point needs any more.
   bool store_not_collected = false;
 };
 

@@ -4,11 +4,33 @@
 #include <cstdio>
 
 #include "cbtfs/errors.hpp"
+#include "cbtfs/gc.hpp"
 #include "cbtfs/prune.hpp"
 #include "commands.hpp"
 #include "progress.hpp"
 
 namespace cbtfs {
+
+namespace {
+
+// Format 2: what prune or forget left unreferenced is freed by a collection
+// of the whole store, run right after.
+void collect_and_say(Repository& repo, bool dry_run, const char* program) {
+  GcReport g = collect_store(repo, dry_run, holder_text(program));
+  std::printf("store: %llu pack(s), %llu removed, %s %s", static_cast<unsigned long long>(g.packs),
+              static_cast<unsigned long long>(g.packs_removed), human_bytes(g.bytes_freed).c_str(),
+              dry_run ? "would be freed" : "freed");
+  if (g.bytes_dead)
+    std::printf(" (%s no longer needed stays allocated: pieces of file-system blocks, or a storage that cannot "
+                "free ranges of an object)",
+                human_bytes(g.bytes_dead).c_str());
+  if (g.packs_in_use)
+    std::printf("; %llu pack(s) a running backup relies on are left for a later collection",
+                static_cast<unsigned long long>(g.packs_in_use));
+  std::printf("\n");
+}
+
+}  // namespace
 
 int cmd_prune(const PruneArgs& a) {
   RetentionPolicy p{a.last, a.hourly, a.daily, a.weekly, a.monthly, a.yearly};
@@ -39,9 +61,7 @@ int cmd_prune(const PruneArgs& a) {
                 "share, or a storage that cannot free ranges of an object)",
                 human_bytes(dead).c_str());
   std::printf("\n");
-  if (not_collected)
-    std::printf("the removed points' blocks stay in the repository's shared block store (format 2) until a "
-                "collection of the store frees them; this version of cbtfs cannot collect it yet\n");
+  if (not_collected && !a.dry_run) collect_and_say(*repo, false, "cbtfs-repo prune");
   return kExitOk;
 }
 
@@ -49,6 +69,13 @@ int cmd_forget(const std::string& path, const std::string& vdi) {
   auto repo = open_repository(path);
   forget_vdi(repo, vdi, holder_text("cbtfs-repo forget"));
   std::printf("forgot VDI %s\n", vdi.c_str());
+  if (repo->format() >= 2) collect_and_say(*repo, false, "cbtfs-repo forget");
+  return kExitOk;
+}
+
+int cmd_gc(const std::string& path, bool dry_run) {
+  auto repo = open_repository(path);
+  collect_and_say(*repo, dry_run, "cbtfs-repo gc");
   return kExitOk;
 }
 

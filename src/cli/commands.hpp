@@ -35,6 +35,7 @@ struct PruneArgs {
 };
 int cmd_prune(const PruneArgs& a);
 int cmd_forget(const std::string& repo, const std::string& vdi);
+int cmd_gc(const std::string& repo, bool dry_run);
 int cmd_restore(const std::string& repo, const std::string& vdi, const std::string& point, const std::string& dest,
                 bool force);
 struct RestoreXapiArgs {

@@ -63,8 +63,7 @@ int run(int argc, char** argv) {
   auto* init = app.add_subcommand("init", "create an empty repository");
   uint32_t format = 1;
   init->add_option("--format", format,
-                   "1 (the default): packs per VDI; 2 (experimental): one deduplicated block store for every VDI, "
-                   "whose space prune does not free yet")
+                   "1 (the default): packs per VDI; 2 (experimental): one deduplicated block store for every VDI")
       ->check(CLI::Range(1u, kFormatVersion));
   init->add_option("REPO", repo, "repository directory")->required();
 
@@ -125,6 +124,11 @@ int run(int argc, char** argv) {
   forget->add_option("REPO", repo, "repository")->required();
   forget->add_option("VDI", vdi, "VDI uuid")->required();
 
+  bool gc_dry_run = false;
+  auto* gc = app.add_subcommand("gc", "format 2: free the blocks no point references (prune and forget run it)");
+  gc->add_flag("-n,--dry-run", gc_dry_run, "only say what would be freed");
+  gc->add_option("REPO", repo, "repository")->required();
+
   check_command(app, argc, argv);
   try {
     app.parse(argc, argv);
@@ -150,6 +154,7 @@ int run(int argc, char** argv) {
   if (*verify) return cmd_verify(repo, vdi);
   if (*prune) return cmd_prune(pa);
   if (*forget) return cmd_forget(repo, vdi);
+  if (*gc) return cmd_gc(repo, gc_dry_run);
   if (*restore && !ra.xapi.url.empty()) {
     if (!dest.empty()) throw UsageError("give either DEST or --xapi, not both");
     if (ra.sr.empty()) throw UsageError("--xapi needs --sr SR-UUID: where the new VDI goes");

@@ -62,6 +62,20 @@ Bytes encode_index_segment(std::vector<BlockRef> entries, uint64_t pack) {
   return out;
 }
 
+std::optional<uint64_t> index_segment_count(Storage& storage, const std::string& key) {
+  Bytes h(48);
+  try {
+    storage.read(key, 0, h);
+  } catch (const StorageError&) {
+    return std::nullopt;
+  } catch (const FormatError&) {
+    return std::nullopt;
+  }
+  if (std::memcmp(h.data(), kIndexMagic.data(), kIndexMagic.size()) != 0 || get64(h.data() + 40) != checksum(h.data(), 40))
+    return std::nullopt;
+  return get64(h.data() + 16);
+}
+
 DedupIndex::DedupIndex(Storage& storage) : storage_(storage) {
   for (auto& dir_name : storage_.list(layout::kStoreIndexDir)) {
     if (!layout::parse_store_index_name(dir_name)) continue;

@@ -30,6 +30,9 @@ inline constexpr uint32_t kIndexPageEntries = 85;  // 85 * 48 = 4080, then a che
 // A segment's bytes for entries (any order; sorted here), indexing `pack`.
 Bytes encode_index_segment(std::vector<BlockRef> entries, uint64_t pack);
 
+// How many entries the segment at key holds (nullopt: missing or damaged).
+std::optional<uint64_t> index_segment_count(Storage& storage, const std::string& key);
+
 class DedupIndex {
  public:
   // Reads the first ids of every segment there is now. A damaged segment

@@ -63,6 +63,8 @@ std::string store_pack_key(uint64_t pack) {
   std::string h = hex_id(pack);
   return std::string(kStorePacksDir) + "/" + h.substr(0, 2) + "/" + h + ".pack";
 }
+std::string uses_dir(const std::string& vdi) { return vdi_dir(vdi) + "/uses"; }
+std::string uses_key(const std::string& vdi, uint32_t n) { return uses_dir(vdi) + "/" + seq_name(n, ""); }
 std::string store_index_key(uint64_t segment) { return std::string(kStoreIndexDir) + "/" + hex_id(segment) + ".idx"; }
 uint64_t parse_store_pack_name(const std::string& name) { return parse_hex_id(name, ".pack"); }
 uint64_t parse_store_index_name(const std::string& name) { return parse_hex_id(name, ".idx"); }

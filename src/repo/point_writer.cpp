@@ -76,7 +76,7 @@ PointWriter::PointWriter(std::shared_ptr<Repository> repo, const std::string& vd
   m_.format = repo_->format();
   levels_.resize(m_.depth);
   pool_ = std::make_unique<EncoderPool>(std::max(1u, std::thread::hardware_concurrency()));
-  if (m_.format >= 2) store_ = std::make_unique<StoreWriter>(*repo_, [this] { lock_->check(); });
+  if (m_.format >= 2) store_ = std::make_unique<StoreWriter>(*repo_, vdi_, [this] { lock_->check(); });
 }
 
 PointWriter::~PointWriter() = default;  // an uncommitted pack is discarded by its writer
@@ -357,6 +357,14 @@ Manifest PointWriter::commit() {
   lock_->check();
   repo_->storage().put(layout::point_key(vdi_, m_.seq), encode_manifest(m_));
   committed_ = true;
+  if (store_) {
+    try {
+      store_->release_uses();
+    } catch (const StorageError&) {
+      // The point is committed; names left in uses/ only keep their packs
+      // from a collection until the VDI's next writer clears them.
+    }
+  }
   return m_;
 }
 

@@ -22,8 +22,29 @@ uint64_t random_pack_id() {
 
 }  // namespace
 
-StoreWriter::StoreWriter(Repository& repo, std::function<void()> before_visible)
-    : repo_(repo), before_visible_(std::move(before_visible)) {}
+StoreWriter::StoreWriter(Repository& repo, const std::string& vdi, std::function<void()> before_visible)
+    : repo_(repo), vdi_(vdi), before_visible_(std::move(before_visible)) {
+  release_uses();
+}
+
+void StoreWriter::release_uses() {
+  auto& st = repo_.storage();
+  for (auto& n : st.list(layout::uses_dir(vdi_))) st.remove(layout::uses_dir(vdi_) + "/" + n);
+  st.remove_temporaries(layout::uses_dir(vdi_));
+  uses_written_ = 0;
+}
+
+bool StoreWriter::rely_on(uint64_t pack, bool own) {
+  if (auto it = relied_.find(pack); it != relied_.end()) return it->second;
+  auto& st = repo_.storage();
+  std::string text = std::to_string(pack) + "\n";
+  st.put(layout::uses_key(vdi_, ++uses_written_), std::as_bytes(std::span(text)));
+  // A collection freeing records now may have read uses/ before this name
+  // landed: its packs cannot be trusted for the rest of this run.
+  bool ok = own || !st.size(layout::kGcSweepingKey);
+  relied_.emplace(pack, ok);
+  return ok;
+}
 
 std::optional<BlockRef> StoreWriter::find(const BlockId& id) {
   if (auto it = own_.find(id); it != own_.end()) {
@@ -32,7 +53,8 @@ std::optional<BlockRef> StoreWriter::find(const BlockId& id) {
   }
   if (!index_) index_ = std::make_unique<DedupIndex>(repo_.storage());
   auto r = index_->find(id);
-  if (r) ++deduplicated_;
+  if (!r || !rely_on(r->pack, false)) return std::nullopt;
+  ++deduplicated_;
   return r;
 }
 
@@ -40,6 +62,7 @@ void StoreWriter::append(BlockRef& ref, Bytes&& stored) {
   if (pack_ && pack_->size() + stored.size() > kStorePackCap) close_pack();
   if (!pack_) {
     pack_id_ = random_pack_id();
+    rely_on(pack_id_, true);
     pack_ = repo_.storage().create(layout::store_pack_key(pack_id_));
     pack_->append(encode_pack_header(pack_id_, 2));
   }

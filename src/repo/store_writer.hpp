@@ -3,6 +3,13 @@
 // VDIs write packs of their own at the same time), each followed by the
 // index segment of its records; and whether a record is stored already,
 // from the dedup index and from what this writer stored itself.
+//
+// The collector (gc.hpp) must never free a record this writer is about to
+// reference. So every pack the writer relies on (one it writes, one whose
+// records it reuses) is named in vdis/<vdi>/uses/ before it is relied on,
+// and a reused pack is relied on only if no collection was freeing records
+// when it was named there; the collector reads those names after it marks
+// itself as freeing, and leaves their packs alone.
 #pragma once
 
 #include <cstdint>
@@ -24,7 +31,11 @@ class StoreWriter {
  public:
   // before_visible runs right before anything becomes visible (the lock's
   // check: a writer whose lease was taken over must not publish).
-  StoreWriter(Repository& repo, std::function<void()> before_visible);
+  // Holds the VDI's lock (the uses/ names of a dead writer are cleared).
+  StoreWriter(Repository& repo, const std::string& vdi, std::function<void()> before_visible);
+  // After the point's manifest is committed: its records are referenced
+  // by a manifest now, so the uses/ names can go.
+  void release_uses();
   // A record with this id that is stored already (committed, or written by
   // this writer), or nullopt.
   std::optional<BlockRef> find(const BlockId& id);
@@ -39,13 +50,19 @@ class StoreWriter {
 
  private:
   void close_pack();
+  // Names the pack in uses/ (once); for a pack of others' records, whether
+  // it may be relied on.
+  bool rely_on(uint64_t pack, bool own);
 
   // What this writer stored, for repeats within its run; bounded so that a
   // huge first backup does not grow without end (a repeat beyond is stored twice).
   static constexpr size_t kMaxOwn = 1 << 20;
 
   Repository& repo_;
+  std::string vdi_;
   std::function<void()> before_visible_;
+  std::unordered_map<uint64_t, bool> relied_;  // pack -> may be relied on
+  uint32_t uses_written_ = 0;
   std::unique_ptr<DedupIndex> index_;  // opened at the first find
   std::unique_ptr<ObjectWriter> pack_;
   uint64_t pack_id_ = 0;

@@ -7,7 +7,8 @@ daemon must exit 0.
 CBTFS_TEST_BACKEND=s3 runs the same tests with every repository in a bucket
 of a real Ceph RADOS Gateway, started for the run on loopback; the helpers
 below (list_objects, flip_object_byte, ...) reach repository objects on
-either backend."""
+either backend. CBTFS_TEST_FORMAT=2 makes every repository a format 2 one
+(a shared, deduplicated block store)."""
 
 import json
 import os
@@ -27,6 +28,7 @@ CBTFS = os.path.abspath(os.path.join(BUILD, "src", "cbtfs"))
 REPO_TOOL = os.path.abspath(os.path.join(BUILD, "src", "cbtfs-repo"))
 BLOCK = 65536
 BACKEND = os.environ.get("CBTFS_TEST_BACKEND", "local")
+FORMAT = os.environ.get("CBTFS_TEST_FORMAT", "1")
 BUCKET = "cbtfs-tests"
 LEASE_SECONDS = 2  # S3 lock lease in tests: a killed writer's lock frees quickly
 _rgw = None
@@ -131,6 +133,8 @@ def run(*args, check=True, **kw):
 
 
 def repo_tool(*args, check=True):
+    if args and args[0] == "init" and FORMAT != "1":
+        args = ("init", "--format", FORMAT) + tuple(args[1:])
     return run(REPO_TOOL, *args, check=check)
 
 

@@ -22,6 +22,7 @@ class FaultStorage final : public Storage {
       : inner_(std::move(inner)), fail_at_(fail_at), err_(err) {}
 
   uint64_t operations() const { return ops_; }
+  void fail_at(uint64_t n) { fail_at_ = n; }
   bool fired() const { return fired_; }
 
   void step(const char* what) {
@@ -62,6 +63,13 @@ class FaultStorage final : public Storage {
   std::unique_ptr<StorageLock> try_lock(const std::string& key, const std::string& holder) override {
     step("lock");
     return inner_->try_lock(key, holder);
+  }
+  uint64_t discard(const std::string& key, uint64_t offset, uint64_t length) override {
+    step("discard");
+    return inner_->discard(key, offset, length);
+  }
+  uint64_t discardable(const std::string& key, uint64_t offset, uint64_t length) override {
+    return inner_->discardable(key, offset, length);
   }
   std::string describe() const override { return inner_->describe(); }
 

@@ -1,5 +1,7 @@
 // Format 2: one block store for the whole repository, deduplicated by keyed
 // block ids across points, chains and VDIs.
+#include <sys/stat.h>
+
 #include <catch2/catch.hpp>
 #include <cstring>
 #include <filesystem>
@@ -7,6 +9,9 @@
 
 #include "../../src/repo/dedup_index.hpp"
 #include "cbtfs/errors.hpp"
+#include "cbtfs/gc.hpp"
+#include "cbtfs/open_storage.hpp"
+#include "fault_storage.hpp"
 #include "cbtfs/layout.hpp"
 #include "cbtfs/prune.hpp"
 #include "cbtfs/verify.hpp"
@@ -201,12 +206,176 @@ TEST_CASE("format 2: prune removes points and keeps what the others need") {
   auto r = prune_vdi(t.repo, kVdi, p, false, "unit test");
   CHECK(r.removed.size() == 3);
   CHECK(r.store_not_collected);
+  uint64_t before = store_bytes(t);
   auto fresh = Repository::open(t.root());
+  GcReport dry = collect_store(*fresh, true, "unit test");
+  CHECK(store_bytes(t) == before);
+  GcReport g = collect_store(*fresh, false, "unit test");
+  CHECK(g.bytes_freed == dry.bytes_freed);
+  CHECK(g.bytes_freed >= 4 * kBlockSize);  // the blocks only the removed points had (6, less what 4 KiB holes cannot take)
+  CHECK(store_bytes(t) == before);  // holes: the files keep their size...
   auto pl = fresh->points(kVdi);
   REQUIRE(pl.points.size() == 2);
   CHECK(t.read_all(kVdi, pl.points[0]->seq) == versions[3]);
   CHECK(t.read_all(kVdi, pl.points[1]->seq) == versions[4]);
   CHECK(verify_vdi(*fresh, kVdi).problems.empty());
+  CHECK(collect_store(*fresh, false, "unit test").bytes_freed == 0);  // nothing more to free
+  // The index no longer names the freed blocks: writing a removed version
+  // again stores it anew instead of referencing a hole.
+  Manifest again = t.write(kVdiB, versions[0], kT0);
+  CHECK(again.blocks_written >= 6);
+  CHECK(t.read_all(kVdiB, again.seq) == versions[0]);
+}
+
+namespace {
+uint64_t allocated_store_bytes(const TestRepo& t) {
+  uint64_t n = 0;
+  for (auto& e : fs::recursive_directory_iterator(fs::path(t.root()) / "store" / "packs")) {
+    struct stat st;
+    if (e.is_regular_file() && ::stat(e.path().c_str(), &st) == 0) n += static_cast<uint64_t>(st.st_blocks) * 512;
+  }
+  return n;
+}
+}  // namespace
+
+TEST_CASE("format 2 gc: forgetting a VDI frees only what its clones do not share") {
+  TestRepo t(2);
+  Bytes d = template_disk(300, 11);
+  t.write(kVdi, d, kT0);
+  Bytes clone = d;
+  change_blocks(clone, {1, 2, 3}, 500);
+  t.write(kVdiB, clone, kT0);
+  Bytes other = template_disk(100, 12);  // nothing in common
+  t.write(kVdiC, other, kT0);
+  uint64_t before = allocated_store_bytes(t);
+  forget_vdi(t.repo, kVdi, "unit test");
+  GcReport g = collect_store(*t.repo, false, "unit test");
+  CHECK(g.bytes_freed < 8 * kBlockSize);  // the template stays for the clone: only its 3 changed blocks and nodes go
+  CHECK(allocated_store_bytes(t) <= before);
+  CHECK(t.read_all(kVdiB, 1) == clone);
+  CHECK(t.read_all(kVdiC, 1) == other);
+  forget_vdi(t.repo, kVdiB, "unit test");
+  GcReport g2 = collect_store(*t.repo, false, "unit test");
+  CHECK(g2.packs_removed >= 1);  // the template's pack is wholly dead now
+  CHECK(g2.bytes_freed > 250 * kBlockSize);
+  CHECK(t.read_all(kVdiC, 1) == other);
+  CHECK(verify_vdi(*t.repo, kVdiC).problems.empty());
+}
+
+TEST_CASE("format 2 gc: a pack a running writer relies on is not freed") {
+  TestRepo t(2);
+  Bytes d = template_disk(200, 13);
+  t.write(kVdi, d, kT0);
+  PointInfo info;
+  info.time = kT0;
+  info.virtual_size = d.size();
+  PointWriter w(t.repo, kVdiB, info, "a running backup");
+  Bytes block(kBlockSize);
+  for (uint64_t b = 0; b < 100; ++b) {  // half of the disk so far: all found in the first VDI's pack
+    std::memcpy(block.data(), d.data() + b * kBlockSize, kBlockSize);
+    w.put_block(b, block);
+  }
+  forget_vdi(t.repo, kVdi, "unit test");
+  GcReport g = collect_store(*t.repo, false, "unit test");
+  CHECK(g.packs_in_use >= 1);
+  CHECK(g.bytes_freed < 4 * node_size(2));
+  for (uint64_t b = 100; b < w.block_count(); ++b) {
+    std::memcpy(block.data(), d.data() + b * kBlockSize, kBlockSize);
+    w.put_block(b, block);
+  }
+  Manifest m = w.commit();
+  CHECK(m.blocks_written == 0);
+  CHECK(t.read_all(kVdiB, m.seq) == d);
+  CHECK(fs::is_empty(fs::path(t.root()) / layout::uses_dir(kVdiB)));
+  collect_store(*t.repo, false, "unit test");  // the writer is done: its pack is live through its manifest now
+  CHECK(t.read_all(kVdiB, m.seq) == d);
+  CHECK(verify_vdi(*t.repo, kVdiB).problems.empty());
+}
+
+TEST_CASE("format 2 gc: while a collection frees, writers do not reuse records") {
+  TestRepo t(2);
+  Bytes d = template_disk(100, 14);
+  t.write(kVdi, d, kT0);
+  t.repo->storage().put(layout::kGcSweepingKey, {});
+  Manifest m = t.write(kVdiB, d, kT0);
+  CHECK(m.blocks_written > 80);  // stored anew
+  t.repo->storage().remove(layout::kGcSweepingKey);
+  Manifest m2 = t.write(kVdiC, d, kT0);
+  CHECK(m2.blocks_written == 0);
+  CHECK(t.read_all(kVdiB, 1) == d);
+}
+
+TEST_CASE("format 2 gc: one at a time, and not on format 1") {
+  TestRepo t(2);
+  auto held = t.repo->storage().try_lock(layout::kGcLockKey, "another gc");
+  REQUIRE(held);
+  CHECK_THROWS_AS(collect_store(*t.repo, false, "unit test"), LockedError);
+  held.reset();
+  CHECK_NOTHROW(collect_store(*t.repo, false, "unit test"));
+  TestRepo one;
+  CHECK_THROWS_AS(collect_store(*one.repo, false, "unit test"), UsageError);
+}
+
+TEST_CASE("format 2 gc: a failure at any storage step loses nothing") {
+  TestRepo t(2);
+  Bytes d = template_disk(120, 15);
+  std::map<std::string, Bytes> expect;
+  t.write(kVdi, d, kT0);
+  Bytes clone = d;
+  change_blocks(clone, {7, 8, 9, 60}, 600);
+  t.write(kVdiB, clone, kT0);
+  change_blocks(clone, {20, 21}, 700);
+  t.write(kVdiB, clone, kT0 + 60);
+  expect[kVdiB] = clone;
+  Bytes c = template_disk(40, 16);
+  t.write(kVdiC, c, kT0);
+  expect[kVdiC] = c;
+  forget_vdi(t.repo, kVdi, "unit test");
+  RetentionPolicy p;
+  p.last = 1;
+  prune_vdi(t.repo, kVdiB, p, false, "unit test");
+
+  uint64_t ops;
+  {
+    TempDir copy;
+    fs::copy(t.root(), copy.path / "r", fs::copy_options::recursive);
+    auto fs_ = std::make_unique<FaultStorage>(open_local_storage((copy.path / "r").string()), 0, EIO);
+    auto* counter = fs_.get();
+    auto repo = Repository::open(std::move(fs_));
+    uint64_t at_open = counter->operations();
+    collect_store(*repo, false, "unit test");
+    ops = counter->operations() - at_open;
+  }
+  REQUIRE(ops > 10);
+  for (uint64_t k = 1; k <= ops; ++k) {
+    TempDir copy;
+    std::string root = (copy.path / "r").string();
+    fs::copy(t.root(), root, fs::copy_options::recursive);
+    auto faulty = std::make_unique<FaultStorage>(open_local_storage(root), 0, EIO);
+    auto* f = faulty.get();
+    auto repo = Repository::open(std::move(faulty));
+    f->fail_at(f->operations() + k);
+    try {
+      collect_store(*repo, false, "unit test");
+    } catch (const StorageError&) {
+    }
+    // Whatever it did before the failure, every point reads back, and a
+    // collection that runs to the end leaves everything intact too.
+    for (int round = 0; round < 2; ++round) {
+      auto clean = Repository::open(root);
+      for (auto& [vdi, want] : expect) {
+        auto m = clean->latest(vdi);
+        REQUIRE(m);
+        PointReader r(clean, m);
+        Bytes out(m->virtual_size);
+        r.read(0, out);
+        INFO("fault at step " << k << ", round " << round);
+        REQUIRE(out == want);
+        REQUIRE(verify_vdi(*clean, vdi).problems.empty());
+      }
+      if (round == 0) collect_store(*clean, false, "unit test");
+    }
+  }
 }
 
 TEST_CASE("a format 1 repository stays format 1") {

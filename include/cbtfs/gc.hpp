@@ -1,0 +1,38 @@
+// Collection of a format 2 repository's block store: frees the records that
+// no point of any VDI references, while other VDIs are being written and
+// while points are read.
+//
+// One collection at a time (store/gc/lock). It marks itself as freeing
+// (store/gc/sweeping), lists the packs, reads every writer's uses/ names
+// (packs a live writer relies on are left alone this time; a writer whose
+// VDI lock is free is dead and its names are void), then walks every point
+// of every VDI, and only then frees: a pack with no live record is removed
+// (its index segment first), one with some has its index segment rewritten
+// without the dead records and then their bytes punched out where the
+// storage can (a local directory; S3 cannot, and reports them).
+// The order is what keeps it safe: see store_writer.hpp for the writer's half.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "cbtfs/repository.hpp"
+
+namespace cbtfs {
+
+struct GcReport {
+  uint64_t packs = 0;            // in the store when it started
+  uint64_t packs_in_use = 0;     // left alone: a running writer relies on them
+  uint64_t packs_removed = 0;
+  uint64_t live_records = 0;
+  uint64_t bytes_freed = 0;
+  uint64_t bytes_dead = 0;       // no longer needed but still allocated (S3, pieces of file-system blocks)
+};
+
+// Throws UsageError on a format 1 repository, LockedError when another
+// collection runs, FormatError when a manifest cannot be read (a point it
+// cannot see might need any record, so nothing is freed).
+GcReport collect_store(Repository& repo, bool dry_run, const std::string& holder);
+
+}  // namespace cbtfs

@@ -1,0 +1,143 @@
+#include "cbtfs/gc.hpp"
+
+#include <algorithm>
+#include <functional>
+#include <map>
+#include <set>
+#include <vector>
+
+#include "cbtfs/errors.hpp"
+#include "cbtfs/layout.hpp"
+#include "dedup_index.hpp"
+
+namespace cbtfs {
+
+namespace {
+
+std::vector<uint64_t> list_packs(Storage& st) {
+  std::vector<uint64_t> packs;
+  for (auto& dir : st.list(layout::kStorePacksDir))
+    for (auto& n : st.list(std::string(layout::kStorePacksDir) + "/" + dir))
+      if (uint64_t id = layout::parse_store_pack_name(n); id && n.compare(0, 2, dir) == 0) packs.push_back(id);
+  return packs;
+}
+
+// Packs that running writers rely on. A VDI whose lock is free has no
+// writer: what its uses/ still names was left by a dead one.
+std::set<uint64_t> packs_in_use(Repository& repo) {
+  auto& st = repo.storage();
+  std::set<uint64_t> in_use;
+  for (auto& vdi : repo.vdis()) {
+    auto names = st.list(layout::uses_dir(vdi));
+    if (names.empty()) continue;
+    if (auto lock = st.try_lock(layout::lock_key(vdi), "cbtfs-repo gc (checking for a writer)")) continue;
+    for (auto& n : names) {
+      auto b = st.get(layout::uses_dir(vdi) + "/" + n);
+      if (!b) continue;
+      std::string text(reinterpret_cast<const char*>(b->data()), b->size());
+      try {
+        in_use.insert(std::stoull(text));
+      } catch (const std::exception&) {
+        // Not a number: a torn name of a writer that is still running
+        // would be rewritten before it relies on anything.
+      }
+    }
+  }
+  return in_use;
+}
+
+// Every record some point references, by pack: the live set.
+std::map<uint64_t, std::vector<BlockRef>> mark(Repository& repo) {
+  std::map<uint64_t, std::vector<BlockRef>> live;
+  std::set<std::pair<uint64_t, uint64_t>> seen;
+  std::function<void(const std::string&, const BlockRef&, uint32_t)> walk = [&](const std::string& vdi,
+                                                                                  const BlockRef& ref, uint32_t level) {
+    if (ref.is_zero() || !seen.insert({ref.pack, ref.offset}).second) return;
+    live[ref.pack].push_back(ref);
+    if (level == 0) return;
+    auto node = repo.node(vdi, ref, /*keep=*/false);
+    IndexNode entries(*node, repo.format());
+    for (uint32_t i = 0; i < kFanout; ++i) walk(vdi, entries[i], level - 1);
+  };
+  for (auto& vdi : repo.vdis()) {
+    auto pl = repo.points(vdi);
+    if (!pl.errors.empty())
+      throw FormatError("cannot collect the store: " + pl.errors.front() +
+                        " (a point that cannot be read may need any record; run cbtfs-repo verify)");
+    for (auto& m : pl.points) walk(vdi, m->root, m->depth);
+  }
+  return live;
+}
+
+}  // namespace
+
+GcReport collect_store(Repository& repo, bool dry_run, const std::string& holder) {
+  if (repo.format() < 2) throw UsageError("gc is for format 2 repositories; format 1 frees space at prune");
+  auto& st = repo.storage();
+  auto lock = st.try_lock(layout::kGcLockKey, holder);
+  if (!lock) {
+    std::string who = st.lock_holder(layout::kGcLockKey);
+    throw LockedError("another collection of the store is running" + (who.empty() ? "" : " (" + who + ")"));
+  }
+  GcReport r;
+  if (!dry_run) {
+    st.remove(layout::kGcSweepingKey);  // left by a collection that died
+    lock->check();
+    st.put(layout::kGcSweepingKey, std::as_bytes(std::span(holder)));
+  }
+  // The order below is the protocol: packs, then uses/, then manifests.
+  auto packs = list_packs(st);
+  auto in_use = packs_in_use(repo);
+  auto live = mark(repo);
+  r.packs = packs.size();
+  for (uint64_t pack : packs) {
+    if (in_use.count(pack)) {
+      ++r.packs_in_use;
+      continue;
+    }
+    std::string key = layout::store_pack_key(pack), index = layout::store_index_key(pack);
+    uint64_t size = st.size(key).value_or(0);
+    auto it = live.find(pack);
+    if (it == live.end()) {
+      ++r.packs_removed;
+      r.bytes_freed += size;
+      if (!dry_run) {
+        lock->check();
+        st.remove(index);  // before the pack: no entry may name a record that is gone
+        st.remove(key);
+      }
+      continue;
+    }
+    auto& refs = it->second;
+    r.live_records += refs.size();
+    // A pack whose index lists only live records has lost nothing since the
+    // last collection (which freed what was dead then).
+    std::set<BlockId> ids;
+    for (auto& ref : refs) ids.insert(ref.id);
+    if (index_segment_count(st, index) == ids.size()) continue;
+    std::sort(refs.begin(), refs.end(), [](const BlockRef& a, const BlockRef& b) { return a.offset < b.offset; });
+    std::vector<std::pair<uint64_t, uint64_t>> gaps;
+    uint64_t pos = pack_header_size(2);
+    for (auto& ref : refs) {
+      if (ref.offset > pos) gaps.emplace_back(pos, ref.offset);
+      pos = std::max(pos, ref.offset + ref.length());
+    }
+    if (size > pos) gaps.emplace_back(pos, size);
+    if (gaps.empty()) continue;
+    // What the index still lists beyond the live records are the dead ones.
+    if (!dry_run) {
+      lock->check();
+      st.remove(index);
+      st.put(index, encode_index_segment(refs, pack));
+    }
+    for (auto& [from, to] : gaps) {
+      uint64_t freed = dry_run ? st.discardable(key, from, to - from) : st.discard(key, from, to - from);
+      r.bytes_freed += freed;
+      r.bytes_dead += to - from - freed;
+    }
+  }
+  if (!dry_run) st.remove(layout::kGcSweepingKey);
+  return r;
+}
+
+}  // namespace cbtfs

@@ -1,0 +1,119 @@
+"""Format 2 through the real commands: VMs cloned from one template and
+backed up from the simulated XenServer store the template once, and every
+point of every clone reads back byte for byte through the mount."""
+
+import os
+import random
+import re
+
+import pytest
+
+from conftest import BACKEND, Mount, files_equal, import_image, ls_json, new_repo_location, repo_tool, run
+from test_ingest import MIB, ingest
+from xapi import Sim
+
+CLONES = 20
+DISK = 16 * MIB
+TEMPLATE_DATA = 8 * MIB  # the rest of the disk is never written
+
+
+def store_bytes(repo):
+    """Bytes of every pack of the shared store (local repositories)."""
+    total = 0
+    for root, _, files in os.walk(os.path.join(str(repo), "store", "packs")):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files if f.endswith(".pack"))
+    return total
+
+
+@pytest.fixture
+def repo2(tmp_path):
+    r = new_repo_location(tmp_path, "repo2")
+    repo_tool("init", "--format", "2", r)
+    return r
+
+
+@pytest.fixture
+def clones(tmp_path):
+    vms = [{"name": f"clone{i:02d}", "disks": [{"name": "system", "size": DISK}]} for i in range(CLONES)]
+    sim = Sim(tmp_path, vms)
+    template = random.Random(7).randbytes(TEMPLATE_DATA)
+    rnd = random.Random(8)
+    for i in range(CLONES):
+        (disk,) = sim.disks_of(f"clone{i:02d}")
+        with open(disk["path"], "r+b") as f:
+            f.write(template)
+            # 2 % of the disk unique to this clone: its own writes, scattered
+            for _ in range(DISK // 65536 // 50):
+                f.seek(rnd.randrange(DISK // 4096) * 4096)
+                f.write(rnd.randbytes(4096))
+    yield sim
+    sim.stop()
+
+
+@pytest.mark.skipif(BACKEND != "local", reason="measures the local store's files")
+def test_twenty_clones_store_the_template_once(clones, repo2, tmp_path):
+    vm_args = [a for i in range(CLONES) for a in ("--vm", f"clone{i:02d}")]
+    ingest(clones, repo2, "-q", *vm_args)
+    one_clone = store_bytes(repo2) / CLONES
+    stored = store_bytes(repo2)
+    # One clone alone would store about TEMPLATE_DATA + its own writes.
+    assert stored <= 1.6 * (TEMPLATE_DATA + DISK // 50), f"{stored} bytes for {CLONES} clones"
+
+    # A second round of guest writes: each clone's incremental point.
+    rnd = random.Random(9)
+    for i in range(CLONES):
+        clones.write(clones.disks_of(f"clone{i:02d}")[0]["uuid"], rnd.randrange(DISK // 65536) * 65536,
+                     rnd.randbytes(65536))
+    expect = {}
+    for i in range(CLONES):
+        (disk,) = clones.disks_of(f"clone{i:02d}")
+        p = tmp_path / f"{disk['uuid']}.img"
+        with open(disk["path"], "rb") as src, open(p, "wb") as dst:
+            dst.write(src.read())
+        expect[disk["uuid"]] = str(p)
+    ingest(clones, repo2, "-q", *vm_args)
+    assert store_bytes(repo2) - stored <= CLONES * 2 * 65536 + CLONES * 2 * 48 * 1024  # a block and its leaf, each
+
+    mnt = tmp_path / "mnt"
+    with Mount(repo2, mnt) as m:
+        for uuid, img in expect.items():
+            assert files_equal(m.path(uuid, "latest.raw"), img), uuid
+    assert "verify OK" in repo_tool("verify", repo2).stdout
+    del one_clone
+
+
+def test_imports_of_one_image_into_two_vdis_share_their_blocks(repo2, tmp_path, mnt):
+    img = tmp_path / "disk.img"
+    data = random.Random(1).randbytes(4 * MIB)
+    img.write_bytes(data)
+    a, b = "0b0e7d39-6f1a-4c2e-9a53-2f6d1c1e8a01", "1b0e7d39-6f1a-4c2e-9a53-2f6d1c1e8a02"
+    import_image(repo2, img, a, "2026-11-24T030000Z")
+    import_image(repo2, img, b, "2026-11-24T030000Z")
+    vdis = {v["uuid"]: v for v in ls_json(repo2)["vdis"]}
+    assert vdis[a]["points"][0]["blocks_written"] == 64
+    assert vdis[b]["points"][0]["blocks_written"] == 0
+    assert "format      cbtfs v2" in repo_tool("info", repo2).stdout
+    with Mount(repo2, mnt) as m:
+        assert files_equal(m.path(a, "latest.raw"), img)
+        assert files_equal(m.path(b, "latest.raw"), img)
+
+
+def test_prune_on_format_2_collects_the_store(repo2, tmp_path):
+    img = tmp_path / "disk.img"
+    vdi = "0b0e7d39-6f1a-4c2e-9a53-2f6d1c1e8a01"
+    rnd = random.Random(2)
+    img.write_bytes(rnd.randbytes(2 * MIB))
+    for h in range(3):
+        with open(img, "r+b") as f:
+            f.write(rnd.randbytes(65536))
+        import_image(repo2, img, vdi, f"2026-11-24T0{h}0000Z")
+    out = repo_tool("prune", "--keep-last", "1", repo2).stdout
+    assert "removed 2 point(s)" in out
+    m = re.search(r"store: (\d+) pack\(s\), (\d+) removed, ([\d.]+ \w+) freed", out)
+    assert m, out
+    assert m[3] != "0 B", out
+    again = repo_tool("gc", repo2).stdout
+    assert "0 B freed" in again, again
+    restored = tmp_path / "back.img"
+    repo_tool("restore", repo2, vdi, "latest", restored)
+    assert files_equal(restored, img)
