@@ -800,7 +800,8 @@ def test_chunked_import_writes_only_its_chunks(sim):
     expect[512:512 + len(b)] = b
     assert read_file(sim.vdi_state(vdi_uuid)["path"]) == bytes(expect)  # the rest is as it was: no zeros sent
     (rec,) = imports(sim)
-    assert rec == {"vdi": vdi, "task": task, "host": "master", "chunked": True, "outcome": "success",
+    assert rec == {"vdi": vdi, "task": task, "host": "master", "http_host": "127.0.0.1:" + sim.info["url"].split(":")[-1],
+                   "chunked": True, "outcome": "success",
                    "redirected_to": None, "body_bytes": len(body), "data_bytes": 1000 + len(b), "chunks": 3}
 
     def failed(body, **extra):

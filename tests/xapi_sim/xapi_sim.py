@@ -1421,10 +1421,10 @@ class XapiService:
         rule = self.host.take_rule(self.host.import_redirects, "import_raw_vdi")
         return None if rule is None else f"{rule.to}/import_raw_vdi?{raw_query}"
 
-    def new_import(self, query, host_name):
+    def new_import(self, query, host_name, http_host):
         """The record /imports shows for one PUT /import_raw_vdi; the handler fills it in.
         All its keys exist from the start: /imports may read it while the upload runs."""
-        rec = {"vdi": query.get("vdi"), "task": query.get("task_id"), "host": host_name,
+        rec = {"vdi": query.get("vdi"), "task": query.get("task_id"), "host": host_name, "http_host": http_host,
                "chunked": "chunked" in query, "outcome": "running", "redirected_to": None,
                "body_bytes": 0, "data_bytes": 0, "chunks": 0}
         with self.host.lock:
@@ -1750,7 +1750,7 @@ class XapiHandler(Handler):
         service = self.server.service
         query = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         body = Body(self.body_chunks())
-        rec = service.new_import(query, self.server.host_name)
+        rec = service.new_import(query, self.server.host_name, self.headers.get("Host"))
         try:
             self.put_import(query, body, rec)
         finally:
