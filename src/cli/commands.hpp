@@ -40,6 +40,7 @@ int cmd_restore(const std::string& repo, const std::string& vdi, const std::stri
                 bool force);
 struct RestoreXapiArgs {
   std::string repo, vdi, point, sr, name;
+  bool sparse = true;  // false: every byte, zeros too (--no-sparse)
   xapi::ClientOptions xapi;
 };
 int cmd_restore_xapi(const RestoreXapiArgs& a);

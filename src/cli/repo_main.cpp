@@ -103,6 +103,9 @@ int run(int argc, char** argv) {
   restore->add_option("--password-file", password_file, "with --xapi: file holding the password (else $CBTFS_PASSWORD)");
   restore->add_option("--ca-file", ra.xapi.ca_file, "with --xapi: CA certificate(s) to verify the host with");
   restore->add_flag("--insecure", ra.xapi.insecure, "with --xapi: do not verify the host's TLS certificate");
+  bool no_sparse = false;
+  restore->add_flag("--no-sparse", no_sparse,
+                    "with --xapi: send every byte, zeros too, for an SR whose new VDIs do not read as zeros");
   restore->add_option("REPO", repo, "repository")->required();
   restore->add_option("VDI", vdi, "VDI uuid")->required();
   restore->add_option("POINT", point, "point: its time (as in ls) or 'latest'")->required();
@@ -160,11 +163,13 @@ int run(int argc, char** argv) {
     if (ra.sr.empty()) throw UsageError("--xapi needs --sr SR-UUID: where the new VDI goes");
     if (ra.xapi.url.find("://") == std::string::npos) ra.xapi.url = "https://" + ra.xapi.url;
     ra.xapi.password = read_password(password_file);
+    ra.sparse = !no_sparse;
     ra.repo = repo;
     ra.vdi = vdi;
     ra.point = point;
     return cmd_restore_xapi(ra);
   }
+  if (*restore && no_sparse) throw UsageError("--no-sparse goes with --xapi: a file or device is always written sparse");
   if (*restore && dest.empty()) throw UsageError("restore needs DEST (a file or block device) or --xapi");
   if (*restore) return cmd_restore(repo, vdi, point, dest, force);
   return kExitUsage;

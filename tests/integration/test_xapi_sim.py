@@ -762,3 +762,144 @@ def test_import_reports_through_its_task(sim):
     assert status == 200                                                # (the failure is only logged)
     assert [t["status"] for t in sim.get("/state")["tasks"]] == ["success", "failure", "failure", "failure",
                                                                   "failure"]
+
+
+# --- sparse imports (format=raw&chunked=true), redirects to the host that sees the SR ---------
+
+def chunk(offset, data):
+    """One chunk of a chunked raw import, as vhd-tool's chunked.ml reads it."""
+    return offset.to_bytes(8, "little") + len(data).to_bytes(4, "little") + data
+
+
+LAST_CHUNK = bytes(12)                                                  # offset 0, length 0
+
+
+def imports(sim):
+    return sim.get("/imports")["imports"]
+
+
+def test_chunked_import_writes_only_its_chunks(sim):
+    vdi, vdi_uuid = new_vdi(sim, 4 * MIB)
+    rnd = random.Random(7)
+    old = rnd.randbytes(4 * MIB)
+    task = sim.call("task.create", "restore", "")
+    assert put_import(sim, {"session_id": sim.session, "vdi": vdi, "task_id": task}, old)[0] == 200
+    assert wait_task(sim, task) == "success"
+    sim.post("/reset_counters", {})
+
+    a, b = rnd.randbytes(1000), rnd.randbytes(3 * MIB + 4096)           # b: more than vhd-tool's 2 MiB reads
+    body = chunk(3 * MIB // 4, a) + chunk(5 * 512, b"") + chunk(512, b) + LAST_CHUNK
+    task = sim.call("task.create", "restore", "")
+    status, task_header, _ = put_import(sim, {"session_id": sim.session, "vdi": vdi, "format": "raw",
+                                              "chunked": "true", "task_id": task}, body)
+    assert (status, task_header) == (200, task)
+    assert wait_task(sim, task) == "success"
+    assert result_ref(sim.call("task.get_result", task)) == vdi
+    expect = bytearray(old)
+    expect[3 * MIB // 4:3 * MIB // 4 + 1000] = a
+    expect[512:512 + len(b)] = b
+    assert read_file(sim.vdi_state(vdi_uuid)["path"]) == bytes(expect)  # the rest is as it was: no zeros sent
+    (rec,) = imports(sim)
+    assert rec == {"vdi": vdi, "task": task, "host": "master", "http_host": "127.0.0.1:" + sim.info["url"].split(":")[-1],
+                   "chunked": True, "outcome": "success",
+                   "redirected_to": None, "body_bytes": len(body), "data_bytes": 1000 + len(b), "chunks": 3}
+
+    def failed(body, **extra):
+        task = sim.call("task.create", "restore", "")
+        status, _, _ = put_import(sim, {"session_id": sim.session, "vdi": vdi_uuid, "chunked": "", "task_id": task,
+                                        **extra}, body)
+        assert status == 200
+        assert wait_task(sim, task) == "failure"
+        return sim.call("task.get_error_info", task)
+
+    before = read_file(sim.vdi_state(vdi_uuid)["path"])
+    # No last chunk, a chunk cut short, a header cut short: the stream broke off.
+    assert failed(chunk(0, b"x" * 4096)) == ["VDI_IO_ERROR", "Device I/O errors"]
+    assert failed(chunk(0, b"y" * 4096)[:-1]) == ["VDI_IO_ERROR", "Device I/O errors"]
+    assert failed(chunk(0, b"z" * 4096) + LAST_CHUNK[:5]) == ["VDI_IO_ERROR", "Device I/O errors"]
+    assert read_file(sim.vdi_state(vdi_uuid)["path"])[:4096] == b"z" * 4096    # written before it broke off
+    assert failed(chunk(4 * MIB - 512, bytes(1024)) + LAST_CHUNK) == ["VDI_IO_ERROR", "Device I/O errors"]
+    assert failed((0).to_bytes(8, "little") + (1 << 31).to_bytes(4, "little") + bytes(64) + LAST_CHUNK) == \
+        ["VDI_IO_ERROR", "Device I/O errors"]                          # 2 GiB: negative as an Int32
+    sim.post("/import_fail", {"after_bytes": 3 * BLOCK})
+    assert failed(chunk(MIB, b"w" * (4 * BLOCK)) + LAST_CHUNK) == ["VDI_IO_ERROR", "Device I/O errors"]
+    assert read_file(sim.vdi_state(vdi_uuid)["path"])[MIB:MIB + 4 * BLOCK] == \
+        b"w" * (3 * BLOCK) + before[MIB + 3 * BLOCK:MIB + 4 * BLOCK]
+    # What follows the last chunk is not written.
+    task = sim.call("task.create", "restore", "")
+    put_import(sim, {"session_id": sim.session, "vdi": vdi, "chunked": "true", "task_id": task},
+               LAST_CHUNK + chunk(0, b"after the end"))
+    assert wait_task(sim, task) == "success"
+    assert imports(sim)[-1]["data_bytes"] == 0
+
+    # XAPI takes the body straight off the socket: an HTTP transfer encoding is refused.
+    task = sim.call("task.create", "restore", "")
+    url = urllib.parse.urlsplit(sim.info["url"])
+    conn = http.client.HTTPSConnection(url.hostname, url.port, context=sim.context, timeout=30)
+    conn.request("PUT", "/import_raw_vdi?" + urllib.parse.urlencode(
+        {"session_id": sim.session, "vdi": vdi, "format": "raw", "chunked": "true", "task_id": task}),
+        body=iter([chunk(0, b"te"), LAST_CHUNK]), encode_chunked=True)
+    assert conn.getresponse().status == 404
+    conn.close()
+    assert sim.call("task.get_error_info", task) == ["INTERNAL_ERROR", "Cannot handle encoding: chunked"]
+
+
+def put_expecting(sim, base, target, body):
+    """PUT with Expect: 100-continue, as libcurl sends it: the body only after a 100 Continue.
+    Returns (status, headers, body bytes sent)."""
+    url = urllib.parse.urlsplit(base)
+    with sim.context.wrap_socket(socket.create_connection((url.hostname, url.port), timeout=30),
+                                 server_hostname=url.hostname) as s:
+        s.sendall(f"PUT {target} HTTP/1.1\r\nHost: {url.hostname}\r\nContent-Length: {len(body)}\r\n"
+                  "Expect: 100-continue\r\n\r\n".encode())
+        f = s.makefile("rb")
+        line = f.readline()
+        sent = 0
+        if line.startswith(b"HTTP/1.1 100 "):
+            while f.readline().strip():
+                pass
+            s.sendall(body)
+            sent = len(body)
+            line = f.readline()
+        headers = {}
+        while (h := f.readline().strip()):
+            k, v = h.decode().split(":", 1)
+            headers[k.lower()] = v.strip()
+        return int(line.split()[1]), headers, sent
+
+
+def test_an_import_is_redirected_to_the_host_that_sees_the_sr(sim):
+    vdi, vdi_uuid = new_vdi(sim)
+    data = random.Random(8).randbytes(64 * 1024)
+    body = chunk(4096, data) + LAST_CHUNK
+    task = sim.call("task.create", "restore", "")
+    query = urllib.parse.urlencode({"session_id": sim.session, "vdi": vdi, "format": "raw", "chunked": "true",
+                                    "task_id": task})
+    assert sim.post("/import_redirect", {}) == {"to": sim.info["member"], "count": 1}
+    # The 302 comes at once, before any 100 Continue: the body is never sent to this host.
+    status, headers, sent = put_expecting(sim, sim.info["url"], "/import_raw_vdi?" + query, body)
+    assert (status, headers["location"], sent) == (302, f"{sim.info['member']}/import_raw_vdi?{query}", 0)
+    assert sim.call("task.get_status", task) == "pending"               # the task is the other host's to end
+    status, _, sent = put_expecting(sim, sim.info["member"], "/import_raw_vdi?" + query, body)
+    assert (status, sent) == (200, len(body))
+    assert wait_task(sim, task) == "success"
+    assert read_file(sim.vdi_state(vdi_uuid)["path"])[:4096 + len(data) + 1] == bytes(4096) + data + b"\0"
+    assert [(r["host"], r["outcome"], r["body_bytes"], r["redirected_to"]) for r in imports(sim)] == \
+        [("master", "redirected", 0, f"{sim.info['member']}/import_raw_vdi?{query}"),
+         ("member", "success", len(body), None)]
+
+    # The rule was for one import; a bad session is answered 401 before any redirect.
+    sim.post("/import_redirect", {"to": "https://127.0.0.1:1", "count": 2})
+    assert put_import(sim, {"session_id": "OpaqueRef:bad", "vdi": vdi}, b"")[0] == 401
+    status, headers, _ = put_expecting(sim, sim.info["url"], "/import_raw_vdi?session_id=x", b"")
+    assert status == 401
+    status, headers, _ = put_expecting(sim, sim.info["url"], "/import_raw_vdi?" + query, body)
+    assert (status, headers["location"]) == (302, f"https://127.0.0.1:1/import_raw_vdi?{query}")
+    status, headers, _ = put_expecting(sim, sim.info["url"], "/import_raw_vdi?" + query, body)
+    assert (status, headers["location"]) == (302, f"https://127.0.0.1:1/import_raw_vdi?{query}")
+    task2 = sim.call("task.create", "restore", "")
+    assert put_import(sim, {"session_id": sim.session, "vdi": vdi, "chunked": "1", "task_id": task2}, body)[0] == 200
+    assert wait_task(sim, task2) == "success"
+    with pytest.raises(urllib.error.HTTPError) as e:
+        sim.post("/import_redirect", {"to": "ftp://x"})
+    assert e.value.code == 400

@@ -32,6 +32,7 @@ class Sim:
             time.sleep(0.05)
         info = json.load(open(ready))
         self.url, self.ca_file, self.control = info["url"], info["ca_file"], info["control"]
+        self.member = info["member"]    # the pool member that sees the SR, for /import_redirect
         self.password_file = str(tmp / "password")
         with open(self.password_file, "w") as f:
             f.write(PASSWORD + "\n")

@@ -36,6 +36,7 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -87,11 +88,11 @@ class HttpError(Exception):
 
 
 class UploadFailed(HttpError):
-    """An upload that stopped partway; `written` bytes of it are in the VDI."""
+    """An upload that stopped partway; what it wrote (extents: (offset, length)) is in the VDI."""
 
-    def __init__(self, status, message, written):
+    def __init__(self, status, message, extents):
         super().__init__(status, message)
-        self.written = written
+        self.extents = list(extents)
 
 
 # ----------------------------------------------------------------------------
@@ -391,6 +392,8 @@ class Vdi:
 
 
 TASK_DONE = frozenset({"success", "failure", "cancelled"})
+CHUNK_HEADER = struct.Struct("<QI")     # import_raw_vdi chunked=true: {offset: uint64; len: uint32}, LE
+MIB = 1 << 20
 IO_ERROR = ("VDI_IO_ERROR", "Device I/O errors")    # what XAPI puts in a task when vhd-tool fails
 
 
@@ -1056,6 +1059,12 @@ class ImportFault:
     after_bytes: int                # the import writes this much, then fails as on an I/O error
 
 
+@dataclass
+class ImportRedirect:
+    count: int
+    to: str                         # scheme://host:port the 302 sends the import to, path and query kept
+
+
 class Host:
     def __init__(self, state_dir, config, certs):
         self.config = config
@@ -1074,6 +1083,9 @@ class Host:
         self.fail_rules = {}        # method -> FailRule
         self.task_delays = {}       # Async.* method -> TaskDelay
         self.import_faults = {}     # "import_raw_vdi" -> ImportFault
+        self.import_redirects = {}  # "import_raw_vdi" -> ImportRedirect
+        self.imports = []           # one record per PUT /import_raw_vdi, for /imports
+        self.other_host = None      # URL of the second listener, the pool member that sees the SR
         self.calls = Counter()      # method -> calls received
 
     def take_rule(self, rules, key):
@@ -1359,7 +1371,7 @@ class XapiService:
 
     # -- HTTP handlers -------------------------------------------------------
 
-    def import_target(self, query):
+    def import_target(self, query, transfer_encoding=None):
         """The VDI a PUT /import_raw_vdi writes into, and the task (from task_id, else None) that
         reports how it went. HttpError if the request is wrong; that fails the task too."""
         with self.host.lock:
@@ -1372,7 +1384,13 @@ class XapiService:
                 except XapiError:
                     raise HttpError(404, f"no task {query['task_id']}")
             try:
-                return self._import_vdi(query), task
+                vdi = self._import_vdi(query)
+                if transfer_encoding:
+                    # XAPI reads the body straight off the socket: no HTTP
+                    # transfer encoding, whatever the format.
+                    raise HttpError(404, f"cannot handle encoding: {transfer_encoding}",
+                                    ["INTERNAL_ERROR", f"Cannot handle encoding: {transfer_encoding}"])
+                return vdi, task
             except HttpError as e:
                 if task is not None:
                     self.model.finish_task(task, "failure", error_info=e.error_info)
@@ -1392,6 +1410,27 @@ class XapiService:
             raise HttpError(400, f"VDI {key} has no data", ["VDI_INCOMPATIBLE_TYPE", vdi.ref, vdi.type])
         return vdi
 
+    def import_redirect(self, query, raw_query, on_member):
+        """Where a 302 sends this import (an armed /import_redirect, on the host the client
+        called, with a valid session); None when it is to be served here."""
+        if on_member:
+            return None
+        with self.host.lock:
+            if query.get("session_id") not in self.host.sessions:
+                return None             # the 401 comes first
+        rule = self.host.take_rule(self.host.import_redirects, "import_raw_vdi")
+        return None if rule is None else f"{rule.to}/import_raw_vdi?{raw_query}"
+
+    def new_import(self, query, host_name, http_host):
+        """The record /imports shows for one PUT /import_raw_vdi; the handler fills it in.
+        All its keys exist from the start: /imports may read it while the upload runs."""
+        rec = {"vdi": query.get("vdi"), "task": query.get("task_id"), "host": host_name, "http_host": http_host,
+               "chunked": "chunked" in query, "outcome": "running", "redirected_to": None,
+               "body_bytes": 0, "data_bytes": 0, "chunks": 0}
+        with self.host.lock:
+            self.host.imports.append(rec)
+        return rec
+
     def take_import_fault(self):
         return self.host.take_rule(self.host.import_faults, "import_raw_vdi")
 
@@ -1400,17 +1439,19 @@ class XapiService:
             if not task.done:
                 task.progress = min(written / total, 0.99) if total else 0.0
 
-    def imported(self, vdi, length, task=None, failure=None):
-        """Logs the bytes an import wrote (a failed one too: they are in the VDI) and ends its
+    def imported(self, vdi, extents, task=None, failure=None):
+        """Logs the writes an import made (a failed one too: they are in the VDI) and ends its
         task: success with the VDI's ref as result, as XAPI's raw import does, or failure with
         what XAPI reports whenever its vhd-tool fails."""
         with self.host.lock:
-            if length:
-                self.model.log_write(vdi, 0, length)
+            for offset, length in extents:
+                if length:
+                    self.model.log_write(vdi, offset, length)
             if task is not None and failure is None:
                 self.model.finish_task(task, "success", result=encode_value(vdi.ref))
             elif task is not None:
                 self.model.finish_task(task, "failure", error_info=IO_ERROR)
+        length = sum(n for _, n in extents)
         outcome = "" if failure is None else f", then failed: {failure}"
         on_task = f" (task {task.ref}: {task.status})" if task is not None else ""
         log(f"import_raw_vdi: {length} bytes into VDI {vdi.uuid}{outcome}{on_task}")
@@ -1461,13 +1502,16 @@ class ControlApi:
                 uuid = query.get("vdi", "")
                 return {"vdi": uuid, "bytes": self.host.nbd.bytes_read(uuid),
                         "read_errors": self.host.nbd.read_errors(uuid)}
+            if path == "/imports":
+                return {"imports": [dict(rec) for rec in self.host.imports]}
         raise HttpError(404, f"no GET {path}")
 
     def post(self, path, body):
         handler = {"/write": self.write, "/resize": self.resize, "/disable_cbt": self.disable_cbt,
                    "/fail": self.fail, "/nbd_drop": self.nbd_drop, "/nbd_faults": self.nbd_faults,
                    "/reset_counters": self.reset_counters, "/task_delay": self.task_delay,
-                   "/import_fail": self.import_fail, "/expire_tasks": self.expire_tasks}.get(path)
+                   "/import_fail": self.import_fail, "/import_redirect": self.import_redirect,
+                   "/expire_tasks": self.expire_tasks}.get(path)
         if handler is None:
             raise HttpError(404, f"no POST {path}")
         with self.host.lock:
@@ -1576,6 +1620,7 @@ class ControlApi:
     def reset_counters(self, body):
         self.host.calls.clear()
         self.host.nbd.reset_counters()
+        self.host.imports.clear()
         return {}
 
     def task_delay(self, body):
@@ -1594,6 +1639,14 @@ class ControlApi:
         fault = ImportFault(count=int_field(body, "count", 1), after_bytes=after)
         self.host.import_faults["import_raw_vdi"] = fault
         return {"after_bytes": after, "count": fault.count}
+
+    def import_redirect(self, body):
+        to = body.get("to", self.host.other_host)
+        if not isinstance(to, str) or urlsplit(to).scheme not in ("http", "https") or not urlsplit(to).netloc:
+            raise HttpError(400, "to must be a URL such as https://127.0.0.1:PORT")
+        rule = ImportRedirect(count=int_field(body, "count", 1), to=to.rstrip("/"))
+        self.host.import_redirects["import_raw_vdi"] = rule
+        return {"to": rule.to, "count": rule.count}
 
     def expire_tasks(self, body):
         return {"expired": [t.ref for t in self.model.expire_tasks()]}
@@ -1673,34 +1726,82 @@ class XapiHandler(Handler):
         except OSError:
             return True
 
+    def handle_expect_100(self):
+        # An import the host sends elsewhere gets its 302 at once, no 100:
+        # the client then never sends the body here (XAPI does not read it).
+        if self.command == "PUT" and self.redirect_to() is not None:
+            return True
+        return super().handle_expect_100()
+
+    def redirect_to(self):
+        """The 302's Location for this request, decided once; None if it is served here."""
+        if not hasattr(self, "_redirect"):
+            url = urlsplit(self.path)
+            query = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+            self._redirect = (self.server.service.import_redirect(query, url.query, self.server.is_member)
+                              if url.path == "/import_raw_vdi" else None)
+        return self._redirect
+
     def do_PUT(self):
         url = urlsplit(self.path)
         if url.path != "/import_raw_vdi":
             self.close_connection = True
             return self.reply_text(404, "not found\n")
         service = self.server.service
-        body = self.body_chunks()
+        query = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+        body = Body(self.body_chunks())
+        rec = service.new_import(query, self.server.host_name, self.headers.get("Host"))
         try:
-            vdi, task = service.import_target({k: v[0] for k, v in parse_qs(url.query).items()})
+            self.put_import(query, body, rec)
+        finally:
+            rec["body_bytes"] = body.received
+
+    def put_import(self, query, body, rec):
+        service = self.server.service
+        location = self.redirect_to()
+        if location is not None:
+            return self.redirect(location, rec)
+        try:
+            vdi, task = service.import_target(query, self.headers.get("Transfer-Encoding"))
         except HttpError as e:
+            rec["outcome"] = f"refused {e.status}"
             return self.refuse(body, e)
+        chunked = "chunked" in query
         if task is not None:
-            return self.import_with_task(vdi, task, body)
+            return self.import_with_task(vdi, task, body, chunked, rec)
         fault = service.take_import_fault()
         try:
-            length = self.receive_into(vdi, body, fault)
+            extents = self.receive_into(vdi, body, rec, chunked, fault)
         except UploadFailed as e:
-            service.imported(vdi, e.written, failure=e.message)
+            service.imported(vdi, e.extents, failure=e.message)
+            rec["outcome"] = "failure"
             if fault is not None and e.status == 500:
                 # XAPI has answered 200 before the storage failed; only a
                 # task would have told. A client without one learns nothing.
                 self.drain(body)
                 return self.reply_text(200, "")
             return self.refuse(body, e)
-        service.imported(vdi, length)
+        service.imported(vdi, extents)
+        rec["outcome"] = "success"
         self.reply_text(200, "")
 
-    def import_with_task(self, vdi, task, body):
+    def redirect(self, location, rec):
+        """As XAPI when this host cannot see the VDI's SR: 302 to a host that can, the path and
+        query kept, before the body is read; the connection then closes with the body unread."""
+        rec["outcome"], rec["redirected_to"] = "redirected", location
+        log(f"import_raw_vdi: 302 to {location}")
+        self.close_connection = True
+        try:
+            self.send_response(302)
+            self.send_header("Location", location)
+            self.send_header("Connection", "close")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            self.wfile.flush()
+        except OSError as e:
+            log(f"import_raw_vdi: the 302 did not reach the client: {e}")
+
+    def import_with_task(self, vdi, task, body, chunked, rec):
         """As XAPI: HTTP 200 before the body is read, the outcome in the task only. The answer
         has no length and ends when the connection closes, once the body is taken in."""
         service = self.server.service
@@ -1716,12 +1817,15 @@ class XapiHandler(Handler):
             log(f"import_raw_vdi: the answer did not reach the client: {e}")
         fault = service.take_import_fault()
         try:
-            length = self.receive_into(vdi, body, fault, task)
+            extents = self.receive_into(vdi, body, rec, chunked, fault, task)
         except UploadFailed as e:
-            service.imported(vdi, e.written, task, failure=e.message)
+            service.imported(vdi, e.extents, task, failure=e.message)
+            rec["outcome"] = "failure"
             self.drain(body)
             return
-        service.imported(vdi, length, task)
+        service.imported(vdi, extents, task)
+        rec["outcome"] = "success"
+        self.drain(body)            # what follows the last chunk: XAPI ignores it
 
     def refuse(self, body, error):
         """Takes in the rest of the upload, then answers with the error."""
@@ -1738,33 +1842,97 @@ class XapiHandler(Handler):
         except (HttpError, OSError, ValueError):   # the client went away: nothing more to take in
             self.close_connection = True
 
-    def receive_into(self, vdi, body, fault=None, task=None):
-        """Writes the body at offset 0 of the VDI; returns its length. UploadFailed when the
-        body is too long or breaks off, when an armed ImportFault strikes or the task is cancelled."""
+    @staticmethod
+    def raw_writes(body):
+        """format=raw: the body is the disk's bytes from offset 0."""
+        offset = 0
+        for piece in body:
+            yield offset, piece
+            offset += len(piece)
+
+    @staticmethod
+    def chunked_writes(body, rec):
+        """format=raw&chunked: vhd-tool's serve_chunked_to_raw (chunked.ml). Each chunk is a
+        12-byte little-endian header {offset: uint64, len: uint32} and len bytes to write at
+        offset; the chunk with offset 0 and len 0 ends the stream. A len of 0 elsewhere writes
+        nothing. vhd-tool reads len as an OCaml Int32: 2 GiB or more is negative and fails."""
+        while True:
+            offset, length = CHUNK_HEADER.unpack(body.read_exact(CHUNK_HEADER.size))
+            if offset == 0 and length == 0:
+                return
+            rec["chunks"] += 1
+            if length >= 1 << 31:
+                raise HttpError(400, f"chunk of {length} bytes: negative as vhd-tool's Int32")
+            while length:
+                piece = body.read_exact(min(length, 2 * MIB))
+                yield offset, piece
+                offset += len(piece)
+                length -= len(piece)
+
+    def receive_into(self, vdi, body, rec, chunked, fault=None, task=None):
+        """Writes the body into the VDI, raw from offset 0 or chunk by chunk; returns the
+        extents written. UploadFailed when the body writes past the VDI's end or breaks off
+        (a short body, a client gone, no last chunk), when an armed ImportFault strikes or the
+        task is cancelled."""
         total = int(self.headers.get("Content-Length") or 0)
+        extents = []
         written = 0
         fd = os.open(vdi.path, os.O_WRONLY)
         try:
-            for chunk in body:
+            for offset, data in (self.chunked_writes(body, rec) if chunked else self.raw_writes(body)):
                 if task is not None and task.status == "cancelled":
-                    raise UploadFailed(400, f"task {task.ref} was cancelled", written)
-                if written + len(chunk) > vdi.virtual_size:
-                    raise UploadFailed(400, f"more data than the {vdi.virtual_size}-byte VDI holds", written)
+                    raise UploadFailed(400, f"task {task.ref} was cancelled", extents)
+                if offset + len(data) > vdi.virtual_size:
+                    raise UploadFailed(400, f"a write at {offset} past the end of the {vdi.virtual_size}-byte "
+                                            "VDI", extents)
                 if fault is not None:
-                    chunk = chunk[:fault.after_bytes - written]
-                os.pwrite(fd, chunk, written)
-                written += len(chunk)
+                    data = data[:fault.after_bytes - written]
+                os.pwrite(fd, data, offset)
+                if extents and extents[-1][0] + extents[-1][1] == offset:
+                    extents[-1] = (extents[-1][0], extents[-1][1] + len(data))
+                else:
+                    extents.append((offset, len(data)))
+                written += len(data)
+                rec["data_bytes"] = written
                 if fault is not None and written >= fault.after_bytes:
-                    raise UploadFailed(500, f"injected I/O error after {written} bytes", written)
+                    raise UploadFailed(500, f"injected I/O error after {written} bytes", extents)
                 if task is not None:
-                    self.server.service.import_progress(task, written, total)
+                    self.server.service.import_progress(task, body.received, total)
         except UploadFailed:
             raise
         except (HttpError, OSError, ValueError) as e:   # a short body, a client gone, bad chunking
-            raise UploadFailed(400, getattr(e, "message", None) or f"the upload broke off: {e}", written)
+            raise UploadFailed(400, getattr(e, "message", None) or f"the upload broke off: {e}", extents)
         finally:
             os.close(fd)
-        return written
+        return extents
+
+
+class Body:
+    """A request body as it comes in, with the count of bytes taken in so far."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+        self.buf = bytearray()
+        self.received = 0
+
+    def __iter__(self):
+        if self.buf:
+            piece, self.buf = bytes(self.buf), bytearray()
+            yield piece
+        for piece in self.pieces:
+            self.received += len(piece)
+            yield piece
+
+    def read_exact(self, n):
+        while len(self.buf) < n:
+            piece = next(self.pieces, None)
+            if piece is None:
+                raise HttpError(400, f"the body ended {n - len(self.buf)} bytes early")
+            self.received += len(piece)
+            self.buf += piece
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
 
 
 class ControlHandler(Handler):
@@ -1799,9 +1967,11 @@ class XapiServer(ThreadingHTTPServer):
     """HTTPS; the TLS handshake runs in the connection's own thread."""
     daemon_threads = True
 
-    def __init__(self, address, service, certs):
+    def __init__(self, address, service, certs, host_name="master", is_member=False):
         super().__init__(address, XapiHandler)
         self.service = service
+        self.host_name = host_name
+        self.is_member = is_member      # the pool member that sees every SR: never redirects
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.context.load_cert_chain(certs.cert_file, certs.key_file)
 
@@ -1871,6 +2041,8 @@ def main():
     parser.add_argument("--config", required=True)
     parser.add_argument("--port", type=int, default=0, help="XML-RPC over HTTPS (0: any free port)")
     parser.add_argument("--control-port", type=int, default=0, help="JSON control API (0: any free port)")
+    parser.add_argument("--member-port", type=int, default=0,
+                        help="the same host as a pool member, where /import_redirect sends imports (0: any free port)")
     args = parser.parse_args()
 
     state_dir = os.path.abspath(args.state_dir)
@@ -1881,8 +2053,11 @@ def main():
     config = load_config(args.config)
     certs = make_certificates(state_dir)
     host = Host(state_dir, config, certs)
-    servers = [XapiServer(("127.0.0.1", args.port), XapiService(host), certs),
-               ControlServer(("127.0.0.1", args.control_port), ControlApi(host))]
+    service = XapiService(host)
+    servers = [XapiServer(("127.0.0.1", args.port), service, certs),
+               ControlServer(("127.0.0.1", args.control_port), ControlApi(host)),
+               XapiServer(("127.0.0.1", args.member_port), service, certs, "member", is_member=True)]
+    host.other_host = f"https://127.0.0.1:{servers[2].server_address[1]}"
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -1890,7 +2065,8 @@ def main():
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     info = {"url": f"https://127.0.0.1:{servers[0].server_address[1]}", "ca_file": certs.ca_file,
-            "control": f"http://127.0.0.1:{servers[1].server_address[1]}", "pid": os.getpid()}
+            "control": f"http://127.0.0.1:{servers[1].server_address[1]}", "member": host.other_host,
+            "pid": os.getpid()}
     write_ready(state_dir, info)
     log(f"ready: XML-RPC {info['url']}, control {info['control']}")
 
