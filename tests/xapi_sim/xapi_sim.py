@@ -895,7 +895,9 @@ class NbdServer:
         self.faults = self.manager.faults_for(self)
         fd = self.sock.fileno()
         onto_fd3 = "" if fd == 3 else f" 3<&{fd} {fd}<&-"
-        wrapper = ["sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 SIM_NBDKIT_PID=$$ exec "$@"' + onto_fd3, "sh",
+        # bash: dash takes single-digit descriptors only, and with a few dozen
+        # VDIs served the socket's is past 9.
+        wrapper = ["bash", "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 SIM_NBDKIT_PID=$$ exec "$@"' + onto_fd3, "bash",
                    *self._command()]
         # nbdkit's --exit-with-parent follows the spawning thread: spawn from a thread that lives on.
         self.proc = self.manager.spawner.submit(
