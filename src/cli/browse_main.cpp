@@ -228,6 +228,50 @@ std::vector<std::string> loops_below(const std::string& prefix) {
   return out;
 }
 
+// Every tool a browse runs carries kOwnerVar=<its private directory> in its
+// environment. A browse killed half-way leaves its running tools behind (a
+// mount that lands a moment later, a losetup): -u waits for them first.
+// The daemons (cbtfs, ntfs-3g) carry it too but stay: they are session
+// leaders once in the background, and those are not waited for.
+constexpr const char* kOwnerVar = "CBTFS_BROWSE_OF";
+
+void wait_for_stragglers(const std::string& priv) {
+  const std::string marker = std::string(kOwnerVar) + "=" + priv;
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  for (;;) {
+    std::vector<std::string> left;
+    std::error_code ec;
+    for (auto& e : fs::directory_iterator("/proc", ec)) {
+      std::string pid = e.path().filename();
+      if (pid.find_first_not_of("0123456789") != std::string::npos || pid == std::to_string(getpid())) continue;
+      std::string env = read_file(e.path() / "environ");
+      bool ours = false;
+      for (size_t i = 0; i < env.size();) {
+        size_t end = env.find('\0', i);
+        if (end == std::string::npos) end = env.size();
+        if (env.compare(i, end - i, marker) == 0) ours = true;
+        i = end + 1;
+      }
+      if (!ours) continue;
+      // Field 6 of stat is the session; ")" ends the command name.
+      std::string stat = read_file(e.path() / "stat");
+      auto paren = stat.rfind(')');
+      if (paren == std::string::npos) continue;
+      std::istringstream in(stat.substr(paren + 1));
+      std::string state, ppid, pgrp, session;
+      in >> state >> ppid >> pgrp >> session;
+      if (session != pid && state != "Z") left.push_back(pid);
+    }
+    if (left.empty()) return;
+    if (std::chrono::steady_clock::now() > deadline) {
+      std::fprintf(stderr, "%s: processes of an interrupted browse still run (pid %s); going on\n", prog,
+                   left[0].c_str());
+      return;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+}
+
 // Undoes the browse of dir (canonical). held: the state file's descriptor
 // when the caller (a failed browse) holds its lock already.
 int undo(const std::string& dir, int held = -1) {
@@ -256,6 +300,7 @@ int undo(const std::string& dir, int held = -1) {
     }
     state = browse::parse_state(read_file(state_path));
   }
+  if (held < 0) wait_for_stragglers(priv);
   bool ok = true;
   auto fail = [&](const std::string& what) {
     std::fprintf(stderr, "%s: %s\n", prog, what.c_str());
@@ -369,6 +414,7 @@ int browse_point(const std::string& repo_arg, const std::string& vdi_arg, const 
     return kExitIo;
   }
   StateFile state(fd);
+  setenv(kOwnerVar, priv.c_str(), 1);  // for every tool run from here on
   // A fatal step undoes what was done and exits.
   auto abort_browse = [&](const std::string& why, int code) {
     std::fprintf(stderr, "%s: %s\n", prog, why.c_str());
@@ -440,6 +486,10 @@ int browse_point(const std::string& repo_arg, const std::string& vdi_arg, const 
       }
       state.add("loopdev", dev);
       state.step_done();
+      // A read-only flag set on the device by an earlier user (blockdev
+      // --setro) outlives it and would stop the journal replay.
+      if (read_file("/sys/block/" + dev.substr(dev.rfind('/') + 1) + "/ro").starts_with("1"))
+        run({"blockdev", "--setrw", dev});
       Result m;
       if (act.kind == browse::FsAction::Kind::Mount) {
         state.add("mount", where);
