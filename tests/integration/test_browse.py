@@ -1,11 +1,12 @@
 """cbtfs-browse: the files of a point as the guest had them at the snapshot.
 
 The guest disks are made with the real tools (sgdisk, sfdisk, mkfs.ext4,
-mkfs.xfs, mkntfs, cryptsetup) and copied while their file systems are
-mounted and being written, right after an fsync: the journals are dirty, as
-in a crash-consistent snapshot. Each test checks that a plain read-only
-mount without journal replay (noload, norecovery) really misses the fsync'd
-file, so that seeing it through cbtfs-browse proves the replay."""
+mkfs.xfs, mkfs.btrfs, mkntfs, cryptsetup) and copied while their file
+systems are mounted and being written, right after an fsync: the journals
+are dirty, as in a crash-consistent snapshot. Each test checks that a plain
+read-only mount without journal replay (noload, norecovery, nologreplay)
+really misses the fsync'd file, so that seeing it through cbtfs-browse
+proves the replay."""
 
 import hashlib
 import os
@@ -242,7 +243,7 @@ def without_replay_misses(image, offset, size, fstype, rel, data, tmp_path):
     d = tmp_path / f"noreplay-{fstype}-{offset}"
     d.mkdir(exist_ok=True)
     try:
-        opts = "ro,noload" if fstype == "ext4" else "ro,norecovery,nouuid"
+        opts = {"ext4": "ro,noload", "xfs": "ro,norecovery,nouuid", "btrfs": "ro,rescue=nologreplay"}[fstype]
         run("mount", "-t", fstype, "-o", opts, loop.dev, d)
         try:
             p = os.path.join(d, rel)
@@ -566,5 +567,38 @@ def test_undo_refuses_while_in_use_and_can_be_repeated(gpt_points, repo, browses
         assert p.returncode == 5 and "in use" not in p.stdout and "cannot unmount" in p.stderr
     finally:
         f.close()
+    browse("-u", d)
+    assert_clean(d)
+
+
+def test_btrfs_log_tree_replayed(tmp_path, repo, browses):
+    if not shutil.which("mkfs.btrfs"):
+        pytest.skip("btrfs-progs is not installed")
+    if "btrfs" not in open("/proc/filesystems").read():
+        pytest.skip("this kernel has no btrfs")
+    disk = sparse_file(tmp_path / "b.img", 160 * MIB)
+    run("sgdisk", "-n1:2048:+150M", disk)
+    g = Guest(tmp_path, disk)
+    try:
+        loop = Loop(disk, part_start(disk, 1), part_size(disk, 1))
+        g.loops.append(loop)
+        run("mkfs.btrfs", "-q", "-f", loop.dev)
+        d = tmp_path / "guest-btrfs"
+        d.mkdir()
+        run("mount", "-t", "btrfs", loop.dev, d)
+        g.mnts["part1"], g.expect["part1"] = str(d), {}
+        g.write("part1", "home/ann/notes.txt", rnd(8, 300000))
+        run("sync")
+        g.write("part1", "fsynced.txt", b"in the log tree only\n")
+        exp = g.snapshot(tmp_path / "b1.img")
+    finally:
+        g.close()
+    without_replay_misses(tmp_path / "b1.img", part_start(disk, 1), part_size(disk, 1), "btrfs", "fsynced.txt",
+                          b"in the log tree only\n", tmp_path)
+    import_image(repo, tmp_path / "b1.img", VDI_A, T1)
+    d = browses.dir("btrfs")
+    p = browse(repo, VDI_A, d)
+    assert parse_listing(p.stdout)["part1"] == ("btrfs", f"{d}/part1"), p.stdout
+    assert_tree(f"{d}/part1", exp["part1"])
     browse("-u", d)
     assert_clean(d)
