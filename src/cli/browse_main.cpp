@@ -131,6 +131,13 @@ Result run(const std::vector<std::string>& argv) {
   return r;
 }
 
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
 bool in_path(const std::string& tool) {
   const char* path = std::getenv("PATH");
   std::istringstream dirs(path ? path : "");
@@ -148,6 +155,15 @@ std::string cbtfs_program() {
     if (access(beside.c_str(), X_OK) == 0) return beside;
   }
   return "cbtfs";
+}
+
+// Whether the kernel knows the file system type (after mount(8) has had the
+// module loaded, if there is one).
+bool kernel_has(const std::string& type) {
+  std::istringstream in(read_file("/proc/filesystems"));
+  for (std::string line; std::getline(in, line);)
+    if (line.substr(line.find('\t') + 1) == type) return true;
+  return false;
 }
 
 bool is_mounted(const std::string& path) {
@@ -192,13 +208,6 @@ class StateFile {
   int fd_;
   int steps_ = 0;
 };
-
-std::string read_file(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
 
 // ---- undo -------------------------------------------------------------------
 
@@ -512,9 +521,13 @@ int browse_point(const std::string& repo_arg, const std::string& vdi_arg, const 
         state.step_done();
         o.mounted = true;
         o.what = where;
+      } else if (act.kind == browse::FsAction::Kind::Mount && !kernel_has(act.type)) {
+        o.what = "not mounted: this kernel has no " + act.type + " driver";
       } else {
         o.failed = true;
         o.what = "not mounted: " + m.message();
+      }
+      if (!o.mounted) {
         std::string why;
         for (auto& p : mount::mounts_at_or_under(priv + "/ntfs-" + t.name)) unmount(p, why);
         run({"losetup", "-d", dev});
