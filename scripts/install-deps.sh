@@ -9,7 +9,7 @@ apt-get install -y -qq --no-install-recommends \
   libfuse3-dev fuse3 liblz4-dev libxxhash-dev nlohmann-json3-dev libcli11-dev \
   libcurl4-openssl-dev libpugixml-dev libnbd-dev libssl-dev \
   catch2 python3 python3-pytest nbdkit libnbd-bin openssl \
-  gdisk fdisk dosfstools e2fsprogs xfsprogs lvm2 util-linux attr kmod time clang libclang-rt-14-dev \
+  gdisk fdisk dosfstools e2fsprogs xfsprogs lvm2 btrfs-progs ntfs-3g cryptsetup-bin util-linux attr kmod time clang libclang-rt-14-dev \
   ceph-mon ceph-osd radosgw ceph-common python3-boto3 \
   debhelper lintian man-db \
   >/dev/null

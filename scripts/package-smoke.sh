@@ -16,6 +16,7 @@ done
 work=$(mktemp -d)
 cp /etc/fstab "$work/fstab.orig"
 cleanup() {
+  [ -d "$work/view" ] && command -v cbtfs-browse >/dev/null && cbtfs-browse -u "$work/view" >/dev/null 2>&1
   mountpoint -q "$work/mnt" && umount -l "$work/mnt"
   cp "$work/fstab.orig" /etc/fstab
   dpkg -s cbtfs >/dev/null 2>&1 && dpkg -r cbtfs >/dev/null
@@ -49,8 +50,18 @@ cmp "mnt/$vdi/2026-11-30T010000Z.raw" disk.img
 umount "$work/mnt"
 cp "$work/fstab.orig" /etc/fstab
 
+echo "== cbtfs-browse from PATH: a file of a whole-disk ext4"
+mkdir content view
+echo "restored from a point" > content/hello.txt
+mkfs.ext4 -q -F -d content fs.img 16M
+cbtfs-repo import -q --vdi "$vdi" --time 2026-11-30T020000Z repo fs.img
+cbtfs-browse "$work/repo" "$vdi" latest "$work/view"
+cmp view/disk/hello.txt content/hello.txt
+cbtfs-browse -u "$work/view"
+mountpoint -q "$work/view" && fail "cbtfs-browse -u left $work/view mounted"
+
 echo "== man pages"
-for page in cbtfs cbtfs-repo cbtfs-ingest "5 cbtfs-format" "7 cbtfs-s3"; do
+for page in cbtfs cbtfs-browse cbtfs-repo cbtfs-ingest "5 cbtfs-format" "7 cbtfs-s3"; do
   # shellcheck disable=SC2086
   man -P cat $page 2>/dev/null | grep -q . || fail "man $page shows nothing"
 done

@@ -71,6 +71,21 @@ std::string mounted_type(const std::string& path) {
   return type;
 }
 
+std::vector<std::string> mounts_at_or_under(const std::string& path) {
+  std::vector<std::string> out;
+  std::ifstream info("/proc/self/mountinfo");
+  std::string line;
+  const std::string below = path == "/" ? "/" : path + "/";
+  while (std::getline(info, line)) {
+    std::istringstream in(line);
+    std::string id, parent, dev, root, mnt;
+    in >> id >> parent >> dev >> root >> mnt;
+    mnt = unescape_mountinfo(mnt);
+    if (mnt == path || mnt.starts_with(below)) out.push_back(mnt);
+  }
+  return out;
+}
+
 std::string mount_point_problem(const std::string& mountpoint) {
   if (mountpoint.rfind("/dev/fd/", 0) == 0) return {};  // a /dev/fuse descriptor passed by a parent
   std::string abs = absolute_keeping_last(mountpoint);

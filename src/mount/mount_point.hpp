@@ -5,6 +5,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 namespace cbtfs::mount {
 
@@ -25,5 +26,10 @@ std::string mount_failure_hint(bool allow_other);
 // The file system type of the topmost mount at the absolute path ("" when
 // none), from /proc/self/mountinfo.
 std::string mounted_type(const std::string& path);
+
+// The mount points at the absolute path or below it, in the order
+// /proc/self/mountinfo lists them (a mount comes after the one it sits on,
+// so unmount in reverse).
+std::vector<std::string> mounts_at_or_under(const std::string& path);
 
 }  // namespace cbtfs::mount
