@@ -387,3 +387,37 @@ def test_thin_volumes_are_reported_not_shown(guest, mnt):
         # Neither on a partition nor on an LV.
         assert "user.cbtfs.lvm.skipped" not in os.listxattr(m.path(VDI, f"{POINTS[0]}-part2.raw"))
         assert "user.cbtfs.lvm.skipped" not in os.listxattr(m.path(VDI, lv_file(POINTS[0], "root")))
+
+
+def test_browse_mounts_the_logical_volumes(guest, tmp_path):
+    """cbtfs-browse shows each LV's file system, not the PVs they live on."""
+    from test_browse import Browses, assert_clean, browse, parse_listing
+
+    b = Browses(tmp_path)
+    try:
+        d = b.dir("view")
+        p = browse(guest["repo"], VDI, POINTS[1], d)
+        listing = parse_listing(p.stdout)
+        assert listing["lv-debian--vg-root"][0] == "ext4", p.stdout
+        assert listing["lv-debian--vg-home"][0] == "ext4", p.stdout
+        assert listing["lv-debian--vg-data"][0] == "xfs", p.stdout
+        assert listing["part1"][0] == "ext4", p.stdout
+        assert "part2" not in os.listdir(d) and "part3" not in os.listdir(d)  # the PVs themselves
+        with open(os.path.join(d, "lv-debian--vg-root", "hello.txt"), "rb") as f:
+            assert f.read() == b"state two\n"
+        assert not os.path.exists(os.path.join(d, "lv-debian--vg-root", "file0.bin"))
+        with open(os.path.join(d, "lv-debian--vg-home", "user.txt"), "rb") as f:
+            assert f.read() == b"home of the user\n"
+        with open(os.path.join(d, "lv-debian--vg-data", "x.txt"), "rb") as f:
+            assert f.read() == b"on xfs\n"
+        # The clone, with the same VG name and file-system uuids, at the same time.
+        d2 = b.dir("clone")
+        browse(guest["repo"], CLONE, POINTS[0], d2)
+        with open(os.path.join(d2, "lv-debian--vg-root", "hello.txt"), "rb") as f:
+            assert f.read() == b"state one\n"
+        browse("-u", d)
+        browse("-u", d2)
+        assert_clean(d)
+        assert_clean(d2)
+    finally:
+        b.undo_all()
