@@ -133,7 +133,7 @@ def run(*args, check=True, **kw):
 
 
 def repo_tool(*args, check=True):
-    if args and args[0] == "init" and FORMAT != "1":
+    if args and args[0] == "init" and FORMAT != "1" and "--format" not in args:
         args = ("init", "--format", FORMAT) + tuple(args[1:])
     return run(REPO_TOOL, *args, check=check)
 
