@@ -48,6 +48,7 @@ uint64_t parse_store_pack_name(const std::string& name);
 uint64_t parse_store_index_name(const std::string& name);
 inline constexpr const char* kGcLockKey = "store/gc/lock";
 inline constexpr const char* kGcSweepingKey = "store/gc/sweeping";
+inline constexpr const char* kGcLastKey = "store/gc/last";  // names the last collection that finished
 std::string uses_dir(const std::string& vdi);
 std::string uses_key(const std::string& vdi, uint32_t n);
 

@@ -19,6 +19,7 @@
 
 namespace cbtfs {
 
+class StoreSink;
 using ManifestPtr = std::shared_ptr<const Manifest>;
 
 struct PointList {
@@ -35,6 +36,7 @@ class Repository {
   // The same over a storage already opened (the mount puts a cache in front).
   static std::shared_ptr<Repository> open(std::unique_ptr<Storage> storage);
   explicit Repository(std::unique_ptr<Storage> storage, RepoHeader header = {});
+  ~Repository();
 
   Storage& storage() { return *storage_; }
   // The uuid from the header ("" for repositories created without one).
@@ -45,6 +47,12 @@ class Repository {
   // The key of the pack a record of the VDI lives in: the VDI's own pack
   // (format 1) or the shared store's (format 2).
   std::string pack_key(const std::string& vdi, uint64_t pack) const;
+  // Format 2: where this process's point writers append records, together
+  // (store_sink.hpp).
+  StoreSink& store_sink();
+  // The last collection the sink's records are known to have outlived.
+  std::string store_sink_collection();
+  void set_store_sink_collection(const std::string& name);
   std::vector<std::string> vdis();
   bool has_vdi(const std::string& vdi);
   // Manifests are immutable, so they are parsed once and kept.
@@ -102,6 +110,8 @@ class Repository {
 
   std::unique_ptr<Storage> storage_;
   RepoHeader header_;
+  std::unique_ptr<StoreSink> sink_;  // declared after storage_: it goes first
+  std::string sink_collection_;
   std::mutex mu_;
   std::map<std::string, std::unique_ptr<std::string>> interned_;
   std::map<std::pair<std::string, uint32_t>, ManifestPtr> manifests_;

@@ -136,7 +136,15 @@ GcReport collect_store(Repository& repo, bool dry_run, const std::string& holder
       r.bytes_dead += to - from - freed;
     }
   }
-  if (!dry_run) st.remove(layout::kGcSweepingKey);
+  if (!dry_run) {
+    // A writer that looked records up before this collection freed some
+    // must not trust what it saw: it compares this name with the one it
+    // read before its first lookup.
+    std::string done = holder + " " + random_uuid();
+    st.remove(layout::kGcLastKey);
+    st.put(layout::kGcLastKey, std::as_bytes(std::span(done)));
+    st.remove(layout::kGcSweepingKey);
+  }
   return r;
 }
 

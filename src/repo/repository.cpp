@@ -9,6 +9,7 @@
 #include "cbtfs/errors.hpp"
 #include "cbtfs/layout.hpp"
 #include "cbtfs/open_storage.hpp"
+#include "store_sink.hpp"
 
 namespace cbtfs {
 
@@ -38,6 +39,24 @@ std::shared_ptr<Repository> Repository::open(std::unique_ptr<Storage> st) {
 
 Repository::Repository(std::unique_ptr<Storage> storage, RepoHeader header)
     : storage_(std::move(storage)), header_(std::move(header)) {}
+
+Repository::~Repository() = default;
+
+StoreSink& Repository::store_sink() {
+  std::lock_guard g(mu_);
+  if (!sink_) sink_ = std::make_unique<StoreSink>(*storage_);
+  return *sink_;
+}
+
+std::string Repository::store_sink_collection() {
+  std::lock_guard g(mu_);
+  return sink_collection_;
+}
+
+void Repository::set_store_sink_collection(const std::string& name) {
+  std::lock_guard g(mu_);
+  sink_collection_ = name;
+}
 
 std::string Repository::pack_key(const std::string& vdi, uint64_t pack) const {
   if (format() >= 2) return store_pack_key(pack);

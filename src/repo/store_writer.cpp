@@ -1,30 +1,29 @@
 #include "store_writer.hpp"
 
-#include <openssl/rand.h>
-
-#include <cstring>
-#include <stdexcept>
+#include <algorithm>
 
 #include "cbtfs/layout.hpp"
+#include "store_sink.hpp"
 
 namespace cbtfs {
 
 namespace {
-
-// Random, so that writers of different VDIs need no agreement on names; the
-// storage refuses to commit over an existing name, should two ever meet.
-uint64_t random_pack_id() {
-  uint64_t v = 0;
-  while (v == 0)
-    if (RAND_bytes(reinterpret_cast<unsigned char*>(&v), sizeof v) != 1) throw std::runtime_error("no random bytes");
-  return v;
+std::string last_collection(Storage& st) {
+  auto b = st.get(layout::kGcLastKey);
+  return b ? std::string(reinterpret_cast<const char*>(b->data()), b->size()) : std::string();
 }
-
 }  // namespace
 
 StoreWriter::StoreWriter(Repository& repo, const std::string& vdi, std::function<void()> before_visible)
     : repo_(repo), vdi_(vdi), before_visible_(std::move(before_visible)) {
   release_uses();
+  gc_seen_ = last_collection(repo_.storage());
+  // What the process stored before a collection that finished since may
+  // be gone; what it stores from now on is named in uses/ first.
+  if (repo_.store_sink_collection() != gc_seen_) {
+    repo_.store_sink().forget_committed();
+    repo_.set_store_sink_collection(gc_seen_);
+  }
 }
 
 void StoreWriter::release_uses() {
@@ -40,57 +39,52 @@ bool StoreWriter::rely_on(uint64_t pack, bool own) {
   std::string text = std::to_string(pack) + "\n";
   st.put(layout::uses_key(vdi_, ++uses_written_), std::as_bytes(std::span(text)));
   // A collection freeing records now may have read uses/ before this name
-  // landed: its packs cannot be trusted for the rest of this run.
-  bool ok = own || !st.size(layout::kGcSweepingKey);
+  // landed, and one that finished since the lookups started may have freed
+  // what they found: in either case the pack is not trusted for the rest of
+  // this run, and what was looked up is looked up afresh. A pack being
+  // appended to is not committed yet, so no collection has listed it.
+  bool ok = true;
+  if (!own) {
+    bool sweeping = st.size(layout::kGcSweepingKey).has_value();
+    std::string last = last_collection(st);
+    ok = !sweeping && last == gc_seen_;
+    if (!ok) {
+      index_.reset();
+      if (!sweeping) {
+        repo_.store_sink().forget_committed();
+        repo_.set_store_sink_collection(last);
+        gc_seen_ = last;
+      }
+    }
+  }
   relied_.emplace(pack, ok);
   return ok;
 }
 
 std::optional<BlockRef> StoreWriter::find(const BlockId& id) {
-  if (auto it = own_.find(id); it != own_.end()) {
-    ++deduplicated_;
-    return it->second;
+  std::optional<BlockRef> r = repo_.store_sink().find(id);
+  bool ours = r.has_value();
+  if (!r) {
+    if (!index_) index_ = std::make_unique<DedupIndex>(repo_.storage());
+    r = index_->find(id);
   }
-  if (!index_) index_ = std::make_unique<DedupIndex>(repo_.storage());
-  auto r = index_->find(id);
   if (!r || !rely_on(r->pack, false)) return std::nullopt;
+  if (ours) from_sink_.insert(r->pack);
   ++deduplicated_;
   return r;
 }
 
 void StoreWriter::append(BlockRef& ref, Bytes&& stored) {
-  if (pack_ && pack_->size() + stored.size() > kStorePackCap) close_pack();
-  if (!pack_) {
-    pack_id_ = random_pack_id();
-    rely_on(pack_id_, true);
-    pack_ = repo_.storage().create(layout::store_pack_key(pack_id_));
-    pack_->append(encode_pack_header(pack_id_, 2));
-  }
-  ref.pack = pack_id_;
-  ref.offset = pack_->size();
-  pack_->append(std::move(stored));
-  entries_.push_back(ref);
-  if (own_.size() < kMaxOwn) own_.emplace(ref.id, ref);
-}
-
-// The pack first: an index entry must never name a record that is not there.
-void StoreWriter::close_pack() {
-  if (!pack_) return;
-  before_visible_();
-  closed_bytes_ += pack_->size();
-  pack_->commit();
-  pack_.reset();
-  packs_.push_back(pack_id_);
-  before_visible_();
-  repo_.storage().put(layout::store_index_key(pack_id_), encode_index_segment(std::move(entries_), pack_id_));
-  entries_.clear();
+  bytes_ += stored.size();
+  repo_.store_sink().append(
+      ref, std::move(stored), [this](uint64_t pack) { rely_on(pack, true); }, before_visible_);
+  from_sink_.insert(ref.pack);
+  if (std::find(appended_.begin(), appended_.end(), ref.pack) == appended_.end()) appended_.push_back(ref.pack);
 }
 
 std::vector<uint64_t> StoreWriter::commit() {
-  close_pack();
-  return packs_;
+  repo_.store_sink().make_durable(from_sink_, before_visible_);
+  return appended_;
 }
-
-uint64_t StoreWriter::bytes_written() const { return closed_bytes_ + (pack_ ? pack_->size() : 0); }
 
 }  // namespace cbtfs

@@ -137,6 +137,7 @@ TEST_CASE("format 2: a damaged dedup index costs a copy, never a wrong block") {
       f.put('\x5a');
     }
   }
+  t.repo = Repository::open(t.root());  // another process: nothing of the first writer's in memory
   Manifest b = t.write(kVdiB, d, kT0);
   CHECK(b.blocks_written > 200);  // stored again
   CHECK(t.read_all(kVdiB, 1) == d);
@@ -386,4 +387,98 @@ TEST_CASE("a format 1 repository stays format 1") {
   CHECK(m.pack == 1);
   CHECK(!fs::exists(fs::path(t.root()) / "store"));
   CHECK(t.read_all(kVdi, 1) == d);
+}
+
+namespace {
+PointInfo info_of(const Bytes& d) {
+  PointInfo info;
+  info.time = kT0;
+  info.virtual_size = d.size();
+  return info;
+}
+void put_range(PointWriter& w, const Bytes& d, uint64_t first, uint64_t end) {
+  Bytes block(kBlockSize);
+  for (uint64_t b = first; b < end; ++b) {
+    std::memcpy(block.data(), d.data() + b * kBlockSize, kBlockSize);
+    w.put_block(b, block);
+  }
+}
+}  // namespace
+
+TEST_CASE("format 2: points written at once by one process find each other's blocks before either commits") {
+  TestRepo t(2);
+  Bytes d = template_disk(300, 21);
+  PointWriter a(t.repo, kVdi, info_of(d), "job 1");
+  PointWriter b(t.repo, kVdiB, info_of(d), "job 2");
+  put_range(a, d, 0, 300);
+  put_range(b, d, 0, 300);  // a's last blocks may still be compressing: at most those are stored twice
+  Manifest mb = b.commit();  // b first: it makes the pack holding a's records durable itself
+  Manifest ma = a.commit();
+  CHECK(ma.blocks_written > 200);
+  CHECK(mb.blocks_written <= 40);
+  CHECK(t.read_all(kVdi, 1) == d);
+  CHECK(t.read_all(kVdiB, 1) == d);
+  CHECK(verify_vdi(*t.repo, kVdiB).problems.empty());
+}
+
+TEST_CASE("format 2: a point that reused the blocks of a writer that failed is still whole") {
+  TestRepo t(2);
+  Bytes d = template_disk(200, 22);
+  Manifest mb;
+  {
+    PointWriter b(t.repo, kVdiB, info_of(d), "job 2");
+    {
+      PointWriter a(t.repo, kVdi, info_of(d), "job 1");
+      put_range(a, d, 0, 200);
+      put_range(b, d, 0, 200);
+    }  // a fails: never commits
+    mb = b.commit();
+  }
+  CHECK(mb.blocks_written < 200);
+  auto fresh = Repository::open(t.root());
+  REQUIRE(!fresh->latest(kVdi));
+  PointReader r(fresh, fresh->latest(kVdiB));
+  Bytes out(d.size());
+  r.read(0, out);
+  CHECK(out == d);
+  CHECK(verify_vdi(*fresh, kVdiB).problems.empty());
+  collect_store(*fresh, false, "unit test");  // a's records no point uses go; b's stay
+  CHECK(verify_vdi(*fresh, kVdiB).problems.empty());
+  PointReader r2(fresh, fresh->latest(kVdiB));
+  r2.read(0, out);
+  CHECK(out == d);
+}
+
+TEST_CASE("format 2 gc: what a writer looked up before a collection freed it is not reused") {
+  for (bool same_process : {false, true}) {
+    INFO((same_process ? "found in the process's own records" : "found in the dedup index"));
+    TestRepo t(2);
+    Bytes d1 = template_disk(60, 30);
+    t.write(kVdi, d1, kT0);
+    Bytes d2 = d1;
+    change_blocks(d2, {0, 1, 2, 3, 4, 5, 6, 7, 8, 9}, 31);
+    t.write(kVdi, d2, kT0 + 60);  // point 1 alone has d1's blocks 0-9 now
+    // The writer's disk: 50 blocks no one has (their lookups read the
+    // index's pages, and miss), then d1's blocks 0-9.
+    Bytes mine = random_bytes(60 * kBlockSize, 7777);
+    std::memcpy(mine.data() + 50 * kBlockSize, d1.data(), 10 * kBlockSize);
+    auto writer_repo = same_process ? t.repo : Repository::open(t.root());
+    PointWriter w(writer_repo, kVdiB, info_of(mine), "a long backup");
+    put_range(w, mine, 0, 50);
+    auto other = Repository::open(t.root());
+    RetentionPolicy p;
+    p.last = 1;
+    prune_vdi(other, kVdi, p, false, "unit test");
+    GcReport g = collect_store(*other, false, "unit test");
+    REQUIRE(g.bytes_freed > 0);  // d1's blocks 0-9 are gone
+    put_range(w, mine, 50, 60);  // seen before the collection, freed by it: stored anew
+    Manifest m = w.commit();
+    CHECK(m.blocks_written == 59);  // d1's block 5 is a zero block: nothing to store
+    auto fresh = Repository::open(t.root());
+    PointReader r(fresh, fresh->latest(kVdiB));
+    Bytes out(mine.size());
+    r.read(0, out);
+    CHECK(out == mine);
+    CHECK(verify_vdi(*fresh, kVdiB).problems.empty());
+  }
 }
