@@ -7,6 +7,7 @@
 
 #include "cbtfs/errors.hpp"
 #include "cbtfs/format.hpp"
+#include "resolve_point.hpp"
 
 namespace cbtfs::browse {
 
@@ -41,44 +42,15 @@ std::vector<Target> targets_of(const std::vector<std::string>& names, const std:
 }
 
 Plan plan_browse(MountView& view, const std::string& vdi_arg, const std::string& point_arg) {
+  auto r = resolve_point(view, vdi_arg, point_arg);
   Plan plan;
-  std::string vdi = vdi_arg;
-  while (vdi.size() > 1 && vdi.back() == '/') vdi.pop_back();
-  if (vdi.find('/') != std::string::npos) {
-    // VM/VDI, as the mount shows them under by-name/.
-    auto e = view.lookup("/by-name/" + vdi);
-    if (!e || e->kind != ViewEntry::Kind::Link || !e->target.starts_with("../../"))
-      throw UsageError("no VDI named " + vdi + " (VM/VDI as under by-name/ of the mount; see cbtfs-repo ls)");
-    plan.vdi = e->target.substr(6);
-  } else {
-    auto e = view.lookup("/" + vdi);
-    if (vdi.empty() || vdi == "by-name" || !e || e->kind != ViewEntry::Kind::Dir)
-      throw UsageError("no VDI " + vdi + " in the repository (give its uuid, or VM/VDI; see cbtfs-repo ls)");
-    plan.vdi = vdi;
-  }
+  plan.vdi = r.vdi;
+  plan.point = r.point;
+  plan.label = r.label;
   auto listing = view.list("/" + plan.vdi);
   if (!listing) throw UsageError("no VDI " + plan.vdi + " in the repository");
   std::vector<std::string> names;
   for (auto& [n, _] : *listing) names.push_back(n);
-
-  std::string point = point_arg.empty() ? "latest" : point_arg;
-  if (point.ends_with(".raw")) point.resize(point.size() - 4);
-  std::string image;
-  if (point == "latest") {
-    for (auto& [n, e] : *listing)
-      if (n == "latest.raw" && e.kind == ViewEntry::Kind::Link) image = e.target;
-    if (image.empty()) throw UsageError("VDI " + plan.vdi + " has no point");
-  } else {
-    image = point + ".raw";
-    if (std::find(names.begin(), names.end(), image) == names.end())
-      throw UsageError("VDI " + plan.vdi + " has no point " + point + " (see cbtfs-repo ls)");
-  }
-  plan.point = image.substr(0, image.size() - 4);
-  for (auto& [n, e] : *listing)
-    if (n == image && e.point) {
-      if (!e.point->vm_name.empty() || !e.point->vdi_name.empty())
-        plan.label = (e.point->vm_name.empty() ? "_no-vm" : e.point->vm_name) + "/" + e.point->vdi_name;
-    }
   plan.targets = targets_of(names, plan.point);
   return plan;
 }
