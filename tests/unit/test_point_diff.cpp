@@ -86,7 +86,7 @@ TEST_CASE("across several deltas and a disk spanning more than one index node") 
   Bytes d1 = d;
   std::vector<Bytes> disks{d};
   for (uint32_t i = 0; i < 4; ++i) {
-    for (size_t b : {i * 37u + 1, 1024u + i * 11, 1500u}) d1[b * kBlockSize + (b == 1500 ? 3 : 100)] ^= std::byte{0x10};
+    for (size_t b : {i * 37u + 1, 1024u + i * 11, 1500u}) d1[b * kBlockSize + (b == 1500 ? 3 : 100)] = std::byte(0x20 + i);
     t.write(kVdi, d1, 2000 + i);
     disks.push_back(d1);
   }
