@@ -5,14 +5,17 @@ point); the next ingest stays incremental and stores the point's bytes; a VDI
 in use is refused; a broken CBT chain falls back to a full write and says so;
 --dry-run writes nothing; --keep-undo leaves the snapshot taken before."""
 
+import glob
 import json
 import random
 import re
 import shutil
+import subprocess
+import time
 
 import pytest
 
-from conftest import BLOCK, REPO_TOOL, files_equal, ls_json, run
+from conftest import BLOCK, REPO_TOOL, after_kill, files_equal, ls_json, run
 from test_ingest import ingest, no_data_snapshots_left
 from xapi import Sim
 
@@ -241,3 +244,31 @@ def test_usage_errors(sim, repo, history):
     assert p.returncode == 2, p.stderr
     p = run(REPO_TOOL, "rollback", repo, disk["uuid"], point, check=False)
     assert p.returncode == 2 and "--xapi" in p.stderr, p.stderr
+
+
+def test_a_rollback_killed_while_snapshotting_is_cleaned_up_by_the_next_run(sim, repo, history):
+    """The snapshot is journaled as the ingest's is: a run killed before it is named leaves
+    a journal, and the next run (a rollback here; an ingest would do the same) removes
+    the snapshot the killed run's task took."""
+    disk, point, point_img = history
+    uuid = disk["uuid"]
+    sim.post("/task_delay", {"method": "Async.VDI.snapshot", "seconds": 3, "count": 1})
+    proc = subprocess.Popen([REPO_TOOL, "rollback", "--xapi", sim.url, "--password-file", sim.password_file,
+                             "--ca-file", sim.ca_file, str(repo), uuid, point],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while not any(t["name"] == "Async.VDI.snapshot" for t in sim.state()["tasks"]):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    after_kill()
+    assert glob.glob(f"{repo}/**/*journal*", recursive=True), "no journal left"
+    assert imports(sim) == []
+    time.sleep(3.5)     # the task completes on the host: an unnamed snapshot with data
+    assert [v for v in sim.snapshots_of(uuid) if v["type"] != "cbt_metadata"]
+    p = rollback(sim, repo, uuid, point)
+    assert "removing snapshot" in p.stderr and "taken by an interrupted run" in p.stderr, p.stderr
+    assert files_equal(disk["path"], point_img)
+    no_data_snapshots_left(sim)
+    assert not glob.glob(f"{repo}/**/*journal*", recursive=True)
