@@ -204,6 +204,19 @@ int cmd_rollback(const RollbackArgs& a) {
     return kExitOk;
   }
 
+  // A VM may have started while the snapshot was taken: look again, just
+  // before writing.
+  try {
+    check_not_in_use(client, vdi);
+  } catch (...) {
+    try {
+      ingest::destroy_vdi(client, snap->ref);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "cbtfs-repo: cannot remove the snapshot %s: %s\n", snap->uuid.c_str(), e.what());
+    }
+    throw;
+  }
+
   PointReader reader(repo, m);
   auto source = [&](uint64_t offset, std::span<std::byte> out) -> size_t {
     if (offset >= m->virtual_size) {  // past the point's end: zeros, as restore writes
