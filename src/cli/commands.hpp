@@ -44,5 +44,12 @@ struct RestoreXapiArgs {
   xapi::ClientOptions xapi;
 };
 int cmd_restore_xapi(const RestoreXapiArgs& a);
+struct RollbackArgs {
+  std::string repo, vdi, point;
+  bool dry_run = false;    // only say what would be written
+  bool keep_undo = false;  // keep the snapshot taken before writing
+  xapi::ClientOptions xapi;
+};
+int cmd_rollback(const RollbackArgs& a);
 
 }  // namespace cbtfs

@@ -111,6 +111,21 @@ int run(int argc, char** argv) {
   restore->add_option("POINT", point, "point: its time (as in ls) or 'latest'")->required();
   restore->add_option("DEST", dest, "file or block device (not with --xapi)");
 
+  RollbackArgs rb;
+  std::string rb_password_file;
+  auto* rollback = app.add_subcommand(
+      "rollback", "write back into the original VDI on XenServer only the blocks that differ from a point");
+  rollback->add_option("--xapi", rb.xapi.url, "the pool master, e.g. https://pool-master")->required();
+  rollback->add_option("--user", rb.xapi.user, "user name")->default_val("root");
+  rollback->add_option("--password-file", rb_password_file, "file holding the password (else $CBTFS_PASSWORD)");
+  rollback->add_option("--ca-file", rb.xapi.ca_file, "CA certificate(s) to verify the host with");
+  rollback->add_flag("--insecure", rb.xapi.insecure, "do not verify the host's TLS certificate");
+  rollback->add_flag("-n,--dry-run", rb.dry_run, "only say how much would be written, and why");
+  rollback->add_flag("--keep-undo", rb.keep_undo, "keep the snapshot taken before writing, as a way back");
+  rollback->add_option("REPO", rb.repo, "repository")->required();
+  rollback->add_option("VDI", rb.vdi, "uuid of the VDI: the disk the point was taken of")->required();
+  rollback->add_option("POINT", rb.point, "point: its time (as in ls) or 'latest'")->required();
+
   PruneArgs pa;
   auto* prune = app.add_subcommand("prune", "remove points a retention policy does not keep, and free their space");
   prune->add_option("--keep-last", pa.last, "keep the newest N points");
@@ -158,6 +173,13 @@ int run(int argc, char** argv) {
   if (*prune) return cmd_prune(pa);
   if (*forget) return cmd_forget(repo, vdi);
   if (*gc) return cmd_gc(repo, gc_dry_run);
+  if (*rollback) {
+    rb.vdi = lower(rb.vdi);
+    if (!is_uuid(rb.vdi)) throw UsageError("'" + rb.vdi + "' is not a VDI uuid");
+    if (rb.xapi.url.find("://") == std::string::npos) rb.xapi.url = "https://" + rb.xapi.url;
+    rb.xapi.password = read_password(rb_password_file);
+    return cmd_rollback(rb);
+  }
   if (*restore && !ra.xapi.url.empty()) {
     if (!dest.empty()) throw UsageError("give either DEST or --xapi, not both");
     if (ra.sr.empty()) throw UsageError("--xapi needs --sr SR-UUID: where the new VDI goes");

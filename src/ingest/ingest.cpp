@@ -60,6 +60,20 @@ class Run {
     prefix_ = "cbtfs-ingest " + (repo_->id().empty() ? std::string() : repo_->id().substr(0, 8) + " ");
   }
 
+  // For cbtfs-repo rollback (see ingest.hpp): one VDI, no point written.
+  void recover_only(const VdiInfo& vdi) {
+    Task t;
+    t.vdi = vdi;
+    recover_journal(t);
+  }
+  VdiInfo snapshot_only(const VdiInfo& vdi, const std::string& name) {
+    Task t;
+    t.vdi = vdi;
+    snapshot_one(t);
+    name_snapshot(t, name);  // should this fail, the journal stays: the next run removes the snapshot
+    return *t.snap;
+  }
+
   std::vector<Outcome> go() {
     select();
     for (auto& g : groups_) prepare(g);
@@ -338,6 +352,39 @@ class Run {
     throw std::runtime_error("the snapshot task " + task + " ended without a result");
   }
 
+  // One VDI's snapshot, journaled. VDI.snapshot cannot name its snapshot:
+  // until name_snapshot has, only this journal lets a later run (an ingest
+  // or a rollback) find it should we die or lose an answer.
+  void snapshot_one(Task& t) {
+    nlohmann::json journal{{"snapshot_of", t.vdi.uuid}, {"existing", nlohmann::json::array()},
+                           {"tasks", nlohmann::json::array()}};
+    for (auto& s : snapshots_of(t)) journal["existing"].push_back(s.uuid);
+    repo_->put_journal(t.vdi.uuid, journal.dump());
+    t.journal = true;
+    std::string task;
+    try {
+      task = start_snapshot_vdi(c_, t.vdi);
+    } catch (const xapi::XapiError&) {
+      repo_->clear_journal(t.vdi.uuid);  // the host refused: nothing to find
+      t.journal = false;
+      throw;
+    }
+    journal["tasks"].push_back(task);
+    repo_->put_journal(t.vdi.uuid, journal.dump());
+    t.snap = await_snapshot(t, task);
+  }
+
+  // The name marks the snapshot as ours; the journal and the task that
+  // proved it ours are then no longer needed.
+  void name_snapshot(Task& t, const std::string& name) {
+    c_.call("VDI.set_name_label", {xapi::Value(t.snap->ref), xapi::Value(name)});
+    t.snap->name = name;
+    if (t.journal) repo_->clear_journal(t.vdi.uuid);
+    t.journal = false;
+    if (!t.snapshot_task.empty()) destroy_task(c_, t.snapshot_task);
+    t.snapshot_task.clear();
+  }
+
   void snapshot(Group& g) {
     bool any = false;
     for (size_t i : g.tasks) any = any || tasks_[i].writer;
@@ -366,25 +413,7 @@ class Run {
           }
         }
       } else {
-        // VDI.snapshot cannot name its snapshot: until we have, only this
-        // journal lets a later run find it should we die or lose an answer.
-        Task& t = tasks_[g.tasks[0]];
-        nlohmann::json journal{{"snapshot_of", t.vdi.uuid}, {"existing", nlohmann::json::array()},
-                               {"tasks", nlohmann::json::array()}};
-        for (auto& s : snapshots_of(t)) journal["existing"].push_back(s.uuid);
-        repo_->put_journal(t.vdi.uuid, journal.dump());
-        t.journal = true;
-        std::string task;
-        try {
-          task = start_snapshot_vdi(c_, t.vdi);
-        } catch (const xapi::XapiError&) {
-          repo_->clear_journal(t.vdi.uuid);  // the host refused: nothing to find
-          t.journal = false;
-          throw;
-        }
-        journal["tasks"].push_back(task);
-        repo_->put_journal(t.vdi.uuid, journal.dump());
-        t.snap = await_snapshot(t, task);
+        snapshot_one(tasks_[g.tasks[0]]);
       }
     } catch (const std::exception& e) {
       for (size_t i : g.tasks) fail(tasks_[i], std::string("snapshot failed: ") + e.what());
@@ -398,10 +427,7 @@ class Run {
       }
       // The name marks it as ours, so a later run can clean up after a crash.
       try {
-        c_.call("VDI.set_name_label", {xapi::Value(t.snap->ref), xapi::Value(name)});
-        if (t.journal) repo_->clear_journal(t.vdi.uuid);
-        t.journal = false;
-        if (!t.snapshot_task.empty()) destroy_task(c_, t.snapshot_task);
+        name_snapshot(t, name);
         if (t.writer) t.writer->set_source(t.snap->uuid, now);
       } catch (const std::exception& e) {
         fail(t, std::string("cannot name the snapshot: ") + e.what());
@@ -579,6 +605,16 @@ class Run {
 };
 
 }  // namespace
+
+void recover_interrupted_snapshot(xapi::Client& client, std::shared_ptr<Repository> repo, const VdiInfo& vdi,
+                                  const Options& opts, const Log& log) {
+  Run(client, std::move(repo), opts, log, nullptr).recover_only(vdi);
+}
+
+VdiInfo take_named_snapshot(xapi::Client& client, std::shared_ptr<Repository> repo, const VdiInfo& vdi,
+                            const std::string& name, const Options& opts, const Log& log) {
+  return Run(client, std::move(repo), opts, log, nullptr).snapshot_only(vdi, name);
+}
 
 std::vector<Outcome> run(xapi::Client& client, std::shared_ptr<Repository> repo, const Options& opts, const Log& log,
                          ProgressReport* progress) {

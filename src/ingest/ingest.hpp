@@ -15,6 +15,7 @@
 #include "cbtfs/repository.hpp"
 #include "nbd/nbd_reader.hpp"
 #include "xapi/client.hpp"
+#include "xapi_ops.hpp"
 
 namespace cbtfs::ingest {
 
@@ -61,5 +62,21 @@ class ProgressReport {
 // progress may be null: no progress is reported.
 std::vector<Outcome> run(xapi::Client& client, std::shared_ptr<Repository> repo, const Options& opts, const Log& log,
                          ProgressReport* progress);
+
+// The run's snapshot of one VDI, for cbtfs-repo rollback. The caller holds
+// the VDI's lock in the repository (Repository::lock_vdi): the journal lives
+// beside the VDI's points.
+//
+// recover_interrupted_snapshot settles the journal an interrupted run left
+// (ingest or rollback): the snapshot its task took is removed, unless it is
+// the repository's newest point's.
+void recover_interrupted_snapshot(xapi::Client& client, std::shared_ptr<Repository> repo, const VdiInfo& vdi,
+                                  const Options& opts, const Log& log);
+// Async.VDI.snapshot, journaled until the snapshot is named `name`, exactly
+// as a run of one VDI takes it. A name that does not start with the
+// ingest's prefix keeps the ingest's cleanup away from it. Throws when the
+// snapshot fails; what it leaves is then the journal's.
+VdiInfo take_named_snapshot(xapi::Client& client, std::shared_ptr<Repository> repo, const VdiInfo& vdi,
+                            const std::string& name, const Options& opts, const Log& log);
 
 }  // namespace cbtfs::ingest

@@ -903,3 +903,46 @@ def test_an_import_is_redirected_to_the_host_that_sees_the_sr(sim):
     with pytest.raises(urllib.error.HTTPError) as e:
         sim.post("/import_redirect", {"to": "ftp://x"})
     assert e.value.code == 400
+
+
+def test_power_state_and_an_import_into_a_vms_own_disk_is_logged_by_cbt(sim):
+    """What cbtfs-repo rollback relies on: VM power states seen through VBDs, and a chunked
+    import into an existing disk that CBT logs like a guest's writes."""
+    vm = next(v for v in sim.get("/state")["vms"] if v["name"] == "web01")
+    vm_ref = sim.call("VM.get_by_uuid", vm["uuid"])
+    uuid = vm["vdis"][0]
+    ref = sim.ref(uuid)
+    (vbd,) = [b for b in sim.call("VDI.get_VBDs", ref)]
+    assert sim.call("VM.get_power_state", vm_ref) == "Running"
+    assert sim.call("VBD.get_currently_attached", vbd) is True
+    for state, attached in (("Suspended", False), ("Paused", True), ("Halted", False)):
+        assert sim.post("/power_state", {"vm": vm["uuid"], "state": state}) == \
+            {"vm": vm["uuid"], "power_state": state}
+        assert sim.call("VM.get_power_state", vm_ref) == state
+        assert sim.call("VM.get_record", vm_ref)["power_state"] == state
+        assert sim.call("VBD.get_currently_attached", vbd) is attached
+    with pytest.raises(urllib.error.HTTPError) as e:
+        sim.post("/power_state", {"vm": vm["uuid"], "state": "Crashed"})
+    assert e.value.code == 400
+    with pytest.raises(urllib.error.HTTPError) as e:
+        sim.post("/power_state", {"vm": "00000000-0000-0000-0000-000000000000", "state": "Halted"})
+    assert e.value.code == 404
+    snap_vm = sim.call("VM.snapshot", vm_ref, "s")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        sim.post("/power_state", {"vm": sim.call("VM.get_uuid", snap_vm), "state": "Running"})
+    assert e.value.code == 400
+    assert sim.call("VM.get_power_state", snap_vm) == "Halted"
+
+    # A halted VM's disk takes a chunked import; CBT logs it, identical bytes too.
+    sim.write(uuid, 0, b"a" * BLOCK * 2)
+    _, base = snapshot_with_cbt(sim, uuid)
+    body = chunk(5 * BLOCK + 100, b"b" * 10) + chunk(0, b"a" * 512) + LAST_CHUNK
+    task = sim.call("task.create", "rollback", "")
+    status, _, _ = put_import(sim, {"session_id": sim.session, "vdi": ref, "format": "raw", "chunked": "true",
+                                    "task_id": task}, body)
+    assert status == 200 and wait_task(sim, task) == "success"
+    after = sim.call("VDI.snapshot", ref, {})
+    assert blocks_of(sim.bitmap(base, after)) == {0, 5}
+    assert read_file(sim.vdi_state(uuid)["path"])[5 * BLOCK + 100:5 * BLOCK + 110] == b"b" * 10
+    sim.post("/power_state", {"vm": vm["uuid"], "state": "Running"})
+    assert sim.call("VBD.get_currently_attached", vbd) is True

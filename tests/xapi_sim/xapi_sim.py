@@ -340,9 +340,12 @@ class Vm:
     snapshot_time: datetime = EPOCH
     is_control_domain: bool = False
 
+    # A normal VM runs until the control API's /power_state says otherwise.
+    state: str = "Running"
+
     @property
     def power_state(self):
-        return "Halted" if self.is_a_snapshot else "Running"
+        return "Halted" if self.is_a_snapshot else self.state
 
 
 @dataclass(eq=False)
@@ -357,7 +360,8 @@ class Vbd:
 
     @property
     def currently_attached(self):
-        return self.vm.power_state == "Running"
+        # A suspended VM's disks are unplugged; a paused one's stay plugged.
+        return self.vm.power_state in ("Running", "Paused")
 
 
 @dataclass(eq=False)
@@ -1513,7 +1517,7 @@ class ControlApi:
                    "/fail": self.fail, "/nbd_drop": self.nbd_drop, "/nbd_faults": self.nbd_faults,
                    "/reset_counters": self.reset_counters, "/task_delay": self.task_delay,
                    "/import_fail": self.import_fail, "/import_redirect": self.import_redirect,
-                   "/expire_tasks": self.expire_tasks}.get(path)
+                   "/expire_tasks": self.expire_tasks, "/power_state": self.power_state}.get(path)
         if handler is None:
             raise HttpError(404, f"no POST {path}")
         with self.host.lock:
@@ -1563,6 +1567,19 @@ class ControlApi:
             raise HttpError(400, f"size must be a positive multiple of {SECTOR}")
         self.model.resize(vdi, size)
         return {"vdi": vdi.uuid, "virtual_size": size}
+
+    def power_state(self, body):
+        uuid = body.get("vm")
+        vm = next((v for v in self.model.all("VM") if v.uuid == uuid), None)
+        if vm is None:
+            raise HttpError(404, f"no VM {uuid}")
+        if vm.is_a_snapshot or vm.is_control_domain:
+            raise HttpError(400, f"VM {uuid} is a snapshot or the control domain: its power state is fixed")
+        state = body.get("state")
+        if state not in ("Running", "Halted", "Paused", "Suspended"):
+            raise HttpError(400, "state must be Running, Halted, Paused or Suspended")
+        vm.state = state
+        return {"vm": vm.uuid, "power_state": vm.power_state}
 
     def disable_cbt(self, body):
         vdi = live_vdi_of(self.host, body)
