@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-30}
 [ -f build-fuzz/build.ninja ] || CC=clang CXX=clang++ meson setup build-fuzz -Dfuzz=true -Dtests=false \
-  -Db_sanitize=address,undefined -Db_lundef=false
+  -Db_sanitize=address,undefined -Db_lundef=false -Dnbdkit_plugin=disabled -Dman=false
 meson compile -C build-fuzz
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 for t in manifest record partitions lvm lvm-nocrc xmlrpc bitmap; do
