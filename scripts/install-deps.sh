@@ -5,7 +5,7 @@ set -eu
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
-  g++ meson ninja-build pkg-config \
+  build-essential g++ meson ninja-build pkg-config git \
   libfuse3-dev fuse3 liblz4-dev libxxhash-dev nlohmann-json3-dev libcli11-dev \
   libcurl4-openssl-dev libpugixml-dev libnbd-dev libssl-dev \
   catch2 python3 python3-pytest nbdkit nbdkit-plugin-dev libnbd-bin python3-libnbd qemu-utils openssl \
