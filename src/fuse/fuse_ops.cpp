@@ -10,6 +10,7 @@
 #include <new>
 
 #include "cbtfs/errors.hpp"
+#include "mount/image_file.hpp"
 
 namespace cbtfs {
 namespace {
@@ -78,32 +79,12 @@ void fill_stat(const ViewEntry& e, struct stat* st, bool with_blocks = true) {
   }
 }
 
-// An image, or a partition: the window [offset, offset + size) of a point.
 struct OpenImage {
-  ViewEntry entry;
-  PointReader reader;
-  std::shared_ptr<PointOverlay> overlay;  // with -o overlay: shared by every file of the point
-  std::unique_ptr<Claim> hold;            // prune keeps the point while it is open
+  ImageFile file;
+  std::unique_ptr<Claim> hold;  // prune keeps the point while it is open
 };
 
 OpenImage* image_of(fuse_file_info* fi) { return reinterpret_cast<OpenImage*>(fi->fh); }
-
-// Reads [pos, pos + out.size()) of an image: a window of the point, or the
-// pieces of an LV.
-size_t read_image(OpenImage& img, uint64_t pos, std::span<std::byte> out) {
-  auto read_at = [&](uint64_t at, std::span<std::byte> o) {
-    return img.overlay ? img.overlay->read(img.reader, at, o) : img.reader.read(at, o);
-  };
-  if (!img.entry.lv) return read_at(img.entry.offset + pos, out);
-  size_t done = 0;
-  for (auto& r : img.entry.lv->map(pos, out.size())) {
-    auto part = out.subspan(static_cast<size_t>(r.lv_offset - pos), static_cast<size_t>(r.length));
-    size_t n = read_at(r.disk_offset, part);
-    std::fill(part.begin() + static_cast<std::ptrdiff_t>(n), part.end(), std::byte{0});  // cannot be short: checked
-    done = static_cast<size_t>(r.lv_offset - pos + r.length);
-  }
-  return done;
-}
 
 void* op_init(fuse_conn_info* conn, fuse_config* cfg) {
   // Names can appear (new points) but never change meaning, and image
@@ -127,7 +108,7 @@ void* op_init(fuse_conn_info* conn, fuse_config* cfg) {
 int op_getattr(const char* path, struct stat* st, fuse_file_info* fi) {
   return guarded("stat", path, [&] {
     if (fi && fi->fh) {
-      fill_stat(image_of(fi)->entry, st);
+      fill_stat(image_of(fi)->file.entry(), st);
       return 0;
     }
     auto e = state().view.lookup(path);
@@ -176,7 +157,7 @@ int op_open(const char* path, fuse_file_info* fi) {
     if (!hold) return -ENOENT;  // pruned since it was looked up
     auto overlay = s.overlay ? s.overlay->of(*e->point) : nullptr;
     fi->fh = reinterpret_cast<uint64_t>(
-        new OpenImage{*e, PointReader(s.view.repo_ptr(), e->point), overlay, std::move(hold)});
+        new OpenImage{ImageFile(*e, PointReader(s.view.repo_ptr(), e->point), overlay), std::move(hold)});
     fi->keep_cache = !overlay;
     fi->direct_io = overlay != nullptr;
     return 0;
@@ -184,33 +165,22 @@ int op_open(const char* path, fuse_file_info* fi) {
 }
 
 int op_read(const char* path, char* buf, size_t size, off_t off, fuse_file_info* fi) {
-  return guarded("read", path ? path : image_of(fi)->reader.point().vdi.c_str(), [&] {
+  auto& file = image_of(fi)->file;
+  return guarded("read", path ? path : file.entry().point->vdi.c_str(), [&] {
     if (off < 0) return -EINVAL;
-    auto& img = *image_of(fi);
-    auto pos = static_cast<uint64_t>(off);
-    if (pos >= img.entry.size) return 0;
-    size = static_cast<size_t>(std::min<uint64_t>(size, img.entry.size - pos));
-    std::span<std::byte> out{reinterpret_cast<std::byte*>(buf), size};
-    return static_cast<int>(read_image(img, pos, out));
+    return static_cast<int>(file.read(static_cast<uint64_t>(off), {reinterpret_cast<std::byte*>(buf), size}));
   });
 }
 
 int op_write(const char* path, const char* buf, size_t size, off_t off, fuse_file_info* fi) {
   return guarded("write", path, [&] {
-    auto& img = *image_of(fi);
-    if (!img.overlay) return -EROFS;
+    auto& file = image_of(fi)->file;
+    if (!file.writable()) return -EROFS;
     if (off < 0) return -EINVAL;
     auto pos = static_cast<uint64_t>(off);
-    if (pos >= img.entry.size) return size ? -ENOSPC : 0;  // an image cannot grow
-    size = static_cast<size_t>(std::min<uint64_t>(size, img.entry.size - pos));
-    std::span<const std::byte> data{reinterpret_cast<const std::byte*>(buf), size};
-    if (!img.entry.lv) {
-      img.overlay->write(img.reader, img.entry.offset + pos, data);
-    } else {
-      for (auto& r : img.entry.lv->map(pos, size))
-        img.overlay->write(img.reader, r.disk_offset,
-                           data.subspan(static_cast<size_t>(r.lv_offset - pos), static_cast<size_t>(r.length)));
-    }
+    if (pos >= file.size()) return size ? -ENOSPC : 0;  // an image cannot grow
+    size = static_cast<size_t>(std::min<uint64_t>(size, file.size() - pos));
+    file.write(pos, {reinterpret_cast<const std::byte*>(buf), size});
     return static_cast<int>(size);
   });
 }
@@ -221,7 +191,7 @@ int op_truncate(const char* path, off_t size, fuse_file_info* fi) {
     if (!state().overlay) return -EROFS;
     uint64_t have = 0;
     if (fi && fi->fh) {
-      have = image_of(fi)->entry.size;
+      have = image_of(fi)->file.size();
     } else {
       auto e = state().view.lookup(path);
       if (!e) return -ENOENT;
@@ -243,33 +213,12 @@ int op_release(const char*, fuse_file_info* fi) {
 
 off_t op_lseek(const char* path, off_t off, int whence, fuse_file_info* fi) {
   return guarded("seek in", path, [&]() -> off_t {
-    auto& img = *image_of(fi);
-    auto& r = img.reader;
-    if (off < 0) return -EINVAL;
+    auto& file = image_of(fi)->file;
+    if (off < 0 || (whence != SEEK_DATA && whence != SEEK_HOLE)) return -EINVAL;
     auto pos = static_cast<uint64_t>(off);
-    if (whence != SEEK_DATA && whence != SEEK_HOLE) return -EINVAL;
-    if (pos >= img.entry.size) return -ENXIO;
-    // Written pages are data wherever they are: no holes are claimed.
-    if (img.overlay && img.overlay->written()) return whence == SEEK_DATA ? off : static_cast<off_t>(img.entry.size);
-    if (img.entry.lv) {
-      // Piece by piece, up to a budget (a striped LV has one per chunk);
-      // past it, everything counts as data, which is never wrong to claim.
-      constexpr size_t kBudget = 4096;
-      auto ranges = img.entry.lv->map(pos, img.entry.size - pos, kBudget);
-      for (auto& rg : ranges) {
-        uint64_t end = rg.disk_offset + rg.length;
-        uint64_t f = std::min(whence == SEEK_DATA ? r.next_data(rg.disk_offset) : r.next_hole(rg.disk_offset), end);
-        if (f < end) return static_cast<off_t>(rg.lv_offset + (f - rg.disk_offset));
-      }
-      uint64_t seen = ranges.empty() ? pos : ranges.back().lv_offset + ranges.back().length;
-      if (whence == SEEK_HOLE) return static_cast<off_t>(img.entry.size);
-      if (seen >= img.entry.size) return -ENXIO;
-      return static_cast<off_t>(seen);
-    }
-    uint64_t at = img.entry.offset + pos, end = img.entry.offset + img.entry.size;
-    uint64_t found = std::min(whence == SEEK_DATA ? r.next_data(at) : r.next_hole(at), end);
-    if (whence == SEEK_DATA && found >= end) return -ENXIO;
-    return static_cast<off_t>(found - img.entry.offset);
+    if (pos >= file.size()) return -ENXIO;
+    auto found = file.seek(pos, whence == SEEK_DATA);
+    return found ? static_cast<off_t>(*found) : -ENXIO;
   });
 }
 

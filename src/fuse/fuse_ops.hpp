@@ -1,6 +1,6 @@
 // The FUSE operations table of cbtfs. It only translates: paths go to a
-// MountView, reads to a PointReader (through the overlay when there is
-// one, as are writes), exceptions to errno.
+// MountView, reads, writes and seeks to an ImageFile (mount/image_file.hpp),
+// exceptions to errno.
 #pragma once
 
 #include <fuse3/fuse.h>
