@@ -15,13 +15,13 @@ std::string last_collection(Storage& st) {
 }  // namespace
 
 StoreWriter::StoreWriter(Repository& repo, const std::string& vdi, std::function<void()> before_visible)
-    : repo_(repo), vdi_(vdi), before_visible_(std::move(before_visible)) {
+    : repo_(repo), sink_(repo.store_sink()), vdi_(vdi), before_visible_(std::move(before_visible)) {
   release_uses();
   gc_seen_ = last_collection(repo_.storage());
   // What the process stored before a collection that finished since may
   // be gone; what it stores from now on is named in uses/ first.
   if (repo_.store_sink_collection() != gc_seen_) {
-    repo_.store_sink().forget_committed();
+    sink_.forget_committed();
     repo_.set_store_sink_collection(gc_seen_);
   }
 }
@@ -51,7 +51,7 @@ bool StoreWriter::rely_on(uint64_t pack, bool own) {
     if (!ok) {
       index_.reset();
       if (!sweeping) {
-        repo_.store_sink().forget_committed();
+        sink_.forget_committed();
         repo_.set_store_sink_collection(last);
         gc_seen_ = last;
       }
@@ -62,7 +62,7 @@ bool StoreWriter::rely_on(uint64_t pack, bool own) {
 }
 
 std::optional<BlockRef> StoreWriter::find(const BlockId& id) {
-  std::optional<BlockRef> r = repo_.store_sink().find(id);
+  std::optional<BlockRef> r = sink_.find(id);
   bool ours = r.has_value();
   if (!r) {
     if (!index_) index_ = std::make_unique<DedupIndex>(repo_.storage());
@@ -76,14 +76,14 @@ std::optional<BlockRef> StoreWriter::find(const BlockId& id) {
 
 void StoreWriter::append(BlockRef& ref, Bytes&& stored) {
   bytes_ += stored.size();
-  repo_.store_sink().append(
+  sink_.append(
       ref, std::move(stored), [this](uint64_t pack) { rely_on(pack, true); }, before_visible_);
   from_sink_.insert(ref.pack);
   if (std::find(appended_.begin(), appended_.end(), ref.pack) == appended_.end()) appended_.push_back(ref.pack);
 }
 
 std::vector<uint64_t> StoreWriter::commit() {
-  repo_.store_sink().make_durable(from_sink_, before_visible_);
+  sink_.make_durable(from_sink_, before_visible_);
   return appended_;
 }
 

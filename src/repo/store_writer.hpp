@@ -29,6 +29,8 @@
 
 namespace cbtfs {
 
+class StoreSink;
+
 class StoreWriter {
  public:
   // Holds the VDI's lock (the uses/ names of a dead writer are cleared).
@@ -55,6 +57,7 @@ class StoreWriter {
   bool rely_on(uint64_t pack, bool own);
 
   Repository& repo_;
+  StoreSink& sink_;  // the repository's, looked up once: every block goes through it
   std::string vdi_;
   std::function<void()> before_visible_;
   std::unique_ptr<DedupIndex> index_;  // opened at the first miss in the process's own records
