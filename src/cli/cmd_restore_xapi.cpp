@@ -20,13 +20,6 @@
 
 namespace cbtfs {
 
-ManifestPtr find_point(Repository& repo, const std::string& vdi, const std::string& point);
-
-namespace {
-
-// The VDI's bytes at offset: the point's image, read and verified (holes
-// as zeros), then zeros up to the VDI's size (XAPI rounds sizes up to a
-// sector). A block that cannot be read fails the restore as damaged data.
 size_t read_for_vdi(PointReader& reader, uint64_t image_size, uint64_t offset, std::span<std::byte> out) {
   if (offset >= image_size) {
     std::memset(out.data(), 0, out.size());
@@ -39,6 +32,8 @@ size_t read_for_vdi(PointReader& reader, uint64_t image_size, uint64_t offset, s
     throw CorruptError(e.what());
   }
 }
+
+namespace {
 
 // The point's allocated runs: blocks holding data, adjacent ones together.
 // next_data skips zero subtrees of the index, so this costs the index nodes

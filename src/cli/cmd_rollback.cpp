@@ -38,8 +38,6 @@
 
 namespace cbtfs {
 
-ManifestPtr find_point(Repository& repo, const std::string& vdi, const std::string& point);
-
 namespace {
 
 using ingest::VdiInfo;
@@ -218,32 +216,20 @@ int cmd_rollback(const RollbackArgs& a) {
   }
 
   PointReader reader(repo, m);
-  auto source = [&](uint64_t offset, std::span<std::byte> out) -> size_t {
-    if (offset >= m->virtual_size) {  // past the point's end: zeros, as restore writes
-      std::memset(out.data(), 0, out.size());
-      return out.size();
-    }
-    size_t n = static_cast<size_t>(std::min<uint64_t>(out.size(), m->virtual_size - offset));
-    try {
-      return reader.read(offset, out.first(n));
-    } catch (const std::exception& e) {
-      throw CorruptError(e.what());
-    }
-  };
   try {
     Progress progress("rollback to " + point_name, bytes);
     uint64_t sent = 0;
     if (broken.empty()) {
       if (!runs.empty())
         xapi::import_raw_vdi_sparse(client, vdi.ref, runs, [&](uint64_t offset, std::span<std::byte> out) {
-          size_t n = source(offset, out);
+          size_t n = read_for_vdi(reader, m->virtual_size, offset, out);
           sent += n;
           progress.update(std::min(sent, bytes));
           return n;
         });
     } else {
       xapi::import_raw_vdi(client, vdi.ref, vdi.virtual_size, [&](uint64_t offset, std::span<std::byte> out) {
-        size_t n = source(offset, out);
+        size_t n = read_for_vdi(reader, m->virtual_size, offset, out);
         progress.update(offset + n);
         return n;
       });

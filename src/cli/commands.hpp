@@ -5,9 +5,11 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 
 #include "cbtfs/exit_codes.hpp"
+#include "cbtfs/point_reader.hpp"
 #include "cbtfs/repository.hpp"
 #include "xapi/client.hpp"
 
@@ -22,6 +24,14 @@ struct ImportArgs {
 // Repository::open, with every reason it cannot be opened (missing, not a
 // repository, newer format, unreadable) one exit status (kExitRepo).
 std::shared_ptr<Repository> open_repository(const std::string& path);
+
+// A VDI's point by its name as in ls ("2026-11-24T030000Z", with or without
+// ".raw") or "latest"; UsageError naming what exists when there is none.
+ManifestPtr find_point(Repository& repo, const std::string& vdi, const std::string& point);
+// What a XenServer VDI holds at offset when a point is written into it: the
+// point's bytes, verified (a block that cannot be read is damaged data),
+// then zeros up to the VDI's size (XAPI rounds sizes up to a sector).
+size_t read_for_vdi(PointReader& reader, uint64_t image_size, uint64_t offset, std::span<std::byte> out);
 
 int cmd_init(const std::string& repo, uint32_t format);
 int cmd_import(const ImportArgs& a);
