@@ -648,3 +648,19 @@ def test_btrfs_log_tree_replayed(tmp_path, repo, browses):
     assert_tree(f"{d}/part1", exp["part1"])
     browse("-u", d)
     assert_clean(d)
+
+
+def test_prune_during_a_browse_keeps_the_point(gpt_points, repo, browses):
+    """An admin browsing last week's point while the nightly prune runs: the
+    point stays until the browse is undone, and its files stay readable."""
+    d = browses.dir("old")
+    browse(repo, VDI_A, P1, d)
+    out = run(os.path.join(BUILD, "src", "cbtfs-repo"), "prune", "--keep-last", "1", repo, VDI_A).stdout
+    assert f"kept, in use: {VDI_A}/{P1}.raw" in out, out
+    assert_tree(f"{d}/part1", gpt_points["a1"]["part1"])
+    assert_tree(f"{d}/part2", gpt_points["a1"]["part2"])
+    browse("-u", d)
+    assert_clean(d)
+    out = run(os.path.join(BUILD, "src", "cbtfs-repo"), "prune", "--keep-last", "1", repo, VDI_A).stdout
+    assert f"removed {VDI_A}/{P1}.raw" in out, out
+    run(os.path.join(BUILD, "src", "cbtfs-repo"), "verify", repo)
