@@ -6,6 +6,7 @@
 #include <deque>
 #include <future>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <unordered_set>
@@ -93,12 +94,20 @@ class PointWriter {
 
   // Blocks being compressed, oldest first; drained before their leaf is
   // finished and whenever too many are in flight.
+  // Format 2 also queues blocks another point of this process is
+  // compressing: `waiting` gives that record's ref; `data` is kept in case
+  // it never comes.
   struct Pending {
     uint64_t block;
     BlockId id;  // format 2
     std::future<EncoderPool::Encoded> encoded;
+    std::optional<std::shared_future<BlockRef>> waiting;
+    Bytes data;
   };
   void drain(size_t keep);
+  void append_encoded(Pending& p);
+  void append_own_pending();
+  void settle(Pending& p);
   void append(BlockRef& ref, Bytes& stored);
 
   std::shared_ptr<Repository> repo_;
@@ -121,6 +130,7 @@ class PointWriter {
   uint64_t blocks_written_ = 0;
   uint64_t blocks_allocated_ = 0;  // of the point being built: the parent's, then each change
   bool committed_ = false;
+  bool patient_ = true;  // format 2: still waiting for other points' records
 };
 
 }  // namespace cbtfs

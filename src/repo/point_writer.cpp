@@ -129,7 +129,7 @@ BlockRef PointWriter::store(std::span<const std::byte> plain) {
   BlockRef ref;
   if (store_) {
     ref.id = block_id(repo_->id_key(), plain);
-    if (auto found = store_->find(ref.id)) return *found;
+    if (auto found = store_->find(ref.id); found.ref) return *found.ref;  // else stored here and now
   }
   Bytes stored = encode_record(plain, ref);
   append(ref, stored);
@@ -138,15 +138,70 @@ BlockRef PointWriter::store(std::span<const std::byte> plain) {
 
 void PointWriter::drain(size_t keep) {
   while (pending_.size() > keep) {
+    // Never wait for another point while holding records it may wait for
+    // in turn: ours are appended first, so no two points wait on each other.
+    if (pending_.front().waiting &&
+        pending_.front().waiting->wait_for(std::chrono::seconds(0)) != std::future_status::ready)
+      append_own_pending();
     Pending p = std::move(pending_.front());
     pending_.pop_front();
-    EncoderPool::Encoded e = p.encoded.get();
-    e.ref.id = p.id;
-    append(e.ref, e.stored);
-    pending_ids_.erase(p.id);
-    // Pending blocks all belong to the loaded leaf (drained before it changes).
-    levels_[0].entries[p.block % kFanout] = e.ref;
+    if (p.waiting)
+      settle(p);
+    else
+      append_encoded(p);
   }
+  // What is compressed already goes out now: another point may be waiting
+  // for it, and a slow source must not hold it back.
+  while (store_ && !pending_.empty() && !pending_.front().waiting &&
+         pending_.front().encoded.wait_for(std::chrono::seconds(0)) == std::future_status::ready) {
+    Pending p = std::move(pending_.front());
+    pending_.pop_front();
+    append_encoded(p);
+  }
+}
+
+// Pending blocks all belong to the loaded leaf (drained before it changes).
+void PointWriter::append_encoded(Pending& p) {
+  EncoderPool::Encoded e = p.encoded.get();
+  e.ref.id = p.id;
+  append(e.ref, e.stored);
+  pending_ids_.erase(p.id);
+  levels_[0].entries[p.block % kFanout] = e.ref;
+}
+
+void PointWriter::append_own_pending() {
+  std::deque<Pending> waiting;
+  for (auto& p : pending_) {
+    if (p.waiting)
+      waiting.push_back(std::move(p));
+    else
+      append_encoded(p);
+  }
+  pending_ = std::move(waiting);
+}
+
+// Another point's record, once appended; if it never comes (its writer
+// failed, or is stalled on its source), this point stores its own copy and
+// stops waiting for others: a repeat costs space, a stall would cost time.
+void PointWriter::settle(Pending& p) {
+  constexpr auto kPatience = std::chrono::seconds(2);
+  std::optional<BlockRef> ref;
+  if (p.waiting->wait_for(patient_ ? kPatience : std::chrono::seconds(0)) == std::future_status::ready) {
+    try {
+      ref = store_->adopt(p.waiting->get());
+    } catch (const std::future_error&) {  // abandoned
+    }
+  } else {
+    patient_ = false;
+  }
+  if (!ref) {
+    ref.emplace();
+    ref->id = p.id;
+    Bytes stored = encode_record(p.data, *ref);
+    append(*ref, stored);
+    ++blocks_written_;
+  }
+  levels_[0].entries[p.block % kFanout] = *ref;
 }
 
 // Loads node `index` of `level`, first finishing the node it replaces there.
@@ -230,9 +285,16 @@ void PointWriter::put_block_v2(BlockRef& slot, uint64_t block, std::span<const s
   BlockId id = block_id(repo_->id_key(), data);
   if (!slot.is_zero() && slot.id == id) return;  // unchanged since the parent: a keyed hash is proof
   if (pending_ids_.count(id)) drain(0);  // a repeat of a block still being compressed: store it once
-  if (auto found = store_->find(id)) {
-    slot = *found;
+  auto found = store_->find(id);
+  if (found.ref) {
+    slot = *found.ref;
     levels_[0].dirty = true;
+    return;
+  }
+  if (found.in_flight) {
+    levels_[0].dirty = true;
+    pending_.push_back({block, id, {}, std::move(found.in_flight), Bytes(data.begin(), data.end())});
+    drain(kMaxPending);
     return;
   }
   store_block(block, Bytes(data.begin(), data.end()), hash_bytes(data), id);
@@ -243,7 +305,7 @@ void PointWriter::store_block(uint64_t block, Bytes&& data, uint64_t hash, const
   levels_[0].dirty = true;
   ++blocks_written_;
   if (store_) pending_ids_.insert(id);
-  pending_.push_back({block, id, pool_->submit(std::move(data), hash)});
+  pending_.push_back({block, id, pool_->submit(std::move(data), hash), std::nullopt, {}});
   drain(kMaxPending);
 }
 

@@ -40,12 +40,33 @@ void StoreSink::append(BlockRef& ref, Bytes&& stored, const std::function<void(u
   pack_->append(std::move(stored));
   entries_.push_back(ref);
   if (stored_.size() < kMaxStored) stored_.emplace(ref.id, ref);
+  if (auto it = in_flight_.find(ref.id); it != in_flight_.end()) {
+    it->second->ref.set_value(ref);
+    in_flight_.erase(it);
+  }
 }
 
 std::optional<BlockRef> StoreSink::find(const BlockId& id) {
   std::lock_guard g(mu_);
   if (auto it = stored_.find(id); it != stored_.end()) return it->second;
   return std::nullopt;
+}
+
+StoreSink::Claim StoreSink::find_or_claim(const BlockId& id, const void* claimant) {
+  std::lock_guard g(mu_);
+  if (auto it = stored_.find(id); it != stored_.end()) return {it->second, std::nullopt};
+  if (auto it = in_flight_.find(id); it != in_flight_.end()) return {std::nullopt, it->second->future};
+  auto p = std::make_unique<Promised>();
+  p->future = p->ref.get_future().share();
+  p->claimant = claimant;
+  in_flight_.emplace(id, std::move(p));
+  return {};
+}
+
+// Dropping the promise breaks it: whoever waits gets broken_promise.
+void StoreSink::abandon(const BlockId& id, const void* claimant) {
+  std::lock_guard g(mu_);
+  if (auto it = in_flight_.find(id); it != in_flight_.end() && it->second->claimant == claimant) in_flight_.erase(it);
 }
 
 void StoreSink::forget_committed() {

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <future>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -34,6 +35,17 @@ class StoreSink {
               const std::function<void()>& before_visible);
   // A record this process stored under id, in an open or committed pack.
   std::optional<BlockRef> find(const BlockId& id);
+  // The same, and else: a record another point of this process is still
+  // compressing (its ref once appended), or, when nobody is, a claim for
+  // the caller, who must append the record or abandon() the claim. So the
+  // first backups of two clones running at once store the template once.
+  struct Claim {
+    std::optional<BlockRef> stored;
+    std::optional<std::shared_future<BlockRef>> in_flight;
+  };
+  Claim find_or_claim(const BlockId& id, const void* claimant);
+  // The claimant will not append: its waiters store their own copy.
+  void abandon(const BlockId& id, const void* claimant);
   // A collection finished since the records were stored: those in
   // committed packs may have been freed, so they are no longer offered.
   void forget_committed();
@@ -54,6 +66,12 @@ class StoreSink {
   uint64_t pack_id_ = 0;
   std::vector<BlockRef> entries_;  // of the open pack
   std::unordered_map<BlockId, BlockRef, BlockIdHash> stored_;
+  struct Promised {
+    std::promise<BlockRef> ref;
+    std::shared_future<BlockRef> future;
+    const void* claimant;
+  };
+  std::unordered_map<BlockId, std::unique_ptr<Promised>, BlockIdHash> in_flight_;
   std::set<uint64_t> failed_;  // packs whose commit failed: no point may reference them
 };
 

@@ -61,23 +61,37 @@ bool StoreWriter::rely_on(uint64_t pack, bool own) {
   return ok;
 }
 
-std::optional<BlockRef> StoreWriter::find(const BlockId& id) {
-  std::optional<BlockRef> r = sink_.find(id);
-  bool ours = r.has_value();
-  if (!r) {
-    if (!index_) index_ = std::make_unique<DedupIndex>(repo_.storage());
-    r = index_->find(id);
+StoreWriter::~StoreWriter() {
+  for (auto& id : claims_) sink_.abandon(id, this);
+}
+
+StoreWriter::Found StoreWriter::find(const BlockId& id) {
+  if (auto r = sink_.find(id)) return {adopt(*r), std::nullopt};
+  if (!index_) index_ = std::make_unique<DedupIndex>(repo_.storage());
+  if (auto r = index_->find(id)) {
+    if (!rely_on(r->pack, false)) return {};  // stored anew, unclaimed
+    ++deduplicated_;
+    return {r, std::nullopt};
   }
-  if (!r || !rely_on(r->pack, false)) return std::nullopt;
-  if (ours) from_sink_.insert(r->pack);
+  auto c = sink_.find_or_claim(id, this);
+  if (c.stored) return {adopt(*c.stored), std::nullopt};
+  if (c.in_flight) return {std::nullopt, c.in_flight};
+  claims_.insert(id);
+  return {};
+}
+
+std::optional<BlockRef> StoreWriter::adopt(const BlockRef& ref) {
+  if (!rely_on(ref.pack, false)) return std::nullopt;
+  from_sink_.insert(ref.pack);
   ++deduplicated_;
-  return r;
+  return ref;
 }
 
 void StoreWriter::append(BlockRef& ref, Bytes&& stored) {
   bytes_ += stored.size();
   sink_.append(
       ref, std::move(stored), [this](uint64_t pack) { rely_on(pack, true); }, before_visible_);
+  claims_.erase(ref.id);
   from_sink_.insert(ref.pack);
   if (std::find(appended_.begin(), appended_.end(), ref.pack) == appended_.end()) appended_.push_back(ref.pack);
 }

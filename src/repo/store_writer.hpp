@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <future>
 #include <memory>
 #include <optional>
 #include <set>
@@ -37,8 +38,18 @@ class StoreWriter {
   // before_visible runs right before anything becomes visible (the lock's
   // check: a writer whose lease was taken over must not publish).
   StoreWriter(Repository& repo, const std::string& vdi, std::function<void()> before_visible);
-  // A record with this id that is stored already, or nullopt.
-  std::optional<BlockRef> find(const BlockId& id);
+  ~StoreWriter();  // abandons the claims of records never appended
+  // What is known of a record with this id: one stored already; or one
+  // another point of this process is compressing (wait, then adopt() it);
+  // or neither, and the caller now has the claim to store it (append it,
+  // or the claim is abandoned when this writer goes).
+  struct Found {
+    std::optional<BlockRef> ref;
+    std::optional<std::shared_future<BlockRef>> in_flight;
+  };
+  Found find(const BlockId& id);
+  // A record another point of this process appended, if it may be relied on.
+  std::optional<BlockRef> adopt(const BlockRef& ref);
   // Appends an encoded record whose ref has its id, length and hash; sets
   // its pack and offset.
   void append(BlockRef& ref, Bytes&& stored);
@@ -64,6 +75,7 @@ class StoreWriter {
   std::unordered_map<uint64_t, bool> relied_;  // pack -> may be relied on
   uint32_t uses_written_ = 0;
   std::string gc_seen_;  // store/gc/last when the lookups started
+  std::set<BlockId> claims_;  // claimed in the sink, not appended yet
   std::set<uint64_t> from_sink_;  // packs of this process the point references: made durable at commit
   std::vector<uint64_t> appended_;
   uint64_t bytes_ = 0;
