@@ -7,6 +7,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "cbtfs/exit_codes.hpp"
 #include "cbtfs/point_reader.hpp"
@@ -46,6 +47,12 @@ struct PruneArgs {
 int cmd_prune(const PruneArgs& a);
 int cmd_forget(const std::string& repo, const std::string& vdi);
 int cmd_gc(const std::string& repo, bool dry_run);
+struct CopyArgs {
+  std::string src, dst;
+  std::vector<std::string> vdis;  // empty: every VDI of src
+  bool dry_run = false, quiet = false;
+};
+int cmd_copy(const CopyArgs& a);
 int cmd_restore(const std::string& repo, const std::string& vdi, const std::string& point, const std::string& dest,
                 bool force);
 struct RestoreXapiArgs {

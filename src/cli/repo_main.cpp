@@ -147,6 +147,14 @@ int run(int argc, char** argv) {
   gc->add_flag("-n,--dry-run", gc_dry_run, "only say what would be freed");
   gc->add_option("REPO", repo, "repository")->required();
 
+  CopyArgs ca;
+  auto* copy = app.add_subcommand("copy", "copy the points of SRC that DST lacks (local or S3, any format)");
+  copy->add_flag("-n,--dry-run", ca.dry_run, "only say which points would be copied");
+  copy->add_flag("-q,--quiet", ca.quiet, "print nothing on success");
+  copy->add_option("SRC", ca.src, "repository to copy from")->required();
+  copy->add_option("DST", ca.dst, "repository to copy into (created with cbtfs-repo init)")->required();
+  copy->add_option("VDI", ca.vdis, "VDI uuids (default: all)");
+
   check_command(app, argc, argv);
   try {
     app.parse(argc, argv);
@@ -173,6 +181,13 @@ int run(int argc, char** argv) {
   if (*prune) return cmd_prune(pa);
   if (*forget) return cmd_forget(repo, vdi);
   if (*gc) return cmd_gc(repo, gc_dry_run);
+  if (*copy) {
+    for (auto& v : ca.vdis) {
+      v = lower(v);
+      if (!is_uuid(v)) throw UsageError("'" + v + "' is not a VDI uuid");
+    }
+    return cmd_copy(ca);
+  }
   if (*rollback) {
     rb.vdi = lower(rb.vdi);
     if (!is_uuid(rb.vdi)) throw UsageError("'" + rb.vdi + "' is not a VDI uuid");
