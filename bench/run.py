@@ -410,8 +410,11 @@ class Obj:
         self.__dict__.update(kw)
 
 
+REPO_FORMAT = "1"  # --format
+
+
 def new_repo(path):
-    run([CBTFS_REPO, "init", path])
+    run([CBTFS_REPO, "init", "--format", REPO_FORMAT, path])
     return path
 
 
@@ -976,7 +979,10 @@ def main():
     ap.add_argument("--out", help="append the results in Markdown to this file")
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated case numbers (default all)")
     ap.add_argument("--keep", action="store_true", help=f"keep the data under {WORK}/data")
+    ap.add_argument("--format", default="1", choices=["1", "2"], help="repository format of cbtfs's repositories")
     args = ap.parse_args()
+    global REPO_FORMAT
+    REPO_FORMAT = args.format
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     if bad := [c for c in cases if c not in CASES]:
         sys.exit(f"unknown case(s): {', '.join(bad)}; cases are {', '.join(CASES)}")

@@ -6,9 +6,10 @@
 // (store/gc/sweeping), lists the packs, reads every writer's uses/ names
 // (packs a live writer relies on are left alone this time; a writer whose
 // VDI lock is free is dead and its names are void), then walks every point
-// of every VDI, and only then frees: a pack with no live record is removed
-// (its index segment first), one with some has its index segment rewritten
-// without the dead records and then their bytes punched out where the
+// of every VDI, and only then frees. First the dedup index: the segments of
+// the packs it judges (and earlier merged ones) are merged into one that
+// lists only live records; then a pack with no live record is removed, and
+// in one with some the dead records' bytes are punched out where the
 // storage can (a local directory; S3 cannot, and reports them).
 // The order is what keeps it safe: see store_writer.hpp for the writer's half.
 #pragma once
@@ -28,6 +29,8 @@ struct GcReport {
   uint64_t live_records = 0;
   uint64_t bytes_freed = 0;
   uint64_t bytes_dead = 0;       // no longer needed but still allocated (S3, pieces of file-system blocks)
+  uint64_t index_segments = 0;   // merged into one (when any record died, or there were many)
+  uint64_t index_entries = 0;    // in the merged segment
 };
 
 // Throws UsageError on a format 1 repository, LockedError when another

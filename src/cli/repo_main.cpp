@@ -61,9 +61,9 @@ int run(int argc, char** argv) {
   ImportArgs ia;
 
   auto* init = app.add_subcommand("init", "create an empty repository");
-  uint32_t format = 1;
+  uint32_t format = 2;
   init->add_option("--format", format,
-                   "1 (the default): packs per VDI; 2 (experimental): one deduplicated block store for every VDI")
+                   "2 (the default): one deduplicated block store for every VDI; 1: packs per VDI (the first format)")
       ->check(CLI::Range(1u, kFormatVersion));
   init->add_option("REPO", repo, "repository directory")->required();
 

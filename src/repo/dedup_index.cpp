@@ -76,6 +76,33 @@ std::optional<uint64_t> index_segment_count(Storage& storage, const std::string&
   return get64(h.data() + 16);
 }
 
+std::vector<BlockRef> read_index_segment(Storage& storage, const std::string& key, uint64_t& pack) {
+  std::string where = storage.describe() + "/" + key;
+  auto size = storage.size(key);
+  if (!size) throw StorageError(where + ": no such index segment", ENOENT);
+  if (*size < kIndexPageSize) throw FormatError(where + ": truncated index segment");
+  Bytes all(*size);
+  storage.read(key, 0, all);
+  if (std::memcmp(all.data(), kIndexMagic.data(), kIndexMagic.size()) != 0 ||
+      get64(all.data() + 40) != checksum(all.data(), 40))
+    throw FormatError(where + ": not an index segment, or a damaged one");
+  uint64_t count = get64(all.data() + 16), pages = get64(all.data() + 24);
+  pack = get64(all.data() + 32);
+  if (count > kMaxEntries || pages != page_count(count) ||
+      *size != kIndexPageSize * (1 + pages) + pages * sizeof(BlockId) + 8)
+    throw FormatError(where + ": index segment sizes do not agree");
+  std::vector<BlockRef> out;
+  out.reserve(count);
+  for (uint64_t p = 0; p < pages; ++p) {
+    const std::byte* page = all.data() + kIndexPageSize * (1 + p);
+    if (get64(page + kIndexPageEntries * kEntrySize) != checksum(page, kIndexPageEntries * kEntrySize))
+      throw FormatError(where + ": damaged page " + std::to_string(p));
+    uint64_t n = std::min<uint64_t>(kIndexPageEntries, count - p * kIndexPageEntries);
+    for (uint64_t i = 0; i < n; ++i) out.push_back(decode_ref(page + i * kEntrySize, 2));
+  }
+  return out;
+}
+
 DedupIndex::DedupIndex(Storage& storage) : storage_(storage) {
   for (auto& dir_name : storage_.list(layout::kStoreIndexDir)) {
     if (!layout::parse_store_index_name(dir_name)) continue;

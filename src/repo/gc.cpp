@@ -9,6 +9,7 @@
 #include "cbtfs/errors.hpp"
 #include "cbtfs/layout.hpp"
 #include "dedup_index.hpp"
+#include "store_sink.hpp"
 
 namespace cbtfs {
 
@@ -69,6 +70,45 @@ std::map<uint64_t, std::vector<BlockRef>> mark(Repository& repo) {
   return live;
 }
 
+// Past this many segments a collection merges them even if nothing died:
+// a lookup reads a page of every segment whose range holds the id.
+constexpr size_t kMergeAbove = 16;
+
+struct Segments {
+  std::vector<std::string> keys;   // the ones this collection replaces
+  std::vector<BlockRef> entries;   // theirs
+  std::set<uint64_t> damaged;      // segments that could not be read (their pack's id, or a merged one's)
+};
+
+// The index segments of the packs this collection judges (listed when it
+// started, no running writer relies on them), and every merged one. Those
+// of packs that appeared since or that a writer relies on are left as
+// they are.
+Segments read_segments(Storage& st, const std::set<uint64_t>& judged) {
+  Segments s;
+  for (auto& name : st.list(layout::kStoreIndexDir)) {
+    if (!layout::parse_store_index_name(name)) continue;
+    std::string key = std::string(layout::kStoreIndexDir) + "/" + name;
+    uint64_t pack = 0;
+    std::vector<BlockRef> entries;
+    try {
+      entries = read_index_segment(st, key, pack);
+    } catch (const FormatError&) {
+      // Replaced by what the marking knows: only dedup hits are lost.
+      s.damaged.insert(layout::parse_store_index_name(name));
+      s.keys.push_back(key);
+      continue;
+    } catch (const StorageError& e) {
+      if (e.error_number() == ENOENT) continue;
+      throw;
+    }
+    if (pack != 0 && !judged.count(pack)) continue;
+    s.keys.push_back(key);
+    s.entries.insert(s.entries.end(), entries.begin(), entries.end());
+  }
+  return s;
+}
+
 }  // namespace
 
 GcReport collect_store(Repository& repo, bool dry_run, const std::string& holder) {
@@ -90,12 +130,48 @@ GcReport collect_store(Repository& repo, bool dry_run, const std::string& holder
   auto in_use = packs_in_use(repo);
   auto live = mark(repo);
   r.packs = packs.size();
-  for (uint64_t pack : packs) {
-    if (in_use.count(pack)) {
-      ++r.packs_in_use;
-      continue;
+  std::set<uint64_t> judged;
+  for (uint64_t pack : packs)
+    if (!in_use.count(pack)) judged.insert(pack);
+  r.packs_in_use = packs.size() - judged.size();
+  std::set<std::pair<uint64_t, uint64_t>> live_at;
+  for (auto& [pack, refs] : live)
+    for (auto& ref : refs) live_at.insert({pack, ref.offset});
+
+  // The index first: once it names no dead record, no writer that starts
+  // looking records up from now on can find one, and they may be freed.
+  Segments seg = read_segments(st, judged);
+  // The merged segment lists what the marking found live (a record lost
+  // from a damaged segment is listed again), and what the replaced
+  // segments list of packs a running writer relies on.
+  std::vector<BlockRef> kept;
+  for (auto& [pack, refs] : live)
+    if (judged.count(pack)) kept.insert(kept.end(), refs.begin(), refs.end());
+  std::set<uint64_t> with_dead;  // packs the index listed dead records of
+  for (auto& e : seg.entries) {
+    if (in_use.count(e.pack))
+      kept.push_back(e);
+    else if (!live_at.count({e.pack, e.offset}))
+      with_dead.insert(e.pack);
+  }
+  for (uint64_t id : seg.damaged)  // what it listed is unknown: its pack's dead bytes are looked for
+    if (judged.count(id)) with_dead.insert(id);
+  bool rewrite = !with_dead.empty() || !seg.damaged.empty() || seg.keys.size() > kMergeAbove;
+  r.index_segments = seg.keys.size();
+  if (rewrite && !dry_run) {
+    r.index_entries = kept.size();
+    if (!kept.empty()) {
+      lock->check();
+      st.put(layout::store_index_key(random_store_id()), encode_index_segment(std::move(kept), 0));
     }
-    std::string key = layout::store_pack_key(pack), index = layout::store_index_key(pack);
+    for (auto& key : seg.keys) {
+      lock->check();
+      st.remove(key);
+    }
+  }
+
+  for (uint64_t pack : judged) {
+    std::string key = layout::store_pack_key(pack);
     uint64_t size = st.size(key).value_or(0);
     auto it = live.find(pack);
     if (it == live.end()) {
@@ -103,18 +179,16 @@ GcReport collect_store(Repository& repo, bool dry_run, const std::string& holder
       r.bytes_freed += size;
       if (!dry_run) {
         lock->check();
-        st.remove(index);  // before the pack: no entry may name a record that is gone
+        st.remove(layout::store_index_key(pack));  // a segment written after the listing above
         st.remove(key);
       }
       continue;
     }
     auto& refs = it->second;
     r.live_records += refs.size();
-    // A pack whose index lists only live records has lost nothing since the
+    // A pack the index lists no dead record of has lost nothing since the
     // last collection (which freed what was dead then).
-    std::set<BlockId> ids;
-    for (auto& ref : refs) ids.insert(ref.id);
-    if (index_segment_count(st, index) == ids.size()) continue;
+    if (!with_dead.count(pack)) continue;
     std::sort(refs.begin(), refs.end(), [](const BlockRef& a, const BlockRef& b) { return a.offset < b.offset; });
     std::vector<std::pair<uint64_t, uint64_t>> gaps;
     uint64_t pos = pack_header_size(2);
@@ -123,13 +197,6 @@ GcReport collect_store(Repository& repo, bool dry_run, const std::string& holder
       pos = std::max(pos, ref.offset + ref.length());
     }
     if (size > pos) gaps.emplace_back(pos, size);
-    if (gaps.empty()) continue;
-    // What the index still lists beyond the live records are the dead ones.
-    if (!dry_run) {
-      lock->check();
-      st.remove(index);
-      st.put(index, encode_index_segment(refs, pack));
-    }
     for (auto& [from, to] : gaps) {
       uint64_t freed = dry_run ? st.discardable(key, from, to - from) : st.discard(key, from, to - from);
       r.bytes_freed += freed;

@@ -10,18 +10,14 @@
 
 namespace cbtfs {
 
-namespace {
-
 // Random, so that writers of different VDIs need no agreement on names; the
 // storage refuses to commit over an existing name, should two ever meet.
-uint64_t random_pack_id() {
+uint64_t random_store_id() {
   uint64_t v = 0;
   while (v == 0)
     if (RAND_bytes(reinterpret_cast<unsigned char*>(&v), sizeof v) != 1) throw std::runtime_error("no random bytes");
   return v;
 }
-
-}  // namespace
 
 StoreSink::~StoreSink() = default;
 
@@ -30,7 +26,7 @@ void StoreSink::append(BlockRef& ref, Bytes&& stored, const std::function<void(u
   std::lock_guard g(mu_);
   if (pack_ && pack_->size() + stored.size() > kStorePackCap) close(before_visible);
   if (!pack_) {
-    pack_id_ = random_pack_id();
+    pack_id_ = random_store_id();
     pack_ = storage_.create(layout::store_pack_key(pack_id_));
     pack_->append(encode_pack_header(pack_id_, 2));
   }

@@ -22,6 +22,9 @@ namespace cbtfs {
 
 inline constexpr uint64_t kStorePackCap = uint64_t{128} << 20;
 
+// A fresh name for a pack or a merged index segment.
+uint64_t random_store_id();
+
 class StoreSink {
  public:
   explicit StoreSink(Storage& storage) : storage_(storage) {}

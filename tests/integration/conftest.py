@@ -7,8 +7,10 @@ daemon must exit 0.
 CBTFS_TEST_BACKEND=s3 runs the same tests with every repository in a bucket
 of a real Ceph RADOS Gateway, started for the run on loopback; the helpers
 below (list_objects, flip_object_byte, ...) reach repository objects on
-either backend. CBTFS_TEST_FORMAT=2 makes every repository a format 2 one
-(a shared, deduplicated block store)."""
+either backend. Repositories the tests make are format 1 (whose layout many
+tests look into) unless a test asks otherwise; CBTFS_TEST_FORMAT=2 makes
+every one format 2 (a shared, deduplicated block store), the default of
+cbtfs-repo init."""
 
 import json
 import os
@@ -133,7 +135,7 @@ def run(*args, check=True, **kw):
 
 
 def repo_tool(*args, check=True):
-    if args and args[0] == "init" and FORMAT != "1" and "--format" not in args:
+    if args and args[0] == "init" and "--format" not in args:
         args = ("init", "--format", FORMAT) + tuple(args[1:])
     return run(REPO_TOOL, *args, check=check)
 

@@ -119,3 +119,53 @@ def test_prune_on_format_2_collects_the_store(repo2, tmp_path):
     restored = tmp_path / "back.img"
     repo_tool("restore", repo2, vdi, "latest", restored)
     assert files_equal(restored, img)
+
+
+@pytest.mark.skipif(BACKEND != "local", reason="measures the local store's files")
+def test_each_kind_of_chain_break_stores_only_what_differs(tmp_path, repo2):
+    """CBT disabled (a storage migration), the host's CBT metadata lost
+    (VDI_NO_CBT_METADATA) and a resize each start a new chain and read the
+    whole disk; the store keeps only the blocks it did not have."""
+    size = 24 * MIB
+    sim = Sim(tmp_path, [{"name": "vm", "disks": [{"name": "system", "size": size}]}])
+    try:
+        (disk,) = sim.disks_of("vm")
+        uuid = disk["uuid"]
+        rnd = random.Random(11)
+        sim.write(uuid, 0, rnd.randbytes(12 * MIB))
+        ingest(sim, repo2, "-q", "--vm", "vm")
+        images = {}
+
+        def changed_then_backed_up(kind):
+            # 4 blocks of guest writes before each break
+            for _ in range(4):
+                sim.write(uuid, rnd.randrange(12 * MIB // 65536) * 65536, rnd.randbytes(65536))
+            before = store_bytes(repo2)
+            ingest(sim, repo2, "-q", "--vm", "vm")
+            latest = ls_json(repo2)["vdis"][0]["points"][-1]
+            assert latest["full"], (kind, latest)
+            p = tmp_path / f"{kind}.img"
+            p.write_bytes(open(sim.vdi(uuid)["path"], "rb").read())
+            images[latest["path"]] = p
+            return store_bytes(repo2) - before, latest["chain_reason"]
+
+        index = 4 * 48 * 1024  # new leaves and root of the new chain's index, at most
+        sim.post("/disable_cbt", {"vdi": uuid})
+        grown, why = changed_then_backed_up("cbt-disabled")
+        assert grown <= 4 * 65536 + index, (grown, why)
+
+        sim.post("/fail", {"method": "VDI.list_changed_blocks", "error": ["VDI_NO_CBT_METADATA", "OpaqueRef:x"]})
+        grown, why = changed_then_backed_up("no-cbt-metadata")
+        assert grown <= 4 * 65536 + index, (grown, why)
+
+        sim.post("/resize", {"vdi": uuid, "size": size + 8 * MIB})
+        sim.write(uuid, size, rnd.randbytes(2 * MIB))  # the new area gets data
+        grown, why = changed_then_backed_up("resize")
+        assert "virtual size changed" in why
+        assert grown <= 4 * 65536 + 2 * MIB + index, (grown, why)
+
+        with Mount(repo2, tmp_path / "mnt") as m:
+            for path, img in images.items():
+                assert files_equal(m.path(path), img), path
+    finally:
+        sim.stop()

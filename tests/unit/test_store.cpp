@@ -49,6 +49,18 @@ uint64_t store_bytes(const TestRepo& t) {
   return n;
 }
 
+size_t index_segments(const TestRepo& t) {
+  size_t n = 0;
+  for (auto& e : fs::directory_iterator(fs::path(t.root()) / "store" / "index")) n += e.path().extension() == ".idx";
+  return n;
+}
+
+std::string vdi_n(int i) {
+  char b[40];
+  std::snprintf(b, sizeof b, "3b0e7d39-6f1a-4c2e-9a53-2f6d1c1e%04x", i);
+  return b;
+}
+
 }  // namespace
 
 TEST_CASE("format 2: points read back, and an unchanged block is not written again") {
@@ -512,4 +524,54 @@ TEST_CASE("format 2 gc: what a writer looked up before a collection freed it is 
     CHECK(out == mine);
     CHECK(verify_vdi(*fresh, kVdiB).problems.empty());
   }
+}
+
+TEST_CASE("format 2 gc: the index is merged into one segment that lists only live records") {
+  TestRepo t(2);
+  std::vector<Bytes> disks;
+  for (int i = 0; i < 20; ++i) {
+    disks.push_back(template_disk(20, 100 + static_cast<uint32_t>(i)));
+    t.repo = Repository::open(t.root());  // one process each: one pack, one segment each
+    t.write(vdi_n(i), disks.back(), kT0);
+  }
+  REQUIRE(index_segments(t) == 20);
+  for (int i = 0; i < 5; ++i) forget_vdi(t.repo, vdi_n(i), "unit test");
+  GcReport g = collect_store(*t.repo, false, "unit test");
+  CHECK(g.index_segments == 20);
+  CHECK(index_segments(t) == 1);
+  CHECK(g.packs_removed == 5);
+  size_t data_blocks = 0;
+  for (size_t b = 0; b < 20; ++b) data_blocks += b % 7 != 5;
+  // What is live is found through the merged segment; what was freed is not.
+  t.repo = Repository::open(t.root());
+  CHECK(t.write(vdi_n(100), disks[7], kT0).blocks_written == 0);
+  t.repo = Repository::open(t.root());
+  CHECK(t.write(vdi_n(101), disks[2], kT0).blocks_written == data_blocks);
+  CHECK(t.read_all(vdi_n(101), 1) == disks[2]);
+  for (int i = 5; i < 20; ++i) {
+    CHECK(t.read_all(vdi_n(i), 1) == disks[static_cast<size_t>(i)]);
+    CHECK(verify_vdi(*t.repo, vdi_n(i)).problems.empty());
+  }
+  // Nothing dead and few segments: left as they are.
+  GcReport g2 = collect_store(*t.repo, false, "unit test");
+  CHECK(g2.bytes_freed == 0);
+  CHECK(index_segments(t) == 2);
+}
+
+TEST_CASE("format 2 gc: a damaged index segment is listed again from what the points reference") {
+  TestRepo t(2);
+  Bytes d = template_disk(100, 31);
+  Manifest a = t.write(kVdi, d, kT0);
+  fs::path seg = fs::path(t.root()) / layout::store_index_key(a.packs[0]);
+  {
+    std::fstream f(seg, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(kIndexPageSize + 100);
+    f.put('\x5a');
+  }
+  collect_store(*t.repo, false, "unit test");
+  CHECK(!fs::exists(seg));
+  CHECK(index_segments(t) == 1);
+  t.repo = Repository::open(t.root());
+  CHECK(t.write(kVdiB, d, kT0).blocks_written == 0);
+  CHECK(t.read_all(kVdiB, 1) == d);
 }
