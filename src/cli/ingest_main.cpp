@@ -43,7 +43,8 @@ nlohmann::json to_json(const ingest::Outcome& o) {
           {"vm_uuid", o.vm_uuid},       {"ok", o.ok},                     {"error", o.error},
           {"full", o.full},             {"chain_reason", o.chain_reason}, {"point", o.point},
           {"snapshot_uuid", o.snapshot_uuid}, {"virtual_size", o.virtual_size}, {"blocks_read", o.blocks_changed},
-          {"bytes_read", o.bytes_read}, {"bytes_stored", o.bytes_stored}, {"seconds", o.seconds}};
+          {"bytes_read", o.bytes_read}, {"bytes_stored", o.bytes_stored}, {"seconds", o.seconds},
+          {"nbd_host", o.nbd_host}};
 }
 
 int run(int argc, char** argv) {
@@ -70,6 +71,13 @@ int run(int argc, char** argv) {
                "do not verify the NBD server's certificate, and accept NBD without TLS");
   app.add_option("--jobs", io.jobs, "VDIs backed up in parallel")->default_val(2)->check(CLI::Range(1, 16));
   app.add_option("--connections", io.connections, "NBD connections per VDI")->default_val(4)->check(CLI::Range(1, 16));
+  app.add_option("--host-connections", io.host_connections,
+                 "NBD connections per host across all parallel VDIs (XenServer serves 16 per host, to all clients)")
+      ->default_val(8)->check(CLI::Range(1, 16));
+  long busy_timeout = 900;
+  app.add_option("--busy-timeout", busy_timeout,
+                 "seconds to wait for a host whose NBD server is busy (at its connection limit)")
+      ->default_val(900)->check(CLI::Range(0, 86400));
   app.add_flag("--json", json, "print a JSON summary on standard output");
   app.add_flag("-q,--quiet", quiet, "no progress and no log lines, errors only");
   app.add_option("REPO", repo_path, "repository")->required();
@@ -84,6 +92,7 @@ int run(int argc, char** argv) {
     if (!is_uuid(v)) throw UsageError("--vdi " + v + " is not a uuid");
   }
   if (co.url.find("://") == std::string::npos) co.url = "https://" + co.url;
+  io.busy_timeout = std::chrono::seconds(busy_timeout);
   co.password = read_password(password_file);
   // Each opt-out covers one connection: NBD is pinned to the certificate
   // XAPI hands out, so it stays verified unless asked otherwise.

@@ -54,7 +54,7 @@ struct Group {
 class Run {
  public:
   Run(xapi::Client& c, std::shared_ptr<Repository> repo, const Options& opts, const Log& log, ProgressReport* progress)
-      : c_(c), repo_(std::move(repo)), opts_(opts), log_(log), progress_(progress) {
+      : c_(c), repo_(std::move(repo)), opts_(opts), log_(log), budget_(opts.host_connections), progress_(progress) {
     // Our snapshots are named after the repository, so that a second
     // repository backing up the same disks leaves them alone.
     prefix_ = "cbtfs-ingest " + (repo_->id().empty() ? std::string() : repo_->id().substr(0, 8) + " ");
@@ -487,10 +487,12 @@ class Run {
       throw std::runtime_error(
           "the host offers no NBD access: give a network the 'nbd' purpose (xe network-param-add "
           "param-name=purpose param-key=nbd uuid=...)");
-    say(t, std::string(full ? "full" : "incremental") + ": reading " + human_bytes(todo) + " over NBD");
+    Source source = source_for(t, targets);
+    say(t, std::string(full ? "full" : "incremental") + ": reading " + human_bytes(todo) + " over NBD from host " +
+               source.host);
     total_ += todo;
     uint64_t counted = 0;
-    auto stats = ingest::transfer(targets, opts_.nbd, opts_.connections, extents, t.vdi.virtual_size, *t.writer,
+    auto stats = ingest::transfer(source, opts_.connections, extents, t.vdi.virtual_size, *t.writer,
                                   [&](uint64_t done) {
                                     done_ += done - counted;
                                     counted = done;
@@ -507,6 +509,26 @@ class Run {
     t.out.bytes_read = stats.bytes_read;
     t.out.bytes_stored = m.bytes_stored;
     t.out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  }
+
+  // The host to read t from: of those get_nbd_info lists (each may have
+  // several addresses), the one where the run holds the fewest connections.
+  // Only that host's addresses are tried, so every connection counts
+  // against the budget of the host it really goes to.
+  Source source_for(Task& t, const std::vector<nbd::Target>& targets) {
+    std::vector<std::string> hosts;
+    for (auto& x : targets)
+      if (std::find(hosts.begin(), hosts.end(), host_key(x)) == hosts.end()) hosts.push_back(host_key(x));
+    Source s;
+    s.host = budget_.pick(hosts);
+    for (auto& x : targets)
+      if (host_key(x) == s.host) s.targets.push_back(x);
+    s.opts = opts_.nbd;
+    s.budget = &budget_;
+    s.busy_timeout = opts_.busy_timeout;
+    s.log = [this, &t](const std::string& m) { say(t, m); };
+    t.out.nbd_host = s.host;
+    return s;
   }
 
   void show_progress() {
@@ -599,6 +621,7 @@ class Run {
   std::vector<Group> groups_;
   std::vector<Outcome> errors_;
   std::set<std::string> seen_;
+  HostBudget budget_;  // NBD connections per host, shared by the parallel transfers
   std::mutex progress_mu_;
   ProgressReport* progress_;
   std::atomic<uint64_t> total_{0}, done_{0};

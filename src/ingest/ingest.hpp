@@ -7,6 +7,7 @@
 // snapshot with data stays on the host, whatever fails.
 #pragma once
 
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <string>
@@ -24,6 +25,8 @@ struct Options {
   std::vector<std::string> vdis;  // uuid
   int jobs = 2;                   // VDIs in parallel
   int connections = 4;            // NBD connections per VDI
+  int host_connections = 8;       // NBD connections per host, across all VDIs (xapi-nbd serves 16)
+  std::chrono::seconds busy_timeout{900};  // a busy NBD server is waited for this long
   nbd::Options nbd;
   long snapshot_timeout = 600;    // seconds a VDI snapshot may take on the host
 };
@@ -41,6 +44,7 @@ struct Outcome {
   uint64_t bytes_read = 0;
   uint64_t bytes_stored = 0;
   double seconds = 0;
+  std::string nbd_host;  // the host it was read from (its certificate's name, else its address)
 };
 
 using Log = std::function<void(const std::string&)>;
