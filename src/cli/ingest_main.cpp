@@ -60,6 +60,10 @@ int run(int argc, char** argv) {
   app.add_option("--password-file", password_file, "file holding the password (else $CBTFS_PASSWORD)");
   app.add_option("--vm", io.vms, "VM name or uuid: all its disks, from one snapshot (repeatable)");
   app.add_option("--vdi", io.vdis, "VDI uuid (repeatable)");
+  app.add_flag("--all", io.pool.all, "every VM of the pool (no templates, snapshots or control domains)");
+  app.add_option("--tag", io.pool.tags, "every VM with this tag (repeatable)");
+  app.add_option("--exclude-vm", io.pool.exclude_vms, "leave out this VM (name or uuid) of --all/--tag (repeatable)");
+  app.add_option("--exclude-tag", io.pool.exclude_tags, "leave out VMs with this tag from --all/--tag (repeatable)");
   app.add_option("--ca-file", co.ca_file, "CA certificate(s) to verify the host with (default: the system's)");
   app.add_option("--xapi-timeout", co.timeout_seconds, "seconds a XAPI call may take")
       ->default_val(600)->check(CLI::Range(1, 86400));
@@ -86,7 +90,10 @@ int run(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e) == 0 ? kExitOk : kExitUsage;
   }
-  if (io.vms.empty() && io.vdis.empty()) throw UsageError("nothing to back up: give --vm or --vdi");
+  if (io.vms.empty() && io.vdis.empty() && io.pool.empty())
+    throw UsageError("nothing to back up: give --vm, --vdi, --tag or --all");
+  if (io.pool.empty() && (!io.pool.exclude_vms.empty() || !io.pool.exclude_tags.empty()))
+    throw UsageError("--exclude-vm and --exclude-tag narrow --all or --tag: give one of those");
   for (auto& v : io.vdis) {
     std::transform(v.begin(), v.end(), v.begin(), [](unsigned char ch) { return std::tolower(ch); });
     if (!is_uuid(v)) throw UsageError("--vdi " + v + " is not a uuid");
@@ -124,7 +131,7 @@ int run(int argc, char** argv) {
   std::mutex log_mu;
   ingest::Log log = [&](const std::string& line) {
     std::lock_guard g(log_mu);
-    if (!quiet || line.find("FAILED") != std::string::npos) {
+    if (!quiet || line.find("FAILED") != std::string::npos || line.find("WARNING") != std::string::npos) {
       if (progress) std::fprintf(stderr, "\r\033[K");
       std::fprintf(stderr, "cbtfs-ingest: %s\n", printable(line).c_str());  // names come from the host
     }
@@ -133,15 +140,23 @@ int run(int argc, char** argv) {
   auto outcomes = ingest::run(client, repo, io, log, progress ? &progress_line : nullptr);
   client.logout();
 
-  size_t failed = 0;
-  nlohmann::json summary = nlohmann::json::array();
+  size_t failed = 0, selected = 0;
+  nlohmann::json summary = nlohmann::json::array(), skipped = nlohmann::json::array();
   for (auto& o : outcomes) {
+    if (!o.skipped.empty()) {
+      skipped.push_back({{"vm_name", o.vm_name}, {"vm_uuid", o.vm_uuid}, {"vdi_uuid", o.vdi_uuid},
+                         {"vdi_name", o.vdi_name}, {"reason", o.skipped}});
+      continue;
+    }
+    ++selected;
     failed += !o.ok;
     summary.push_back(to_json(o));
   }
-  if (json) std::printf("%s\n", nlohmann::json{{"ok", failed == 0}, {"vdis", summary}}.dump(2).c_str());
+  if (json)
+    std::printf("%s\n", nlohmann::json{{"ok", failed == 0}, {"vdis", summary}, {"skipped", skipped}}.dump(2).c_str());
   if (!quiet || failed)
-    std::fprintf(stderr, "cbtfs-ingest: %zu of %zu VDI(s) backed up%s\n", outcomes.size() - failed, outcomes.size(),
+    std::fprintf(stderr, "cbtfs-ingest: %zu of %zu VDI(s) backed up%s%s\n", selected - failed, selected,
+                 skipped.empty() ? "" : ("; " + std::to_string(skipped.size()) + " not backed up (WARNING lines)").c_str(),
                  failed ? "; see the FAILED lines above" : "");
   return failed ? kExitFailed : kExitOk;
 }

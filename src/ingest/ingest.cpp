@@ -83,6 +83,7 @@ class Run {
     std::vector<Outcome> out;
     for (auto& e : errors_) out.push_back(e);
     for (auto& t : tasks_) out.push_back(t.out);
+    for (auto& s : skipped_) out.push_back(s);
     return out;
   }
 
@@ -120,18 +121,74 @@ class Run {
     errors_.push_back(o);
   }
 
+  void skip(const VmInfo& vm, const VdiInfo* disk, const std::string& why) {
+    Outcome o;
+    o.vm_name = vm.name;
+    o.vm_uuid = vm.uuid;
+    if (disk) {
+      o.vdi_uuid = disk->uuid;
+      o.vdi_name = disk->name;
+      o.virtual_size = disk->virtual_size;
+    }
+    o.skipped = why;
+    log_("VM " + vm.name + (disk ? ", disk " + disk->name + " (" + disk->uuid + ")" : std::string()) +
+         ": WARNING: not backed up: " + why);
+    skipped_.push_back(std::move(o));
+  }
+
+  // --all and --tag: every VM the filter keeps that is not named already.
+  // A disk that cannot have changed block tracking is reported, not failed:
+  // nobody asked for it by name, and the next run would fail it again.
+  void select_from_pool(std::set<std::string>& vms_taken) {
+    std::vector<PoolVm> found;
+    try {
+      found = select_vms(pool_vms(c_), opts_.pool);
+    } catch (const std::exception& e) {
+      select_error("the pool's VMs", e.what());
+      return;
+    }
+    for (auto& pv : found) {
+      if (!vms_taken.insert(pv.uuid).second) continue;
+      try {
+        Group g;
+        g.vm = get_vm(c_, pv.ref);
+        if (g.vm->disks.empty()) {
+          skip(*g.vm, nullptr, "it has no disks");
+          continue;
+        }
+        for (auto& d : g.vm->disks) {
+          std::string why = enable_cbt_if_possible(c_, d);
+          if (why.empty())
+            add_task(g, d, g.vm->name, g.vm->uuid);
+          else
+            skip(*g.vm, &d, "it cannot have changed block tracking: " + why);
+        }
+        if (g.tasks.empty()) {
+          skip(*g.vm, nullptr, "none of its disks can have changed block tracking");
+          continue;
+        }
+        groups_.push_back(std::move(g));
+      } catch (const std::exception& e) {
+        select_error("VM " + pv.name + " (" + pv.uuid + ")", e.what());
+      }
+    }
+  }
+
   void select() {
+    std::set<std::string> vms_taken;
     for (auto& key : opts_.vms) {
       try {
         Group g;
         g.vm = find_vm(c_, key);
         if (g.vm->disks.empty()) throw std::runtime_error("VM '" + g.vm->name + "' has no disks");
+        if (!vms_taken.insert(g.vm->uuid).second) continue;
         for (auto& d : g.vm->disks) add_task(g, d, g.vm->name, g.vm->uuid);
         groups_.push_back(std::move(g));
       } catch (const std::exception& e) {
         select_error("VM " + key, e.what());
       }
     }
+    if (!opts_.pool.empty()) select_from_pool(vms_taken);
     for (auto& uuid : opts_.vdis) {
       try {
         Group g;
@@ -620,6 +677,7 @@ class Run {
   std::vector<Task> tasks_;
   std::vector<Group> groups_;
   std::vector<Outcome> errors_;
+  std::vector<Outcome> skipped_;
   std::set<std::string> seen_;
   HostBudget budget_;  // NBD connections per host, shared by the parallel transfers
   std::mutex progress_mu_;

@@ -16,6 +16,7 @@
 #include "cbtfs/repository.hpp"
 #include "nbd/nbd_reader.hpp"
 #include "xapi/client.hpp"
+#include "selection.hpp"
 #include "xapi_ops.hpp"
 
 namespace cbtfs::ingest {
@@ -23,6 +24,7 @@ namespace cbtfs::ingest {
 struct Options {
   std::vector<std::string> vms;   // uuid or name label
   std::vector<std::string> vdis;  // uuid
+  VmFilter pool;                  // VMs chosen by --all / --tag, less the excluded ones
   int jobs = 2;                   // VDIs in parallel
   int connections = 4;            // NBD connections per VDI
   int host_connections = 8;       // NBD connections per host, across all VDIs (xapi-nbd serves 16)
@@ -35,6 +37,10 @@ struct Outcome {
   std::string vdi_uuid, vdi_name, vm_name, vm_uuid;
   bool ok = false;
   std::string error;
+  // Why a disk (or, vdi_uuid empty, a whole VM) that --all or --tag found
+  // is not backed up: it cannot have changed block tracking, or has no
+  // disks. Not a failure: such an Outcome is no selected VDI.
+  std::string skipped;
   bool full = false;
   std::string chain_reason;
   std::string point;  // image name of the new point

@@ -85,6 +85,38 @@ VmInfo find_vm(xapi::Client& c, const std::string& key) {
   return get_vm(c, vms[0]);
 }
 
+std::vector<PoolVm> pool_vms(xapi::Client& c) {
+  std::vector<PoolVm> out;
+  Value all = c.call("VM.get_all_records");
+  for (auto& [ref, r] : all.fields()) {
+    PoolVm vm;
+    vm.ref = ref;
+    vm.uuid = text(r, "uuid");
+    vm.name = text(r, "name_label");
+    if (r.has("tags"))
+      for (auto& t : r.at("tags").array()) vm.tags.push_back(t.str());
+    vm.is_template = truthy(r, "is_a_template");
+    vm.is_snapshot = truthy(r, "is_a_snapshot");
+    vm.is_control_domain = truthy(r, "is_control_domain");
+    out.push_back(std::move(vm));
+  }
+  return out;
+}
+
+std::string enable_cbt_if_possible(xapi::Client& c, const VdiInfo& disk) {
+  if (disk.cbt_enabled) return "";
+  try {
+    c.call("VDI.enable_cbt", {Value(disk.ref)});
+    return "";
+  } catch (const xapi::XapiError& e) {
+    static const char* const cannot[] = {"SR_OPERATION_NOT_SUPPORTED", "VDI_INCOMPATIBLE_TYPE", "LICENCE_RESTRICTION",
+                                         "MESSAGE_METHOD_UNKNOWN", "OPERATION_NOT_ALLOWED"};
+    for (const char* code : cannot)
+      if (e.code() == code) return e.what();
+    throw;
+  }
+}
+
 std::pair<std::string, std::string> vm_of(xapi::Client& c, const VdiInfo& vdi) {
   Value rec = c.call("VDI.get_record", {Value(vdi.ref)});
   if (!rec.has("VBDs")) return {};

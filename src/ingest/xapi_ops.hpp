@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "nbd/nbd_reader.hpp"
+#include "selection.hpp"
 #include "xapi/client.hpp"
 #include "xapi/tasks.hpp"
 
@@ -30,6 +31,13 @@ VdiInfo vdi_by_uuid(xapi::Client& c, const std::string& uuid);
 // A VM by uuid or by name label (which must be unique).
 VmInfo find_vm(xapi::Client& c, const std::string& uuid_or_name);
 VmInfo get_vm(xapi::Client& c, const std::string& ref);
+
+// Every VM record of the pool (one call), for selection.
+std::vector<PoolVm> pool_vms(xapi::Client& c);
+// "" when disk has changed block tracking, or the host agreed to turn it on
+// now; else why it cannot have it (its SR type, its VDI type, the licence,
+// a host without CBT), in the host's words. Other failures throw.
+std::string enable_cbt_if_possible(xapi::Client& c, const VdiInfo& disk);
 
 // The VM a disk is attached to (name, uuid), or empty strings.
 std::pair<std::string, std::string> vm_of(xapi::Client& c, const VdiInfo& vdi);

@@ -65,3 +65,83 @@ def test_a_busy_nbd_server_is_waited_out_then_a_clear_error(tmp_path, repo):
         assert not data_snapshots(sim)
     finally:
         sim.stop()
+
+
+def pool_config(n_vms):
+    """n_vms VMs of two 4 MiB disks on three hosts; every fifth VM's second disk on
+    shared storage (any host can serve it); tags "gold" (every tenth VM) and "dev"
+    (every seventh). Then what must never be selected: a template, an ISO-only VM
+    (reported: no disk can have CBT), an ISO in a CD drive, a disk in each dom0."""
+    hosts = ["h1", "h2", "h3"]
+    vms = []
+    for i in range(n_vms):
+        tags = (["gold"] if i % 10 == 0 else []) + (["dev"] if i % 7 == 0 else [])
+        vms.append({"name": f"vm{i:02}", "host": hosts[i % 3], "tags": tags, "cd": "iso" if i == 1 else False,
+                    "disks": [{"name": "root", "size": 4 * MIB},
+                              {"name": "data", "size": 4 * MIB, "shared": i % 5 == 0}]})
+    vms.append({"name": "tpl", "template": True, "tags": ["gold"], "disks": [{"name": "t", "size": MIB}]})
+    vms.append({"name": "isovm", "host": "h2", "disks": [{"name": "installer", "size": MIB, "sr_type": "iso"}]})
+    return dict(vms=vms, hosts=hosts, control_domain_disk=MIB)
+
+
+def test_fifty_vms_on_three_hosts_within_the_connection_budget(tmp_path, repo):
+    sim = Sim(tmp_path, **pool_config(50))
+    try:
+        state = sim.state()
+        address = {h["name"]: h["address"] for h in state["hosts"]}
+        vms = {v["name"]: v for v in state["vms"] if not v["is_a_snapshot"]}
+        disks = {v["uuid"]: v for v in state["vdis"]}
+        backed = {u: vm for vm in vms.values() if vm["name"].startswith("vm") for u in vm["vdis"]}
+        assert len(backed) == 100
+        proxy, session = sim.xapi()
+        vm_ref = proxy.VM.get_by_uuid(session, vms["vm03"]["uuid"])["Value"]
+        assert proxy.VM.snapshot(session, vm_ref, "an admin's snapshot")["Status"] == "Success"
+        admins = {v["uuid"] for v in data_snapshots(sim)}
+        assert len(admins) == 2
+        for u in backed:
+            sim.write(u, 0, u.encode() * 8)
+            # Every read waits 20 ms, so that the transfers of a host overlap and want more
+            # connections than the budget gives.
+            sim.post("/nbd_faults", {"vdi": u, "read_delay_ms": 20})
+
+        start = time.monotonic()
+        p, summary = ingest(sim, repo, "--all", "--jobs", 8, "--connections", 4, "--host-connections", 3)
+        first_run = time.monotonic() - start
+        got = {v["vdi_uuid"]: v for v in summary["vdis"]}
+        assert set(got) == set(backed), "every disk of every VM, nothing else"
+        assert all(v["ok"] and v["full"] and v["point"] for v in got.values())
+        for u, v in got.items():
+            if not disks[u]["sr_shared"]:    # local storage: only its own host can serve it
+                assert v["nbd_host"] in (address[backed[u]["host"]], "localhost"), v
+        shared_hosts = {v["nbd_host"] for u, v in got.items() if disks[u]["sr_shared"]}
+        assert len(shared_hosts) > 1, f"the shared disks were all read from {shared_hosts}"
+        skipped = {(s["vm_name"], s["vdi_name"]) for s in summary["skipped"]}
+        assert ("isovm", "installer") in skipped and ("isovm", "") in skipped, summary["skipped"]
+        assert "WARNING: not backed up" in p.stderr and "SR_OPERATION_NOT_SUPPORTED" in p.stderr
+        counters = nbd_hosts(sim)
+        assert all(c["peak"] <= 3 and c["busy"] == 0 for c in counters.values()), json.dumps(counters)
+        assert max(c["peak"] for c in counters.values()) == 3, counters   # the budget was what held them back
+        assert {v["uuid"] for v in data_snapshots(sim)} == admins, "ours are metadata-only, the admin's untouched"
+
+        changed = list(backed)[::9]
+        for u in changed:
+            sim.write(u, 3 * MIB + 5, b"changed")
+        sim.post("/reset_counters", {})
+        start = time.monotonic()
+        p, summary = ingest(sim, repo, "--all", "--jobs", 8, "--connections", 4, "--host-connections", 3)
+        second_run = time.monotonic() - start
+        got = {v["vdi_uuid"]: v for v in summary["vdis"]}
+        assert set(got) == set(backed)
+        assert all(v["ok"] and not v["full"] for v in got.values()), [v for v in got.values() if v["full"]]
+        assert {u for u, v in got.items() if v["blocks_read"]} == set(changed)
+        assert all(got[u]["blocks_read"] == 1 for u in changed)
+        assert all(c["peak"] <= 3 and c["busy"] == 0 for c in nbd_hosts(sim).values())
+
+        # Tags and exclusions: gold VMs (vm00, vm10, ...) but not vm20, and none also tagged dev.
+        p, summary = ingest(sim, repo, "--tag", "gold", "--exclude-vm", "vm20", "--exclude-tag", "dev")
+        assert sorted({v["vm_name"] for v in summary["vdis"]}) == ["vm10", "vm30", "vm40"]
+        assert all(v["ok"] and not v["full"] for v in summary["vdis"])
+        assert not summary["skipped"]
+        print(f"pool of 100 disks: first run {first_run:.1f} s, second {second_run:.1f} s")
+    finally:
+        sim.stop()

@@ -1087,9 +1087,14 @@ class NbdFrontend:
         back = threading.Thread(target=self._pump, args=(upstream, client), daemon=True)
         back.start()
         self._pump(client, upstream)
+        # The client has let go of the connection: it no longer counts, although
+        # nbdkit may take a moment to see it go (xapi-nbd counts until it has
+        # unplugged its VBD, seconds later on a real host).
+        with self.lock:
+            self.open -= 1
         back.join()
         upstream.close()
-        self._close(client)
+        client.close()
 
     @staticmethod
     def _pump(src, dst):
