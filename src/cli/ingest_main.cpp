@@ -4,6 +4,8 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <chrono>
+#include <ctime>
 #include <cstdio>
 #include <fstream>
 #include <mutex>
@@ -15,6 +17,7 @@
 #include "cbtfs/repository.hpp"
 #include "exit_status.hpp"
 #include "ingest/ingest.hpp"
+#include "ingest/run_metrics.hpp"
 #include "password.hpp"
 #include "progress.hpp"
 #include "text.hpp"
@@ -55,6 +58,8 @@ int run(int argc, char** argv) {
   ingest::Options io;
   std::string repo_path, password_file;
   bool json = false, quiet = false;
+  std::string metrics_file;
+  auto started = std::chrono::steady_clock::now();
   app.add_option("--xapi", co.url, "XAPI address, e.g. https://pool-master")->required();
   app.add_option("--user", co.user, "user name")->default_val("root");
   app.add_option("--password-file", password_file, "file holding the password (else $CBTFS_PASSWORD)");
@@ -83,6 +88,8 @@ int run(int argc, char** argv) {
                  "seconds to wait for a host whose NBD server is busy (at its connection limit)")
       ->default_val(900)->check(CLI::Range(0, 86400));
   app.add_flag("--json", json, "print a JSON summary on standard output");
+  app.add_option("--metrics-file", metrics_file,
+                 "write the run's outcome there as a Prometheus text file (node_exporter's textfile collector)");
   app.add_flag("-q,--quiet", quiet, "no progress and no log lines, errors only");
   app.add_option("REPO", repo_path, "repository")->required();
   try {
@@ -151,6 +158,16 @@ int run(int argc, char** argv) {
     ++selected;
     failed += !o.ok;
     summary.push_back(to_json(o));
+  }
+  if (!metrics_file.empty()) {
+    ingest::RunSummary rs{outcomes, static_cast<int64_t>(std::time(nullptr)),
+                          std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count()};
+    try {
+      ingest::write_metrics_file(metrics_file, rs);
+    } catch (const std::exception& e) {
+      // The backup itself is done; monitoring will see the file grow old.
+      std::fprintf(stderr, "cbtfs-ingest: WARNING: cannot write the metrics file: %s\n", e.what());
+    }
   }
   if (json)
     std::printf("%s\n", nlohmann::json{{"ok", failed == 0}, {"vdis", summary}, {"skipped", skipped}}.dump(2).c_str());

@@ -82,7 +82,16 @@ class Run {
     for (auto& g : groups_) finish(g);
     std::vector<Outcome> out;
     for (auto& e : errors_) out.push_back(e);
-    for (auto& t : tasks_) out.push_back(t.out);
+    for (auto& t : tasks_) {
+      if (!t.out.ok) {
+        try {
+          if (auto latest = repo_->latest(t.vdi.uuid)) t.out.last_point_time = latest->time;
+        } catch (const std::exception&) {
+          // the repository cannot say: the metrics leave the time out
+        }
+      }
+      out.push_back(t.out);
+    }
     for (auto& s : skipped_) out.push_back(s);
     return out;
   }
@@ -561,6 +570,7 @@ class Run {
     t.out.full = full;
     t.out.chain_reason = m.chain_reason;
     t.out.point = format_point_name(m.time) + ".raw";
+    t.out.last_point_time = m.time;
     t.out.snapshot_uuid = t.snap->uuid;
     t.out.blocks_changed = stats.blocks;
     t.out.bytes_read = stats.bytes_read;

@@ -51,6 +51,9 @@ struct Outcome {
   uint64_t bytes_stored = 0;
   double seconds = 0;
   std::string nbd_host;  // the host it was read from (its certificate's name, else its address)
+  // The VDI's newest point in the repository after the run: this run's on
+  // success, else an earlier one; 0 when it has none. Seconds since the epoch.
+  int64_t last_point_time = 0;
 };
 
 using Log = std::function<void(const std::string&)>;

@@ -8,6 +8,8 @@ import os
 import subprocess
 import time
 
+import pytest
+
 from xapi import Sim
 
 BUILD_SRC = os.path.join(os.environ.get("CBTFS_BUILD", os.path.join(os.path.dirname(__file__), "..", "..", "build")), "src")
@@ -143,5 +145,86 @@ def test_fifty_vms_on_three_hosts_within_the_connection_budget(tmp_path, repo):
         assert all(v["ok"] and not v["full"] for v in summary["vdis"])
         assert not summary["skipped"]
         print(f"pool of 100 disks: first run {first_run:.1f} s, second {second_run:.1f} s")
+    finally:
+        sim.stop()
+
+
+def metrics(path):
+    """{(name, frozenset of label items): value} of a Prometheus text file; checks that
+    every sample's metric has its # TYPE line before it."""
+    out, typed = {}, set()
+    for line in open(path):
+        line = line.rstrip("\n")
+        if line.startswith("# TYPE "):
+            typed.add(line.split()[2])
+            continue
+        if not line or line.startswith("#"):
+            continue
+        head, value = line.rsplit(" ", 1)
+        name, _, labels = head.partition("{")
+        assert name in typed, line
+        items = []
+        for part in labels.rstrip("}").split('",') if labels else []:
+            k, v = part.split('="', 1)
+            items.append((k, v.rstrip('"')))
+        out[name, frozenset(items)] = float(value)
+    return out
+
+
+def of(samples, name, **labels):
+    found = [v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls]
+    assert len(found) == 1, (name, labels, found)
+    return found[0]
+
+
+def test_metrics_file_and_json_carry_the_figures(tmp_path, repo):
+    sim = Sim(tmp_path, [{"name": "a", "disks": [{"name": "a-root", "size": 4 * MIB}]},
+                         {"name": "b", "disks": [{"name": "b-root", "size": 4 * MIB},
+                                                 {"name": "b-data", "size": 4 * MIB}]}])
+    prom = tmp_path / "textfile" / "cbtfs-ingest.prom"
+    prom.parent.mkdir()
+    try:
+        a, b_root, b_data = sim.disks_of("a")[0], *sim.disks_of("b")
+        for d in (a, b_root, b_data):
+            sim.write(d["uuid"], MIB, os.urandom(3 * BLOCK))
+        _, first = ingest(sim, repo, "--vm", "a", "--vm", "b", "--metrics-file", prom)
+        m = metrics(prom)
+        assert of(m, "cbtfs_ingest_run_success") == 1
+        assert of(m, "cbtfs_ingest_run_vdis", outcome="ok") == 3
+        for v in first["vdis"]:
+            assert of(m, "cbtfs_ingest_vdi_read_bytes", vdi_uuid=v["vdi_uuid"]) == v["bytes_read"] == 4 * MIB
+            assert of(m, "cbtfs_ingest_vdi_stored_bytes", vdi_uuid=v["vdi_uuid"]) == v["bytes_stored"] > 3 * BLOCK
+            assert of(m, "cbtfs_ingest_vdi_duration_seconds", vdi_uuid=v["vdi_uuid"]) == pytest.approx(v["seconds"])
+            assert of(m, "cbtfs_ingest_vdi_full", vdi_uuid=v["vdi_uuid"]) == 1
+        first_time = {v["vdi_uuid"]: of(m, "cbtfs_ingest_vdi_last_success_timestamp_seconds", vdi_uuid=v["vdi_uuid"])
+                      for v in first["vdis"]}
+        assert all(abs(t - time.time()) < 120 for t in first_time.values())
+
+        time.sleep(1.1)                                 # the next points get later times
+        sim.post("/disable_cbt", {"vdi": b_data["uuid"]})        # as a storage migration does
+        sim.write(b_root["uuid"], 0, b"z" * BLOCK)
+        sim.post("/fail", {"method": "VDI.get_nbd_info", "error": ["INTERNAL_ERROR", "injected"], "count": 1})
+        p, second = ingest(sim, repo, "--vm", "a", "--vm", "b", "--jobs", 1, "--metrics-file", prom, check=False)
+        assert p.returncode == 1
+        got = {v["vdi_uuid"]: v for v in second["vdis"]}
+        assert not got[a["uuid"]]["ok"] and got[b_root["uuid"]]["ok"] and got[b_data["uuid"]]["ok"]
+        assert got[b_data["uuid"]]["full"] and "disabled" in got[b_data["uuid"]]["chain_reason"]
+        m = metrics(prom)
+        assert of(m, "cbtfs_ingest_run_success") == 0
+        assert of(m, "cbtfs_ingest_run_vdis", outcome="failed") == 1
+        assert of(m, "cbtfs_ingest_run_chain_breaks") == 1
+        assert of(m, "cbtfs_ingest_vdi_success", vdi_uuid=a["uuid"]) == 0
+        # a failed disk keeps its last success: the point of the first run
+        assert of(m, "cbtfs_ingest_vdi_last_success_timestamp_seconds", vdi_uuid=a["uuid"]) == first_time[a["uuid"]]
+        later = of(m, "cbtfs_ingest_vdi_last_success_timestamp_seconds", vdi_uuid=b_root["uuid"])
+        assert later > first_time[b_root["uuid"]]
+        assert of(m, "cbtfs_ingest_vdi_read_bytes", vdi_uuid=b_root["uuid"]) == got[b_root["uuid"]]["bytes_read"] == BLOCK
+        assert of(m, "cbtfs_ingest_vdi_full", vdi_uuid=b_root["uuid"]) == 0
+        assert of(m, "cbtfs_ingest_vdi_chain_break", vdi_uuid=b_data["uuid"],
+                  reason=got[b_data["uuid"]]["chain_reason"]) == 1
+        assert of(m, "cbtfs_ingest_vm_success", vm_name="a") == 0
+        assert of(m, "cbtfs_ingest_vm_success", vm_name="b") == 1
+        assert of(m, "cbtfs_ingest_vm_last_success_timestamp_seconds", vm_name="a") == first_time[a["uuid"]]
+        assert os.listdir(prom.parent) == [prom.name]   # replaced whole: no temporary file left
     finally:
         sim.stop()
