@@ -47,7 +47,7 @@ nlohmann::json to_json(const ingest::Outcome& o) {
           {"full", o.full},             {"chain_reason", o.chain_reason}, {"point", o.point},
           {"snapshot_uuid", o.snapshot_uuid}, {"virtual_size", o.virtual_size}, {"blocks_read", o.blocks_changed},
           {"bytes_read", o.bytes_read}, {"bytes_stored", o.bytes_stored}, {"seconds", o.seconds},
-          {"nbd_host", o.nbd_host}};
+          {"nbd_host", o.nbd_host}, {"warnings", o.warnings}};
 }
 
 int run(int argc, char** argv) {

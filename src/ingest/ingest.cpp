@@ -293,7 +293,7 @@ class Run {
             log_("VM " + g.vm->name + ": leaving snapshot " + sd.uuid + " (its disk is no longer part of the VM)");
             continue;
           }
-          if (sd.uuid == needed_snapshot(*t) || sd.type == "cbt_metadata") continue;
+          if (sd.uuid == needed_snapshot(*t) || sd.type == "cbt_metadata" || held_by_dom0(*t, sd)) continue;
           say(*t, "removing leftover snapshot " + sd.uuid);
           destroy_vdi(c_, sd.ref);
         }
@@ -335,7 +335,7 @@ class Run {
         try {
           VdiInfo s = get_vdi(c_, o.result);
           accounted.insert(s.uuid);
-          if (s.type != "cbt_metadata" && s.uuid != needed_snapshot(t)) {
+          if (s.type != "cbt_metadata" && s.uuid != needed_snapshot(t) && !held_by_dom0(t, s)) {
             say(t, "removing snapshot " + s.uuid + ", taken by an interrupted run (task " + task + ")");
             destroy_vdi(c_, s.ref);
           }
@@ -368,6 +368,7 @@ class Run {
       if (p->snapshot_uuid != needed) superseded.insert(p->snapshot_uuid);
     for (auto& s : snapshots_of(t)) {
       if (!ours(s) || (t.snap && s.uuid == t.snap->uuid)) continue;
+      if (held_by_dom0(t, s)) continue;
       if (s.uuid == needed) {
         if (s.type != "cbt_metadata") {  // committed, then the run died
           say(t, "making snapshot " + s.uuid + " metadata-only (its run was interrupted after the commit)");
@@ -380,6 +381,24 @@ class Run {
                  " snapshot " + s.uuid);
       destroy_vdi(c_, s.ref);
     }
+  }
+
+  // A snapshot a control domain still holds cannot be destroyed or made
+  // metadata-only (VDI_IN_USE, after retrying for most of a minute): it is
+  // reported, with what to do, and left for a later run.
+  bool held_by_dom0(Task& t, const VdiInfo& s) {
+    if (s.vbds.empty()) return false;
+    auto held = dom0_attachments(c_, s);
+    for (auto& a : held) {
+      std::string w = "snapshot " + s.uuid + " is " + (a.plugged ? "plugged into" : "attached to") + " " + a.vm_name +
+                      " (VBD " + a.vbd_uuid + "), as an NBD transfer that was cut off leaves it; it stays on the host "
+                      "until that VBD goes. If no backup or other tool is reading the disk now: xe vbd-unplug uuid=" +
+                      a.vbd_uuid + "; xe vbd-destroy uuid=" + a.vbd_uuid;
+      if (std::find(t.out.warnings.begin(), t.out.warnings.end(), w) != t.out.warnings.end()) continue;
+      say(t, "WARNING: " + w);
+      t.out.warnings.push_back(w);
+    }
+    return !held.empty();
   }
 
   // The snapshot task `task` (journaled) to its end. A failure that leaves

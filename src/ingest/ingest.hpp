@@ -54,6 +54,9 @@ struct Outcome {
   // The VDI's newest point in the repository after the run: this run's on
   // success, else an earlier one; 0 when it has none. Seconds since the epoch.
   int64_t last_point_time = 0;
+  // What the run found that an admin should look at (a disk held by a
+  // control domain, ...); the point may be fine.
+  std::vector<std::string> warnings;
 };
 
 using Log = std::function<void(const std::string&)>;

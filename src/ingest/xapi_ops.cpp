@@ -42,6 +42,8 @@ VdiInfo get_vdi(xapi::Client& c, const std::string& ref) {
   v.is_snapshot = truthy(r, "is_a_snapshot");
   v.snapshot_of = text(r, "snapshot_of");
   if (v.is_snapshot) v.snapshot_time = xapi_time(text(r, "snapshot_time"));
+  if (r.has("VBDs"))
+    for (auto& b : r.at("VBDs").array()) v.vbds.push_back(b.str());
   return v;
 }
 
@@ -115,6 +117,23 @@ std::string enable_cbt_if_possible(xapi::Client& c, const VdiInfo& disk) {
       if (e.code() == code) return e.what();
     throw;
   }
+}
+
+std::vector<Dom0Attachment> dom0_attachments(xapi::Client& c, const VdiInfo& disk) {
+  std::vector<Dom0Attachment> out;
+  for (auto& ref : disk.vbds) {
+    try {
+      Value vbd = c.call("VBD.get_record", {Value(ref)});
+      std::string vm = text(vbd, "VM");
+      if (vm.empty() || vm == kNullRef) continue;
+      Value r = c.call("VM.get_record", {Value(vm)});
+      if (!truthy(r, "is_control_domain")) continue;
+      out.push_back({text(vbd, "uuid"), text(r, "name_label"), truthy(vbd, "currently_attached")});
+    } catch (const xapi::XapiError& e) {
+      if (e.code() != "HANDLE_INVALID") throw;  // gone meanwhile
+    }
+  }
+  return out;
 }
 
 std::pair<std::string, std::string> vm_of(xapi::Client& c, const VdiInfo& vdi) {

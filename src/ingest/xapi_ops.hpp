@@ -19,6 +19,13 @@ struct VdiInfo {
   bool is_snapshot = false;
   std::string snapshot_of;  // ref
   int64_t snapshot_time = 0;  // seconds since the epoch; 0 when not a snapshot
+  std::vector<std::string> vbds;  // refs
+};
+
+// A VBD by which a control domain holds a disk.
+struct Dom0Attachment {
+  std::string vbd_uuid, vm_name;
+  bool plugged = false;
 };
 
 struct VmInfo {
@@ -38,6 +45,13 @@ std::vector<PoolVm> pool_vms(xapi::Client& c);
 // now; else why it cannot have it (its SR type, its VDI type, the licence,
 // a host without CBT), in the host's words. Other failures throw.
 std::string enable_cbt_if_possible(xapi::Client& c, const VdiInfo& disk);
+
+// The VBDs of disk that belong to a control domain. xapi-nbd plugs one into
+// dom0 for each NBD connection and unplugs it when the connection ends; one
+// still there is what a transfer cut off in a bad moment leaves (or another
+// tool reading the disk now). It keeps the disk in use: it cannot be
+// destroyed nor made metadata-only.
+std::vector<Dom0Attachment> dom0_attachments(xapi::Client& c, const VdiInfo& disk);
 
 // The VM a disk is attached to (name, uuid), or empty strings.
 std::pair<std::string, std::string> vm_of(xapi::Client& c, const VdiInfo& vdi);

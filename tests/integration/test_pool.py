@@ -228,3 +228,75 @@ def test_metrics_file_and_json_carry_the_figures(tmp_path, repo):
         assert os.listdir(prom.parent) == [prom.name]   # replaced whole: no temporary file left
     finally:
         sim.stop()
+
+
+def test_stale_metadata_snapshots_start_a_new_base_that_reuses_stored_blocks(tmp_path):
+    """Each way the previous metadata-only snapshot goes stale gives one full point that
+    says why and, in a format 2 repository, stores almost nothing new; the run after it
+    is incremental again (the stale snapshot does not make every run a full one), and
+    the host keeps one metadata-only snapshot of ours per disk. A snapshot a control
+    domain still holds is reported with the commands to free it, not waited on."""
+    cases = ["cbt_reenabled", "metadata_inconsistent", "snapshot_destroyed", "cbt_disabled"]
+    sim = Sim(tmp_path, [{"name": c, "disks": [{"name": "d", "size": 4 * MIB}]} for c in cases + ["held"]])
+    repo = tmp_path / "repo2"
+    subprocess.run([os.path.join(BUILD_SRC, "cbtfs-repo"), "init", "--format", "2", str(repo)], check=True,
+                   capture_output=True)
+    try:
+        disk = {c: sim.disks_of(c)[0]["uuid"] for c in cases + ["held"]}
+        for u in disk.values():
+            sim.write(u, 0, os.urandom(2 * MIB))
+        everything = [a for c in disk for a in ("--vm", c)]
+        ingest(sim, repo, *everything)
+        proxy, session = sim.xapi()
+
+        def ours(uuid):
+            return [v for v in sim.snapshots_of(uuid) if v["name"].startswith("cbtfs-ingest ")]
+
+        for case in cases:
+            u = disk[case]
+            sim.write(u, 3 * MIB, b"new data" * 100)
+            ref = proxy.VDI.get_by_uuid(session, u)["Value"]
+            if case == "cbt_reenabled":          # a storage migration, then CBT turned on again
+                proxy.VDI.disable_cbt(session, ref)
+                proxy.VDI.enable_cbt(session, ref)
+                reason = "cannot relate the previous snapshot"
+            elif case == "metadata_inconsistent":
+                sim.post("/fail", {"method": "VDI.list_changed_blocks", "count": 1,
+                                   "error": ["SR_BACKEND_FAILURE_459", "", "VDI_CBT_METADATA_INCONSISTENT", ""]})
+                reason = "SR_BACKEND_FAILURE_459"
+            elif case == "snapshot_destroyed":   # an admin's clean-up
+                (snap,) = ours(u)
+                proxy.VDI.destroy(session, proxy.VDI.get_by_uuid(session, snap["uuid"])["Value"])
+                reason = "is gone from the host"
+            else:
+                sim.post("/disable_cbt", {"vdi": u})
+                reason = "had been disabled"
+            _, s = ingest(sim, repo, "--vm", case)
+            (v,) = s["vdis"]
+            assert v["ok"] and v["full"] and reason in v["chain_reason"], (case, v)
+            assert v["bytes_read"] == 4 * MIB
+            assert v["bytes_stored"] < 64 * 1024, (case, v["bytes_stored"])   # the new base re-uses stored blocks
+            _, s = ingest(sim, repo, "--vm", case)
+            (v,) = s["vdis"]
+            assert v["ok"] and not v["full"] and v["blocks_read"] == 0, (case, v)
+            snaps = ours(u)
+            assert len(snaps) == 1 and snaps[0]["type"] == "cbt_metadata", (case, snaps)
+
+        # A snapshot of ours with its data, left plugged into dom0 by a transfer that was cut off.
+        u = disk["held"]
+        (meta,) = ours(u)
+        ref = proxy.VDI.get_by_uuid(session, u)["Value"]
+        left = proxy.VDI.snapshot(session, ref, {})["Value"]
+        proxy.VDI.set_name_label(session, left, meta["name"])
+        left_uuid = proxy.VDI.get_uuid(session, left)["Value"]
+        vbd = sim.post("/dom0_attach", {"vdi": left_uuid})["vbd"]
+        start = time.monotonic()
+        p, s = ingest(sim, repo, "--vm", "held")
+        assert time.monotonic() - start < 20, "it waited for the held snapshot"
+        (v,) = s["vdis"]
+        assert v["ok"] and not v["full"]
+        (w,) = v["warnings"]
+        assert left_uuid in w and f"xe vbd-destroy uuid={vbd}" in w and "WARNING" in p.stderr
+        assert sim.vdi(left_uuid)["path"], "the held snapshot stays, with its data"
+    finally:
+        sim.stop()

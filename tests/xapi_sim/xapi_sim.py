@@ -670,6 +670,8 @@ class Model:
             raise XapiError("OPERATION_NOT_ALLOWED", f"VDI is not a snapshot: {vdi.ref}")
         if not vdi.cbt_enabled:
             raise XapiError("VDI_NO_CBT_METADATA", vdi.ref)
+        if any(b.currently_attached for b in self.vbds(vdi=vdi)):
+            raise XapiError("VDI_IN_USE", vdi.ref, "data_destroy")
 
     def data_destroy(self, vdi):
         """Drops a snapshot's data, keeping its CBT metadata; its VBDs go, as in XAPI."""
@@ -1722,7 +1724,7 @@ class ControlApi:
                    "/reset_counters": self.reset_counters, "/task_delay": self.task_delay,
                    "/import_fail": self.import_fail, "/import_redirect": self.import_redirect,
                    "/expire_tasks": self.expire_tasks, "/power_state": self.power_state,
-                   "/nbd_limit": self.nbd_limit}.get(path)
+                   "/nbd_limit": self.nbd_limit, "/dom0_attach": self.dom0_attach}.get(path)
         if handler is None:
             raise HttpError(404, f"no POST {path}")
         with self.host.lock:
@@ -1877,6 +1879,20 @@ class ControlApi:
 
     def expire_tasks(self, body):
         return {"expired": [t.ref for t in self.model.expire_tasks()]}
+
+    def dom0_attach(self, body):
+        """Plugs a VDI into a control domain, as xapi-nbd does for each NBD connection and
+        leaves behind when it dies before unplugging (xen-orchestra issue 7912)."""
+        uuid = body.get("vdi")
+        vdi = next((v for v in self.model.all("VDI") if v.uuid == uuid), None)
+        if vdi is None:
+            raise HttpError(404, f"no VDI {uuid}")
+        name = body.get("host", self.model.master().name_label)
+        dom0 = next((vm for vm in self.model.all("VM") if vm.is_control_domain and vm.host.name_label == name), None)
+        if dom0 is None:
+            raise HttpError(404, f"no host {name}")
+        vbd = self.model.add(Vbd(vm=dom0, vdi=vdi, type="Disk", userdevice=str(len(self.model.vbds(vm=dom0)))))
+        return {"vbd": vbd.uuid, "vm": dom0.name_label}
 
     def nbd_limit(self, body):
         limit = int_field(body, "limit")
