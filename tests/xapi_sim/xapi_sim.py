@@ -1558,9 +1558,12 @@ class XapiService:
         # One record per host that sees the VDI's SR, as XAPI lists every host with its PBD
         # plugged. The master's certificate names "localhost" (or nbd_host_name); the other
         # hosts' subject is their address, which the same certificate also names.
+        # Without TLS (an insecure_nbd network) there is no certificate to hand out.
+        tls = self.host.nbd.mode == "tls"
         return [{"exportname": f"/{vdi.uuid}?session_id={session}", "address": host.address,
-                 "port": self.host.nbd.serve(vdi, host), "cert": self.host.nbd_cert_pem,
-                 "subject": self.host.nbd_subject if host.is_master or self.host.nbd_named else host.address}
+                 "port": self.host.nbd.serve(vdi, host), "cert": self.host.nbd_cert_pem if tls else "",
+                 "subject": "" if not tls else
+                 self.host.nbd_subject if host.is_master or self.host.nbd_named else host.address}
                 for host in self.model.hosts_of(vdi.sr)]
 
     @api("VDI.data_destroy")
