@@ -359,13 +359,14 @@ class Run {
 
   // Snapshots our runs took that the repository does not need: with data
   // (left by a killed run) always, metadata-only ones once a newer point of
-  // this repository superseded them. Runs under the VDI's lock.
+  // this repository is committed (keep_metadata false): only the newest
+  // point's snapshot can be the start of the next delta. That includes one
+  // whose point is gone from the repository (forgotten, pruned, or a
+  // repository restored from an older copy): nothing refers to it any more.
+  // Runs under the VDI's lock.
   void remove_leftover_snapshots(Task& t, bool keep_metadata) {
     auto points = repo_->points(t.vdi.uuid).points;
     std::string needed = points.empty() ? "" : points.back()->snapshot_uuid;
-    std::set<std::string> superseded;
-    for (auto& p : points)
-      if (p->snapshot_uuid != needed) superseded.insert(p->snapshot_uuid);
     for (auto& s : snapshots_of(t)) {
       if (!ours(s) || (t.snap && s.uuid == t.snap->uuid)) continue;
       if (held_by_dom0(t, s)) continue;
@@ -376,7 +377,7 @@ class Run {
         }
         continue;
       }
-      if (s.type == "cbt_metadata" && (keep_metadata || !superseded.count(s.uuid))) continue;
+      if (s.type == "cbt_metadata" && keep_metadata) continue;
       say(t, std::string("removing ") + (s.type == "cbt_metadata" ? "superseded metadata-only" : "leftover") +
                  " snapshot " + s.uuid);
       destroy_vdi(c_, s.ref);

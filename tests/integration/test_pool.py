@@ -285,6 +285,16 @@ def test_stale_metadata_snapshots_start_a_new_base_that_reuses_stored_blocks(tmp
             snaps = ours(u)
             assert len(snaps) == 1 and snaps[0]["type"] == "cbt_metadata", (case, snaps)
 
+        # A VDI forgotten by the repository: its metadata-only snapshot starts nothing any more,
+        # and goes once the new first point is committed.
+        u = disk["cbt_disabled"]
+        (old,) = ours(u)
+        subprocess.run([os.path.join(BUILD_SRC, "cbtfs-repo"), "forget", str(repo), u], check=True, capture_output=True)
+        _, s = ingest(sim, repo, "--vm", "cbt_disabled")
+        (v,) = s["vdis"]
+        assert v["ok"] and v["full"] and not v["chain_reason"]
+        assert [x["uuid"] for x in ours(u)] == [v["snapshot_uuid"]] != [old["uuid"]]
+
         # A snapshot of ours with its data, left plugged into dom0 by a transfer that was cut off.
         u = disk["held"]
         (meta,) = ours(u)
