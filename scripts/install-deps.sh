@@ -11,5 +11,5 @@ apt-get install -y -qq --no-install-recommends \
   catch2 python3 python3-pytest nbdkit nbdkit-plugin-dev libnbd-bin python3-libnbd qemu-utils openssl \
   gdisk fdisk dosfstools e2fsprogs xfsprogs lvm2 btrfs-progs ntfs-3g cryptsetup-bin util-linux attr kmod time clang libclang-rt-14-dev \
   ceph-mon ceph-osd radosgw ceph-common python3-boto3 \
-  debhelper lintian man-db \
+  debhelper lintian man-db systemd \
   >/dev/null

@@ -67,6 +67,16 @@ for page in cbtfs cbtfs-browse cbtfs-repo cbtfs-ingest "5 cbtfs-format" "7 cbtfs
   man -P cat $page 2>/dev/null | grep -q . || fail "man $page shows nothing"
 done
 
+echo "== systemd units"
+unitdir=$(pkg-config --variable=systemdsystemunitdir systemd 2>/dev/null || echo /lib/systemd/system)
+for u in "cbtfs-ingest@.service" "cbtfs-ingest@.timer"; do
+  grep -qx "$unitdir/$u" "$work/files" || fail "$unitdir/$u is not in the package"
+done
+grep -q '^ExecStart=/usr/bin/cbtfs-ingest ' "$unitdir/cbtfs-ingest@.service" || fail "the service does not run /usr/bin/cbtfs-ingest"
+# An instance of each, as the admin enables them; Documentation= is checked against the installed man page.
+out=$(systemd-analyze verify cbtfs-ingest@smoke.service cbtfs-ingest@smoke.timer 2>&1) || fail "systemd-analyze verify: $out"
+[ -z "$out" ] || fail "systemd-analyze verify warns: $out"
+
 echo "== remove"
 dpkg -r cbtfs >/dev/null
 status=$(dpkg-query -W -f='${db:Status-Abbrev}' cbtfs 2>/dev/null || true)

@@ -4,6 +4,8 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <chrono>
+#include <ctime>
 #include <cstdio>
 #include <fstream>
 #include <mutex>
@@ -15,6 +17,7 @@
 #include "cbtfs/repository.hpp"
 #include "exit_status.hpp"
 #include "ingest/ingest.hpp"
+#include "ingest/run_metrics.hpp"
 #include "password.hpp"
 #include "progress.hpp"
 #include "text.hpp"
@@ -43,7 +46,8 @@ nlohmann::json to_json(const ingest::Outcome& o) {
           {"vm_uuid", o.vm_uuid},       {"ok", o.ok},                     {"error", o.error},
           {"full", o.full},             {"chain_reason", o.chain_reason}, {"point", o.point},
           {"snapshot_uuid", o.snapshot_uuid}, {"virtual_size", o.virtual_size}, {"blocks_read", o.blocks_changed},
-          {"bytes_read", o.bytes_read}, {"bytes_stored", o.bytes_stored}, {"seconds", o.seconds}};
+          {"bytes_read", o.bytes_read}, {"bytes_stored", o.bytes_stored}, {"seconds", o.seconds},
+          {"nbd_host", o.nbd_host}, {"warnings", o.warnings}};
 }
 
 int run(int argc, char** argv) {
@@ -54,11 +58,17 @@ int run(int argc, char** argv) {
   ingest::Options io;
   std::string repo_path, password_file;
   bool json = false, quiet = false;
+  std::string metrics_file;
+  auto started = std::chrono::steady_clock::now();
   app.add_option("--xapi", co.url, "XAPI address, e.g. https://pool-master")->required();
   app.add_option("--user", co.user, "user name")->default_val("root");
   app.add_option("--password-file", password_file, "file holding the password (else $CBTFS_PASSWORD)");
   app.add_option("--vm", io.vms, "VM name or uuid: all its disks, from one snapshot (repeatable)");
   app.add_option("--vdi", io.vdis, "VDI uuid (repeatable)");
+  app.add_flag("--all", io.pool.all, "every VM of the pool (no templates, snapshots or control domains)");
+  app.add_option("--tag", io.pool.tags, "every VM with this tag (repeatable)");
+  app.add_option("--exclude-vm", io.pool.exclude_vms, "leave out this VM (name or uuid) of --all/--tag (repeatable)");
+  app.add_option("--exclude-tag", io.pool.exclude_tags, "leave out VMs with this tag from --all/--tag (repeatable)");
   app.add_option("--ca-file", co.ca_file, "CA certificate(s) to verify the host with (default: the system's)");
   app.add_option("--xapi-timeout", co.timeout_seconds, "seconds a XAPI call may take")
       ->default_val(600)->check(CLI::Range(1, 86400));
@@ -70,7 +80,16 @@ int run(int argc, char** argv) {
                "do not verify the NBD server's certificate, and accept NBD without TLS");
   app.add_option("--jobs", io.jobs, "VDIs backed up in parallel")->default_val(2)->check(CLI::Range(1, 16));
   app.add_option("--connections", io.connections, "NBD connections per VDI")->default_val(4)->check(CLI::Range(1, 16));
+  app.add_option("--host-connections", io.host_connections,
+                 "NBD connections per host across all parallel VDIs (XenServer serves 16 per host, to all clients)")
+      ->default_val(8)->check(CLI::Range(1, 16));
+  long busy_timeout = 900;
+  app.add_option("--busy-timeout", busy_timeout,
+                 "seconds to wait for a host whose NBD server is busy (at its connection limit)")
+      ->default_val(900)->check(CLI::Range(0, 86400));
   app.add_flag("--json", json, "print a JSON summary on standard output");
+  app.add_option("--metrics-file", metrics_file,
+                 "write the run's outcome there as a Prometheus text file (node_exporter's textfile collector)");
   app.add_flag("-q,--quiet", quiet, "no progress and no log lines, errors only");
   app.add_option("REPO", repo_path, "repository")->required();
   try {
@@ -78,12 +97,16 @@ int run(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e) == 0 ? kExitOk : kExitUsage;
   }
-  if (io.vms.empty() && io.vdis.empty()) throw UsageError("nothing to back up: give --vm or --vdi");
+  if (io.vms.empty() && io.vdis.empty() && io.pool.empty())
+    throw UsageError("nothing to back up: give --vm, --vdi, --tag or --all");
+  if (io.pool.empty() && (!io.pool.exclude_vms.empty() || !io.pool.exclude_tags.empty()))
+    throw UsageError("--exclude-vm and --exclude-tag narrow --all or --tag: give one of those");
   for (auto& v : io.vdis) {
     std::transform(v.begin(), v.end(), v.begin(), [](unsigned char ch) { return std::tolower(ch); });
     if (!is_uuid(v)) throw UsageError("--vdi " + v + " is not a uuid");
   }
   if (co.url.find("://") == std::string::npos) co.url = "https://" + co.url;
+  io.busy_timeout = std::chrono::seconds(busy_timeout);
   co.password = read_password(password_file);
   // Each opt-out covers one connection: NBD is pinned to the certificate
   // XAPI hands out, so it stays verified unless asked otherwise.
@@ -115,7 +138,7 @@ int run(int argc, char** argv) {
   std::mutex log_mu;
   ingest::Log log = [&](const std::string& line) {
     std::lock_guard g(log_mu);
-    if (!quiet || line.find("FAILED") != std::string::npos) {
+    if (!quiet || line.find("FAILED") != std::string::npos || line.find("WARNING") != std::string::npos) {
       if (progress) std::fprintf(stderr, "\r\033[K");
       std::fprintf(stderr, "cbtfs-ingest: %s\n", printable(line).c_str());  // names come from the host
     }
@@ -124,15 +147,33 @@ int run(int argc, char** argv) {
   auto outcomes = ingest::run(client, repo, io, log, progress ? &progress_line : nullptr);
   client.logout();
 
-  size_t failed = 0;
-  nlohmann::json summary = nlohmann::json::array();
+  size_t failed = 0, selected = 0;
+  nlohmann::json summary = nlohmann::json::array(), skipped = nlohmann::json::array();
   for (auto& o : outcomes) {
+    if (!o.skipped.empty()) {
+      skipped.push_back({{"vm_name", o.vm_name}, {"vm_uuid", o.vm_uuid}, {"vdi_uuid", o.vdi_uuid},
+                         {"vdi_name", o.vdi_name}, {"reason", o.skipped}});
+      continue;
+    }
+    ++selected;
     failed += !o.ok;
     summary.push_back(to_json(o));
   }
-  if (json) std::printf("%s\n", nlohmann::json{{"ok", failed == 0}, {"vdis", summary}}.dump(2).c_str());
+  if (!metrics_file.empty()) {
+    ingest::RunSummary rs{outcomes, static_cast<int64_t>(std::time(nullptr)),
+                          std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count()};
+    try {
+      ingest::write_metrics_file(metrics_file, rs);
+    } catch (const std::exception& e) {
+      // The backup itself is done; monitoring will see the file grow old.
+      std::fprintf(stderr, "cbtfs-ingest: WARNING: cannot write the metrics file: %s\n", e.what());
+    }
+  }
+  if (json)
+    std::printf("%s\n", nlohmann::json{{"ok", failed == 0}, {"vdis", summary}, {"skipped", skipped}}.dump(2).c_str());
   if (!quiet || failed)
-    std::fprintf(stderr, "cbtfs-ingest: %zu of %zu VDI(s) backed up%s\n", outcomes.size() - failed, outcomes.size(),
+    std::fprintf(stderr, "cbtfs-ingest: %zu of %zu VDI(s) backed up%s%s\n", selected - failed, selected,
+                 skipped.empty() ? "" : ("; " + std::to_string(skipped.size()) + " not backed up (WARNING lines)").c_str(),
                  failed ? "; see the FAILED lines above" : "");
   return failed ? kExitFailed : kExitOk;
 }

@@ -54,7 +54,7 @@ struct Group {
 class Run {
  public:
   Run(xapi::Client& c, std::shared_ptr<Repository> repo, const Options& opts, const Log& log, ProgressReport* progress)
-      : c_(c), repo_(std::move(repo)), opts_(opts), log_(log), progress_(progress) {
+      : c_(c), repo_(std::move(repo)), opts_(opts), log_(log), budget_(opts.host_connections), progress_(progress) {
     // Our snapshots are named after the repository, so that a second
     // repository backing up the same disks leaves them alone.
     prefix_ = "cbtfs-ingest " + (repo_->id().empty() ? std::string() : repo_->id().substr(0, 8) + " ");
@@ -82,7 +82,17 @@ class Run {
     for (auto& g : groups_) finish(g);
     std::vector<Outcome> out;
     for (auto& e : errors_) out.push_back(e);
-    for (auto& t : tasks_) out.push_back(t.out);
+    for (auto& t : tasks_) {
+      if (!t.out.ok) {
+        try {
+          if (auto latest = repo_->latest(t.vdi.uuid)) t.out.last_point_time = latest->time;
+        } catch (const std::exception&) {
+          // the repository cannot say: the metrics leave the time out
+        }
+      }
+      out.push_back(t.out);
+    }
+    for (auto& s : skipped_) out.push_back(s);
     return out;
   }
 
@@ -120,18 +130,74 @@ class Run {
     errors_.push_back(o);
   }
 
+  void skip(const VmInfo& vm, const VdiInfo* disk, const std::string& why) {
+    Outcome o;
+    o.vm_name = vm.name;
+    o.vm_uuid = vm.uuid;
+    if (disk) {
+      o.vdi_uuid = disk->uuid;
+      o.vdi_name = disk->name;
+      o.virtual_size = disk->virtual_size;
+    }
+    o.skipped = why;
+    log_("VM " + vm.name + (disk ? ", disk " + disk->name + " (" + disk->uuid + ")" : std::string()) +
+         ": WARNING: not backed up: " + why);
+    skipped_.push_back(std::move(o));
+  }
+
+  // --all and --tag: every VM the filter keeps that is not named already.
+  // A disk that cannot have changed block tracking is reported, not failed:
+  // nobody asked for it by name, and the next run would fail it again.
+  void select_from_pool(std::set<std::string>& vms_taken) {
+    std::vector<PoolVm> found;
+    try {
+      found = select_vms(pool_vms(c_), opts_.pool);
+    } catch (const std::exception& e) {
+      select_error("the pool's VMs", e.what());
+      return;
+    }
+    for (auto& pv : found) {
+      if (!vms_taken.insert(pv.uuid).second) continue;
+      try {
+        Group g;
+        g.vm = get_vm(c_, pv.ref);
+        if (g.vm->disks.empty()) {
+          skip(*g.vm, nullptr, "it has no disks");
+          continue;
+        }
+        for (auto& d : g.vm->disks) {
+          std::string why = enable_cbt_if_possible(c_, d);
+          if (why.empty())
+            add_task(g, d, g.vm->name, g.vm->uuid);
+          else
+            skip(*g.vm, &d, "it cannot have changed block tracking: " + why);
+        }
+        if (g.tasks.empty()) {
+          skip(*g.vm, nullptr, "none of its disks can have changed block tracking");
+          continue;
+        }
+        groups_.push_back(std::move(g));
+      } catch (const std::exception& e) {
+        select_error("VM " + pv.name + " (" + pv.uuid + ")", e.what());
+      }
+    }
+  }
+
   void select() {
+    std::set<std::string> vms_taken;
     for (auto& key : opts_.vms) {
       try {
         Group g;
         g.vm = find_vm(c_, key);
         if (g.vm->disks.empty()) throw std::runtime_error("VM '" + g.vm->name + "' has no disks");
+        if (!vms_taken.insert(g.vm->uuid).second) continue;
         for (auto& d : g.vm->disks) add_task(g, d, g.vm->name, g.vm->uuid);
         groups_.push_back(std::move(g));
       } catch (const std::exception& e) {
         select_error("VM " + key, e.what());
       }
     }
+    if (!opts_.pool.empty()) select_from_pool(vms_taken);
     for (auto& uuid : opts_.vdis) {
       try {
         Group g;
@@ -227,7 +293,7 @@ class Run {
             log_("VM " + g.vm->name + ": leaving snapshot " + sd.uuid + " (its disk is no longer part of the VM)");
             continue;
           }
-          if (sd.uuid == needed_snapshot(*t) || sd.type == "cbt_metadata") continue;
+          if (sd.uuid == needed_snapshot(*t) || sd.type == "cbt_metadata" || held_by_dom0(*t, sd)) continue;
           say(*t, "removing leftover snapshot " + sd.uuid);
           destroy_vdi(c_, sd.ref);
         }
@@ -269,7 +335,7 @@ class Run {
         try {
           VdiInfo s = get_vdi(c_, o.result);
           accounted.insert(s.uuid);
-          if (s.type != "cbt_metadata" && s.uuid != needed_snapshot(t)) {
+          if (s.type != "cbt_metadata" && s.uuid != needed_snapshot(t) && !held_by_dom0(t, s)) {
             say(t, "removing snapshot " + s.uuid + ", taken by an interrupted run (task " + task + ")");
             destroy_vdi(c_, s.ref);
           }
@@ -293,15 +359,17 @@ class Run {
 
   // Snapshots our runs took that the repository does not need: with data
   // (left by a killed run) always, metadata-only ones once a newer point of
-  // this repository superseded them. Runs under the VDI's lock.
+  // this repository is committed (keep_metadata false): only the newest
+  // point's snapshot can be the start of the next delta. That includes one
+  // whose point is gone from the repository (forgotten, pruned, or a
+  // repository restored from an older copy): nothing refers to it any more.
+  // Runs under the VDI's lock.
   void remove_leftover_snapshots(Task& t, bool keep_metadata) {
     auto points = repo_->points(t.vdi.uuid).points;
     std::string needed = points.empty() ? "" : points.back()->snapshot_uuid;
-    std::set<std::string> superseded;
-    for (auto& p : points)
-      if (p->snapshot_uuid != needed) superseded.insert(p->snapshot_uuid);
     for (auto& s : snapshots_of(t)) {
       if (!ours(s) || (t.snap && s.uuid == t.snap->uuid)) continue;
+      if (held_by_dom0(t, s)) continue;
       if (s.uuid == needed) {
         if (s.type != "cbt_metadata") {  // committed, then the run died
           say(t, "making snapshot " + s.uuid + " metadata-only (its run was interrupted after the commit)");
@@ -309,11 +377,29 @@ class Run {
         }
         continue;
       }
-      if (s.type == "cbt_metadata" && (keep_metadata || !superseded.count(s.uuid))) continue;
+      if (s.type == "cbt_metadata" && keep_metadata) continue;
       say(t, std::string("removing ") + (s.type == "cbt_metadata" ? "superseded metadata-only" : "leftover") +
                  " snapshot " + s.uuid);
       destroy_vdi(c_, s.ref);
     }
+  }
+
+  // A snapshot a control domain still holds cannot be destroyed or made
+  // metadata-only (VDI_IN_USE, after retrying for most of a minute): it is
+  // reported, with what to do, and left for a later run.
+  bool held_by_dom0(Task& t, const VdiInfo& s) {
+    if (s.vbds.empty()) return false;
+    auto held = dom0_attachments(c_, s);
+    for (auto& a : held) {
+      std::string w = "snapshot " + s.uuid + " is " + (a.plugged ? "plugged into" : "attached to") + " " + a.vm_name +
+                      " (VBD " + a.vbd_uuid + "), as an NBD transfer that was cut off leaves it; it stays on the host "
+                      "until that VBD goes. If no backup or other tool is reading the disk now: xe vbd-unplug uuid=" +
+                      a.vbd_uuid + "; xe vbd-destroy uuid=" + a.vbd_uuid;
+      if (std::find(t.out.warnings.begin(), t.out.warnings.end(), w) != t.out.warnings.end()) continue;
+      say(t, "WARNING: " + w);
+      t.out.warnings.push_back(w);
+    }
+    return !held.empty();
   }
 
   // The snapshot task `task` (journaled) to its end. A failure that leaves
@@ -487,10 +573,12 @@ class Run {
       throw std::runtime_error(
           "the host offers no NBD access: give a network the 'nbd' purpose (xe network-param-add "
           "param-name=purpose param-key=nbd uuid=...)");
-    say(t, std::string(full ? "full" : "incremental") + ": reading " + human_bytes(todo) + " over NBD");
+    Source source = source_for(t, targets);
+    say(t, std::string(full ? "full" : "incremental") + ": reading " + human_bytes(todo) + " over NBD from host " +
+               source.host);
     total_ += todo;
     uint64_t counted = 0;
-    auto stats = ingest::transfer(targets, opts_.nbd, opts_.connections, extents, t.vdi.virtual_size, *t.writer,
+    auto stats = ingest::transfer(source, opts_.connections, extents, t.vdi.virtual_size, *t.writer,
                                   [&](uint64_t done) {
                                     done_ += done - counted;
                                     counted = done;
@@ -502,11 +590,32 @@ class Run {
     t.out.full = full;
     t.out.chain_reason = m.chain_reason;
     t.out.point = format_point_name(m.time) + ".raw";
+    t.out.last_point_time = m.time;
     t.out.snapshot_uuid = t.snap->uuid;
     t.out.blocks_changed = stats.blocks;
     t.out.bytes_read = stats.bytes_read;
     t.out.bytes_stored = m.bytes_stored;
     t.out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  }
+
+  // The host to read t from: of those get_nbd_info lists (each may have
+  // several addresses), the one where the run holds the fewest connections.
+  // Only that host's addresses are tried, so every connection counts
+  // against the budget of the host it really goes to.
+  Source source_for(Task& t, const std::vector<nbd::Target>& targets) {
+    std::vector<std::string> hosts;
+    for (auto& x : targets)
+      if (std::find(hosts.begin(), hosts.end(), host_key(x)) == hosts.end()) hosts.push_back(host_key(x));
+    Source s;
+    s.host = budget_.pick(hosts);
+    for (auto& x : targets)
+      if (host_key(x) == s.host) s.targets.push_back(x);
+    s.opts = opts_.nbd;
+    s.budget = &budget_;
+    s.busy_timeout = opts_.busy_timeout;
+    s.log = [this, &t](const std::string& m) { say(t, m); };
+    t.out.nbd_host = s.host;
+    return s;
   }
 
   void show_progress() {
@@ -598,7 +707,9 @@ class Run {
   std::vector<Task> tasks_;
   std::vector<Group> groups_;
   std::vector<Outcome> errors_;
+  std::vector<Outcome> skipped_;
   std::set<std::string> seen_;
+  HostBudget budget_;  // NBD connections per host, shared by the parallel transfers
   std::mutex progress_mu_;
   ProgressReport* progress_;
   std::atomic<uint64_t> total_{0}, done_{0};

@@ -7,6 +7,7 @@
 // snapshot with data stays on the host, whatever fails.
 #pragma once
 
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <string>
@@ -15,6 +16,7 @@
 #include "cbtfs/repository.hpp"
 #include "nbd/nbd_reader.hpp"
 #include "xapi/client.hpp"
+#include "selection.hpp"
 #include "xapi_ops.hpp"
 
 namespace cbtfs::ingest {
@@ -22,8 +24,11 @@ namespace cbtfs::ingest {
 struct Options {
   std::vector<std::string> vms;   // uuid or name label
   std::vector<std::string> vdis;  // uuid
+  VmFilter pool;                  // VMs chosen by --all / --tag, less the excluded ones
   int jobs = 2;                   // VDIs in parallel
   int connections = 4;            // NBD connections per VDI
+  int host_connections = 8;       // NBD connections per host, across all VDIs (xapi-nbd serves 16)
+  std::chrono::seconds busy_timeout{900};  // a busy NBD server is waited for this long
   nbd::Options nbd;
   long snapshot_timeout = 600;    // seconds a VDI snapshot may take on the host
 };
@@ -32,6 +37,10 @@ struct Outcome {
   std::string vdi_uuid, vdi_name, vm_name, vm_uuid;
   bool ok = false;
   std::string error;
+  // Why a disk (or, vdi_uuid empty, a whole VM) that --all or --tag found
+  // is not backed up: it cannot have changed block tracking, or has no
+  // disks. Not a failure: such an Outcome is no selected VDI.
+  std::string skipped;
   bool full = false;
   std::string chain_reason;
   std::string point;  // image name of the new point
@@ -41,6 +50,13 @@ struct Outcome {
   uint64_t bytes_read = 0;
   uint64_t bytes_stored = 0;
   double seconds = 0;
+  std::string nbd_host;  // the host it was read from (its certificate's name, else its address)
+  // The VDI's newest point in the repository after the run: this run's on
+  // success, else an earlier one; 0 when it has none. Seconds since the epoch.
+  int64_t last_point_time = 0;
+  // What the run found that an admin should look at (a disk held by a
+  // control domain, ...); the point may be fine.
+  std::vector<std::string> warnings;
 };
 
 using Log = std::function<void(const std::string&)>;

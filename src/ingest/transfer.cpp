@@ -1,11 +1,13 @@
 #include "transfer.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <exception>
 #include <mutex>
 #include <stdexcept>
+#include <stop_token>
 #include <thread>
 
 #include "reorder_window.hpp"
@@ -17,21 +19,29 @@ namespace {
 // Each worker claims a batch of extents (up to 16, up to 4 MiB) and has
 // them all in flight at once; at most 64 MiB is read ahead of the writer.
 constexpr size_t kBatchCount = 16, kBatchBytes = 4 << 20, kMaxAhead = 64 << 20;
+// A busy NBD server is asked again after 1 s, then 2, 4, ... at most 30 s apart.
+constexpr std::chrono::seconds kFirstBusyWait{1}, kMaxBusyWait{30};
+
+nbd::Options without_busy_retries(nbd::Options o) {
+  o.retry_busy = false;  // the transfer waits a busy server out itself, holding its slot
+  return o;
+}
 
 // One transfer: a worker thread per connection reads extents into the
 // reorder window; the calling thread hands them to the writer in order.
 class Transfer {
  public:
-  Transfer(const std::vector<nbd::Target>& targets, const nbd::Options& opts, size_t connections,
-           const std::vector<Extent>& extents, uint64_t virtual_size, PointWriter& writer,
-           const std::function<void(uint64_t)>& progress)
-      : targets_(targets),
-        opts_(opts),
+  Transfer(const Source& source, size_t connections, const std::vector<Extent>& extents, uint64_t virtual_size,
+           PointWriter& writer, const std::function<void(uint64_t)>& progress)
+      : source_(source),
+        opts_(without_busy_retries(source.opts)),
         extents_(extents),
         virtual_size_(virtual_size),
         writer_(writer),
         progress_(progress),
         max_extent_(max_extent_bytes(extents)),
+        share_(*source.budget, source.host),
+        slots_(connections),
         conns_(connections),
         window_(extents.size(), [this](size_t i) { return bytes_of(i); }, kMaxAhead) {}
 
@@ -41,7 +51,12 @@ class Transfer {
     std::vector<std::thread> threads;
     for (size_t i = 0; i < conns_.size(); ++i) threads.emplace_back(&Transfer::worker, this, i);
     auto join = [&] {
+      stop_.request_stop();  // workers still waiting for a slot give up
       window_.stop();
+      {
+        std::lock_guard g(open_mu_);
+        open_cv_.notify_all();
+      }
       for (auto& t : threads) t.join();
     };
     TransferStats stats;
@@ -67,35 +82,68 @@ class Transfer {
   }
 
   // Connections are opened one after another (XenServer's NBD server plugs
-  // a VBD per connection and is known to race when many arrive at once), each
-  // by its own worker, which starts reading at once: the first handshake
-  // alone delays the transfer, not all of them.
-  // Opens worker id's connection once the one before it has had its turn;
-  // nullptr if it failed or the transfer already stopped.
-  nbd::Connection* open_in_turn(size_t id) {
+  // a VBD per connection and is known to race when many arrive at once),
+  // each by its own worker once the host's budget gives it a slot; it
+  // starts reading at once. The first connection is waited for while the
+  // server is busy; a later one is not worth it: its worker gives its slot
+  // back and the transfer goes on with the connections it has.
+  // nullptr when this worker has no connection to read with.
+  nbd::Connection* open(size_t id) {
+    HostBudget::Slot slot = share_.acquire(stop_.get_token());
+    if (!slot) return nullptr;
     std::unique_lock lk(open_mu_);
-    open_cv_.wait(lk, [&] { return opened_ == id; });
-    try {
-      if (!window_.stopped()) {
-        auto conn = std::make_unique<nbd::Connection>(targets_, opts_);
+    auto deadline = std::chrono::steady_clock::now() + source_.busy_timeout;
+    auto wait = kFirstBusyWait;
+    bool waiting = false;  // this worker is the one waiting the server out
+    for (;;) {
+      if (window_.stopped()) break;
+      bool first = opened_ == 0 && (!busy_waiter_ || waiting);
+      try {
+        auto conn = std::make_unique<nbd::Connection>(source_.targets, opts_);
         if (conn->size() < virtual_size_)
           throw nbd::NbdError("the NBD export has " + std::to_string(conn->size()) + " bytes, the VDI " +
                               std::to_string(virtual_size_));
+        slots_[id] = std::move(slot);
         conns_[id] = std::move(conn);
+        ++opened_;
+        break;
+      } catch (const nbd::ServerBusy& e) {
+        if (!first) break;
+        if (std::chrono::steady_clock::now() + wait > deadline) {
+          window_.fail(std::make_exception_ptr(nbd::NbdError(
+              "host " + source_.host + " refused every NBD connection for " +
+              std::to_string(source_.busy_timeout.count()) + " s: " + e.what() +
+              ". Other backup tools may be using the host's NBD connections: lower --host-connections, or "
+              "run when they are done")));
+          break;
+        }
+        if (!waiting && source_.log)
+          source_.log("the NBD server of host " + source_.host + " is busy (at its connection limit); waiting up to " +
+                      std::to_string(source_.busy_timeout.count()) + " s for it");
+        waiting = busy_waiter_ = true;
+        open_cv_.wait_for(lk, wait, [&] { return window_.stopped(); });
+        wait = std::min(wait * 2, kMaxBusyWait);
+      } catch (...) {
+        window_.fail(std::current_exception());
+        break;
       }
-    } catch (...) {
-      window_.fail(std::current_exception());
     }
-    ++opened_;
-    open_cv_.notify_all();
+    if (waiting) busy_waiter_ = false;
     return conns_[id].get();
   }
 
   // Reads batches of extents into the window until all are claimed or the
   // transfer stops.
   void worker(size_t id) {
-    nbd::Connection* conn = open_in_turn(id);
-    if (!conn) return;
+    nbd::Connection* conn = open(id);
+    if (!conn) {
+      std::lock_guard g(open_mu_);
+      // Should no worker have opened a connection, nothing would ever
+      // fill the window: the last one to leave says so.
+      if (++left_ == conns_.size() && opened_ == 0)
+        window_.fail(std::make_exception_ptr(nbd::NbdError("no NBD connection could be opened")));
+      return;
+    }
     ReorderWindow::Batch batch;
     std::vector<nbd::Connection::Request> reqs;
     while (window_.claim(kBatchCount, kBatchBytes, batch)) {
@@ -123,6 +171,7 @@ class Transfer {
       }
       window_.put(batch);
     }
+    stop_.request_stop();  // every extent is claimed: no use for more connections
   }
 
   // Gives the extents' blocks to the writer in order, on the calling
@@ -143,18 +192,25 @@ class Transfer {
     return blocks;
   }
 
-  const std::vector<nbd::Target>& targets_;
-  const nbd::Options& opts_;
+  const Source& source_;
+  const nbd::Options opts_;
   const std::vector<Extent>& extents_;
   const uint64_t virtual_size_;
   PointWriter& writer_;
   const std::function<void(uint64_t)>& progress_;
   const size_t max_extent_;
 
+  // Declared in this order so that a connection closes before its slot
+  // goes back, and the slots before their share.
+  HostBudget::Share share_;
+  std::vector<HostBudget::Slot> slots_;                  // one per worker
   std::vector<std::unique_ptr<nbd::Connection>> conns_;  // one per worker
-  std::mutex open_mu_;
+  std::stop_source stop_;  // no more connections wanted
+  std::mutex open_mu_;     // one handshake at a time
   std::condition_variable open_cv_;
-  size_t opened_ = 0;  // workers that had their turn to open a connection
+  size_t opened_ = 0;        // connections opened
+  bool busy_waiter_ = false;  // a worker is waiting the busy server out
+  size_t left_ = 0;           // workers that ended without a connection
 
   // Extents read and not yet written. The first failure (window_.fail)
   // stops every worker and is what transfer() throws.
@@ -163,12 +219,14 @@ class Transfer {
 
 }  // namespace
 
-TransferStats transfer(const std::vector<nbd::Target>& targets, const nbd::Options& opts, int connections,
-                       const std::vector<Extent>& extents, uint64_t virtual_size, PointWriter& writer,
-                       const std::function<void(uint64_t)>& progress) {
+std::string host_key(const nbd::Target& t) { return t.subject.empty() ? t.address : t.subject; }
+
+TransferStats transfer(const Source& source, int connections, const std::vector<Extent>& extents,
+                       uint64_t virtual_size, PointWriter& writer, const std::function<void(uint64_t)>& progress) {
   if (extents.empty()) return {};
-  connections = std::clamp<int>(connections, 1, static_cast<int>(std::min<size_t>(extents.size(), 16)));
-  return Transfer(targets, opts, static_cast<size_t>(connections), extents, virtual_size, writer, progress).run();
+  connections = std::clamp<int>(connections, 1,
+                                static_cast<int>(std::min<size_t>(extents.size(), source.budget->per_host())));
+  return Transfer(source, static_cast<size_t>(connections), extents, virtual_size, writer, progress).run();
 }
 
 }  // namespace cbtfs::ingest

@@ -42,6 +42,8 @@ VdiInfo get_vdi(xapi::Client& c, const std::string& ref) {
   v.is_snapshot = truthy(r, "is_a_snapshot");
   v.snapshot_of = text(r, "snapshot_of");
   if (v.is_snapshot) v.snapshot_time = xapi_time(text(r, "snapshot_time"));
+  if (r.has("VBDs"))
+    for (auto& b : r.at("VBDs").array()) v.vbds.push_back(b.str());
   return v;
 }
 
@@ -83,6 +85,55 @@ VmInfo find_vm(xapi::Client& c, const std::string& key) {
   if (vms.empty()) throw std::runtime_error("no VM named '" + key + "'");
   if (vms.size() > 1) throw std::runtime_error(std::to_string(vms.size()) + " VMs are named '" + key + "'; give its uuid");
   return get_vm(c, vms[0]);
+}
+
+std::vector<PoolVm> pool_vms(xapi::Client& c) {
+  std::vector<PoolVm> out;
+  Value all = c.call("VM.get_all_records");
+  for (auto& [ref, r] : all.fields()) {
+    PoolVm vm;
+    vm.ref = ref;
+    vm.uuid = text(r, "uuid");
+    vm.name = text(r, "name_label");
+    if (r.has("tags"))
+      for (auto& t : r.at("tags").array()) vm.tags.push_back(t.str());
+    vm.is_template = truthy(r, "is_a_template");
+    vm.is_snapshot = truthy(r, "is_a_snapshot");
+    vm.is_control_domain = truthy(r, "is_control_domain");
+    out.push_back(std::move(vm));
+  }
+  return out;
+}
+
+std::string enable_cbt_if_possible(xapi::Client& c, const VdiInfo& disk) {
+  if (disk.cbt_enabled) return "";
+  try {
+    c.call("VDI.enable_cbt", {Value(disk.ref)});
+    return "";
+  } catch (const xapi::XapiError& e) {
+    static const char* const cannot[] = {"SR_OPERATION_NOT_SUPPORTED", "VDI_INCOMPATIBLE_TYPE", "LICENCE_RESTRICTION",
+                                         "MESSAGE_METHOD_UNKNOWN", "OPERATION_NOT_ALLOWED"};
+    for (const char* code : cannot)
+      if (e.code() == code) return e.what();
+    throw;
+  }
+}
+
+std::vector<Dom0Attachment> dom0_attachments(xapi::Client& c, const VdiInfo& disk) {
+  std::vector<Dom0Attachment> out;
+  for (auto& ref : disk.vbds) {
+    try {
+      Value vbd = c.call("VBD.get_record", {Value(ref)});
+      std::string vm = text(vbd, "VM");
+      if (vm.empty() || vm == kNullRef) continue;
+      Value r = c.call("VM.get_record", {Value(vm)});
+      if (!truthy(r, "is_control_domain")) continue;
+      out.push_back({text(vbd, "uuid"), text(r, "name_label"), truthy(vbd, "currently_attached")});
+    } catch (const xapi::XapiError& e) {
+      if (e.code() != "HANDLE_INVALID") throw;  // gone meanwhile
+    }
+  }
+  return out;
 }
 
 std::pair<std::string, std::string> vm_of(xapi::Client& c, const VdiInfo& vdi) {

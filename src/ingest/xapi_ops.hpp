@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "nbd/nbd_reader.hpp"
+#include "selection.hpp"
 #include "xapi/client.hpp"
 #include "xapi/tasks.hpp"
 
@@ -18,6 +19,13 @@ struct VdiInfo {
   bool is_snapshot = false;
   std::string snapshot_of;  // ref
   int64_t snapshot_time = 0;  // seconds since the epoch; 0 when not a snapshot
+  std::vector<std::string> vbds;  // refs
+};
+
+// A VBD by which a control domain holds a disk.
+struct Dom0Attachment {
+  std::string vbd_uuid, vm_name;
+  bool plugged = false;
 };
 
 struct VmInfo {
@@ -30,6 +38,20 @@ VdiInfo vdi_by_uuid(xapi::Client& c, const std::string& uuid);
 // A VM by uuid or by name label (which must be unique).
 VmInfo find_vm(xapi::Client& c, const std::string& uuid_or_name);
 VmInfo get_vm(xapi::Client& c, const std::string& ref);
+
+// Every VM record of the pool (one call), for selection.
+std::vector<PoolVm> pool_vms(xapi::Client& c);
+// "" when disk has changed block tracking, or the host agreed to turn it on
+// now; else why it cannot have it (its SR type, its VDI type, the licence,
+// a host without CBT), in the host's words. Other failures throw.
+std::string enable_cbt_if_possible(xapi::Client& c, const VdiInfo& disk);
+
+// The VBDs of disk that belong to a control domain. xapi-nbd plugs one into
+// dom0 for each NBD connection and unplugs it when the connection ends; one
+// still there is what a transfer cut off in a bad moment leaves (or another
+// tool reading the disk now). It keeps the disk in use: it cannot be
+// destroyed nor made metadata-only.
+std::vector<Dom0Attachment> dom0_attachments(xapi::Client& c, const VdiInfo& disk);
 
 // The VM a disk is attached to (name, uuid), or empty strings.
 std::pair<std::string, std::string> vm_of(xapi::Client& c, const VdiInfo& vdi);

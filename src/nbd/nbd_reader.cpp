@@ -54,6 +54,10 @@ Connection::Connection(const std::vector<Target>& targets, const Options& opts) 
     try {
       connect();
       return;
+    } catch (const ServerBusy&) {
+      if (!opts_.retry_busy || attempt >= opts_.retries) throw;
+      std::this_thread::sleep_for(backoff);
+      backoff *= 2;
     } catch (const NbdError&) {
       if (attempt >= opts_.retries) throw;
       std::this_thread::sleep_for(backoff);
@@ -77,6 +81,7 @@ void Connection::disconnect() noexcept {
 
 void Connection::connect() {
   std::string errors;
+  size_t hung_up = 0;  // targets that closed the connection during the handshake
   for (auto& t : targets_) {
     disconnect();
     nbd_handle* h = nbd_create();
@@ -90,6 +95,10 @@ void Connection::connect() {
       // a host: the pin is checked by the bridge instead.
       try {
         bridge_ = std::make_unique<TlsBridge>(t.address, t.port, t.cert, opts_.timeout);
+      } catch (const ServerBusy& e) {
+        ++hung_up;
+        errors += std::string("; ") + e.what();
+        continue;
       } catch (const NbdError& e) {
         errors += std::string("; ") + e.what();
         continue;
@@ -128,12 +137,17 @@ void Connection::connect() {
       }
     }
     std::string why = last_error();
+    if (why.find("server disconnected unexpectedly") != std::string::npos) ++hung_up;
     if (tls && opts_.verify && why.find("certificate") != std::string::npos)
       why += " (the NBD server's certificate does not match the one XAPI gave; --insecure-nbd skips the check)";
     if (errors.find(t.address + ":" + t.port + ": timed out") == std::string::npos)
       errors += "; " + t.address + ":" + t.port + ": " + why;
   }
   disconnect();
+  if (hung_up == targets_.size())
+    throw ServerBusy("the NBD server closed every connection during the handshake (XenServer's NBD server "
+                     "does this when it already serves its 16 connections, counting other tools'; or it "
+                     "refused the export)" + errors);
   throw NbdError("cannot connect to any NBD address" + errors);
 }
 

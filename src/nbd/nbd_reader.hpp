@@ -22,6 +22,15 @@ class NbdError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Every address hung up on us during the handshake. That is how XenServer's
+// NBD server says "Server busy" (it already serves its 16 connections: it
+// closes a new one before the greeting, and logs the reason only on the
+// host), and also how it refuses an export name.
+class ServerBusy : public NbdError {
+ public:
+  using NbdError::NbdError;
+};
+
 // One record of VDI.get_nbd_info.
 struct Target {
   std::string address;
@@ -36,6 +45,7 @@ struct Options {
   int retries = 5;           // per read, each after a reconnect
   std::chrono::milliseconds backoff{500};  // doubled per retry
   std::chrono::seconds timeout{60};        // per connect and per read
+  bool retry_busy = true;  // false: ServerBusy from the constructor at once, for the caller to wait out
 };
 
 // One connection. Not thread-safe: give each worker its own.

@@ -129,7 +129,10 @@ TlsBridge::TlsBridge(const std::string& address, const std::string& port, const 
   tcp_ = connect_tcp(address, port, timeout);
   std::string where = address + ":" + port;
   unsigned char g[kGreetingSize];
-  read_exact(tcp_, g, sizeof g, "no greeting");
+  if (auto r = io::read_all(tcp_, g, sizeof g); r.bytes == 0 && !r.error)
+    throw ServerBusy(where + ": the server hung up before its greeting");
+  else if (r.bytes < sizeof g)
+    throw NbdError(where + ": NBD server: no greeting: " + (r.error ? strerror(r.error) : "connection closed"));
   if (std::memcmp(g, kGreetingMagic, 16) != 0) throw NbdError(where + ": not a newstyle NBD server");
   std::string hello;
   put32(hello, kClientFixedNewstyle | (get_be(g + 16, 2) & kFlagNoZeroes));  // what libnbd will say too

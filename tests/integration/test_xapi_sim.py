@@ -43,10 +43,10 @@ class XapiFailure(Exception):
 class Sim:
     """One simulator process in its own state directory."""
 
-    def __init__(self, tmp_path, nbd="tls", vms=VMS):
+    def __init__(self, tmp_path, nbd="tls", vms=VMS, **extra):
         self.dir = str(tmp_path / "state")
         config = tmp_path / "config.json"
-        config.write_text(json.dumps({"user": "root", "password": PASSWORD, "nbd": nbd, "vms": vms}))
+        config.write_text(json.dumps({"user": "root", "password": PASSWORD, "nbd": nbd, "vms": vms, **extra}))
         self.stderr = open(tmp_path / "sim.log", "w+")
         self.proc = subprocess.Popen(["/usr/bin/python3", SIM, "--state-dir", self.dir, "--config", str(config)],
                                      stdout=subprocess.DEVNULL, stderr=self.stderr)
@@ -946,3 +946,66 @@ def test_power_state_and_an_import_into_a_vms_own_disk_is_logged_by_cbt(sim):
     assert read_file(sim.vdi_state(uuid)["path"])[5 * BLOCK + 100:5 * BLOCK + 110] == b"b" * 10
     sim.post("/power_state", {"vm": vm["uuid"], "state": "Running"})
     assert sim.call("VBD.get_currently_attached", vbd) is True
+
+
+def test_pool_of_hosts_with_nbd_limits_and_objects_no_backup_selects(tmp_path):
+    """Three hosts: members answer HOST_IS_SLAVE; each host's xapi-nbd refuses connections
+    past its limit right after accepting them (no greeting) and counts the peak; get_nbd_info
+    lists the hosts that see the SR; templates, tags, dom0 disks and ISO CDs are there."""
+    import nbd  # python3-libnbd
+    vms = [{"name": "a", "host": "h2", "tags": ["gold", "web"], "cd": "iso",
+            "disks": [{"name": "local", "size": 2 * MIB}, {"name": "shared", "size": MIB, "shared": True}]},
+           {"name": "tpl", "template": True, "disks": [{"name": "t", "size": MIB}]}]
+    sim = Sim(tmp_path, nbd="insecure", vms=vms, hosts=["h1", "h2", "h3"], nbd_limit=2, control_domain_disk=MIB)
+    try:
+        assert set(sim.info["hosts"]) == {"h1", "h2", "h3"}
+        for name, url in sim.info["hosts"].items():
+            proxy = xmlrpc.client.ServerProxy(url, context=sim.context)
+            answer = proxy.session.login_with_password("root", PASSWORD, "1.0", "test")
+            if name == "h1":
+                assert answer["Status"] == "Success"
+            else:
+                assert answer["ErrorDescription"] == ["HOST_IS_SLAVE", "127.0.0.1"]
+        hosts = sim.call("host.get_all_records")
+        address = {ref: h["address"] for ref, h in hosts.items()}
+        records = sim.call("VM.get_all_records")
+        by_name = {r["name_label"]: r for r in records.values()}
+        assert by_name["a"]["tags"] == ["gold", "web"] and address[by_name["a"]["resident_on"]] == "127.0.0.2"
+        assert by_name["tpl"]["is_a_template"] and not by_name["tpl"]["is_a_snapshot"]
+        dom0s = [r for r in records.values() if r["is_control_domain"]]
+        assert len(dom0s) == 3 and all(len(r["VBDs"]) == 1 for r in dom0s)
+        cds = [sim.call("VBD.get_record", b) for b in by_name["a"]["VBDs"]]
+        cd = next(b for b in cds if b["type"] == "CD")
+        assert not cd["empty"] and sim.call("SR.get_type", sim.call("VDI.get_SR", cd["VDI"])) == "iso"
+
+        local, shared = sim.disks("a")
+        infos = sim.call("VDI.get_nbd_info", sim.ref(local["uuid"]))
+        assert [i["address"] for i in infos] == ["127.0.0.2"]
+        assert sorted(i["address"] for i in sim.call("VDI.get_nbd_info", sim.ref(shared["uuid"]))) == \
+            ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+
+        handles, refused = [], []
+        for _ in range(3):
+            h = nbd.NBD()
+            try:
+                h.connect_tcp(infos[0]["address"], str(infos[0]["port"]))
+                assert h.get_size() == 2 * MIB
+                handles.append(h)
+            except nbd.Error as e:
+                refused.append(str(e))
+        assert len(handles) == 2 and len(refused) == 1 and "disconnected" in refused[0]
+        counters = {h["name"]: h for h in sim.get("/nbd_hosts")["hosts"]}
+        assert counters["h2"]["open"] == 2 and counters["h2"]["peak"] == 3 and counters["h2"]["busy"] == 1
+        assert counters["h1"]["peak"] == 0 and counters["h3"]["peak"] == 0
+        for h in handles:
+            h.shutdown()
+        sim.post("/nbd_limit", {"host": "h2", "limit": 3})
+        deadline = time.monotonic() + 10
+        while sim.get("/nbd_hosts")["hosts"][1]["open"]:
+            assert time.monotonic() < deadline, "the closed connections stay counted"
+            time.sleep(0.05)
+        sim.post("/reset_counters", {})
+        assert sim.get("/nbd_hosts")["hosts"][1] == {"name": "h2", "address": "127.0.0.2", "limit": 3, "open": 0,
+                                                    "peak": 0, "busy": 0, "served": 0}
+    finally:
+        assert sim.stop() == 0

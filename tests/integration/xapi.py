@@ -33,6 +33,7 @@ class Sim:
         info = json.load(open(ready))
         self.url, self.ca_file, self.control = info["url"], info["ca_file"], info["control"]
         self.member = info["member"]    # the pool member that sees the SR, for /import_redirect
+        self.hosts = info["hosts"]      # {host name: XML-RPC URL}, the pool master first
         self.password_file = str(tmp / "password")
         with open(self.password_file, "w") as f:
             f.write(PASSWORD + "\n")

@@ -12,6 +12,7 @@
 
 #include "ingest/changed_blocks.hpp"
 #include "ingest/reorder_window.hpp"
+#include "ingest/selection.hpp"
 #include "xapi/client.hpp"
 #include "xapi/xmlrpc.hpp"
 
@@ -361,4 +362,35 @@ TEST_CASE("released buffers are handed out again when they fit") {
   CHECK(b.buffers[0].size == 200);
   CHECK(b.buffers[0].data == nullptr);  // 100 bytes do not fit item 2
   CHECK(b.buffers[0].capacity == 0);
+}
+
+TEST_CASE("Selection: --all and --tag less the excluded; never templates, snapshots or control domains") {
+  auto vm = [](std::string name, std::vector<std::string> tags) {
+    PoolVm v;
+    v.name = name;
+    v.uuid = "uuid-" + name;
+    v.tags = std::move(tags);
+    return v;
+  };
+  std::vector<PoolVm> pool{vm("web", {"gold"}), vm("db", {"gold", "dev"}), vm("mail", {}), vm("tpl", {"gold"}),
+                           vm("snap", {"gold"}), vm("dom0", {"gold"})};
+  pool[3].is_template = true;
+  pool[4].is_snapshot = true;
+  pool[5].is_control_domain = true;
+  auto names = [](const std::vector<PoolVm>& vms) {
+    std::vector<std::string> out;
+    for (auto& v : vms) out.push_back(v.name);
+    return out;
+  };
+  VmFilter all;
+  all.all = true;
+  CHECK(names(select_vms(pool, all)) == std::vector<std::string>{"db", "mail", "web"});
+  VmFilter gold;
+  gold.tags = {"gold"};
+  CHECK(names(select_vms(pool, gold)) == std::vector<std::string>{"db", "web"});
+  gold.exclude_tags = {"dev"};
+  CHECK(names(select_vms(pool, gold)) == std::vector<std::string>{"web"});
+  all.exclude_vms = {"mail", "uuid-web"};
+  CHECK(names(select_vms(pool, all)) == std::vector<std::string>{"db"});
+  CHECK(VmFilter{}.empty());
 }

@@ -58,6 +58,7 @@ NULL_REF = "OpaqueRef:NULL"
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)   # XAPI's "never"
 CBT_SR_TYPES = frozenset({"ext", "file", "nfs", "smb", "lvm", "lvhd", "lvmoiscsi", "lvmohba"})
 NBD_MODES = ("tls", "insecure", "none")
+NBD_CONNECTION_LIMIT = 16               # xapi-nbd's connection_limit (ocaml/nbd/lib/consts.ml), per host
 IN_USE_WAIT = 4.0                       # seconds destroy/data_destroy wait for NBD clients, as XAPI
 NBD_START_TIMEOUT = 10.0
 LOGIN = "session.login_with_password"
@@ -186,8 +187,17 @@ def openssl(*args):
         raise SystemExit(f"xapi_sim: openssl {args[0]} failed: {p.stderr.strip()}")
 
 
+MAX_HOSTS = 16
+
+
+def host_address(index):
+    """Host i of the pool listens on its own loopback address: 127.0.0.1 is the master."""
+    return f"127.0.0.{index + 1}"
+
+
 def make_certificates(state_dir):
-    """Creates the CA and the server certificate (localhost, 127.0.0.1) unless state_dir has them."""
+    """Creates the CA and the server certificate (localhost and every host's address) unless
+    state_dir has them."""
     p = functools.partial(os.path.join, state_dir)
     certs = Certificates(p("ca.pem"), p("server.pem"), p("server-key.pem"), p("nbd-tls"))
     if not all(os.path.exists(f) for f in (certs.ca_file, certs.cert_file, certs.key_file)):
@@ -198,7 +208,8 @@ def make_certificates(state_dir):
                 "-keyout", certs.key_file, "-out", p("server.csr"))
         with open(p("server-ext.cnf"), "w") as f:
             f.write("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-                    "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n")
+                    "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost," +
+                    ",".join(f"IP:{host_address(i)}" for i in range(MAX_HOSTS)) + "\n")
         openssl("x509", "-req", "-in", p("server.csr"), "-CA", certs.ca_file, "-CAkey", p("ca-key.pem"),
                 "-CAcreateserial", "-days", "825", "-extfile", p("server-ext.cnf"), "-out", certs.cert_file)
     os.makedirs(certs.nbd_dir, exist_ok=True)
@@ -317,10 +328,22 @@ def now():
 
 
 @dataclass(eq=False)
+class PoolHost:
+    """A host of the pool: XML-RPC and xapi-nbd on its own loopback address."""
+    CLASS = "host"
+    name_label: str
+    address: str
+    is_master: bool = False
+    uuid: str = field(default_factory=new_uuid)
+    ref: str = field(default_factory=new_ref)
+
+
+@dataclass(eq=False)
 class Sr:
     CLASS = "SR"
     name_label: str
     type: str
+    host: "PoolHost | None" = None      # the host whose local storage it is; None: shared by the pool
     uuid: str = field(default_factory=new_uuid)
     ref: str = field(default_factory=new_ref)
 
@@ -339,13 +362,16 @@ class Vm:
     snapshot_of: "Vm | None" = None
     snapshot_time: datetime = EPOCH
     is_control_domain: bool = False
+    is_template: bool = False
+    host: "PoolHost | None" = None      # resident_on
+    tags: list = field(default_factory=list)
 
     # A normal VM runs until the control API's /power_state says otherwise.
     state: str = "Running"
 
     @property
     def power_state(self):
-        return "Halted" if self.is_a_snapshot else self.state
+        return "Halted" if self.is_a_snapshot or self.is_template else self.state
 
 
 @dataclass(eq=False)
@@ -463,10 +489,29 @@ class Model:
     def snapshots(self, obj):
         return [o for o in self.all(obj.CLASS) if o.snapshot_of is obj]
 
-    def sr(self, sr_type):
-        found = next((s for s in self.all("SR") if s.type == sr_type), None)
-        name = "Local storage" if sr_type == "ext" else f"Local storage ({sr_type})"
-        return found or self.add(Sr(name_label=name, type=sr_type))
+    def hosts(self):
+        return self.all("host")
+
+    def master(self):
+        return self.hosts()[0]
+
+    def sr(self, sr_type, host=None):
+        """The SR of that type local to host (the master by default), or the pool's shared one
+        (host None is given as shared=True)."""
+        found = next((s for s in self.all("SR") if s.type == sr_type and s.host is host), None)
+        if found:
+            return found
+        if host is None:
+            name = f"Shared storage ({sr_type})"
+        else:
+            name = "Local storage" if sr_type == "ext" else f"Local storage ({sr_type})"
+            if not host.is_master:
+                name += f" on {host.name_label}"
+        return self.add(Sr(name_label=name, type=sr_type, host=host))
+
+    def hosts_of(self, sr):
+        """The hosts that see an SR (have its PBD plugged): its own host, or every host."""
+        return [sr.host] if sr.host is not None else self.hosts()
 
     # -- records -------------------------------------------------------------
 
@@ -476,7 +521,7 @@ class Model:
     def _sr_record(self, sr):
         vdis = [v for v in self.all("VDI") if v.sr is sr]
         return {"uuid": sr.uuid, "name_label": sr.name_label, "name_description": "", "type": sr.type,
-                "content_type": "iso" if sr.type == "iso" else "user", "shared": False,
+                "content_type": "iso" if sr.type == "iso" else "user", "shared": sr.host is None,
                 "VDIs": [v.ref for v in vdis], "PBDs": [],
                 "virtual_allocation": sum(v.virtual_size for v in vdis), "physical_size": 1 << 40,
                 "physical_utilisation": sum(self._allocated(v) for v in vdis),
@@ -485,12 +530,21 @@ class Model:
 
     def _vm_record(self, vm):
         return {"uuid": vm.uuid, "name_label": vm.name_label, "name_description": "",
-                "power_state": vm.power_state, "is_a_template": vm.is_a_snapshot,
+                "power_state": vm.power_state, "is_a_template": vm.is_a_snapshot or vm.is_template,
                 "is_default_template": False, "is_a_snapshot": vm.is_a_snapshot,
                 "snapshot_of": ref_of(vm.snapshot_of), "snapshots": [s.ref for s in self.snapshots(vm)],
                 "snapshot_time": vm.snapshot_time, "is_control_domain": vm.is_control_domain,
                 "VBDs": [b.ref for b in self.vbds(vm=vm)], "allowed_operations": [],
-                "current_operations": {}, "other_config": {}, "tags": []}
+                "current_operations": {}, "other_config": {}, "tags": list(vm.tags),
+                "resident_on": ref_of(vm.host) if vm.power_state == "Running" else NULL_REF,
+                "affinity": ref_of(vm.host)}
+
+    def _host_record(self, host):
+        return {"uuid": host.uuid, "name_label": host.name_label, "name_description": "",
+                "hostname": host.name_label, "address": host.address, "enabled": True,
+                "resident_VMs": [vm.ref for vm in self.all("VM") if vm.host is host and vm.power_state == "Running"],
+                "control_domain": next(vm.ref for vm in self.all("VM") if vm.is_control_domain and vm.host is host),
+                "PBDs": [], "allowed_operations": [], "current_operations": {}, "other_config": {}, "tags": []}
 
     def _vbd_record(self, vbd):
         disk = vbd.type == "Disk"
@@ -529,18 +583,31 @@ class Model:
     # -- creation ------------------------------------------------------------
 
     def load(self, config):
-        """Builds the control domain and the configured VMs with their disks."""
-        self.add(Vm(name_label="Control domain on host: xapi-sim", is_control_domain=True))
+        """Builds the hosts with their control domains and the configured VMs with their disks."""
+        for i, name in enumerate(config["hosts"]):
+            host = self.add(PoolHost(name_label=name, address=host_address(i), is_master=i == 0))
+            dom0 = self.add(Vm(name_label=f"Control domain on host: {name}", is_control_domain=True, host=host))
+            if config.get("control_domain_disk"):
+                # A disk plugged into dom0 (as an NBD transfer or a backup tool leaves one):
+                # a VM with disks that no backup may select.
+                vdi = self.create_vdi(self.sr("ext", host), f"dom0 disk on {name}", config["control_domain_disk"])
+                self.add(Vbd(vm=dom0, vdi=vdi, type="Disk", userdevice="0"))
+        by_name = {h.name_label: h for h in self.hosts()}
         for vm_cfg in config["vms"]:
-            vm = self.add(Vm(name_label=vm_cfg["name"], uuid=vm_cfg.get("uuid") or new_uuid()))
+            host = by_name[vm_cfg.get("host", self.master().name_label)]
+            vm = self.add(Vm(name_label=vm_cfg["name"], uuid=vm_cfg.get("uuid") or new_uuid(), host=host,
+                             is_template=bool(vm_cfg.get("template")), tags=list(vm_cfg.get("tags", []))))
             disks = vm_cfg.get("disks", [])
             for i, disk in enumerate(disks):
-                vdi = self.create_vdi(self.sr(disk.get("sr_type", "ext")), disk["name"], disk["size"],
-                                      uuid=disk.get("uuid") or new_uuid())
+                sr = self.sr(disk.get("sr_type", "ext"), None if disk.get("shared") else host)
+                vdi = self.create_vdi(sr, disk["name"], disk["size"], uuid=disk.get("uuid") or new_uuid())
                 if disk.get("cbt"):
                     vdi.cbt_chain = new_uuid()
                 self.add(Vbd(vm=vm, vdi=vdi, type="Disk", userdevice=str(i)))
-            if vm_cfg.get("cd"):
+            if vm_cfg.get("cd") == "iso":
+                iso = self.create_vdi(self.sr("iso", host), f"{vm_cfg['name']}.iso", MIB, read_only=True)
+                self.add(Vbd(vm=vm, vdi=iso, type="CD", userdevice=str(max(3, len(disks)))))
+            elif vm_cfg.get("cd"):
                 self.add(Vbd(vm=vm, vdi=None, type="CD", userdevice=str(max(3, len(disks)))))
 
     def create_vdi(self, sr, name, size, uuid=None, **fields):
@@ -576,7 +643,7 @@ class Model:
         if vm.is_a_snapshot or vm.is_control_domain:
             raise XapiError("OPERATION_NOT_ALLOWED", f"cannot snapshot {vm.ref}")
         when = now()
-        snap = self.add(Vm(name_label=name, is_a_snapshot=True, snapshot_of=vm, snapshot_time=when))
+        snap = self.add(Vm(name_label=name, is_a_snapshot=True, snapshot_of=vm, snapshot_time=when, host=vm.host))
         for vbd in self.vbds(vm=vm):
             vdi = vbd.vdi
             if vbd.type == "Disk":
@@ -603,6 +670,8 @@ class Model:
             raise XapiError("OPERATION_NOT_ALLOWED", f"VDI is not a snapshot: {vdi.ref}")
         if not vdi.cbt_enabled:
             raise XapiError("VDI_NO_CBT_METADATA", vdi.ref)
+        if any(b.currently_attached for b in self.vbds(vdi=vdi)):
+            raise XapiError("VDI_IN_USE", vdi.ref, "data_destroy")
 
     def data_destroy(self, vdi):
         """Drops a snapshot's data, keeping its CBT metadata; its VBDs go, as in XAPI."""
@@ -934,6 +1003,118 @@ class NbdServer:
             proc.wait()
 
 
+class NbdFrontend:
+    """xapi-nbd of one host: the NBD address clients connect to. It counts the connections
+    open to the host across all its VDIs and, past its limit, closes a new one as soon as it
+    is accepted, before the NBD greeting, as xapi-nbd does ("Server busy: already at maximum
+    16 connections" goes to its log only). Admitted connections are relayed byte for byte
+    (TLS included) to the VDI's nbdkit. One listening port per VDI stands for the export name,
+    which the frontend cannot read inside TLS."""
+
+    def __init__(self, manager, host, limit):
+        self.manager = manager
+        self.name = host.name_label
+        self.address = host.address
+        self.limit = limit
+        self.lock = threading.Lock()
+        self.open = 0               # connections accepted and not yet closed
+        self.peak = 0               # most connections open at once (refused ones included)
+        self.busy = 0               # connections refused because the host was at its limit
+        self.served = 0             # connections admitted
+        self.listeners = {}         # VDI uuid -> listening socket
+
+    def listen(self, uuid):
+        """The port that reaches VDI uuid through this host."""
+        sock = self.listeners.get(uuid)
+        if sock is None:
+            sock = self.listeners[uuid] = socket.create_server((self.address, 0), backlog=64)
+            threading.Thread(target=self._accept, args=(sock, uuid), daemon=True,
+                             name=f"nbd-{self.name}-{uuid[:8]}").start()
+        return sock.getsockname()[1]
+
+    def close(self, uuid):
+        sock = self.listeners.pop(uuid, None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)     # wakes the accepting thread
+            except OSError:
+                pass
+            sock.close()
+
+    def counters(self):
+        with self.lock:
+            return {"name": self.name, "address": self.address, "limit": self.limit, "open": self.open,
+                    "peak": self.peak, "busy": self.busy, "served": self.served}
+
+    def reset(self):
+        with self.lock:
+            self.peak, self.busy, self.served = self.open, 0, 0
+
+    def _accept(self, sock, uuid):
+        while True:
+            try:
+                client, _ = sock.accept()
+            except OSError:
+                return              # closed
+            with self.lock:
+                self.open += 1
+                self.peak = max(self.peak, self.open)
+                refused = self.open > self.limit
+                self.busy += refused
+                self.served += not refused
+            if refused:
+                log(f"NBD on {self.name}: Server busy: already at maximum {self.limit} connections")
+                self._close(client)
+                continue
+            threading.Thread(target=self._serve, args=(client, uuid), daemon=True).start()
+
+    def _close(self, client):
+        try:
+            client.close()
+        finally:
+            with self.lock:
+                self.open -= 1
+
+    def _serve(self, client, uuid):
+        try:
+            port = self.manager.upstream_port(uuid)
+            upstream = socket.create_connection(("127.0.0.1", port)) if port else None
+        except OSError:
+            upstream = None
+        if upstream is None:
+            self._close(client)
+            return
+        for s in (client, upstream):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        back = threading.Thread(target=self._pump, args=(upstream, client), daemon=True)
+        back.start()
+        self._pump(client, upstream)
+        # The client has let go of the connection: it no longer counts, although
+        # nbdkit may take a moment to see it go (xapi-nbd counts until it has
+        # unplugged its VBD, seconds later on a real host).
+        with self.lock:
+            self.open -= 1
+        back.join()
+        upstream.close()
+        client.close()
+
+    @staticmethod
+    def _pump(src, dst):
+        """Copies until src ends, then ends dst's direction (either side's end reaches the other)."""
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        try:
+            while n := src.recv_into(buf):
+                dst.sendall(view[:n])
+        except OSError:
+            pass
+        for s, how in ((dst, socket.SHUT_WR), (src, socket.SHUT_RD)):
+            try:
+                s.shutdown(how)
+            except OSError:
+                pass
+
+
 @dataclass
 class NbdFaults:
     """Read faults injected by nbdkit filters (error, delay) for a VDI and its snapshots."""
@@ -946,24 +1127,37 @@ class NbdFaults:
 class NbdManager:
     """The NBD servers of the host, started on demand and kept per VDI uuid."""
 
-    def __init__(self, state_dir, mode, tls_dir, lock):
+    def __init__(self, state_dir, mode, tls_dir, lock, hosts, limit):
         self.state_dir = state_dir
         self.mode = mode
         self.tls_dir = tls_dir
         self.lock = lock
+        self.frontends = {h.ref: NbdFrontend(self, h, limit) for h in hosts}
         self.servers = {}           # VDI uuid -> NbdServer (kept after stop for byte counts)
         self.drops = {}             # VDI uuid -> bytes after which its (or its snapshots') server drops
         self.faults = {}            # VDI uuid -> NbdFaults of its (and its snapshots') servers
         self.spawner = ThreadPoolExecutor(1, thread_name_prefix="nbdkit-spawner")
 
-    def serve(self, vdi):
-        """Starts the VDI's server unless it runs; returns its port."""
+    def serve(self, vdi, host):
+        """Starts the VDI's server unless it runs; returns the port that reaches it through host."""
         server = self.servers.get(vdi.uuid)
         if server is None:
             server = self.servers[vdi.uuid] = NbdServer(self, vdi)
         if not server.running:
             server.start(self._drop_rule(server))
-        return server.port
+        return self.frontends[host.ref].listen(vdi.uuid)
+
+    def upstream_port(self, uuid):
+        """The port of VDI uuid's nbdkit, None when it is not serving. Without the host lock,
+        which a snapshot holds for a while: a server stopped meanwhile just gives None."""
+        server = self.servers.get(uuid)
+        try:
+            return server.port if server is not None and server.running else None
+        except AttributeError:      # its socket went as we looked
+            return None
+
+    def host_counters(self):
+        return [f.counters() for f in self.frontends.values()]
 
     def _drop_rule(self, server):
         key = next((k for k in (server.vdi_uuid, server.origin_uuid) if k in self.drops), None)
@@ -1012,6 +1206,8 @@ class NbdManager:
         return [s for s in self.servers.values() if uuid in (s.vdi_uuid, s.origin_uuid)]
 
     def stop(self, uuid):
+        for frontend in self.frontends.values():
+            frontend.close(uuid)
         if uuid in self.servers:
             self.servers[uuid].stop()
 
@@ -1032,10 +1228,12 @@ class NbdManager:
     def reset_counters(self):
         for server in self.servers.values():
             server.reset_bytes()
+        for frontend in self.frontends.values():
+            frontend.reset()
 
     def close(self):
-        for server in self.servers.values():
-            server.stop()
+        for uuid in list(self.servers):
+            self.stop(uuid)
         self.spawner.shutdown()
 
 
@@ -1075,6 +1273,7 @@ class Host:
     def __init__(self, state_dir, config, certs):
         self.config = config
         self.certs = certs
+        self.nbd_named = "nbd_host_name" in config     # a certificate naming that host name only
         self.nbd_subject = config.get("nbd_host_name", "localhost")
         self.nbd_cert_pem = (use_nbd_host_name(certs, state_dir, self.nbd_subject, config.get("nbd_pin"))
                              if "nbd_host_name" in config else certs.cert_pem)
@@ -1084,7 +1283,8 @@ class Host:
         os.makedirs(vdi_dir, exist_ok=True)
         self.model = Model(vdi_dir)
         self.model.load(config)
-        self.nbd = NbdManager(state_dir, config["nbd"], certs.nbd_dir, self.lock)
+        self.nbd = NbdManager(state_dir, config["nbd"], certs.nbd_dir, self.lock, self.model.hosts(),
+                              config["nbd_limit"])
         self.sessions = {}          # session ref -> user name
         self.fail_rules = {}        # method -> FailRule
         self.task_delays = {}       # Async.* method -> TaskDelay
@@ -1144,7 +1344,7 @@ def api(name):
     return register
 
 
-RECORD_CLASSES = ("VM", "VBD", "VDI", "SR", "task")
+RECORD_CLASSES = ("VM", "VBD", "VDI", "SR", "task", "host")
 GENERIC_ARITY = {"get_all": 1, "get_all_records": 1}     # other generic calls take (session, arg)
 ASYNC = "Async."
 # The calls served in an Async.* form too: it returns a task at once and does the call in a
@@ -1355,9 +1555,16 @@ class XapiService:
             raise XapiError("VDI_INCOMPATIBLE_TYPE", vdi.ref, "cbt_metadata")
         if self.host.nbd.mode == "none":
             return []
-        port = self.host.nbd.serve(vdi)
-        return [{"exportname": f"/{vdi.uuid}?session_id={session}", "address": "127.0.0.1", "port": port,
-                 "cert": self.host.nbd_cert_pem, "subject": self.host.nbd_subject}]
+        # One record per host that sees the VDI's SR, as XAPI lists every host with its PBD
+        # plugged. The master's certificate names "localhost" (or nbd_host_name); the other
+        # hosts' subject is their address, which the same certificate also names.
+        # Without TLS (an insecure_nbd network) there is no certificate to hand out.
+        tls = self.host.nbd.mode == "tls"
+        return [{"exportname": f"/{vdi.uuid}?session_id={session}", "address": host.address,
+                 "port": self.host.nbd.serve(vdi, host), "cert": self.host.nbd_cert_pem if tls else "",
+                 "subject": "" if not tls else
+                 self.host.nbd_subject if host.is_master or self.host.nbd_named else host.address}
+                for host in self.model.hosts_of(vdi.sr)]
 
     @api("VDI.data_destroy")
     def vdi_data_destroy(self, session, vdi):
@@ -1510,6 +1717,8 @@ class ControlApi:
                         "read_errors": self.host.nbd.read_errors(uuid)}
             if path == "/imports":
                 return {"imports": [dict(rec) for rec in self.host.imports]}
+            if path == "/nbd_hosts":
+                return {"hosts": self.host.nbd.host_counters()}
         raise HttpError(404, f"no GET {path}")
 
     def post(self, path, body):
@@ -1517,7 +1726,8 @@ class ControlApi:
                    "/fail": self.fail, "/nbd_drop": self.nbd_drop, "/nbd_faults": self.nbd_faults,
                    "/reset_counters": self.reset_counters, "/task_delay": self.task_delay,
                    "/import_fail": self.import_fail, "/import_redirect": self.import_redirect,
-                   "/expire_tasks": self.expire_tasks, "/power_state": self.power_state}.get(path)
+                   "/expire_tasks": self.expire_tasks, "/power_state": self.power_state,
+                   "/nbd_limit": self.nbd_limit, "/dom0_attach": self.dom0_attach}.get(path)
         if handler is None:
             raise HttpError(404, f"no POST {path}")
         with self.host.lock:
@@ -1528,17 +1738,20 @@ class ControlApi:
         uuid_of = lambda obj: obj.uuid if obj is not None else None    # noqa: E731
         vms = [{"uuid": vm.uuid, "ref": vm.ref, "name": vm.name_label, "is_a_snapshot": vm.is_a_snapshot,
                 "snapshot_of": uuid_of(vm.snapshot_of), "is_control_domain": vm.is_control_domain,
-                "power_state": vm.power_state,
+                "is_a_template": vm.is_template, "host": vm.host.name_label if vm.host else None,
+                "tags": list(vm.tags), "power_state": vm.power_state,
                 "vdis": [b.vdi.uuid for b in m.vbds(vm=vm) if b.type == "Disk" and b.vdi is not None]}
                for vm in m.all("VM")]
         vdis = [{"uuid": v.uuid, "ref": v.ref, "name": v.name_label, "type": v.type,
                  "is_a_snapshot": v.is_a_snapshot, "snapshot_of": uuid_of(v.snapshot_of),
                  "cbt_enabled": v.cbt_enabled, "virtual_size": v.virtual_size, "path": v.path,
-                 "sr_type": v.sr.type, "nbd_running": nbd.running(v.uuid)}
+                 "sr_type": v.sr.type, "sr_shared": v.sr.host is None, "nbd_running": nbd.running(v.uuid)}
                 for v in m.all("VDI")]
         tasks = [{"uuid": t.uuid, "ref": t.ref, "name": t.name_label, "status": t.status, "result": t.result,
                   "error_info": t.error_info} for t in m.all("task")]
-        return {"vms": vms, "vdis": vdis, "tasks": tasks, "sessions": len(self.host.sessions)}
+        hosts = [{"name": h.name_label, "uuid": h.uuid, "ref": h.ref, "address": h.address,
+                  "is_master": h.is_master} for h in m.hosts()]
+        return {"vms": vms, "vdis": vdis, "tasks": tasks, "sessions": len(self.host.sessions), "hosts": hosts}
 
     def write(self, body):
         vdi = live_vdi_of(self.host, body)
@@ -1669,6 +1882,33 @@ class ControlApi:
 
     def expire_tasks(self, body):
         return {"expired": [t.ref for t in self.model.expire_tasks()]}
+
+    def dom0_attach(self, body):
+        """Plugs a VDI into a control domain, as xapi-nbd does for each NBD connection and
+        leaves behind when it dies before unplugging (xen-orchestra issue 7912)."""
+        uuid = body.get("vdi")
+        vdi = next((v for v in self.model.all("VDI") if v.uuid == uuid), None)
+        if vdi is None:
+            raise HttpError(404, f"no VDI {uuid}")
+        name = body.get("host", self.model.master().name_label)
+        dom0 = next((vm for vm in self.model.all("VM") if vm.is_control_domain and vm.host.name_label == name), None)
+        if dom0 is None:
+            raise HttpError(404, f"no host {name}")
+        vbd = self.model.add(Vbd(vm=dom0, vdi=vdi, type="Disk", userdevice=str(len(self.model.vbds(vm=dom0)))))
+        return {"vbd": vbd.uuid, "vm": dom0.name_label}
+
+    def nbd_limit(self, body):
+        limit = int_field(body, "limit")
+        if limit < 0:
+            raise HttpError(400, "limit must not be negative")
+        name = body.get("host")
+        frontends = [f for f in self.host.nbd.frontends.values() if name is None or f.name == name]
+        if not frontends:
+            raise HttpError(404, f"no host {name}")
+        for f in frontends:
+            with f.lock:
+                f.limit = limit
+        return {"hosts": [f.name for f in frontends], "limit": limit}
 
 
 # ----------------------------------------------------------------------------
@@ -1982,6 +2222,28 @@ class ControlHandler(Handler):
         self.reply(status, json.dumps(result).encode(), "application/json")
 
 
+class SlaveService:
+    """A pool member's XAPI: it refuses logins with HOST_IS_SLAVE naming the master's
+    address, as XAPI does; calls with a session go to the pool's state, as XAPI forwards
+    them to the master."""
+
+    def __init__(self, service, master_address):
+        self.service = service
+        self.host = service.host
+        self.master_address = master_address
+
+    def call(self, method, params, client_gone=lambda: False):
+        if method == LOGIN:
+            self.host.calls[method] += 1
+            log(f"{method}: HOST_IS_SLAVE {self.master_address}")
+            return Reply(200, method_response({"Status": "Failure",
+                                               "ErrorDescription": ["HOST_IS_SLAVE", self.master_address]}))
+        return self.service.call(method, params, client_gone)
+
+    def __getattr__(self, name):        # imports and the rest: as the master
+        return getattr(self.service, name)
+
+
 class XapiServer(ThreadingHTTPServer):
     """HTTPS; the TLS handshake runs in the connection's own thread."""
     daemon_threads = True
@@ -2031,11 +2293,21 @@ def load_config(path):
     config.setdefault("password", "")
     config.setdefault("nbd", "tls")
     config.setdefault("vms", [])
+    config.setdefault("hosts", ["xapi-sim"])
+    config.setdefault("nbd_limit", NBD_CONNECTION_LIMIT)
     if config["nbd"] not in NBD_MODES:
         bad(f"nbd must be one of {', '.join(NBD_MODES)}")
+    hosts = config["hosts"]
+    if (not isinstance(hosts, list) or not 1 <= len(hosts) <= MAX_HOSTS or len(set(hosts)) != len(hosts)
+            or not all(isinstance(h, str) and h for h in hosts)):
+        bad(f"hosts must be a list of 1 to {MAX_HOSTS} distinct names, the pool master first")
+    if not isinstance(config["nbd_limit"], int) or config["nbd_limit"] < 0:
+        bad("nbd_limit must be an integer, 0 or more")
     for vm in config["vms"]:
         if not vm.get("name"):
             bad("every VM needs a name")
+        if vm.get("host", hosts[0]) not in hosts:
+            bad(f"VM {vm['name']}: no host named {vm.get('host')!r}")
         for disk in vm.get("disks", []):
             if not disk.get("name") or not isinstance(disk.get("size"), int):
                 bad(f"every disk of VM {vm['name']} needs a name and an integer size")
@@ -2077,6 +2349,11 @@ def main():
                ControlServer(("127.0.0.1", args.control_port), ControlApi(host)),
                XapiServer(("127.0.0.1", args.member_port), service, certs, "member", is_member=True)]
     host.other_host = f"https://127.0.0.1:{servers[2].server_address[1]}"
+    # The pool members: the master's port on their own loopback address.
+    port = servers[0].server_address[1]
+    members = [XapiServer((h.address, port), SlaveService(service, host.model.master().address), certs, h.name_label)
+               for h in host.model.hosts()[1:]]
+    servers += members
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -2085,6 +2362,7 @@ def main():
         threading.Thread(target=server.serve_forever, daemon=True).start()
     info = {"url": f"https://127.0.0.1:{servers[0].server_address[1]}", "ca_file": certs.ca_file,
             "control": f"http://127.0.0.1:{servers[1].server_address[1]}", "member": host.other_host,
+            "hosts": {h.name_label: f"https://{h.address}:{port}" for h in host.model.hosts()},
             "pid": os.getpid()}
     write_ready(state_dir, info)
     log(f"ready: XML-RPC {info['url']}, control {info['control']}")
