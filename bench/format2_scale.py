@@ -136,15 +136,16 @@ def gc_part(rows, s3, vdis, points):
                      f"{given / MIB:.1f} of {dead / MIB:.1f} MiB"))
 
 
-def index_part(rows):
+def index_part(rows, entries_total):
     img = os.path.join(WORK, "new.img")
     with open(img, "wb") as f:
         rnd = random.Random(3)
         for _ in range(1024):
             f.write(rnd.randbytes(MIB))
     results = {}
-    for name, entries, segments in (("empty", 0, 0), ("20 M entries, 1 merged segment", 20_000_000, 1),
-                                    ("20 M entries, 2000 segments", 20_000_000, 2000)):
+    m = entries_total // 1_000_000
+    for name, entries, segments in (("empty", 0, 0), (f"{m} M entries, 1 merged segment", entries_total, 1),
+                                    (f"{m} M entries, 2000 segments", entries_total, 2000)):
         repo = os.path.join(WORK, "index-" + str(segments))
         shutil.rmtree(repo, ignore_errors=True)
         run(REPO_TOOL, "init", repo)
@@ -195,6 +196,7 @@ def main():
     ap.add_argument("--parts", default="gc,index,copy")
     ap.add_argument("--vdis", type=int, default=100)
     ap.add_argument("--points", type=int, default=30)
+    ap.add_argument("--entries", type=int, default=20_000_000, help="synthetic dedup index entries")
     ap.add_argument("--no-s3", action="store_true")
     a = ap.parse_args()
     parts = a.parts.split(",")
@@ -206,7 +208,7 @@ def main():
         if "gc" in parts:
             gc_part(rows, s3, a.vdis, a.points)
         if "index" in parts:
-            index_part(rows)
+            index_part(rows, a.entries)
         if "copy" in parts and s3:
             copy_part(rows, s3)
     finally:

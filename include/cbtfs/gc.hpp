@@ -38,4 +38,12 @@ struct GcReport {
 // cannot see might need any record, so nothing is freed).
 GcReport collect_store(Repository& repo, bool dry_run, const std::string& holder);
 
+// Merges the index segments writers made since the last collection (one
+// per pack) into one when there are more than 32 of them: a lookup reads a
+// page of every segment, and a large first backup makes thousands. Run by
+// the commands that write points, after they committed. Best effort: it
+// does nothing while a collection holds the store (which merges everything
+// itself), and returns how many segments it merged.
+size_t merge_index_segments(Repository& repo, const std::string& holder);
+
 }  // namespace cbtfs

@@ -75,6 +75,7 @@ int cmd_copy(const CopyArgs& a) {
       }
     }
   }
+  if (points) merge_index_after_writing(*dst, "cbtfs-repo copy");
   if (!a.dry_run && !a.quiet)
     std::printf("%llu point(s) copied: %s read, %s stored\n", static_cast<unsigned long long>(points),
                 human_bytes(read).c_str(), human_bytes(stored).c_str());

@@ -250,6 +250,7 @@ int import_image(const StopOnSignals& stop, const ImportArgs& a) {
   progress.finish();
   stop.check();
   Manifest m = w.commit();
+  merge_index_after_writing(*repo, "cbtfs-repo import");
   if (a.quiet && a.vdi.empty()) std::printf("%s\n", vdi.c_str());  // scripts need the uuid
   if (!a.quiet) {
     std::printf("%s point %s of VDI %s: %llu blocks stored, %s written%s\n", m.parent ? "delta" : "full",

@@ -73,6 +73,14 @@ int cmd_forget(const std::string& path, const std::string& vdi) {
   return kExitOk;
 }
 
+void merge_index_after_writing(Repository& repo, const char* program) {
+  try {
+    merge_index_segments(repo, holder_text(program));
+  } catch (const std::exception& e) {  // the points are committed; the next collection merges
+    std::fprintf(stderr, "%s: could not merge the dedup index's segments: %s\n", program, e.what());
+  }
+}
+
 int cmd_gc(const std::string& path, bool dry_run) {
   auto repo = open_repository(path);
   collect_and_say(*repo, dry_run, "cbtfs-repo gc");

@@ -34,6 +34,9 @@ ManifestPtr find_point(Repository& repo, const std::string& vdi, const std::stri
 // then zeros up to the VDI's size (XAPI rounds sizes up to a sector).
 size_t read_for_vdi(PointReader& reader, uint64_t image_size, uint64_t offset, std::span<std::byte> out);
 
+// Best effort, after a command committed points: see merge_index_segments.
+void merge_index_after_writing(Repository& repo, const char* program);
+
 int cmd_init(const std::string& repo, uint32_t format);
 int cmd_import(const ImportArgs& a);
 int cmd_ls(const std::string& repo, bool json);

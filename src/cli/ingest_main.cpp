@@ -14,6 +14,7 @@
 
 #include "cbtfs/errors.hpp"
 #include "cbtfs/exit_codes.hpp"
+#include "cbtfs/gc.hpp"
 #include "cbtfs/repository.hpp"
 #include "exit_status.hpp"
 #include "ingest/ingest.hpp"
@@ -146,6 +147,11 @@ int run(int argc, char** argv) {
   ProgressLine progress_line;
   auto outcomes = ingest::run(client, repo, io, log, progress ? &progress_line : nullptr);
   client.logout();
+  try {  // a first backup of many disks adds a segment per pack: lookups stay cheap
+    merge_index_segments(*repo, holder_text("cbtfs-ingest"));
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "cbtfs-ingest: WARNING: could not merge the dedup index's segments: %s\n", e.what());
+  }
 
   size_t failed = 0, selected = 0;
   nlohmann::json summary = nlohmann::json::array(), skipped = nlohmann::json::array();

@@ -62,7 +62,8 @@ Bytes encode_index_segment(std::vector<BlockRef> entries, uint64_t pack) {
   return out;
 }
 
-std::optional<uint64_t> index_segment_count(Storage& storage, const std::string& key) {
+namespace {
+std::optional<Bytes> segment_header(Storage& storage, const std::string& key) {
   Bytes h(48);
   try {
     storage.read(key, 0, h);
@@ -73,7 +74,20 @@ std::optional<uint64_t> index_segment_count(Storage& storage, const std::string&
   }
   if (std::memcmp(h.data(), kIndexMagic.data(), kIndexMagic.size()) != 0 || get64(h.data() + 40) != checksum(h.data(), 40))
     return std::nullopt;
-  return get64(h.data() + 16);
+  return h;
+}
+}  // namespace
+
+std::optional<uint64_t> index_segment_count(Storage& storage, const std::string& key) {
+  auto h = segment_header(storage, key);
+  if (!h) return std::nullopt;
+  return get64(h->data() + 16);
+}
+
+std::optional<uint64_t> index_segment_pack(Storage& storage, const std::string& key) {
+  auto h = segment_header(storage, key);
+  if (!h) return std::nullopt;
+  return get64(h->data() + 32);
 }
 
 std::vector<BlockRef> read_index_segment(Storage& storage, const std::string& key, uint64_t& pack) {

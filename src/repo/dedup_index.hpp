@@ -33,6 +33,10 @@ Bytes encode_index_segment(std::vector<BlockRef> entries, uint64_t pack);
 // How many entries the segment at key holds (nullopt: missing or damaged).
 std::optional<uint64_t> index_segment_count(Storage& storage, const std::string& key);
 
+// The pack a segment indexes (0: a merged one), nullopt if it is missing
+// or its header is damaged.
+std::optional<uint64_t> index_segment_pack(Storage& storage, const std::string& key);
+
 // Every entry of the segment at key, each page checked; `pack` gets the
 // pack it indexes (0: a merged segment, made by a collection, of many
 // packs). Throws FormatError naming the damage.

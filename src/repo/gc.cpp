@@ -215,4 +215,42 @@ GcReport collect_store(Repository& repo, bool dry_run, const std::string& holder
   return r;
 }
 
+size_t merge_index_segments(Repository& repo, const std::string& holder) {
+  constexpr size_t kWriterMergeAbove = 32;
+  if (repo.format() < 2) return 0;
+  auto& st = repo.storage();
+  std::vector<std::string> own;  // segments of one pack each
+  for (auto& name : st.list(layout::kStoreIndexDir)) {
+    if (!layout::parse_store_index_name(name)) continue;
+    std::string key = std::string(layout::kStoreIndexDir) + "/" + name;
+    if (auto pack = index_segment_pack(st, key); pack && *pack != 0) own.push_back(key);
+  }
+  if (own.size() <= kWriterMergeAbove) return 0;
+  auto lock = st.try_lock(layout::kGcLockKey, holder);
+  if (!lock || st.size(layout::kGcSweepingKey)) return 0;
+  std::vector<BlockRef> entries;
+  std::vector<std::string> merged;
+  for (auto& key : own) {
+    uint64_t pack = 0;
+    try {
+      auto e = read_index_segment(st, key, pack);
+      entries.insert(entries.end(), e.begin(), e.end());
+      merged.push_back(key);
+    } catch (const FormatError&) {  // left for the next collection, which lists its pack again
+    } catch (const StorageError& e) {
+      if (e.error_number() != ENOENT) throw;
+    }
+  }
+  if (merged.empty()) return 0;
+  // The merged segment first: an entry is never missing from the index for
+  // longer than it takes to remove the ones it replaces.
+  lock->check();
+  st.put(layout::store_index_key(random_store_id()), encode_index_segment(std::move(entries), 0));
+  for (auto& key : merged) {
+    lock->check();
+    st.remove(key);
+  }
+  return merged.size();
+}
+
 }  // namespace cbtfs

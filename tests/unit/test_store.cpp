@@ -575,3 +575,36 @@ TEST_CASE("format 2 gc: a damaged index segment is listed again from what the po
   CHECK(t.write(kVdiB, d, kT0).blocks_written == 0);
   CHECK(t.read_all(kVdiB, 1) == d);
 }
+
+TEST_CASE("format 2: writers merge their index segments once there are many, and lookups still find every record") {
+  TestRepo t(2);
+  std::vector<Bytes> disks;
+  for (int i = 0; i < 40; ++i) {
+    disks.push_back(template_disk(8, 200 + static_cast<uint32_t>(i)));
+    t.repo = Repository::open(t.root());
+    t.write(vdi_n(i), disks.back(), kT0);
+  }
+  REQUIRE(index_segments(t) == 40);
+  CHECK(merge_index_segments(*t.repo, "unit test") == 40);
+  CHECK(index_segments(t) == 1);
+  CHECK(merge_index_segments(*t.repo, "unit test") == 0);  // few left: nothing to do
+  for (int i : {0, 17, 39}) {
+    t.repo = Repository::open(t.root());
+    CHECK(t.write(vdi_n(100 + i), disks[static_cast<size_t>(i)], kT0).blocks_written == 0);
+  }
+  // Not while a collection holds the store.
+  for (int i = 40; i < 75; ++i) {
+    t.repo = Repository::open(t.root());
+    t.write(vdi_n(i), template_disk(8, 200 + static_cast<uint32_t>(i)), kT0);
+  }
+  {
+    auto held = t.repo->storage().try_lock(layout::kGcLockKey, "a collection");
+    REQUIRE(held);
+    CHECK(merge_index_segments(*t.repo, "unit test") == 0);
+  }
+  CHECK(merge_index_segments(*t.repo, "unit test") == 35);
+  forget_vdi(t.repo, vdi_n(3), "unit test");
+  collect_store(*t.repo, false, "unit test");
+  CHECK(index_segments(t) == 1);
+  for (int i : {0, 17, 39, 60}) CHECK(verify_vdi(*t.repo, vdi_n(i)).problems.empty());
+}
