@@ -228,29 +228,40 @@ size_t merge_index_segments(Repository& repo, const std::string& holder) {
   if (own.size() <= kWriterMergeAbove) return 0;
   auto lock = st.try_lock(layout::kGcLockKey, holder);
   if (!lock || st.size(layout::kGcSweepingKey)) return 0;
+  // In groups of at most kMaxEntries entries, so that a writer merging the
+  // segments of a large first backup stays within a few hundred MiB.
+  constexpr size_t kMaxEntries = size_t{1} << 21;
+  size_t merged = 0;
   std::vector<BlockRef> entries;
-  std::vector<std::string> merged;
+  std::vector<std::string> group;
+  auto flush = [&] {
+    if (group.empty()) return;
+    // The merged segment first: an entry is never missing from the index
+    // for longer than it takes to remove the ones it replaces.
+    lock->check();
+    st.put(layout::store_index_key(random_store_id()), encode_index_segment(std::move(entries), 0));
+    for (auto& key : group) {
+      lock->check();
+      st.remove(key);
+    }
+    merged += group.size();
+    entries.clear();
+    group.clear();
+  };
   for (auto& key : own) {
     uint64_t pack = 0;
     try {
       auto e = read_index_segment(st, key, pack);
+      if (!entries.empty() && entries.size() + e.size() > kMaxEntries) flush();
       entries.insert(entries.end(), e.begin(), e.end());
-      merged.push_back(key);
+      group.push_back(key);
     } catch (const FormatError&) {  // left for the next collection, which lists its pack again
     } catch (const StorageError& e) {
       if (e.error_number() != ENOENT) throw;
     }
   }
-  if (merged.empty()) return 0;
-  // The merged segment first: an entry is never missing from the index for
-  // longer than it takes to remove the ones it replaces.
-  lock->check();
-  st.put(layout::store_index_key(random_store_id()), encode_index_segment(std::move(entries), 0));
-  for (auto& key : merged) {
-    lock->check();
-    st.remove(key);
-  }
-  return merged.size();
+  flush();
+  return merged;
 }
 
 }  // namespace cbtfs
