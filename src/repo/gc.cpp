@@ -229,8 +229,8 @@ size_t merge_index_segments(Repository& repo, const std::string& holder) {
   auto lock = st.try_lock(layout::kGcLockKey, holder);
   if (!lock || st.size(layout::kGcSweepingKey)) return 0;
   // In groups of at most kMaxEntries entries, so that a writer merging the
-  // segments of a large first backup stays within a few hundred MiB.
-  constexpr size_t kMaxEntries = size_t{1} << 21;
+  // segments of a large first backup stays near 150 MiB (about 150 bytes an entry).
+  constexpr size_t kMaxEntries = size_t{1} << 20;
   size_t merged = 0;
   std::vector<BlockRef> entries;
   std::vector<std::string> group;
