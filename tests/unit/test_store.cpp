@@ -49,6 +49,16 @@ uint64_t store_bytes(const TestRepo& t) {
   return n;
 }
 
+// Changes the byte (writing a fixed value would leave it as it was one time
+// in 256, and the test would then see no damage).
+void flip_byte(std::fstream& f, uint64_t off) {
+  f.seekg(static_cast<std::streamoff>(off));
+  char c = 0;
+  f.get(c);
+  f.seekp(static_cast<std::streamoff>(off));
+  f.put(static_cast<char>(c ^ 0x5a));
+}
+
 size_t index_segments(const TestRepo& t) {
   size_t n = 0;
   for (auto& e : fs::directory_iterator(fs::path(t.root()) / "store" / "index")) n += e.path().extension() == ".idx";
@@ -145,10 +155,8 @@ TEST_CASE("format 2: a damaged dedup index costs a copy, never a wrong block") {
   {
     std::fstream f(seg, std::ios::in | std::ios::out | std::ios::binary);
     auto size = fs::file_size(seg);
-    for (uint64_t off = kIndexPageSize + 40; off + kIndexPageSize < size; off += kIndexPageSize) {
-      f.seekp(static_cast<std::streamoff>(off));
-      f.put('\x5a');
-    }
+    for (uint64_t off = kIndexPageSize + 40; off + kIndexPageSize < size; off += kIndexPageSize)
+      flip_byte(f, off);
   }
   t.repo = Repository::open(t.root());  // another process: nothing of the first writer's in memory
   Manifest b = t.write(kVdiB, d, kT0);
@@ -193,10 +201,7 @@ TEST_CASE("format 2: verify finds damage in the store, reads fail with an error"
   fs::path pack = fs::path(t.root()) / layout::store_pack_key(m.packs[0]);
   {
     std::fstream f(pack, std::ios::in | std::ios::out | std::ios::binary);
-    f.seekp(static_cast<std::streamoff>(pack_header_size(2) + 100));
-    f.put('\x00');
-    f.seekp(static_cast<std::streamoff>(pack_header_size(2) + 101));
-    f.put('\x01');
+    flip_byte(f, pack_header_size(2) + 100);
   }
   auto r = verify_vdi(*t.repo, kVdi);
   CHECK(!r.problems.empty());
@@ -565,8 +570,7 @@ TEST_CASE("format 2 gc: a damaged index segment is listed again from what the po
   fs::path seg = fs::path(t.root()) / layout::store_index_key(a.packs[0]);
   {
     std::fstream f(seg, std::ios::in | std::ios::out | std::ios::binary);
-    f.seekp(kIndexPageSize + 100);
-    f.put('\x5a');
+    flip_byte(f, kIndexPageSize + 100);
   }
   collect_store(*t.repo, false, "unit test");
   CHECK(!fs::exists(seg));
