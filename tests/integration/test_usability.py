@@ -193,7 +193,9 @@ def start_stalled_import(repo, size_blocks, fed_blocks):
     packs = os.path.join(str(repo), "vdis", VDI, "packs")
     deadline = time.monotonic() + 20
     while not (os.path.isdir(packs) and [n for n in os.listdir(packs) if n.startswith(".tmp.")]):
-        assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()
+        if p.poll() is not None or time.monotonic() >= deadline:
+            p.kill()  # reading its stderr first would wait for an import that waits for its input
+            raise AssertionError(p.communicate()[1])
         time.sleep(0.02)
     return p, packs
 
