@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <vector>
 
 #include "cbtfs/format.hpp"
 #include "cbtfs/repository.hpp"
@@ -25,6 +26,13 @@ class PointReader {
   // The first offset >= offset that holds data (or is a hole); size() if none.
   uint64_t next_data(uint64_t offset);
   uint64_t next_hole(uint64_t offset);
+  // The point's data as byte runs, adjacent blocks together, from the index
+  // alone: it skips zero subtrees, so it costs the index nodes of the data
+  // that is there, not the disk's size.
+  struct Extent {
+    uint64_t offset = 0, length = 0;
+  };
+  std::vector<Extent> data_extents();
   // Blocks holding data among [first, end): skips zero subtrees, so it
   // costs the index nodes of the data that is there, not the disk's size.
   uint64_t allocated_blocks(uint64_t first, uint64_t end);

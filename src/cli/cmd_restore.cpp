@@ -89,15 +89,18 @@ int cmd_restore(const std::string& path, const std::string& vdi, const std::stri
   // checksums are CPU work, and pwrite needs no order.
   std::vector<std::pair<uint64_t, uint64_t>> work;  // (offset, length) of data
   Bytes zeros(device ? kChunk : 0);
-  for (uint64_t pos = 0; pos < m->virtual_size;) {
-    uint64_t data = reader.next_data(pos);
-    for (uint64_t z = pos; device && z < data; z += kChunk)  // a hole: a file keeps it, a device gets zeros
-      write_all(fd, zeros.data(), std::min<uint64_t>(kChunk, data - z), z, dest);
-    if (data >= m->virtual_size) break;
-    uint64_t hole = reader.next_hole(data);
-    for (uint64_t p = data; p < hole; p += kChunk) work.emplace_back(p, std::min<uint64_t>(kChunk, hole - p));
-    pos = hole;
+  auto zero_fill = [&](uint64_t from, uint64_t to) {  // a hole: a file keeps it, a device gets zeros
+    for (uint64_t z = from; device && z < to; z += kChunk)
+      write_all(fd, zeros.data(), std::min<uint64_t>(kChunk, to - z), z, dest);
+  };
+  uint64_t pos = 0;
+  for (auto& e : reader.data_extents()) {
+    zero_fill(pos, e.offset);
+    uint64_t end = e.offset + e.length;
+    for (uint64_t p = e.offset; p < end; p += kChunk) work.emplace_back(p, std::min<uint64_t>(kChunk, end - p));
+    pos = end;
   }
+  zero_fill(pos, m->virtual_size);
   Progress progress("restore " + format_point_name(m->time), m->virtual_size);
   std::atomic<size_t> next{0};
   std::atomic<uint64_t> done{0};

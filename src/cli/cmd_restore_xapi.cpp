@@ -33,24 +33,6 @@ size_t read_for_vdi(PointReader& reader, uint64_t image_size, uint64_t offset, s
   }
 }
 
-namespace {
-
-// The point's allocated runs: blocks holding data, adjacent ones together.
-// next_data skips zero subtrees of the index, so this costs the index nodes
-// of the data, not the disk's size.
-std::vector<xapi::Extent> allocated_extents(PointReader& reader) {
-  std::vector<xapi::Extent> runs;
-  const uint64_t size = reader.size();
-  for (uint64_t off = reader.next_data(0); off < size;) {
-    uint64_t end = reader.next_hole(off);
-    if (end <= off) throw StorageError("the point's index gives no end to the data at byte " + std::to_string(off), EIO);
-    runs.push_back({off, end - off});
-    off = end < size ? reader.next_data(end) : size;
-  }
-  return runs;
-}
-
-}  // namespace
 
 int cmd_restore_xapi(const RestoreXapiArgs& a) {
   auto repo = open_repository(a.repo);
@@ -72,7 +54,8 @@ int cmd_restore_xapi(const RestoreXapiArgs& a) {
     PointReader reader(repo, m);
     uint64_t sent = 0;  // data bytes read for the upload: the progress line's count
     if (a.sparse) {
-      std::vector<xapi::Extent> runs = allocated_extents(reader);
+      std::vector<xapi::Extent> runs;
+      for (auto& e : reader.data_extents()) runs.push_back({e.offset, e.length});
       uint64_t allocated = 0;
       for (const auto& r : runs) allocated += r.length;
       Progress progress("restore " + format_point_name(m->time) + " (allocated data)", allocated);

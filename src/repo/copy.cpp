@@ -22,17 +22,12 @@ bool same_point(const Manifest& in_src, const Manifest& in_dst) {
          (!in_src.blocks_allocated || !in_dst.blocks_allocated || *in_src.blocks_allocated == *in_dst.blocks_allocated);
 }
 
-// The blocks of a point that hold data, from its index alone.
+// The blocks of a point that hold data.
 std::vector<BlockRun> data_runs(PointReader& r) {
   std::vector<BlockRun> runs;
-  uint64_t size = r.size();
-  for (uint64_t pos = 0; pos < size;) {
-    uint64_t data = r.next_data(pos);
-    if (data >= size) break;
-    uint64_t hole = r.next_hole(data);
-    uint64_t first = data / kBlockSize, end = (hole + kBlockSize - 1) / kBlockSize;
+  for (auto& e : r.data_extents()) {
+    uint64_t first = e.offset / kBlockSize, end = (e.offset + e.length + kBlockSize - 1) / kBlockSize;
     runs.push_back({first, end - first});
-    pos = end * kBlockSize;
   }
   return runs;
 }

@@ -84,6 +84,18 @@ uint64_t PointReader::next_data(uint64_t offset) {
   return size;
 }
 
+std::vector<PointReader::Extent> PointReader::data_extents() {
+  std::vector<Extent> runs;
+  const uint64_t size = point_->virtual_size;
+  for (uint64_t off = next_data(0); off < size;) {
+    uint64_t end = next_hole(off);
+    if (end <= off) throw StorageError("the point's index gives no end to the data at byte " + std::to_string(off), EIO);
+    runs.push_back({off, end - off});
+    off = end < size ? next_data(end) : size;
+  }
+  return runs;
+}
+
 uint64_t PointReader::next_hole(uint64_t offset) {
   const uint64_t size = point_->virtual_size;
   const uint64_t nblocks = block_count(size);

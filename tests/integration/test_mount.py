@@ -203,6 +203,19 @@ def test_restore_to_a_file_is_identical_and_sparse(chain, repo, tmp_path):
     assert p.returncode == 2 and "has no point" in p.stderr
 
 
+def test_restore_to_a_block_device_writes_zeros_over_the_holes(chain, repo, tmp_path):
+    size = os.path.getsize(chain[-1])
+    dev_file = tmp_path / "device.img"
+    dev_file.write_bytes(b"\xff" * size)  # old contents where the point has holes
+    dev = run("losetup", "--find", "--show", dev_file).stdout.strip()
+    try:
+        repo_tool("restore", repo, VDI, "latest", dev)
+        run("sync")
+    finally:
+        run("losetup", "-d", dev)
+    assert files_equal(dev_file, chain[-1])
+
+
 def fs_image(path, size_mib, kind, files=None, tmp=None):
     """A file system image: ext4 filled from a directory, or an empty vfat."""
     if kind == "ext4":
