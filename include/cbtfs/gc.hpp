@@ -10,7 +10,9 @@
 // the packs it judges (and earlier merged ones) are merged into one that
 // lists only live records; then a pack with no live record is removed, and
 // in one with some the dead records' bytes are punched out where the
-// storage can (a local directory; S3 cannot, and reports them).
+// storage can (a local directory). Where it cannot (S3), a pack at least a
+// fifth dead is rewritten with its live records only, behind a table from
+// their old offsets, so that no reference changes (repacked_pack.hpp).
 // The order is what keeps it safe: see store_writer.hpp for the writer's half.
 #pragma once
 
@@ -28,7 +30,10 @@ struct GcReport {
   uint64_t packs_removed = 0;
   uint64_t live_records = 0;
   uint64_t bytes_freed = 0;
-  uint64_t bytes_dead = 0;       // no longer needed but still allocated (S3, pieces of file-system blocks)
+  uint64_t bytes_dead = 0;       // no longer needed but still allocated (pieces of file-system blocks, S3 packs
+                                 // not worth rewriting yet)
+  uint64_t packs_rewritten = 0;  // S3: partly dead packs copied without their dead records
+  uint64_t bytes_rewritten = 0;  // the live bytes those copies read and wrote
   uint64_t index_segments = 0;   // merged into one (when any record died, or there were many)
   uint64_t index_entries = 0;    // in the merged segment
 };

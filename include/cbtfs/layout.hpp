@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 namespace cbtfs::layout {
@@ -46,6 +47,18 @@ std::string store_index_key(uint64_t segment);
 // "0123456789abcdef.pack" / ".idx" back to its id; 0 for anything else.
 uint64_t parse_store_pack_name(const std::string& name);
 uint64_t parse_store_index_name(const std::string& name);
+// A pack a collection rewrote (repacked_pack.hpp): "<id>-<generation>.pack"
+// beside where "<id>.pack" was, generation 1, 2, ...
+std::string store_repacked_key(uint64_t pack, uint32_t generation);
+// The store's own name for a pack file: its id and generation (0: as
+// written); nullopt for anything else.
+struct StorePackFile {
+  uint64_t pack;
+  uint32_t generation;
+};
+std::optional<StorePackFile> parse_store_pack_file(const std::string& name);
+// The directory of a pack's files.
+std::string store_pack_dir(uint64_t pack);
 inline constexpr const char* kGcLockKey = "store/gc/lock";
 inline constexpr const char* kGcSweepingKey = "store/gc/sweeping";
 inline constexpr const char* kGcLastKey = "store/gc/last";  // names the last collection that finished

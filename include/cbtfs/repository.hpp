@@ -5,6 +5,7 @@
 // Reading a point is cbtfs/point_reader.hpp, writing one cbtfs/point_writer.hpp.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -20,6 +21,7 @@
 namespace cbtfs {
 
 class StoreSink;
+struct RepackedPack;
 using ManifestPtr = std::shared_ptr<const Manifest>;
 
 struct PointList {
@@ -67,6 +69,9 @@ class Repository {
   // hot nodes out; it still uses a node already cached.
   std::shared_ptr<const Bytes> node(const std::string& vdi, const BlockRef& ref, bool keep = true);
   void read_block(const std::string& vdi, const BlockRef& ref, std::span<std::byte> out, bool cache);
+  // Checks that a pack the VDI references is there and is what its name
+  // says (its header; a rewritten one's record table). Throws as reads do.
+  void check_pack(const std::string& vdi, uint64_t pack);
 
   // Registers a reader of the point (a claim on its manifest) until the
   // returned claim goes: prune keeps a point that is being read. nullptr
@@ -107,6 +112,10 @@ class Repository {
 
   const void* intern(const std::string& vdi);
   void read_record(const std::string& vdi, const BlockRef& ref, std::span<std::byte> out);
+  // Format 2: the rewrite of a pack a collection made (repacked_pack.hpp),
+  // as this process last found it; look=true looks again (after its key
+  // went). nullptr when the pack was never rewritten.
+  std::shared_ptr<const RepackedPack> repacked(uint64_t pack, bool look);
 
   std::unique_ptr<Storage> storage_;
   RepoHeader header_;
@@ -115,6 +124,8 @@ class Repository {
   std::mutex mu_;
   std::map<std::string, std::unique_ptr<std::string>> interned_;
   std::map<std::pair<std::string, uint32_t>, ManifestPtr> manifests_;
+  std::map<uint64_t, std::shared_ptr<const RepackedPack>> repacked_;
+  std::atomic<bool> any_repacked_{false};  // spares reads of packs never rewritten the lock
   LruCache<RecordKey, Bytes, RecordKeyHash> nodes_{1024};   // 24 MiB at most
   LruCache<RecordKey, Bytes, RecordKeyHash> blocks_{64};    // 4 MiB
 };

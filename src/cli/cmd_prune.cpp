@@ -20,9 +20,13 @@ void collect_and_say(Repository& repo, bool dry_run, const char* program) {
   std::printf("store: %llu pack(s), %llu removed, %s %s", static_cast<unsigned long long>(g.packs),
               static_cast<unsigned long long>(g.packs_removed), human_bytes(g.bytes_freed).c_str(),
               dry_run ? "would be freed" : "freed");
+  if (g.packs_rewritten)
+    std::printf(", %llu pack(s) %s without their dead records (%s copied)",
+                static_cast<unsigned long long>(g.packs_rewritten), dry_run ? "would be rewritten" : "rewritten",
+                human_bytes(g.bytes_rewritten).c_str());
   if (g.bytes_dead)
-    std::printf(" (%s no longer needed stays allocated: pieces of file-system blocks, or a storage that cannot "
-                "free ranges of an object)",
+    std::printf(" (%s no longer needed stays allocated: pieces of file-system blocks, or packs of an object store "
+                "not yet worth rewriting)",
                 human_bytes(g.bytes_dead).c_str());
   if (g.packs_in_use)
     std::printf("; %llu pack(s) a running backup relies on are left for a later collection",

@@ -3,24 +3,89 @@
 #include <algorithm>
 #include <functional>
 #include <map>
+#include <optional>
 #include <set>
 #include <vector>
 
 #include "cbtfs/errors.hpp"
 #include "cbtfs/layout.hpp"
 #include "dedup_index.hpp"
+#include "repacked_pack.hpp"
 #include "store_sink.hpp"
 
 namespace cbtfs {
 
 namespace {
 
-std::vector<uint64_t> list_packs(Storage& st) {
-  std::vector<uint64_t> packs;
+// A pack's files: the newest (as written, or a collection's rewrite of it)
+// and older ones that a collection which died left behind.
+struct PackFiles {
+  uint32_t generation = 0;
+  std::vector<uint32_t> older;
+};
+
+std::string pack_file_key(uint64_t pack, uint32_t generation) {
+  return generation ? layout::store_repacked_key(pack, generation) : layout::store_pack_key(pack);
+}
+
+std::map<uint64_t, PackFiles> list_packs(Storage& st) {
+  std::map<uint64_t, PackFiles> packs;
   for (auto& dir : st.list(layout::kStorePacksDir))
-    for (auto& n : st.list(std::string(layout::kStorePacksDir) + "/" + dir))
-      if (uint64_t id = layout::parse_store_pack_name(n); id && n.compare(0, 2, dir) == 0) packs.push_back(id);
+    for (auto& n : st.list(std::string(layout::kStorePacksDir) + "/" + dir)) {
+      auto f = layout::parse_store_pack_file(n);
+      if (!f || n.compare(0, 2, dir) != 0) continue;
+      auto [it, first] = packs.try_emplace(f->pack);
+      PackFiles& p = it->second;
+      if (first) {
+        p.generation = f->generation;
+      } else if (f->generation > p.generation) {
+        p.older.push_back(p.generation);
+        p.generation = f->generation;
+      } else {
+        p.older.push_back(f->generation);
+      }
+    }
   return packs;
+}
+
+// Copies the live records of a pack into its next generation (see
+// repacked_pack.hpp), reading neighbouring records together, and removes
+// the files it replaces. refs: ascending by offset, one per record.
+void rewrite_pack(Storage& st, StorageLock& lock, uint64_t pack, const PackFiles& files,
+                      const std::vector<BlockRef>& refs) {
+  std::string from = pack_file_key(pack, files.generation);
+  std::optional<RepackedPack> moved;
+  if (files.generation) moved = read_repacked_pack(st, from, pack);
+  std::vector<std::pair<uint64_t, uint32_t>> records;
+  for (auto& ref : refs) records.emplace_back(ref.offset, ref.length());
+  auto where = [&](size_t k) {
+    if (!moved) return records[k].first;
+    auto at = moved->find(records[k].first, records[k].second);
+    if (!at) throw FormatError(st.describe() + "/" + from + ": a live record is missing from it");
+    return *at;
+  };
+  uint32_t generation = files.generation + 1;
+  auto w = st.create(layout::store_repacked_key(pack, generation));
+  w->append(encode_repacked_header(pack, generation, records));
+  constexpr uint64_t kMaxGap = 256 << 10, kMaxRead = 16 << 20;
+  for (size_t i = 0; i < records.size();) {
+    uint64_t start = where(i), end = start + records[i].second;
+    size_t j = i + 1;
+    for (; j < records.size(); ++j) {
+      uint64_t at = where(j);
+      if (at < end || at - end > kMaxGap || at + records[j].second - start > kMaxRead) break;
+      end = at + records[j].second;
+    }
+    Bytes run(end - start);
+    st.read(from, start, run);
+    for (size_t k = i; k < j; ++k)
+      w->append(std::span<const std::byte>(run).subspan(where(k) - start, records[k].second));
+    i = j;
+  }
+  lock.check();
+  w->commit();
+  st.remove(from);
+  for (uint32_t g : files.older) st.remove(pack_file_key(pack, g));
 }
 
 // Packs that running writers rely on. A VDI whose lock is free has no
@@ -73,6 +138,12 @@ std::map<uint64_t, std::vector<BlockRef>> mark(Repository& repo) {
 // Past this many segments a collection merges them even if nothing died:
 // a lookup reads a page of every segment whose range holds the id.
 constexpr size_t kMergeAbove = 16;
+
+// A pack is rewritten once at least 1/kRewriteDeadShare of it is dead, and
+// a run copies at most kRewritePerRun bytes of live records (the rest waits
+// for the next one).
+constexpr uint64_t kRewriteDeadShare = 5;
+constexpr uint64_t kRewritePerRun = uint64_t{8} << 30;
 
 struct Segments {
   std::vector<std::string> keys;   // the ones this collection replaces
@@ -131,7 +202,7 @@ GcReport collect_store(Repository& repo, bool dry_run, const std::string& holder
   auto live = mark(repo);
   r.packs = packs.size();
   std::set<uint64_t> judged;
-  for (uint64_t pack : packs)
+  for (auto& [pack, files] : packs)
     if (!in_use.count(pack)) judged.insert(pack);
   r.packs_in_use = packs.size() - judged.size();
   std::set<std::pair<uint64_t, uint64_t>> live_at;
@@ -170,26 +241,60 @@ GcReport collect_store(Repository& repo, bool dry_run, const std::string& holder
     }
   }
 
+  // A storage that cannot free ranges of an object (S3) gets partly dead
+  // packs rewritten instead, the most dead first, within a bound per run.
+  bool frees_ranges = st.discardable(layout::store_pack_key(0), 0, 1 << 20) > 0;
+  struct Rewrite {
+    uint64_t pack, size, dead, gain, live;  // gain: what the rewrite gives back
+  };
+  std::vector<Rewrite> rewrites;
   for (uint64_t pack : judged) {
-    std::string key = layout::store_pack_key(pack);
+    const PackFiles& files = packs.at(pack);
+    std::string key = pack_file_key(pack, files.generation);
     uint64_t size = st.size(key).value_or(0);
+    uint64_t older = 0;
+    for (uint32_t g : files.older) older += st.size(pack_file_key(pack, g)).value_or(0);
     auto it = live.find(pack);
     if (it == live.end()) {
       ++r.packs_removed;
-      r.bytes_freed += size;
+      r.bytes_freed += size + older;
       if (!dry_run) {
         lock->check();
         st.remove(layout::store_index_key(pack));  // a segment written after the listing above
         st.remove(key);
+        for (uint32_t g : files.older) st.remove(pack_file_key(pack, g));
       }
       continue;
     }
     auto& refs = it->second;
     r.live_records += refs.size();
+    std::sort(refs.begin(), refs.end(), [](const BlockRef& a, const BlockRef& b) { return a.offset < b.offset; });
+    if (!files.older.empty()) {
+      // A collection died between writing a rewrite and removing what it
+      // replaced: the rewrite holds every live record (nothing dead then
+      // can have come back to life), which is checked before trusting it.
+      bool whole = true;
+      if (files.generation) {
+        RepackedPack moved = read_repacked_pack(st, key, pack);
+        for (auto& ref : refs) whole = whole && moved.find(ref.offset, ref.length()).has_value();
+      }
+      if (whole) {
+        r.bytes_freed += older;
+        if (!dry_run)
+          for (uint32_t g : files.older) st.remove(pack_file_key(pack, g));
+      }
+    }
+    if (!frees_ranges) {
+      uint64_t live_bytes = 0;
+      for (auto& ref : refs) live_bytes += ref.length();
+      uint64_t now = live_bytes + (files.generation ? RepackedPack::header_size(refs.size()) : pack_header_size(2));
+      uint64_t rewritten = live_bytes + RepackedPack::header_size(refs.size());
+      if (size > now) rewrites.push_back({pack, size, size - now, size > rewritten ? size - rewritten : 0, live_bytes});
+      continue;
+    }
     // A pack the index lists no dead record of has lost nothing since the
     // last collection (which freed what was dead then).
     if (!with_dead.count(pack)) continue;
-    std::sort(refs.begin(), refs.end(), [](const BlockRef& a, const BlockRef& b) { return a.offset < b.offset; });
     std::vector<std::pair<uint64_t, uint64_t>> gaps;
     uint64_t pos = pack_header_size(2);
     for (auto& ref : refs) {
@@ -202,6 +307,21 @@ GcReport collect_store(Repository& repo, bool dry_run, const std::string& holder
       r.bytes_freed += freed;
       r.bytes_dead += to - from - freed;
     }
+  }
+  std::sort(rewrites.begin(), rewrites.end(), [](const Rewrite& a, const Rewrite& b) { return a.dead > b.dead; });
+  uint64_t copied = 0;
+  for (auto& w : rewrites) {
+    // A pack mostly live is not worth its copy yet; the bound keeps a run
+    // after a large prune from copying the whole store at once.
+    if (w.dead < w.size / kRewriteDeadShare || (copied && copied + w.live > kRewritePerRun)) {
+      r.bytes_dead += w.dead;
+      continue;
+    }
+    copied += w.live;
+    ++r.packs_rewritten;
+    r.bytes_rewritten += w.live;
+    r.bytes_freed += w.gain;  // the dead records, less the rewrite's longer header
+    if (!dry_run) rewrite_pack(st, *lock, w.pack, packs.at(w.pack), live.at(w.pack));  // one ref per record: mark()
   }
   if (!dry_run) {
     // A writer that looked records up before this collection freed some

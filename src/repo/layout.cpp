@@ -59,14 +59,27 @@ uint32_t parse_pack_name(const std::string& name) { return parse_seq(name, ".pac
 uint32_t parse_forgotten_name(const std::string& name) { return parse_seq(name, ""); }
 
 // Two hex digits of fan-out keep a directory of a large store listable.
-std::string store_pack_key(uint64_t pack) {
-  std::string h = hex_id(pack);
-  return std::string(kStorePacksDir) + "/" + h.substr(0, 2) + "/" + h + ".pack";
+std::string store_pack_dir(uint64_t pack) { return std::string(kStorePacksDir) + "/" + hex_id(pack).substr(0, 2); }
+std::string store_pack_key(uint64_t pack) { return store_pack_dir(pack) + "/" + hex_id(pack) + ".pack"; }
+std::string store_repacked_key(uint64_t pack, uint32_t generation) {
+  return store_pack_dir(pack) + "/" + hex_id(pack) + "-" + std::to_string(generation) + ".pack";
 }
 std::string uses_dir(const std::string& vdi) { return vdi_dir(vdi) + "/uses"; }
 std::string uses_key(const std::string& vdi, uint32_t n) { return uses_dir(vdi) + "/" + seq_name(n, ""); }
 std::string store_index_key(uint64_t segment) { return std::string(kStoreIndexDir) + "/" + hex_id(segment) + ".idx"; }
 uint64_t parse_store_pack_name(const std::string& name) { return parse_hex_id(name, ".pack"); }
 uint64_t parse_store_index_name(const std::string& name) { return parse_hex_id(name, ".idx"); }
+
+std::optional<StorePackFile> parse_store_pack_file(const std::string& name) {
+  if (uint64_t id = parse_store_pack_name(name)) return StorePackFile{id, 0};
+  // "<16 hex>-<generation>.pack"
+  if (name.size() < 16 + 7 || name[16] != '-' || !name.ends_with(".pack")) return std::nullopt;
+  std::string gen = name.substr(17, name.size() - 17 - 5);
+  if (gen.empty() || gen.size() > 9 || gen[0] == '0' || gen.find_first_not_of("0123456789") != std::string::npos)
+    return std::nullopt;
+  uint64_t id = parse_hex_id(name.substr(0, 16) + ".pack", ".pack");
+  if (!id) return std::nullopt;
+  return StorePackFile{id, static_cast<uint32_t>(std::stoul(gen))};
+}
 
 }  // namespace cbtfs::layout

@@ -9,6 +9,7 @@
 #include "cbtfs/errors.hpp"
 #include "cbtfs/layout.hpp"
 #include "cbtfs/open_storage.hpp"
+#include "repacked_pack.hpp"
 #include "store_sink.hpp"
 
 namespace cbtfs {
@@ -190,15 +191,73 @@ void Repository::read_record(const std::string& vdi, const BlockRef& ref, std::s
                        ": impossible record reference");
   Bytes stored(ref.length());
   std::string key = pack_key(vdi, ref.pack);
+  uint64_t at = ref.offset;
+  // Where a rewritten pack keeps the record now (the reference keeps the
+  // offset it was written at).
+  auto place = [&](const RepackedPack& moved) {
+    key = store_repacked_key(ref.pack, moved.generation);
+    auto found = moved.find(ref.offset, ref.length());
+    if (!found)
+      throw FormatError("not among the records a collection kept in generation " + std::to_string(moved.generation));
+    at = *found;
+  };
   try {
-    storage_->read(key, ref.offset, stored);
+    try {
+      if (format() >= 2 && any_repacked_)
+        if (auto moved = repacked(ref.pack, false)) place(*moved);
+      storage_->read(key, at, stored);
+    } catch (const StorageError& e) {
+      if (e.error_number() != ENOENT || format() < 2) throw;
+      auto moved = repacked(ref.pack, true);  // rewritten since it was last found
+      if (!moved) throw;
+      place(*moved);
+      storage_->read(key, at, stored);
+    }
     decode_record(stored, ref, out);
   } catch (const FormatError& e) {  // damaged or truncated: never data
-    throw CorruptError(storage_->describe() + "/" + key + " offset " + std::to_string(ref.offset) + ": " + e.what());
+    throw CorruptError(storage_->describe() + "/" + key + " offset " + std::to_string(at) + ": " + e.what());
   } catch (const StorageError& e) {
     if (e.error_number() == ENOENT) throw CorruptError(std::string(e.what()) + " (a pack file is missing)");
     throw;
   }
+}
+
+std::shared_ptr<const RepackedPack> Repository::repacked(uint64_t pack, bool look) {
+  if (!look) {
+    std::lock_guard g(mu_);
+    auto it = repacked_.find(pack);
+    return it == repacked_.end() ? nullptr : it->second;
+  }
+  // A collection may rewrite it again between the listing and the read.
+  for (int attempt = 0;; ++attempt) {
+    uint32_t newest = 0;
+    for (auto& name : storage_->list(store_pack_dir(pack)))
+      if (auto f = parse_store_pack_file(name); f && f->pack == pack) newest = std::max(newest, f->generation);
+    if (!newest) return nullptr;
+    try {
+      auto r = std::make_shared<const RepackedPack>(
+          read_repacked_pack(*storage_, store_repacked_key(pack, newest), pack));
+      std::lock_guard g(mu_);
+      repacked_[pack] = r;
+      any_repacked_ = true;
+      return r;
+    } catch (const StorageError& e) {
+      if (e.error_number() != ENOENT || attempt == 3) throw;
+    }
+  }
+}
+
+void Repository::check_pack(const std::string& vdi, uint64_t pack) {
+  Bytes h(pack_header_size(format()));
+  std::string key = pack_key(vdi, pack);
+  try {
+    storage_->read(key, 0, h);
+  } catch (const StorageError& e) {
+    if (e.error_number() != ENOENT || format() < 2) throw;
+    if (!repacked(pack, true)) throw CorruptError(std::string(e.what()) + " (a pack file is missing)");
+    return;  // its header and record table were checked
+  }
+  check_pack_header(h, pack, format(), storage_->describe() + "/" + key);
 }
 
 std::shared_ptr<const Bytes> Repository::node(const std::string& vdi, const BlockRef& ref, bool keep) {

@@ -28,12 +28,7 @@ struct Walker {
     if (auto it = bad.find(key); it != bad.end()) return it->second;
     std::string err;
     try {
-      if (packs_seen.insert(ref.pack).second) {
-        Bytes h(pack_header_size(repo.format()));
-        std::string k = repo.pack_key(vdi, ref.pack);
-        repo.storage().read(k, 0, h);
-        check_pack_header(h, ref.pack, repo.format(), repo.storage().describe() + "/" + k);
-      }
+      if (packs_seen.insert(ref.pack).second) repo.check_pack(vdi, ref.pack);
       if (is_node) {
         repo.node(vdi, ref);
         ++report.nodes;

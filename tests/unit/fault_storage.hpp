@@ -22,6 +22,8 @@ class FaultStorage final : public Storage {
       : inner_(std::move(inner)), fail_at_(fail_at), err_(err) {}
 
   uint64_t operations() const { return ops_; }
+  // Frees no ranges of objects, as an object store (S3) cannot.
+  void keep_ranges() { keep_ranges_ = true; }
   void fail_at(uint64_t n) { fail_at_ = n; }
   bool fired() const { return fired_; }
 
@@ -66,10 +68,10 @@ class FaultStorage final : public Storage {
   }
   uint64_t discard(const std::string& key, uint64_t offset, uint64_t length) override {
     step("discard");
-    return inner_->discard(key, offset, length);
+    return keep_ranges_ ? 0 : inner_->discard(key, offset, length);
   }
   uint64_t discardable(const std::string& key, uint64_t offset, uint64_t length) override {
-    return inner_->discardable(key, offset, length);
+    return keep_ranges_ ? 0 : inner_->discardable(key, offset, length);
   }
   std::string describe() const override { return inner_->describe(); }
 
@@ -103,6 +105,7 @@ class FaultStorage final : public Storage {
   int err_;
   std::atomic<uint64_t> ops_{0};
   bool fired_ = false;
+  bool keep_ranges_ = false;
 };
 
 }  // namespace cbtfs::test

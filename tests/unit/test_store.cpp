@@ -6,6 +6,8 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <set>
 #include <thread>
 
 #include "../../src/repo/dedup_index.hpp"
@@ -611,4 +613,161 @@ TEST_CASE("format 2: writers merge their index segments once there are many, and
   collect_store(*t.repo, false, "unit test");
   CHECK(index_segments(t) == 1);
   for (int i : {0, 17, 39, 60}) CHECK(verify_vdi(*t.repo, vdi_n(i)).problems.empty());
+}
+
+namespace {
+// A repository over a storage that frees no ranges of objects, as S3.
+std::shared_ptr<Repository> open_keeping_ranges(const std::string& root) {
+  auto st = std::make_unique<FaultStorage>(open_local_storage(root), 0, EIO);
+  st->keep_ranges();
+  return Repository::open(std::move(st));
+}
+
+std::set<std::string> pack_files(const TestRepo& t) {
+  std::set<std::string> names;
+  for (auto& e : fs::recursive_directory_iterator(fs::path(t.root()) / "store" / "packs"))
+    if (e.is_regular_file()) names.insert(e.path().filename().string());
+  return names;
+}
+
+// Six points of one disk, each rewriting blocks 0..59 of 200: once all
+// but the last are pruned, the first point's pack is about a third dead
+// and the others' wholly.
+std::vector<Bytes> write_rewritten_versions(TestRepo& t, const std::string& vdi, uint32_t seed) {
+  Bytes d = template_disk(200, seed);
+  std::vector<Bytes> versions;
+  for (uint32_t i = 0; i < 6; ++i) {
+    for (size_t b = 0; b < 60; ++b) change_blocks(d, {b}, seed * 1000 + i * 100);
+    t.write(vdi, d, kT0 + 3600 * i);
+    versions.push_back(d);
+  }
+  return versions;
+}
+}  // namespace
+
+TEST_CASE("format 2 gc on an object store: a partly dead pack is rewritten, and readers follow it") {
+  TestRepo t(2);
+  auto versions = write_rewritten_versions(t, kVdi, 41);
+  uint64_t first_id = t.repo->points(kVdi).points[0]->packs[0];
+  std::string first_pack = layout::store_pack_key(first_id);
+  first_pack = first_pack.substr(first_pack.rfind('/') + 1);
+  // A reader that stays open across the rewrites, as a mount does.
+  auto reader = open_keeping_ranges(t.root());
+  auto last_point = [&](std::shared_ptr<Repository> r) {
+    auto m = r->latest(kVdi);
+    PointReader pr(r, m);
+    Bytes out(m->virtual_size);
+    pr.read(0, out);
+    return out;
+  };
+  REQUIRE(last_point(reader) == versions.back());
+
+  RetentionPolicy p;
+  p.last = 1;
+  prune_vdi(t.repo, kVdi, p, false, "unit test");
+  uint64_t before = store_bytes(t);
+  auto repo = open_keeping_ranges(t.root());
+  GcReport dry = collect_store(*repo, true, "unit test");
+  CHECK(store_bytes(t) == before);
+  GcReport g = collect_store(*repo, false, "unit test");
+  CHECK(g.packs_rewritten == 1);
+  CHECK(g.bytes_rewritten > 100 * kBlockSize / 2);  // the 140 live blocks, compressed a little at most
+  CHECK(g.packs_removed == 4);
+  CHECK(g.bytes_freed == dry.bytes_freed);
+  CHECK(g.bytes_dead == 0);
+  CHECK(store_bytes(t) == before - g.bytes_freed);  // given back, not only counted
+  auto files = pack_files(t);
+  std::string gen1 = first_pack.substr(0, 16) + "-1.pack";
+  CHECK(files.count(gen1) == 1);
+  CHECK(files.count(first_pack) == 0);
+  CHECK(last_point(reader) == versions.back());
+  CHECK(last_point(Repository::open(t.root())) == versions.back());
+  CHECK(verify_vdi(*Repository::open(t.root()), kVdi).problems.empty());
+  CHECK(collect_store(*repo, false, "unit test").packs_rewritten == 0);  // nothing more worth it
+
+  // More of it dies: the rewrite is rewritten, again from the offsets the
+  // references hold, and the reader that knew generation 1 finds 2.
+  Bytes d = versions.back();
+  for (uint32_t i = 0; i < 2; ++i) {
+    for (size_t b = 100; b < 160; ++b) change_blocks(d, {b}, 9000 + i * 100);
+    t.write(kVdi, d, kT0 + 86400 + 3600 * i);
+  }
+  prune_vdi(t.repo, kVdi, p, false, "unit test");
+  GcReport again = collect_store(*repo, false, "unit test");
+  CHECK(again.packs_rewritten >= 1);
+  files = pack_files(t);
+  CHECK(files.count(first_pack.substr(0, 16) + "-2.pack") == 1);
+  CHECK(files.count(gen1) == 0);
+  CHECK(last_point(reader) == d);
+  CHECK(verify_vdi(*Repository::open(t.root()), kVdi).problems.empty());
+  // A damaged record table is an error, never data.
+  {
+    std::fstream f(fs::path(t.root()) / layout::store_pack_dir(first_id) / (first_pack.substr(0, 16) + "-2.pack"),
+                   std::ios::in | std::ios::out | std::ios::binary);
+    REQUIRE(f);
+    flip_byte(f, 40);
+  }
+  auto fresh = Repository::open(t.root());
+  CHECK_THROWS_AS(last_point(fresh), CorruptError);
+  CHECK_FALSE(verify_vdi(*fresh, kVdi).problems.empty());
+}
+
+TEST_CASE("format 2 gc on an object store: a failure at any step of a rewrite loses nothing") {
+  TestRepo t(2);
+  auto versions = write_rewritten_versions(t, kVdi, 43);
+  Bytes other = template_disk(30, 44);
+  t.write(kVdiB, other, kT0);
+  RetentionPolicy p;
+  p.last = 1;
+  prune_vdi(t.repo, kVdi, p, false, "unit test");
+  uint64_t ops;
+  {
+    TempDir copy;
+    fs::copy(t.root(), copy.path / "r", fs::copy_options::recursive);
+    auto fs_ = std::make_unique<FaultStorage>(open_local_storage((copy.path / "r").string()), 0, EIO);
+    fs_->keep_ranges();
+    auto* counter = fs_.get();
+    auto repo = Repository::open(std::move(fs_));
+    uint64_t at_open = counter->operations();
+    REQUIRE(collect_store(*repo, false, "unit test").packs_rewritten == 1);
+    ops = counter->operations() - at_open;
+  }
+  REQUIRE(ops > 10);
+  for (uint64_t k = 1; k <= ops; ++k) {
+    TempDir copy;
+    std::string root = (copy.path / "r").string();
+    fs::copy(t.root(), root, fs::copy_options::recursive);
+    auto faulty = std::make_unique<FaultStorage>(open_local_storage(root), 0, EIO);
+    faulty->keep_ranges();
+    auto* f = faulty.get();
+    auto repo = Repository::open(std::move(faulty));
+    f->fail_at(f->operations() + k);
+    try {
+      collect_store(*repo, false, "unit test");
+    } catch (const StorageError&) {
+    }
+    for (int round = 0; round < 2; ++round) {
+      auto clean = open_keeping_ranges(root);
+      INFO("fault at step " << k << ", round " << round);
+      for (auto& [vdi, want] : std::map<std::string, Bytes>{{kVdi, versions.back()}, {kVdiB, other}}) {
+        auto m = clean->latest(vdi);
+        REQUIRE(m);
+        PointReader r(clean, m);
+        Bytes out(m->virtual_size);
+        r.read(0, out);
+        REQUIRE(out == want);
+        REQUIRE(verify_vdi(*clean, vdi).problems.empty());
+      }
+      if (round == 0) collect_store(*clean, false, "unit test");
+    }
+    // After a collection that ran to the end, one file per pack is left.
+    std::set<std::string> ids;
+    size_t n = 0;
+    for (auto& e : fs::recursive_directory_iterator(fs::path(root) / "store" / "packs"))
+      if (e.is_regular_file()) {
+        ++n;
+        ids.insert(e.path().filename().string().substr(0, 16));
+      }
+    CHECK(n == ids.size());
+  }
 }
