@@ -102,6 +102,9 @@ class Storage {
   // (no protection; see cbtfs-s3(7)).
   virtual std::unique_ptr<Claim> claim_shared(const std::string& /*key*/) { return std::make_unique<Claim>(); }
   virtual std::unique_ptr<Claim> claim_exclusive(const std::string& /*key*/) { return std::make_unique<Claim>(); }
+  // How many requests are worth having in flight at once: an object store
+  // answers each after a round trip; a local directory at once.
+  virtual unsigned parallelism() const { return 1; }
   // A human name for messages ("/srv/backup").
   virtual std::string describe() const = 0;
 };

@@ -2,9 +2,13 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <exception>
+#include <optional>
+#include <vector>
 
 #include "cbtfs/errors.hpp"
 #include "cbtfs/gc.hpp"
+#include "cbtfs/parallel.hpp"
 #include "cbtfs/prune.hpp"
 #include "commands.hpp"
 #include "progress.hpp"
@@ -47,9 +51,22 @@ int cmd_prune(const PruneArgs& a) {
   }
   uint64_t removed = 0, freed = 0, dead = 0;
   bool not_collected = false;
-  for (auto& vdi : vdis) {
-    if (!repo->has_vdi(vdi)) continue;
-    PruneReport r = prune_vdi(repo, vdi, p, a.dry_run, holder_text("cbtfs-repo prune"));
+  // VDIs are pruned independently (each under its own lock), several at a
+  // time where requests take a round trip; what was done is said in order,
+  // also when one of them failed.
+  std::vector<std::optional<PruneReport>> reports(vdis.size());
+  std::exception_ptr failure;
+  try {
+    parallel_for(vdis.size(), repo->storage().parallelism(), [&](size_t i) {
+      if (repo->has_vdi(vdis[i])) reports[i] = prune_vdi(repo, vdis[i], p, a.dry_run, holder_text("cbtfs-repo prune"));
+    });
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  for (size_t i = 0; i < vdis.size(); ++i) {
+    if (!reports[i]) continue;
+    const PruneReport& r = *reports[i];
+    const std::string& vdi = vdis[i];
     for (auto& n : r.removed) std::printf("%s %s/%s\n", a.dry_run ? "would remove" : "removed", vdi.c_str(), n.c_str());
     for (auto& n : r.in_use)
       std::printf("kept, in use: %s/%s (open by a reader; a later prune removes it)\n", vdi.c_str(), n.c_str());
@@ -58,6 +75,7 @@ int cmd_prune(const PruneArgs& a) {
     dead += r.bytes_dead;
     not_collected = not_collected || r.store_not_collected;
   }
+  if (failure) std::rethrow_exception(failure);
   std::printf("%s %llu point(s), %s %s", a.dry_run ? "would remove" : "removed",
               static_cast<unsigned long long>(removed), human_bytes(freed).c_str(), a.dry_run ? "would be freed" : "freed");
   if (dead)

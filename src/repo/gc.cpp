@@ -3,12 +3,14 @@
 #include <algorithm>
 #include <functional>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <set>
 #include <vector>
 
 #include "cbtfs/errors.hpp"
 #include "cbtfs/layout.hpp"
+#include "cbtfs/parallel.hpp"
 #include "dedup_index.hpp"
 #include "repacked_pack.hpp"
 #include "store_sink.hpp"
@@ -112,26 +114,33 @@ std::set<uint64_t> packs_in_use(Repository& repo) {
   return in_use;
 }
 
-// Every record some point references, by pack: the live set.
+// Every record some point references, by pack: the live set. VDIs are
+// walked side by side where requests take a round trip.
 std::map<uint64_t, std::vector<BlockRef>> mark(Repository& repo) {
   std::map<uint64_t, std::vector<BlockRef>> live;
   std::set<std::pair<uint64_t, uint64_t>> seen;
+  std::mutex mu;
   std::function<void(const std::string&, const BlockRef&, uint32_t)> walk = [&](const std::string& vdi,
                                                                                   const BlockRef& ref, uint32_t level) {
-    if (ref.is_zero() || !seen.insert({ref.pack, ref.offset}).second) return;
-    live[ref.pack].push_back(ref);
+    if (ref.is_zero()) return;
+    {
+      std::lock_guard g(mu);
+      if (!seen.insert({ref.pack, ref.offset}).second) return;
+      live[ref.pack].push_back(ref);
+    }
     if (level == 0) return;
     auto node = repo.node(vdi, ref, /*keep=*/false);
     IndexNode entries(*node, repo.format());
     for (uint32_t i = 0; i < kFanout; ++i) walk(vdi, entries[i], level - 1);
   };
-  for (auto& vdi : repo.vdis()) {
-    auto pl = repo.points(vdi);
+  auto vdis = repo.vdis();
+  parallel_for(vdis.size(), repo.storage().parallelism(), [&](size_t v) {
+    auto pl = repo.points(vdis[v]);
     if (!pl.errors.empty())
       throw FormatError("cannot collect the store: " + pl.errors.front() +
                         " (a point that cannot be read may need any record; run cbtfs-repo verify)");
-    for (auto& m : pl.points) walk(vdi, m->root, m->depth);
-  }
+    for (auto& m : pl.points) walk(vdis[v], m->root, m->depth);
+  });
   return live;
 }
 
@@ -156,26 +165,33 @@ struct Segments {
 // of packs that appeared since or that a writer relies on are left as
 // they are.
 Segments read_segments(Storage& st, const std::set<uint64_t>& judged) {
-  Segments s;
-  for (auto& name : st.list(layout::kStoreIndexDir)) {
-    if (!layout::parse_store_index_name(name)) continue;
-    std::string key = std::string(layout::kStoreIndexDir) + "/" + name;
+  std::vector<std::string> keys;
+  for (auto& name : st.list(layout::kStoreIndexDir))
+    if (layout::parse_store_index_name(name)) keys.push_back(std::string(layout::kStoreIndexDir) + "/" + name);
+  enum class Got { entries, damaged, gone, not_judged };
+  std::vector<Got> got(keys.size());
+  std::vector<std::vector<BlockRef>> entries(keys.size());
+  parallel_for(keys.size(), st.parallelism(), [&](size_t i) {
     uint64_t pack = 0;
-    std::vector<BlockRef> entries;
     try {
-      entries = read_index_segment(st, key, pack);
+      entries[i] = read_index_segment(st, keys[i], pack);
+      got[i] = pack != 0 && !judged.count(pack) ? Got::not_judged : Got::entries;
     } catch (const FormatError&) {
-      // Replaced by what the marking knows: only dedup hits are lost.
-      s.damaged.insert(layout::parse_store_index_name(name));
-      s.keys.push_back(key);
-      continue;
+      got[i] = Got::damaged;  // replaced by what the marking knows: only dedup hits are lost
     } catch (const StorageError& e) {
-      if (e.error_number() == ENOENT) continue;
-      throw;
+      if (e.error_number() != ENOENT) throw;
+      got[i] = Got::gone;
     }
-    if (pack != 0 && !judged.count(pack)) continue;
-    s.keys.push_back(key);
-    s.entries.insert(s.entries.end(), entries.begin(), entries.end());
+  });
+  Segments s;
+  for (size_t i = 0; i < keys.size(); ++i) {
+    if (got[i] == Got::damaged) {
+      s.damaged.insert(layout::parse_store_index_name(keys[i].substr(keys[i].rfind('/') + 1)));
+      s.keys.push_back(keys[i]);
+    } else if (got[i] == Got::entries) {
+      s.keys.push_back(keys[i]);
+      s.entries.insert(s.entries.end(), entries[i].begin(), entries[i].end());
+    }
   }
   return s;
 }
@@ -248,26 +264,39 @@ GcReport collect_store(Repository& repo, bool dry_run, const std::string& holder
     uint64_t pack, size, dead, gain, live;  // gain: what the rewrite gives back
   };
   std::vector<Rewrite> rewrites;
-  for (uint64_t pack : judged) {
+  // Packs are judged side by side where requests take a round trip; each
+  // adds what it found to the report under mu.
+  std::mutex mu;
+  std::vector<uint64_t> order(judged.begin(), judged.end());
+  parallel_for(order.size(), st.parallelism(), [&](size_t n) {
+    uint64_t pack = order[n];
     const PackFiles& files = packs.at(pack);
     std::string key = pack_file_key(pack, files.generation);
     uint64_t size = st.size(key).value_or(0);
     uint64_t older = 0;
     for (uint32_t g : files.older) older += st.size(pack_file_key(pack, g)).value_or(0);
+    GcReport here;
+    auto add = [&] {
+      std::lock_guard g(mu);
+      r.packs_removed += here.packs_removed;
+      r.live_records += here.live_records;
+      r.bytes_freed += here.bytes_freed;
+      r.bytes_dead += here.bytes_dead;
+    };
     auto it = live.find(pack);
     if (it == live.end()) {
-      ++r.packs_removed;
-      r.bytes_freed += size + older;
+      here.packs_removed = 1;
+      here.bytes_freed = size + older;
       if (!dry_run) {
         lock->check();
         st.remove(layout::store_index_key(pack));  // a segment written after the listing above
         st.remove(key);
         for (uint32_t g : files.older) st.remove(pack_file_key(pack, g));
       }
-      continue;
+      return add();
     }
     auto& refs = it->second;
-    r.live_records += refs.size();
+    here.live_records = refs.size();
     std::sort(refs.begin(), refs.end(), [](const BlockRef& a, const BlockRef& b) { return a.offset < b.offset; });
     if (!files.older.empty()) {
       // A collection died between writing a rewrite and removing what it
@@ -279,7 +308,7 @@ GcReport collect_store(Repository& repo, bool dry_run, const std::string& holder
         for (auto& ref : refs) whole = whole && moved.find(ref.offset, ref.length()).has_value();
       }
       if (whole) {
-        r.bytes_freed += older;
+        here.bytes_freed += older;
         if (!dry_run)
           for (uint32_t g : files.older) st.remove(pack_file_key(pack, g));
       }
@@ -289,12 +318,15 @@ GcReport collect_store(Repository& repo, bool dry_run, const std::string& holder
       for (auto& ref : refs) live_bytes += ref.length();
       uint64_t now = live_bytes + (files.generation ? RepackedPack::header_size(refs.size()) : pack_header_size(2));
       uint64_t rewritten = live_bytes + RepackedPack::header_size(refs.size());
-      if (size > now) rewrites.push_back({pack, size, size - now, size > rewritten ? size - rewritten : 0, live_bytes});
-      continue;
+      if (size > now) {
+        std::lock_guard g(mu);
+        rewrites.push_back({pack, size, size - now, size > rewritten ? size - rewritten : 0, live_bytes});
+      }
+      return add();
     }
     // A pack the index lists no dead record of has lost nothing since the
     // last collection (which freed what was dead then).
-    if (!with_dead.count(pack)) continue;
+    if (!with_dead.count(pack)) return add();
     std::vector<std::pair<uint64_t, uint64_t>> gaps;
     uint64_t pos = pack_header_size(2);
     for (auto& ref : refs) {
@@ -304,11 +336,13 @@ GcReport collect_store(Repository& repo, bool dry_run, const std::string& holder
     if (size > pos) gaps.emplace_back(pos, size);
     for (auto& [from, to] : gaps) {
       uint64_t freed = dry_run ? st.discardable(key, from, to - from) : st.discard(key, from, to - from);
-      r.bytes_freed += freed;
-      r.bytes_dead += to - from - freed;
+      here.bytes_freed += freed;
+      here.bytes_dead += to - from - freed;
     }
-  }
+    add();
+  });
   std::sort(rewrites.begin(), rewrites.end(), [](const Rewrite& a, const Rewrite& b) { return a.dead > b.dead; });
+  std::vector<uint64_t> chosen;
   uint64_t copied = 0;
   for (auto& w : rewrites) {
     // A pack mostly live is not worth its copy yet; the bound keeps a run
@@ -321,8 +355,13 @@ GcReport collect_store(Repository& repo, bool dry_run, const std::string& holder
     ++r.packs_rewritten;
     r.bytes_rewritten += w.live;
     r.bytes_freed += w.gain;  // the dead records, less the rewrite's longer header
-    if (!dry_run) rewrite_pack(st, *lock, w.pack, packs.at(w.pack), live.at(w.pack));  // one ref per record: mark()
+    chosen.push_back(w.pack);
   }
+  // A few at a time: each holds up to 16 MiB of records it read, and its upload's parts.
+  if (!dry_run)
+    parallel_for(chosen.size(), std::min(4u, st.parallelism()), [&](size_t n) {
+      rewrite_pack(st, *lock, chosen[n], packs.at(chosen[n]), live.at(chosen[n]));  // one ref per record: mark()
+    });
   if (!dry_run) {
     // A writer that looked records up before this collection freed some
     // must not trust what it saw: it compares this name with the one it

@@ -92,6 +92,7 @@ class CachedStorage final : public Storage {
     return inner_->try_lock(key, holder);
   }
   std::string describe() const override { return inner_->describe(); }
+  unsigned parallelism() const override { return inner_->parallelism(); }
 
  private:
   struct Entry {

@@ -666,6 +666,8 @@ class S3Storage final : public Storage {
   }
 
   std::string describe() const override { return c_.describe(); }
+  // Each request waits a round trip, and a gateway serves many at once.
+  unsigned parallelism() const override { return 16; }
 
  private:
   // Every upload under p, page after page: a listing gives 1000 at most.
