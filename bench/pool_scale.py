@@ -81,7 +81,9 @@ def main():
         for d in small:
             change(sim, d, 0.05, rnd)
         change(sim, bigdisk, 0.05, rnd)
+        sim.post("/reset_counters", {})
         wall_pool, rss_pool, s_pool = ingest(sim, repo, *pool, "--jobs", 8)
+        calls = sim.get("/calls")
         wall_big, rss_big, s_big = ingest(sim, repo, "--vm", "big", "--connections", 8)
         read_pool = sum(v["bytes_read"] for v in s_pool["vdis"])
         read_big = sum(v["bytes_read"] for v in s_big["vdis"])
@@ -93,7 +95,11 @@ def main():
         print(f"| disks x size | {len(small)} x {args.disk_mib} MiB | 1 x {big // MIB} MiB | | |")
         print(f"| bytes read over NBD | {read_pool / MIB:.1f} MiB | {read_big / MIB:.1f} MiB | | |")
         print(f"| wall time (--jobs 8) | {wall_pool:.1f} s | {wall_big:.1f} s | {wall_pool / wall_big:.2f} | <= 1.5 |")
+        print(f"| XAPI calls per disk | {sum(calls.values()) / len(small):.1f} | | | |")
         print(f"| peak RSS | {rss_pool / 1024:.0f} MiB | {rss_big / 1024:.0f} MiB | | pool <= 256 MiB |")
+        print()
+        print("XAPI calls of the pool's run, most frequent first:",
+              ", ".join(f"{m} {n}" for m, n in sorted(calls.items(), key=lambda kv: -kv[1])))
     finally:
         sim.stop()
 

@@ -1,6 +1,8 @@
 // One backup run: snapshot the selected disks, pull what changed since each
 // disk's previous point over NBD, commit a point per disk, and leave only
-// metadata-only snapshots behind on the host.
+// metadata-only snapshots behind on the host. Each VM (or VDI given alone)
+// is a job of its own, from snapshot to cleanup; --jobs workers run them,
+// each on a XAPI connection of its own (backup_job.hpp).
 //
 // Invariant: every snapshot this run takes either becomes a committed point
 // and is then turned into a metadata-only snapshot, or is destroyed. No

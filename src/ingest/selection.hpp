@@ -12,6 +12,9 @@ struct PoolVm {
   std::string ref, uuid, name;
   std::vector<std::string> tags;
   bool is_template = false, is_snapshot = false, is_control_domain = false;
+  // Not for selection: what the backup job of a selected VM reads its
+  // disks and its leftover snapshots from, without reading the VM again.
+  std::vector<std::string> vbds, snapshots;  // refs
 };
 
 struct VmFilter {

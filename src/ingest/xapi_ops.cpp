@@ -44,6 +44,8 @@ VdiInfo get_vdi(xapi::Client& c, const std::string& ref) {
   if (v.is_snapshot) v.snapshot_time = xapi_time(text(r, "snapshot_time"));
   if (r.has("VBDs"))
     for (auto& b : r.at("VBDs").array()) v.vbds.push_back(b.str());
+  if (r.has("snapshots"))
+    for (auto& s : r.at("snapshots").array()) v.snapshots.push_back(s.str());
   return v;
 }
 
@@ -51,40 +53,56 @@ VdiInfo vdi_by_uuid(xapi::Client& c, const std::string& uuid) {
   return get_vdi(c, c.call("VDI.get_by_uuid", {Value(uuid)}).str());
 }
 
-VmInfo get_vm(xapi::Client& c, const std::string& ref) {
-  Value r = c.call("VM.get_record", {Value(ref)});
+namespace {
+VmInfo vm_from_record(xapi::Client& c, const std::string& ref, const Value& r, bool disks) {
   VmInfo vm;
   vm.ref = ref;
   vm.uuid = r.at("uuid").str();
   vm.name = text(r, "name_label");
-  for (auto& vbd_ref : r.at("VBDs").array()) {
-    Value vbd = c.call("VBD.get_record", {vbd_ref});
+  for (auto& vbd : r.at("VBDs").array()) vm.vbds.push_back(vbd.str());
+  if (r.has("snapshots"))
+    for (auto& s : r.at("snapshots").array()) vm.snapshots.push_back(s.str());
+  if (disks) load_disks(c, vm);
+  return vm;
+}
+
+bool backed_up_kind(const Value& rec) {
+  return !truthy(rec, "is_a_snapshot") && !truthy(rec, "is_a_template") && !truthy(rec, "is_control_domain");
+}
+}  // namespace
+
+void load_disks(xapi::Client& c, VmInfo& vm) {
+  vm.disks.clear();
+  for (auto& vbd_ref : vm.vbds) {
+    Value vbd = c.call("VBD.get_record", {Value(vbd_ref)});
     if (text(vbd, "type") != "Disk" || truthy(vbd, "empty")) continue;
     std::string vdi = text(vbd, "VDI");
     if (vdi.empty() || vdi == kNullRef) continue;
     vm.disks.push_back(get_vdi(c, vdi));
   }
-  return vm;
+}
+
+VmInfo get_vm(xapi::Client& c, const std::string& ref, bool disks) {
+  return vm_from_record(c, ref, c.call("VM.get_record", {Value(ref)}), disks);
 }
 
 VmInfo find_vm(xapi::Client& c, const std::string& key) {
   if (is_uuid(key)) {
     std::string ref = c.call("VM.get_by_uuid", {Value(key)}).str();
     Value rec = c.call("VM.get_record", {Value(ref)});
-    if (truthy(rec, "is_a_snapshot") || truthy(rec, "is_a_template") || truthy(rec, "is_control_domain"))
+    if (!backed_up_kind(rec))
       throw std::runtime_error("VM " + key + " is a snapshot, a template or the control domain");
-    return get_vm(c, ref);
+    return vm_from_record(c, ref, rec, false);
   }
   auto refs = c.call("VM.get_by_name_label", {Value(key)}).array();
-  std::vector<std::string> vms;
+  std::vector<std::pair<std::string, Value>> vms;
   for (auto& r : refs) {
     Value rec = c.call("VM.get_record", {r});
-    if (!truthy(rec, "is_a_snapshot") && !truthy(rec, "is_a_template") && !truthy(rec, "is_control_domain"))
-      vms.push_back(r.str());
+    if (backed_up_kind(rec)) vms.emplace_back(r.str(), std::move(rec));
   }
   if (vms.empty()) throw std::runtime_error("no VM named '" + key + "'");
   if (vms.size() > 1) throw std::runtime_error(std::to_string(vms.size()) + " VMs are named '" + key + "'; give its uuid");
-  return get_vm(c, vms[0]);
+  return vm_from_record(c, vms[0].first, vms[0].second, false);
 }
 
 std::vector<PoolVm> pool_vms(xapi::Client& c) {
@@ -100,6 +118,10 @@ std::vector<PoolVm> pool_vms(xapi::Client& c) {
     vm.is_template = truthy(r, "is_a_template");
     vm.is_snapshot = truthy(r, "is_a_snapshot");
     vm.is_control_domain = truthy(r, "is_control_domain");
+    if (r.has("VBDs"))
+      for (auto& b : r.at("VBDs").array()) vm.vbds.push_back(b.str());
+    if (r.has("snapshots"))
+      for (auto& s : r.at("snapshots").array()) vm.snapshots.push_back(s.str());
     out.push_back(std::move(vm));
   }
   return out;
@@ -137,10 +159,8 @@ std::vector<Dom0Attachment> dom0_attachments(xapi::Client& c, const VdiInfo& dis
 }
 
 std::pair<std::string, std::string> vm_of(xapi::Client& c, const VdiInfo& vdi) {
-  Value rec = c.call("VDI.get_record", {Value(vdi.ref)});
-  if (!rec.has("VBDs")) return {};
-  for (auto& vbd_ref : rec.at("VBDs").array()) {
-    Value vbd = c.call("VBD.get_record", {vbd_ref});
+  for (auto& vbd_ref : vdi.vbds) {
+    Value vbd = c.call("VBD.get_record", {Value(vbd_ref)});
     std::string vm = text(vbd, "VM");
     if (vm.empty() || vm == kNullRef) continue;
     Value r = c.call("VM.get_record", {Value(vm)});
@@ -152,11 +172,13 @@ std::pair<std::string, std::string> vm_of(xapi::Client& c, const VdiInfo& vdi) {
 
 std::vector<std::string> leftover_snapshot_vms(xapi::Client& c, const VmInfo& vm, const std::string& prefix) {
   std::vector<std::string> out;
-  Value rec = c.call("VM.get_record", {Value(vm.ref)});
-  if (!rec.has("snapshots")) return out;
-  for (auto& ref : rec.at("snapshots").array()) {
-    Value s = c.call("VM.get_record", {ref});
-    if (text(s, "name_label").rfind(prefix, 0) == 0) out.push_back(ref.str());
+  for (auto& ref : vm.snapshots) {
+    try {
+      Value s = c.call("VM.get_record", {Value(ref)});
+      if (text(s, "name_label").rfind(prefix, 0) == 0) out.push_back(ref);
+    } catch (const xapi::XapiError& e) {
+      if (e.code() != "HANDLE_INVALID") throw;  // gone meanwhile
+    }
   }
   return out;
 }

@@ -20,6 +20,7 @@ struct VdiInfo {
   std::string snapshot_of;  // ref
   int64_t snapshot_time = 0;  // seconds since the epoch; 0 when not a snapshot
   std::vector<std::string> vbds;  // refs
+  std::vector<std::string> snapshots;  // refs of the snapshots taken of it, as the record listed them
 };
 
 // A VBD by which a control domain holds a disk.
@@ -30,14 +31,20 @@ struct Dom0Attachment {
 
 struct VmInfo {
   std::string ref, uuid, name;
-  std::vector<VdiInfo> disks;  // Disk VBDs with a VDI; CDs and empty drives skipped
+  std::vector<std::string> vbds;       // refs, as the record listed them
+  std::vector<std::string> snapshots;  // refs of its snapshot VMs, as the record listed them
+  std::vector<VdiInfo> disks;  // Disk VBDs with a VDI (CDs and empty drives skipped); see load_disks
 };
 
 VdiInfo get_vdi(xapi::Client& c, const std::string& ref);
 VdiInfo vdi_by_uuid(xapi::Client& c, const std::string& uuid);
-// A VM by uuid or by name label (which must be unique).
+// A VM by uuid or by name label (which must be unique), without its disks.
 VmInfo find_vm(xapi::Client& c, const std::string& uuid_or_name);
-VmInfo get_vm(xapi::Client& c, const std::string& ref);
+// The VM's record, with its disks unless disks is false (one VBD and one
+// VDI record per drive: a backup job loads them, selection need not).
+VmInfo get_vm(xapi::Client& c, const std::string& ref, bool disks = true);
+// Fills vm.disks from vm.vbds.
+void load_disks(xapi::Client& c, VmInfo& vm);
 
 // Every VM record of the pool (one call), for selection.
 std::vector<PoolVm> pool_vms(xapi::Client& c);
@@ -55,7 +62,8 @@ std::vector<Dom0Attachment> dom0_attachments(xapi::Client& c, const VdiInfo& dis
 
 // The VM a disk is attached to (name, uuid), or empty strings.
 std::pair<std::string, std::string> vm_of(xapi::Client& c, const VdiInfo& vdi);
-// Snapshot VM records of vm whose name starts with prefix.
+// Snapshot VM records of vm (of those its record listed) whose name starts
+// with prefix.
 std::vector<std::string> leftover_snapshot_vms(xapi::Client& c, const VmInfo& vm, const std::string& prefix);
 
 // Snapshots the whole VM (a crash-consistent set); returns the snapshot VM.

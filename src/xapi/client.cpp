@@ -4,7 +4,10 @@
 
 #include <curl/curl.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <cstring>
 #include <map>
 #include <thread>
 
@@ -59,6 +62,34 @@ size_t collect(char* data, size_t size, size_t n, void* user) {
   return size * n;
 }
 
+// The request body, given to libcurl piece by piece rather than as
+// CURLOPT_POSTFIELDS, so that libcurl must ask before sending it again.
+// It does that on its own when a kept-alive connection closes before any
+// answer came, but the host may have carried the call out by then: a call
+// that changes something (a snapshot, a destroy) refuses, and so fails as
+// a call whose answer was lost, which its caller knows how to settle.
+// A call that only reads is sent again.
+struct RequestBody {
+  const std::string& text;
+  size_t sent;
+  bool may_resend;
+};
+
+size_t read_body(char* buf, size_t size, size_t n, void* user) {
+  auto* b = static_cast<RequestBody*>(user);
+  size_t len = std::min(size * n, b->text.size() - b->sent);
+  std::memcpy(buf, b->text.data() + b->sent, len);
+  b->sent += len;
+  return len;
+}
+
+int rewind_body(void* user, curl_off_t offset, int origin) {
+  auto* b = static_cast<RequestBody*>(user);
+  if (!b->may_resend || origin != SEEK_SET || offset != 0) return CURL_SEEKFUNC_FAIL;
+  b->sent = 0;
+  return CURL_SEEKFUNC_OK;
+}
+
 struct CurlInit {
   CurlInit() { curl_global_init(CURL_GLOBAL_DEFAULT); }
 };
@@ -81,34 +112,37 @@ Client::~Client() {
   curl_easy_cleanup(static_cast<CURL*>(curl_));
 }
 
-std::string Client::post(const std::string& body, bool fresh) {
+std::string Client::post(const std::string& body, bool may_resend) {
   CURL* c = static_cast<CURL*>(curl_);
-  curl_easy_reset(c);
+  curl_easy_reset(c);  // keeps the connection: calls after the first skip the TCP and TLS handshakes
   std::string response;
   char err[CURL_ERROR_SIZE] = "";
   curl_slist* headers = curl_slist_append(nullptr, "Content-Type: text/xml");
+  headers = curl_slist_append(headers, "Expect:");  // no 100-continue round trip
+  RequestBody out{body, 0, may_resend};
   curl_easy_setopt(c, CURLOPT_URL, opts_.url.c_str());
   curl_easy_setopt(c, CURLOPT_POST, 1L);
-  curl_easy_setopt(c, CURLOPT_POSTFIELDS, body.c_str());
-  curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE, static_cast<long>(body.size()));
+  curl_easy_setopt(c, CURLOPT_READFUNCTION, read_body);
+  curl_easy_setopt(c, CURLOPT_READDATA, &out);
+  curl_easy_setopt(c, CURLOPT_SEEKFUNCTION, rewind_body);
+  curl_easy_setopt(c, CURLOPT_SEEKDATA, &out);
+  curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, static_cast<curl_off_t>(body.size()));
   curl_easy_setopt(c, CURLOPT_HTTPHEADER, headers);
   curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, collect);
   curl_easy_setopt(c, CURLOPT_WRITEDATA, &response);
   curl_easy_setopt(c, CURLOPT_ERRORBUFFER, err);
   curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT, 30L);
   curl_easy_setopt(c, CURLOPT_TIMEOUT, opts_.timeout_seconds);
-  if (fresh) {
-    // libcurl silently sends a request again when a kept-alive connection
-    // turns out dead with no answer, and the first one may have been done:
-    // a call that changes something gets a connection of its own.
-    curl_easy_setopt(c, CURLOPT_FRESH_CONNECT, 1L);
-    curl_easy_setopt(c, CURLOPT_FORBID_REUSE, 1L);
-  }
+  // A connection idle for longer is not used again: the host may be about
+  // to close it, and a call that changes something could then not be sent.
+  curl_easy_setopt(c, CURLOPT_MAXAGE_CONN, 30L);
   apply_connection_options(c, opts_);
   CURLcode rc = curl_easy_perform(c);
   curl_slist_free_all(headers);
   if (rc != CURLE_OK) {
     std::string why = err[0] ? err : curl_easy_strerror(rc);
+    if (rc == CURLE_SEND_FAIL_REWIND)  // see RequestBody
+      why = "the connection closed before the host answered (the call may have been carried out)";
     if (rc == CURLE_PEER_FAILED_VERIFICATION || rc == CURLE_SSL_CACERT_BADFILE || rc == CURLE_SSL_CERTPROBLEM)
       why += " (the host's certificate is not trusted: give its CA with --ca-file, or --insecure to skip the check)";
     throw TransportError("cannot reach XAPI at " + opts_.url + ": " + why);
@@ -122,7 +156,7 @@ std::string Client::post(const std::string& body, bool fresh) {
 
 Value Client::raw_call(const std::string& method, const std::vector<Value>& params) {
   ++calls_;
-  Value env = decode_response(post(encode_call(method, params), !read_only(method)));
+  Value env = decode_response(post(encode_call(method, params), read_only(method)));
   const std::string& status = env.at("Status").str();
   if (status == "Success") return env.has("Value") ? env.at("Value") : Value();
   if (status != "Failure") throw ProtocolError("XAPI answered status '" + status + "' to " + method);

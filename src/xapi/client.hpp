@@ -54,7 +54,8 @@ class Client {
   // Calls method with the session prepended; one re-login on SESSION_INVALID;
   // read-only calls (get_*, list_changed_blocks) retried with backoff after
   // a timeout, a dropped connection, HTTP 5xx or a garbled answer.
-  // Thread-safe: calls are serialized on one connection.
+  // Thread-safe: calls are serialized on one connection, kept alive from
+  // call to call. Threads that call a lot each want a Client of their own.
   Value call(const std::string& method, std::vector<Value> args = {});
   const std::string& session() const { return session_; }
   const std::string& url() const { return opts_.url; }
@@ -69,8 +70,9 @@ class Client {
 
  private:
   Value raw_call(const std::string& method, const std::vector<Value>& params);
-  // fresh: on a new connection, never resent by libcurl on its own.
-  std::string post(const std::string& body, bool fresh);
+  // may_resend: libcurl may send the call again on a new connection when
+  // the kept-alive one closed before an answer came (read-only calls).
+  std::string post(const std::string& body, bool may_resend);
 
   ClientOptions opts_;
   std::mutex mu_;

@@ -263,6 +263,24 @@ def test_a_snapshot_slower_than_its_deadline(sim, repo, mnt, disk):
     next_run_is_right(sim, repo, mnt, disk, changed)
 
 
+def test_a_lost_answer_on_a_kept_alive_connection_is_not_resent(sim, repo, mnt, disk):
+    """XAPI calls share one kept-alive connection. The host names the snapshot of
+    a VM run, then closes that connection without answering: the HTTP client must
+    not send the call again on a new connection by itself (it would, for a
+    request whose body it may resend). The disk fails cleanly, and its snapshot
+    goes."""
+    backed_up(sim, repo, disk)
+    changed = change(sim, disk, 21)
+    before = points(repo)
+    sim.post("/fail", {"method": "VDI.set_name_label", "no_answer": True, "count": 1})
+    p, summary, _ = ingest(sim, repo, disk, "--vm", "db01")
+    assert calls(sim, "VDI.set_name_label") == 1, p.stderr
+    assert calls(sim, "VDI.get_record") > 0       # the call was not the connection's first
+    fails_cleanly(sim, repo, disk, p, summary, before, "cannot name the snapshot",
+                  "the connection closed before the host answered")
+    next_run_is_right(sim, repo, mnt, disk, changed)
+
+
 def test_a_lost_data_destroy_answer_after_the_commit(sim, repo, mnt, disk):
     """The point is committed; the answer to making its snapshot metadata-only
     is lost. The point stays a success, and no snapshot with data stays."""

@@ -314,3 +314,37 @@ def test_stale_metadata_snapshots_start_a_new_base_that_reuses_stored_blocks(tmp
         assert sim.vdi(left_uuid)["path"], "the held snapshot stays, with its data"
     finally:
         sim.stop()
+
+
+def test_xapi_calls_per_disk_of_an_incremental_run_stay_few(tmp_path, repo):
+    """An incremental run of a few VMs reads each disk's records once and takes one
+    snapshot per VM: its XAPI calls per disk stay bounded (they were 18.5 when every
+    step read the disk's record again), whatever the number of disks and --jobs. The
+    workers' own sessions are logged out."""
+    vms = [{"name": f"vm{i}", "host": ["h1", "h2"][i % 2],
+            "disks": [{"name": f"d{k}", "size": 2 * MIB} for k in range(2)]} for i in range(6)]
+    sim = Sim(tmp_path, vms, hosts=["h1", "h2"])
+    try:
+        args = [a for vm in vms for a in ("--vm", vm["name"])] + ["--jobs", 4]
+        ingest(sim, repo, *args)
+        disks = [d for vm in vms for d in sim.disks_of(vm["name"])]
+        for d in disks[::3]:
+            sim.write(d["uuid"], BLOCK, b"changed")
+        sim.post("/reset_counters", {})
+        _, summary = ingest(sim, repo, *args)
+        assert len(summary["vdis"]) == len(disks)
+        assert all(v["ok"] and not v["full"] for v in summary["vdis"]), summary
+        assert sum(v["blocks_read"] for v in summary["vdis"]) == len(disks[::3])
+        calls = sim.get("/calls")
+        work = {m: n for m, n in calls.items() if not m.startswith("session.")}
+        per_disk = sum(work.values()) / len(disks)
+        assert per_disk <= 13, (per_disk, calls)
+        assert calls["VDI.get_record"] <= 3 * len(disks), calls     # the disk, its old and its new snapshot
+        assert calls["VM.snapshot"] == len(vms), calls
+        assert 2 <= calls["session.login_with_password"] <= 4, calls  # one per worker
+        assert calls["session.logout"] == calls["session.login_with_password"]
+        assert sim.state()["sessions"] == 0
+        assert not data_snapshots(sim)
+        assert all(len([s for s in sim.snapshots_of(d["uuid"])]) == 1 for d in disks)
+    finally:
+        sim.stop()

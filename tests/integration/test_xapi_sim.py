@@ -548,6 +548,9 @@ def test_sigterm_stops_every_nbdkit(tmp_path):
     sim = Sim(tmp_path)
     for disk in sim.disks("web01"):
         sim.call("VDI.get_nbd_info", sim.ref(disk["uuid"]))
+    deadline = time.monotonic() + 10                # get_nbd_info does not wait for nbdkit to start
+    while len(sim.nbdkit_pids()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert len(sim.nbdkit_pids()) == 2
     assert sim.stop() == 0
     assert sim.nbdkit_pids() == []

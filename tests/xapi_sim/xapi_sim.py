@@ -65,7 +65,8 @@ LOGIN = "session.login_with_password"
 
 
 def log(message):
-    sys.stderr.write(f"{time.strftime('%H:%M:%S')} xapi_sim: {message}\n")
+    t = time.time()
+    sys.stderr.write(f"{time.strftime('%H:%M:%S', time.localtime(t))}.{int(t % 1 * 1000):03} xapi_sim: {message}\n")
     sys.stderr.flush()
 
 
@@ -895,15 +896,19 @@ class NbdServer:
     def port(self):
         return self.sock.getsockname()[1]
 
-    def start(self, drop=None):
-        """(Re)starts nbdkit, armed to drop its connections if drop is given; returns when
-        it is ready. Raises XapiError INTERNAL_ERROR if it does not start."""
+    def start(self, drop=None, wait=True):
+        """(Re)starts nbdkit, armed to drop its connections if drop is given; with wait, returns
+        when it is ready, and raises XapiError INTERNAL_ERROR if it does not start. Without,
+        clients that connect before it is ready wait in the backlog, and one that does not
+        start closes its socket (see _watch)."""
         self._kill()
         if self.sock is None:
             self.sock = socket.create_server(("127.0.0.1", 0), backlog=64)
         self.log.update()
         starts = self.log.starts
         self._spawn(drop)
+        if not wait:
+            return
         deadline = time.monotonic() + NBD_START_TIMEOUT
         while self.log.starts == starts:
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -1144,7 +1149,9 @@ class NbdManager:
         if server is None:
             server = self.servers[vdi.uuid] = NbdServer(self, vdi)
         if not server.running:
-            server.start(self._drop_rule(server))
+            # Not waited for: it would hold the host lock (every other call) for the
+            # nbdkit's start, which xapi-nbd, one server for every VDI, never costs.
+            server.start(self._drop_rule(server), wait=False)
         return self.frontends[host.ref].listen(vdi.uuid)
 
     def upstream_port(self, uuid):
@@ -1379,14 +1386,15 @@ class XapiService:
                 with self.host.lock:
                     if self.host.sessions.pop(params[0], None) is not None:
                         log(f"{method}: expired the session of the call")
+        start = time.monotonic()
         try:
             with self.host.lock:
                 value = self._dispatch(method, params)
             result = {"Status": "Success", "Value": value}
-            log(f"{method}: Success")
+            log(f"{method}: Success ({(time.monotonic() - start) * 1000:.0f} ms)")
         except XapiError as e:
             result = {"Status": "Failure", "ErrorDescription": e.description}
-            log(f"{method}: {' '.join(e.description)}")
+            log(f"{method}: {' '.join(e.description)} ({(time.monotonic() - start) * 1000:.0f} ms)")
         body = method_response(result)
         if rule is not None and rule.no_answer:
             log(f"{method}: closing the connection without an answer")

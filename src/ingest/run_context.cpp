@@ -1,0 +1,42 @@
+#include "run_context.hpp"
+
+#include <algorithm>
+
+namespace cbtfs::ingest {
+
+RunContext::RunContext(std::shared_ptr<Repository> r, const Options& o, const Log& l, ProgressReport* progress)
+    : repo(std::move(r)),
+      opts(o),
+      log(l),
+      budget(o.host_connections),
+      slots_(std::clamp(o.jobs, 1, 16)),
+      progress_(progress) {
+  prefix = "cbtfs-ingest " + (repo->id().empty() ? std::string() : repo->id().substr(0, 8) + " ");
+}
+
+void RunContext::add_to_copy(uint64_t bytes) {
+  std::lock_guard g(progress_mu_);
+  total_ += bytes;
+  show();
+}
+
+void RunContext::copied(uint64_t bytes) {
+  std::lock_guard g(progress_mu_);
+  done_ += bytes;
+  show();
+}
+
+void RunContext::finish_progress() {
+  std::lock_guard g(progress_mu_);
+  if (progress_ && progress_started_) progress_->finish();
+  progress_started_ = false;
+}
+
+void RunContext::show() {
+  if (!progress_) return;
+  if (!progress_started_) progress_->start();  // when the first disk starts copying, not at the snapshots
+  progress_started_ = true;
+  progress_->update(done_, total_);
+}
+
+}  // namespace cbtfs::ingest
