@@ -34,6 +34,7 @@ struct GcReport {
                                  // not worth rewriting yet)
   uint64_t packs_rewritten = 0;  // S3: partly dead packs copied without their dead records
   uint64_t bytes_rewritten = 0;  // the live bytes those copies read and wrote
+  uint64_t unfinished_dropped = 0;  // half-written packs and segments of writers that died
   uint64_t index_segments = 0;   // merged into one (when any record died, or there were many)
   uint64_t index_entries = 0;    // in the merged segment
 };

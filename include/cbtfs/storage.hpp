@@ -86,6 +86,14 @@ class Storage {
   // How many of those are left by writers that are gone (a running writer's
   // are not leftovers); 0 where the storage cannot tell.
   virtual size_t leftovers(const std::string& /*prefix*/) { return 0; }
+  // For a prefix that many writers share (format 2's store), where no one
+  // lock says who may clean up: the keys of objects below prefix, at any
+  // depth, that writers began and never committed, leaving out those whose
+  // writer is known to be running (S3 cannot tell: it lists them all).
+  virtual std::vector<std::string> unfinished(const std::string& /*prefix*/) { return {}; }
+  // Drops what was written of key and never committed; the caller knows
+  // its writer is gone.
+  virtual void drop_unfinished(const std::string& /*key*/) {}
   // nullptr when someone else holds it; holder() then says who, if known.
   virtual std::unique_ptr<StorageLock> try_lock(const std::string& key, const std::string& holder) = 0;
   // Who holds the lock key, as try_lock's holder said: the lock object's

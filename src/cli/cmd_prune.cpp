@@ -32,6 +32,9 @@ void collect_and_say(Repository& repo, bool dry_run, const char* program) {
     std::printf(" (%s no longer needed stays allocated: pieces of file-system blocks, or packs of an object store "
                 "not yet worth rewriting)",
                 human_bytes(g.bytes_dead).c_str());
+  if (g.unfinished_dropped)
+    std::printf("; %llu unfinished file(s) of backups that died %s", static_cast<unsigned long long>(g.unfinished_dropped),
+                dry_run ? "would be removed" : "removed");
   if (g.packs_in_use)
     std::printf("; %llu pack(s) a running backup relies on are left for a later collection",
                 static_cast<unsigned long long>(g.packs_in_use));

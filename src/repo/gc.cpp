@@ -213,8 +213,25 @@ GcReport collect_store(Repository& repo, bool dry_run, const std::string& holder
     st.put(layout::kGcSweepingKey, std::as_bytes(std::span(holder)));
   }
   // The order below is the protocol: packs, then uses/, then manifests.
+  // Half-written packs and segments are listed with the packs: a writer
+  // names its pack before it begins writing it, so one whose writer is
+  // alive is named in uses/ by the time that is read.
   auto packs = list_packs(st);
+  std::vector<std::pair<uint64_t, std::string>> unfinished;
+  for (const char* dir : {layout::kStorePacksDir, layout::kStoreIndexDir})
+    for (auto& key : st.unfinished(dir)) {
+      std::string name = key.substr(key.rfind('/') + 1);
+      uint64_t id = layout::parse_store_index_name(name);
+      if (!id)
+        if (auto f = layout::parse_store_pack_file(name)) id = f->pack;
+      if (id) unfinished.emplace_back(id, key);
+    }
   auto in_use = packs_in_use(repo);
+  for (auto& [id, key] : unfinished)
+    if (!in_use.count(id)) {
+      ++r.unfinished_dropped;
+      if (!dry_run) st.drop_unfinished(key);
+    }
   auto live = mark(repo);
   r.packs = packs.size();
   std::set<uint64_t> judged;

@@ -26,8 +26,12 @@ void StoreSink::append(BlockRef& ref, Bytes&& stored, const std::function<void(u
   std::lock_guard g(mu_);
   if (pack_ && pack_->size() + stored.size() > kStorePackCap) close(before_visible);
   if (!pack_) {
-    pack_id_ = random_store_id();
-    pack_ = storage_.create(layout::store_pack_key(pack_id_));
+    // Named before it exists: a collection that sees the half-written pack
+    // of a live writer also sees its name, and leaves it alone.
+    uint64_t id = random_store_id();
+    name(id);
+    pack_ = storage_.create(layout::store_pack_key(id));
+    pack_id_ = id;
     pack_->append(encode_pack_header(pack_id_, 2));
   }
   name(pack_id_);

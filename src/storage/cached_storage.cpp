@@ -92,6 +92,8 @@ class CachedStorage final : public Storage {
     return inner_->try_lock(key, holder);
   }
   std::string describe() const override { return inner_->describe(); }
+  std::vector<std::string> unfinished(const std::string& prefix) override { return inner_->unfinished(prefix); }
+  void drop_unfinished(const std::string& key) override { inner_->drop_unfinished(key); }
   unsigned parallelism() const override { return inner_->parallelism(); }
 
  private:

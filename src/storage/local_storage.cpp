@@ -54,6 +54,17 @@ bool is_leftover(const std::string& name) {
   return !(pid > 0 && (::kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM));
 }
 
+// ".tmp.<name>.<pid>.<random>" back to <name>; "" for anything else.
+std::string committed_name(const std::string& tmp) {
+  if (tmp.rfind(kTmpPrefix, 0) != 0) return {};
+  auto end = tmp.rfind('.');
+  if (end == std::string::npos || end == 0) return {};
+  auto start = tmp.rfind('.', end - 1);
+  size_t from = std::string(kTmpPrefix).size();
+  if (start == std::string::npos || start <= from) return {};
+  return tmp.substr(from, start - from);
+}
+
 class Fd {
  public:
   explicit Fd(int fd = -1) : fd_(fd) {}
@@ -280,6 +291,45 @@ class LocalStorage final : public Storage {
     while (struct dirent* e = ::readdir(d)) n += is_leftover(e->d_name);
     ::closedir(d);
     return n;
+  }
+
+  std::vector<std::string> unfinished(const std::string& prefix) override {
+    std::vector<std::string> keys;
+    DIR* d = open_dir(prefix);
+    if (!d) return keys;
+    std::vector<std::string> subdirs;
+    while (struct dirent* e = ::readdir(d)) {
+      std::string n = e->d_name;
+      if (n == "." || n == "..") continue;
+      if (is_leftover(n)) {
+        if (auto base = committed_name(n); !base.empty()) keys.push_back(prefix + "/" + base);
+      } else if (n.rfind(kTmpPrefix, 0) != 0) {
+        struct stat sb;
+        bool dir = e->d_type == DT_DIR ||
+                   (e->d_type == DT_UNKNOWN && ::fstatat(::dirfd(d), n.c_str(), &sb, AT_SYMLINK_NOFOLLOW) == 0 &&
+                    S_ISDIR(sb.st_mode));
+        if (dir) subdirs.push_back(n);
+      }
+    }
+    ::closedir(d);
+    for (auto& sub : subdirs)
+      for (auto& k : unfinished(prefix + "/" + sub)) keys.push_back(std::move(k));
+    return keys;
+  }
+
+  void drop_unfinished(const std::string& key) override {
+    DIR* d = open_dir(parent_of(key));
+    if (!d) return;
+    std::vector<std::string> junk;
+    while (struct dirent* e = ::readdir(d))
+      if (is_leftover(e->d_name) && committed_name(e->d_name) == base_of(key)) junk.push_back(e->d_name);
+    for (auto& j : junk)
+      if (::unlinkat(::dirfd(d), j.c_str(), 0) != 0 && errno != ENOENT) {
+        int err = errno;
+        ::closedir(d);
+        root_.fail_at("cannot remove", parent_of(key) + "/" + j, err);
+      }
+    ::closedir(d);
   }
 
   std::unique_ptr<ObjectWriter> create(const std::string& key) override {

@@ -30,6 +30,7 @@
 #include <cstring>
 #include <deque>
 #include <fstream>
+#include <functional>
 #include <future>
 #include <map>
 #include <optional>
@@ -649,6 +650,20 @@ class S3Storage final : public Storage {
 
   // What a dead writer leaves on S3 is an incomplete multipart upload.
   void remove_temporaries(const std::string& prefix) override { abort_uploads(full(prefix) + "/"); }
+  std::vector<std::string> unfinished(const std::string& prefix) override {
+    std::vector<std::string> keys;
+    std::string root = c_.config().prefix.empty() ? "" : c_.config().prefix + "/";
+    for_each_upload(full(prefix) + "/", [&](const std::string& key, const std::string&) {
+      if (key.rfind(root, 0) == 0) keys.push_back(key.substr(root.size()));
+    });
+    return keys;
+  }
+  void drop_unfinished(const std::string& key) override {
+    std::string k = full(key);
+    for_each_upload(k, [&](const std::string& listed, const std::string& id) {
+      if (listed == k) abort_upload(listed, id);
+    });
+  }
 
   std::unique_ptr<StorageLock> try_lock(const std::string& key, const std::string& holder) override {
     auto lock = acquire(key, holder);
@@ -670,8 +685,12 @@ class S3Storage final : public Storage {
   unsigned parallelism() const override { return 16; }
 
  private:
-  // Every upload under p, page after page: a listing gives 1000 at most.
   void abort_uploads(const std::string& p) {
+    for_each_upload(p, [&](const std::string& key, const std::string& id) { abort_upload(key, id); });
+  }
+
+  // Every upload under p, page after page: a listing gives 1000 at most.
+  void for_each_upload(const std::string& p, const std::function<void(const std::string&, const std::string&)>& fn) {
     std::string key_marker, id_marker;
     for (;;) {
       Request req = Request("GET", "").param("prefix", p).param("uploads", "");
@@ -681,7 +700,7 @@ class S3Storage final : public Storage {
       pugi::xml_document doc;
       if (!doc.load_buffer(r.body.data(), r.body.size())) fail(c_, "unreadable upload listing of", p, r);
       auto result = doc.child("ListMultipartUploadsResult");
-      for (auto u : result.children("Upload")) abort_upload(u.child_value("Key"), u.child_value("UploadId"));
+      for (auto u : result.children("Upload")) fn(u.child_value("Key"), u.child_value("UploadId"));
       if (std::string(result.child_value("IsTruncated")) != "true") return;
       std::string next_key = result.child_value("NextKeyMarker"), next_id = result.child_value("NextUploadIdMarker");
       if (next_key.empty() || (next_key == key_marker && next_id == id_marker))

@@ -120,6 +120,16 @@ def put_object(repo, key, data):
     _rgw.client().put_object(Bucket=bucket, Key=k, Body=data)
 
 
+def pack_of_point(repo, vdi, seq=1):
+    """The key of the (first) pack point seq wrote, in either format: the
+    VDI's own (format 1), or one in the shared store (format 2)."""
+    point = json.loads(get_object(repo, f"vdis/{vdi}/points/{seq:08d}.point"))["point"]
+    if "packs" not in point:
+        return f"vdis/{vdi}/packs/{point['pack']:08d}.pack"
+    pack = f"{point['packs'][0]:016x}"
+    return f"store/packs/{pack[:2]}/{pack}.pack"
+
+
 def flip_object_byte(repo, key, offset):
     data = bytearray(get_object(repo, key))
     data[offset] ^= 0x5A

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import (BACKEND, REPO_TOOL, Mount, after_kill, files_equal, import_image, list_objects, ls_json,
-                      new_repo_location, repo_tool, run)
+                      new_repo_location, repo_tool, run, unfinished_uploads)
 from test_ingest import MIB, ingest
 from xapi import Sim
 
@@ -264,3 +264,63 @@ def test_a_collection_killed_at_many_moments_frees_no_live_block(tmp_path, repo2
         files = [n for d in list_objects(repo2, "store/packs") for n in list_objects(repo2, "store/packs/" + d)]
         assert any(re.fullmatch(r"[0-9a-f]{16}-\d+\.pack", n) for n in files), (files, out)
     assert len([1 for v in ls_json(repo2)["vdis"] if v["uuid"] == A for p in v["points"]]) == 2
+
+
+def half_written(repo):
+    """The store's packs being written, or left half-written: temporary
+    files beside the packs, or open multipart uploads on S3."""
+    if BACKEND == "s3":
+        return sorted(u["Key"].rsplit("/", 1)[-1] for u in unfinished_uploads(repo))
+    root = os.path.join(str(repo), "store", "packs")
+    return sorted(f.split(".")[2] + ".pack" for _, _, files in os.walk(root) for f in files if f.startswith(".tmp."))
+
+
+def start_stalled_import(repo, vdi, blocks, fed, env):
+    """An import from a pipe that got `fed` of its `blocks` and waits for
+    the rest, once its pack is being written; (process, its data)."""
+    data = random.Random(vdi).randbytes(blocks * 65536)
+    p = subprocess.Popen([REPO_TOOL, "import", "-q", "--vdi", vdi, "--size", str(len(data)), str(repo), "/dev/stdin"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    before = half_written(repo)
+    p.stdin.write(data[:fed * 65536])
+    p.stdin.flush()
+    deadline = time.monotonic() + 30
+    while half_written(repo) == before:
+        if p.poll() is not None or time.monotonic() > deadline:
+            p.kill()
+            raise AssertionError(p.communicate()[1])
+        time.sleep(0.05)
+    return p, data
+
+
+def test_a_collection_drops_what_dead_backups_left_half_written_and_not_a_running_ones(tmp_path, repo2):
+    """A backup killed in the middle of a pack leaves it half-written (a
+    temporary file, or an open multipart upload on S3, which costs space
+    until it is aborted). The next collection drops it, and leaves alone
+    the pack a running backup is writing, which then commits whole."""
+    dead, live = "0e0e7d39-6f1a-4c2e-9a53-2f6d1c1e8a0" + "1", "0e0e7d39-6f1a-4c2e-9a53-2f6d1c1e8a0" + "2"
+    env = dict(os.environ, CBTFS_S3_PART_SIZE=str(5 * MIB))  # parts go up while the pack is written
+    killed, _ = start_stalled_import(repo2, dead, 256, 160, env)
+    killed.kill()
+    killed.wait()
+    after_kill()
+    left = half_written(repo2)
+    assert len(left) == 1, left
+    running, data = start_stalled_import(repo2, live, 256, 160, env)
+    theirs = sorted(set(half_written(repo2)) - set(left))
+    assert len(theirs) == 1, (left, theirs)
+
+    out = repo_tool("gc", repo2).stdout
+    assert "1 unfinished file(s) of backups that died removed" in out, out
+    assert half_written(repo2) == theirs
+
+    running.stdin.write(data[160 * 65536:])
+    running.stdin.close()
+    assert running.wait(timeout=60) == 0, running.stderr.read()
+    assert half_written(repo2) == []
+    assert "verify OK" in repo_tool("verify", repo2).stdout
+    img = tmp_path / "live.img"
+    img.write_bytes(data)
+    back = tmp_path / "back.img"
+    repo_tool("restore", repo2, live, "latest", back)
+    assert files_equal(back, img)

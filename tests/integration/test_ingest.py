@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from conftest import (BACKEND, BLOCK, REPO_TOOL, Mount, after_kill, files_equal, flip_object_byte, list_objects,
-                      ls_json, repo_tool, run)
+from conftest import (BACKEND, BLOCK, REPO_TOOL, Mount, after_kill, files_equal, flip_object_byte, ls_json,
+                      pack_of_point, repo_tool, run)
 from xapi import PASSWORD, Sim
 
 BUILD_SRC = os.path.join(os.environ.get("CBTFS_BUILD", os.path.join(os.path.dirname(__file__), "..", "..", "build")), "src")
@@ -428,14 +428,14 @@ def test_restore_to_xenserver(sim, repo, tmp_path):
 
     # A damaged block stops the upload, and the new VDI goes with it.
     before = {v["uuid"] for v in sim.vdis()}
-    pack = next(iter(sorted(list_objects(repo, f"vdis/{disk['uuid']}/packs"))))
-    flip_object_byte(repo, f"vdis/{disk['uuid']}/packs/{pack}", 5000)
+    pack = pack_of_point(repo, disk["uuid"])
+    flip_object_byte(repo, pack, 5000)
     p = run(*restore_cmd(sim, repo, disk["uuid"], sr), check=False)
     assert p.returncode == 1 and "checksum" in p.stderr, p.stderr
     assert {v["uuid"] for v in sim.vdis()} == before
     # The host answers 200 before it reads the body and fails the import
     # later, through the task: the restore fails and the new VDI goes.
-    flip_object_byte(repo, f"vdis/{disk['uuid']}/packs/{pack}", 5000)  # repaired
+    flip_object_byte(repo, pack, 5000)  # repaired
     sim.post("/import_fail", {"after_bytes": 2 * MIB})
     p = run(*restore_cmd(sim, repo, disk["uuid"], sr), check=False)
     assert p.returncode != 0 and "VDI_IO_ERROR" in p.stderr, p.stderr

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from conftest import (BACKEND, BLOCK, BUILD, Mount, flip_object_byte, get_object, import_image, list_objects, repo_tool, run,
-                      write_at)
+from conftest import (BACKEND, BLOCK, BUILD, Mount, flip_object_byte, get_object, import_image, list_objects,
+                      pack_of_point, repo_tool, run, write_at)
 
 PLUGIN = os.path.abspath(os.path.join(BUILD, "src", "nbdkit-cbtfs-plugin.so"))
 VDI = "4e5f6a7b-8c9d-4e0f-9a1b-2c3d4e5f6a7b"
@@ -252,9 +252,9 @@ def test_damaged_block_is_eio_never_data(tmp_path, repo):
         for b in range(n):
             f.write(bytes(BLOCK) if b % 5 == 0 else rnd.randbytes(BLOCK))
     import_image(repo, img, VDI, "2026-11-20T03:00:00Z")
-    pack = f"vdis/{VDI}/packs/00000001.pack"
+    pack = pack_of_point(repo, VDI)
     size = len(get_object(repo, pack))
-    for off in random.Random(7).sample(range(16, size - 30000), 3):  # data records; the index is at the end
+    for off in random.Random(7).sample(range(24, size - 60000), 3):  # data records; the index nodes are at the end
         flip_object_byte(repo, pack, off)
     v = repo_tool("verify", repo, check=False)
     bad = {int(b) for b in re.findall(r"block (\d+)", v.stdout)}

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from conftest import BLOCK, REPO_TOOL, files_equal, flip_object_byte, import_image, list_objects, run
+from conftest import BLOCK, REPO_TOOL, files_equal, flip_object_byte, import_image, pack_of_point, run
 from xapi import Sim
 
 MIB = 1 << 20
@@ -125,14 +125,14 @@ def test_failed_imports_leave_no_vdi(sim, repo, point):
 
     # A damaged block: the upload stops mid-stream (the host sees a stream
     # without its last chunk), the restore fails as damaged data, exit 1.
-    pack = sorted(list_objects(repo, f"vdis/{VDI}/packs"))[len(list_objects(repo, f"vdis/{VDI}/packs")) // 2]
-    flip_object_byte(repo, f"vdis/{VDI}/packs/{pack}", 5000)
+    pack = pack_of_point(repo, VDI)
+    flip_object_byte(repo, pack, 5000)
     p = restore(sim, repo, check=False)
     assert p.returncode == 1 and "checksum" in p.stderr, p.stderr
     assert vdi_uuids(sim) == before
     assert imports(sim)[-1]["outcome"] in ("failure", "running")
     assert not [t for t in sim.state()["tasks"] if t["status"] == "pending"]
-    flip_object_byte(repo, f"vdis/{VDI}/packs/{pack}", 5000)       # repaired: it works again
+    flip_object_byte(repo, pack, 5000)       # repaired: it works again
     assert files_equal(sim.vdi(restore(sim, repo).stdout.strip())["path"], img)
 
 

@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from conftest import (BLOCK, CBTFS, REPO_TOOL, Mount, files_equal, import_image, ls_json, repo_tool, run)
+from conftest import (BLOCK, CBTFS, FORMAT, REPO_TOOL, Mount, files_equal, flip_object_byte, import_image, ls_json,
+                      pack_of_point, repo_tool, run)
 from xapi import Sim
 
 INGEST = os.path.join(os.path.dirname(REPO_TOOL), "cbtfs-ingest")
@@ -142,12 +143,7 @@ def test_one_exit_status_table_for_every_command(tmp_path, repo, mnt, shared_dir
     finally:
         os.close(fd)
     # 1: the job ran but failed in part (verify found damage)
-    pack = sorted(os.listdir(os.path.join(str(repo), "vdis", VDI, "packs")))[0]
-    with open(os.path.join(str(repo), "vdis", VDI, "packs", pack), "r+b") as f:
-        f.seek(5000)
-        c = f.read(1)
-        f.seek(5000)
-        f.write(bytes([c[0] ^ 0x5A]))
+    flip_object_byte(repo, pack_of_point(repo, VDI), 5000)
     assert repo_tool("verify", repo, check=False).returncode == 1
 
 
@@ -184,25 +180,31 @@ def test_ls_shows_control_characters_escaped(tmp_path, repo):
 
 
 # 6
+def temporaries(repo):
+    """Unfinished files beside the packs: the VDI's own (format 1) or the
+    shared store's (format 2)."""
+    root = os.path.join(str(repo), "vdis", VDI, "packs") if FORMAT == "1" else os.path.join(str(repo), "store", "packs")
+    return [f for _, _, files in os.walk(root) for f in files if f.startswith(".tmp.")]
+
+
 def start_stalled_import(repo, size_blocks, fed_blocks):
     """An import from a pipe that got fed_blocks and then waits for more."""
     p = subprocess.Popen([REPO_TOOL, "import", "-q", "--vdi", VDI, "--size", str(size_blocks * BLOCK), str(repo),
                           "/dev/stdin"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     p.stdin.write(random.Random(5).randbytes(fed_blocks * BLOCK))
     p.stdin.flush()
-    packs = os.path.join(str(repo), "vdis", VDI, "packs")
     deadline = time.monotonic() + 20
-    while not (os.path.isdir(packs) and [n for n in os.listdir(packs) if n.startswith(".tmp.")]):
+    while not temporaries(repo):
         if p.poll() is not None or time.monotonic() >= deadline:
             p.kill()  # reading its stderr first would wait for an import that waits for its input
             raise AssertionError(p.communicate()[1])
         time.sleep(0.02)
-    return p, packs
+    return p
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_import_cleanly(tmp_path, repo, sig):
-    p, packs = start_stalled_import(repo, 1024, 256)
+    p = start_stalled_import(repo, 1024, 256)
     p.send_signal(sig)
     try:
         _, err = p.communicate(timeout=20)
@@ -210,21 +212,26 @@ def test_a_signal_stops_import_cleanly(tmp_path, repo, sig):
         p.kill()
     assert p.returncode == -sig, (p.returncode, err)
     assert b"interrupted" in err and b"nothing was committed" in err, err
-    assert os.listdir(packs) == []  # no temporary left for the next run
+    assert temporaries(repo) == []  # none left for the next run
     assert ls_json(repo)["vdis"] == []
 
 
 def test_verify_reports_what_a_killed_writer_left(tmp_path, repo):
-    p, packs = start_stalled_import(repo, 1024, 256)
+    p = start_stalled_import(repo, 1024, 256)
     p.kill()
     p.communicate()
-    v = repo_tool("verify", repo)
-    assert f"VDI {VDI}: 1 unfinished temporary file(s) left by an interrupted writer" in v.stderr, v.stderr
-    assert "the next writer of that VDI removes them" in v.stderr
-    import_image(repo, image(tmp_path / "a.img", 4, 1), VDI, "2026-11-20T03:00:00Z")
-    v = repo_tool("verify", repo)
-    assert "unfinished" not in v.stderr, v.stderr
-    assert [n for n in os.listdir(packs) if n.startswith(".tmp.")] == []
+    if FORMAT == "1":
+        v = repo_tool("verify", repo)
+        assert f"VDI {VDI}: 1 unfinished temporary file(s) left by an interrupted writer" in v.stderr, v.stderr
+        assert "the next writer of that VDI removes them" in v.stderr
+        import_image(repo, image(tmp_path / "a.img", 4, 1), VDI, "2026-11-20T03:00:00Z")
+        v = repo_tool("verify", repo)
+        assert "unfinished" not in v.stderr, v.stderr
+    else:  # the shared store's: the next collection removes them
+        out = repo_tool("gc", "-n", repo).stdout
+        assert "1 unfinished file(s) of backups that died would be removed" in out, out
+        assert "1 unfinished file(s) of backups that died removed" in repo_tool("gc", repo).stdout
+    assert temporaries(repo) == []
 
 
 # 7

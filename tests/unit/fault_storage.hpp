@@ -73,7 +73,15 @@ class FaultStorage final : public Storage {
   uint64_t discardable(const std::string& key, uint64_t offset, uint64_t length) override {
     return keep_ranges_ ? 0 : inner_->discardable(key, offset, length);
   }
-  std::string describe() const override { return inner_->describe(); }
+  std::vector<std::string> unfinished(const std::string& prefix) override {
+    step("unfinished");
+    return inner_->unfinished(prefix);
+  }
+  void drop_unfinished(const std::string& key) override {
+    step("drop_unfinished");
+    inner_->drop_unfinished(key);
+  }
+    std::string describe() const override { return inner_->describe(); }
 
  private:
   // A write that fails part-way: some of the bytes went in, then the error.
