@@ -630,14 +630,15 @@ std::set<std::string> pack_files(const TestRepo& t) {
   return names;
 }
 
-// Six points of one disk, each rewriting blocks 0..59 of 200: once all
-// but the last are pruned, the first point's pack is about a third dead
-// and the others' wholly.
-std::vector<Bytes> write_rewritten_versions(TestRepo& t, const std::string& vdi, uint32_t seed) {
-  Bytes d = template_disk(200, seed);
+// `points` points of a disk of `blocks`, each rewriting its first 30 %:
+// once all but the last are pruned, the first point's pack is about a
+// third dead and the others' wholly.
+std::vector<Bytes> write_rewritten_versions(TestRepo& t, const std::string& vdi, uint32_t seed, size_t blocks,
+                                            uint32_t points) {
+  Bytes d = template_disk(blocks, seed);
   std::vector<Bytes> versions;
-  for (uint32_t i = 0; i < 6; ++i) {
-    for (size_t b = 0; b < 60; ++b) change_blocks(d, {b}, seed * 1000 + i * 100);
+  for (uint32_t i = 0; i < points; ++i) {
+    for (size_t b = 0; b < blocks * 3 / 10; ++b) change_blocks(d, {b}, seed * 1000 + i * 100);
     t.write(vdi, d, kT0 + 3600 * i);
     versions.push_back(d);
   }
@@ -647,7 +648,7 @@ std::vector<Bytes> write_rewritten_versions(TestRepo& t, const std::string& vdi,
 
 TEST_CASE("format 2 gc on an object store: a partly dead pack is rewritten, and readers follow it") {
   TestRepo t(2);
-  auto versions = write_rewritten_versions(t, kVdi, 41);
+  auto versions = write_rewritten_versions(t, kVdi, 41, 200, 6);
   uint64_t first_id = t.repo->points(kVdi).points[0]->packs[0];
   std::string first_pack = layout::store_pack_key(first_id);
   first_pack = first_pack.substr(first_pack.rfind('/') + 1);
@@ -672,7 +673,7 @@ TEST_CASE("format 2 gc on an object store: a partly dead pack is rewritten, and 
   GcReport g = collect_store(*repo, false, "unit test");
   CHECK(g.packs_rewritten == 1);
   CHECK(g.bytes_rewritten > 100 * kBlockSize / 2);  // the 140 live blocks, compressed a little at most
-  CHECK(g.packs_removed == 4);
+  CHECK(g.packs_removed == 4);  // points 2 to 5 wrote only what the next one rewrote
   CHECK(g.bytes_freed == dry.bytes_freed);
   CHECK(g.bytes_dead == 0);
   CHECK(store_bytes(t) == before - g.bytes_freed);  // given back, not only counted
@@ -714,7 +715,7 @@ TEST_CASE("format 2 gc on an object store: a partly dead pack is rewritten, and 
 
 TEST_CASE("format 2 gc on an object store: a failure at any step of a rewrite loses nothing") {
   TestRepo t(2);
-  auto versions = write_rewritten_versions(t, kVdi, 43);
+  auto versions = write_rewritten_versions(t, kVdi, 43, 40, 3);
   Bytes other = template_disk(30, 44);
   t.write(kVdiB, other, kT0);
   RetentionPolicy p;
