@@ -24,6 +24,9 @@ class FaultStorage final : public Storage {
   uint64_t operations() const { return ops_; }
   // Frees no ranges of objects, as an object store (S3) cannot.
   void keep_ranges() { keep_ranges_ = true; }
+  // Asks for this many requests in flight at once, as S3 does.
+  void set_parallelism(unsigned n) { parallelism_ = n; }
+  unsigned parallelism() const override { return parallelism_; }
   void fail_at(uint64_t n) { fail_at_ = n; }
   bool fired() const { return fired_; }
 
@@ -114,6 +117,7 @@ class FaultStorage final : public Storage {
   std::atomic<uint64_t> ops_{0};
   bool fired_ = false;
   bool keep_ranges_ = false;
+  unsigned parallelism_ = 1;
 };
 
 }  // namespace cbtfs::test
