@@ -64,11 +64,13 @@ class Repository {
   ManifestPtr manifest(const std::string& vdi, uint32_t seq);
 
   // Reads and verifies one record. Index nodes are cached (they are few and
-  // hot); data blocks go through a small cache for small random reads.
-  // keep=false: a one-off read (a scan of many points) that would only push
-  // hot nodes out; it still uses a node already cached.
+  // hot). keep=false: a one-off read (a scan of many points) that would only
+  // push hot nodes out; it still uses a node already cached.
   std::shared_ptr<const Bytes> node(const std::string& vdi, const BlockRef& ref, bool keep = true);
-  void read_block(const std::string& vdi, const BlockRef& ref, std::span<std::byte> out, bool cache);
+  void read_block(const std::string& vdi, const BlockRef& ref, std::span<std::byte> out);
+  // The same through a small cache, for reads of parts of blocks (a file
+  // system's 4 KiB reads of one block come one after the other).
+  std::shared_ptr<const Bytes> cached_block(const std::string& vdi, const BlockRef& ref);
   // Checks that a pack the VDI references is there and is what its name
   // says (its header; a rewritten one's record table). Throws as reads do.
   void check_pack(const std::string& vdi, uint64_t pack);

@@ -268,7 +268,7 @@ void decode_record(std::span<const std::byte> stored, const BlockRef& ref, std::
   if (stored.size() != ref.length()) throw CorruptError("record length mismatch");
   if (ref.raw()) {
     if (stored.size() != out.size()) throw CorruptError("raw record has the wrong size");
-    std::memcpy(out.data(), stored.data(), out.size());
+    if (stored.data() != out.data()) std::memcpy(out.data(), stored.data(), out.size());
   } else {
     int n = LZ4_decompress_safe(reinterpret_cast<const char*>(stored.data()), reinterpret_cast<char*>(out.data()),
                                 static_cast<int>(stored.size()), static_cast<int>(out.size()));

@@ -26,7 +26,6 @@ size_t PointReader::read(uint64_t offset, std::span<std::byte> out) {
   const uint64_t size = point_->virtual_size;
   if (offset >= size) return 0;
   size_t len = static_cast<size_t>(std::min<uint64_t>(out.size(), size - offset));
-  Bytes scratch;
   size_t done = 0;
   while (done < len) {
     uint64_t pos = offset + done;
@@ -41,18 +40,22 @@ size_t PointReader::read(uint64_t offset, std::span<std::byte> out) {
       // Whole-block reads are sequential streams: decode straight into the
       // caller's buffer and keep the cache for small random reads.
       try {
-        repo_->read_block(point_->vdi, ref, {dst, n}, false);
+        repo_->read_block(point_->vdi, ref, {dst, n});
       } catch (const CorruptError& e) {
         throw CorruptError("block " + std::to_string(block) + ": " + e.what());
       }
     } else {
-      scratch.resize(kBlockSize);
       try {
-        repo_->read_block(point_->vdi, ref, scratch, keep_cached_);
+        if (keep_cached_) {
+          std::memcpy(dst, repo_->cached_block(point_->vdi, ref)->data() + in_block, n);
+        } else {
+          thread_local Bytes scratch(kBlockSize);  // never cleared: decoded over at once
+          repo_->read_block(point_->vdi, ref, scratch);
+          std::memcpy(dst, scratch.data() + in_block, n);
+        }
       } catch (const CorruptError& e) {
         throw CorruptError("block " + std::to_string(block) + ": " + e.what());
       }
-      std::memcpy(dst, scratch.data() + in_block, n);
     }
     done += n;
   }

@@ -189,7 +189,11 @@ void Repository::read_record(const std::string& vdi, const BlockRef& ref, std::s
   if (ref.length() == 0 || ref.length() > kBlockSize + 1024 || ref.offset < pack_header_size(format()))
     throw CorruptError("pack " + std::to_string(ref.pack) + " offset " + std::to_string(ref.offset) +
                        ": impossible record reference");
-  Bytes stored(ref.length());
+  // A record stored raw is read where it goes; a compressed one into this
+  // thread's buffer, which is never cleared (it is read over at once).
+  thread_local Bytes buffer(kBlockSize + 1024);
+  std::span<std::byte> stored =
+      ref.raw() && ref.length() == out.size() ? out : std::span<std::byte>(buffer).first(ref.length());
   std::string key = pack_key(vdi, ref.pack);
   uint64_t at = ref.offset;
   // Where a rewritten pack keeps the record now (the reference keeps the
@@ -269,16 +273,17 @@ std::shared_ptr<const Bytes> Repository::node(const std::string& vdi, const Bloc
   return n;
 }
 
-void Repository::read_block(const std::string& vdi, const BlockRef& ref, std::span<std::byte> out, bool cache) {
-  RecordKey k{format() >= 2 ? nullptr : intern(vdi), ref.pack, ref.offset, ref.hash};
-  if (cache) {
-    if (auto hit = blocks_.get(k)) {
-      std::memcpy(out.data(), hit->data(), kBlockSize);
-      return;
-    }
-  }
+void Repository::read_block(const std::string& vdi, const BlockRef& ref, std::span<std::byte> out) {
   read_record(vdi, ref, out);
-  if (cache) blocks_.put(k, std::make_shared<Bytes>(out.begin(), out.end()));
+}
+
+std::shared_ptr<const Bytes> Repository::cached_block(const std::string& vdi, const BlockRef& ref) {
+  RecordKey k{format() >= 2 ? nullptr : intern(vdi), ref.pack, ref.offset, ref.hash};
+  if (auto hit = blocks_.get(k)) return hit;
+  auto b = std::make_shared<Bytes>(kBlockSize);
+  read_record(vdi, ref, *b);
+  blocks_.put(k, b);
+  return b;
 }
 
 }  // namespace cbtfs

@@ -93,6 +93,16 @@ def list_objects(repo, prefix):
     return names
 
 
+def object_bytes(repo, prefix):
+    """Bytes of every object below prefix ("store/packs"), at any depth."""
+    if BACKEND != "s3":
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(os.path.join(str(repo), prefix))
+                   for f in files if not f.startswith(".tmp."))
+    bucket, key = _s3_split(repo, prefix + "/")
+    pages = _rgw.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+    return sum(o["Size"] for page in pages for o in page.get("Contents", []))
+
+
 def unfinished_uploads(repo):
     """Multipart uploads left open under the repository (S3's temporaries)."""
     if BACKEND != "s3":
