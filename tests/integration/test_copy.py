@@ -139,7 +139,6 @@ def test_a_format_1_repository_moves_to_format_2_and_stays_readable(tmp_path):
     assert "format      cbtfs v2" in run(REPO_TOOL, "info", new).stdout
 
 
-@pytest.mark.skipif(BACKEND != "local", reason="kills the copy by watching the local store's files")
 def test_an_interrupted_copy_resumes_and_stores_only_what_was_lost(tmp_path):
     """Killed once its first pack is committed (into a bucket under
     CBTFS_TEST_BACKEND=s3), then run again."""
