@@ -1154,6 +1154,7 @@ class NbdFrontend:
         self.busy = 0               # connections refused because the host was at its limit
         self.served = 0             # connections admitted
         self.listeners = {}         # VDI uuid -> listening socket
+        self.clients = set()        # client sockets of the admitted connections still counted
 
     def listen(self, uuid):
         """The port that reaches VDI uuid through this host."""
@@ -1188,6 +1189,7 @@ class NbdFrontend:
                 client, _ = sock.accept()
             except OSError:
                 return              # closed
+            self._settle()
             with self.lock:
                 self.open += 1
                 self.peak = max(self.peak, self.open)
@@ -1199,6 +1201,22 @@ class NbdFrontend:
                 self._close(client)
                 continue
             threading.Thread(target=self._serve, args=(client, uuid), daemon=True).start()
+
+    def _settle(self, limit=0.05):
+        """Lets the relays take in what the clients sent (a close included) before a new
+        connection is counted: a client that closed one connection and opened the next
+        at once must not be counted twice because a relay thread had not run yet."""
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            with self.lock:
+                clients = list(self.clients)
+            try:
+                readable = select.select(clients, [], [], 0)[0] if clients else []
+            except (OSError, ValueError):   # one closed as we looked
+                readable = [None]
+            if not readable:
+                return
+            time.sleep(0.001)
 
     def _close(self, client):
         try:
@@ -1218,6 +1236,8 @@ class NbdFrontend:
             return
         for s in (client, upstream):
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self.lock:
+            self.clients.add(client)
         back = threading.Thread(target=self._pump, args=(upstream, client), daemon=True)
         back.start()
         self._pump(client, upstream)
@@ -1225,6 +1245,7 @@ class NbdFrontend:
         # nbdkit may take a moment to see it go (xapi-nbd counts until it has
         # unplugged its VBD, seconds later on a real host).
         with self.lock:
+            self.clients.discard(client)
             self.open -= 1
         back.join()
         upstream.close()
