@@ -30,13 +30,21 @@ void BackupJob::run(const JobSpec& spec, Claims& claims) {
 // The VM's disks, read now rather than at selection: a job of the pool's
 // run reads them while others copy.
 bool BackupJob::load(const JobSpec& spec, Claims& claims) {
-  if (!spec.vm) {
+  if (!spec.vm && spec.vm_key.empty()) {
     if (claims.claim(spec.vdi->uuid)) add_task(*spec.vdi, spec.vm_name, spec.vm_uuid);
     return !tasks_.empty();
   }
-  vm_ = spec.vm;
   try {
-    load_disks(c_, *vm_);
+    if (spec.vm) {
+      vm_ = spec.vm;
+    } else {
+      vm_ = find_vm(c_, spec.vm_key);
+      if (!claims.claim_vm(vm_->uuid)) return false;
+    }
+    // The disks and their snapshots on the host: two calls, whatever the
+    // number of disks.
+    std::map<std::string, std::vector<VdiInfo>> snapshots;
+    load_disks(c_, *vm_, &snapshots);
     if (vm_->disks.empty()) {
       if (!spec.from_pool) throw std::runtime_error("VM '" + vm_->name + "' has no disks");
       skip(*vm_, nullptr, "it has no disks");
@@ -50,7 +58,7 @@ bool BackupJob::load(const JobSpec& spec, Claims& claims) {
       if (!why.empty())
         skip(*vm_, &d, "it cannot have changed block tracking: " + why);
       else if (claims.claim(d.uuid))
-        add_task(d, vm_->name, vm_->uuid);
+        add_task(d, vm_->name, vm_->uuid, std::move(snapshots[d.ref]));
     }
     if (tasks_.empty() && spec.from_pool && skipped.size() == vm_->disks.size())
       skip(*vm_, nullptr, "none of its disks can have changed block tracking");
@@ -66,9 +74,11 @@ bool BackupJob::load(const JobSpec& spec, Claims& claims) {
   return !tasks_.empty();
 }
 
-void BackupJob::add_task(const VdiInfo& vdi, const std::string& vm_name, const std::string& vm_uuid) {
+void BackupJob::add_task(const VdiInfo& vdi, const std::string& vm_name, const std::string& vm_uuid,
+                         std::optional<std::vector<VdiInfo>> snapshots) {
   Task t;
   t.vdi = vdi;
+  t.host_snapshots = std::move(snapshots);
   t.vm_name = vm_name;
   t.vm_uuid = vm_uuid;
   t.out.vdi_uuid = vdi.uuid;

@@ -51,6 +51,7 @@ struct Task {
 // The disks a job backs up, as selection found them.
 struct JobSpec {
   std::optional<VmInfo> vm;  // a VM whose disks the job loads; else one VDI
+  std::string vm_key;        // else the uuid or name of a VM the job looks up first
   bool from_pool = false;    // chosen by --all / --tag: disks without CBT are skipped, not failed
   std::optional<VdiInfo> vdi;
   std::string vm_name, vm_uuid;  // of the VDI
@@ -65,10 +66,15 @@ class Claims {
     std::lock_guard g(mu_);
     return seen_.insert(vdi_uuid).second;
   }
+  // A VM named twice (by name and by uuid) is backed up by the first job.
+  bool claim_vm(const std::string& vm_uuid) {
+    std::lock_guard g(mu_);
+    return vms_.insert(vm_uuid).second;
+  }
 
  private:
   std::mutex mu_;
-  std::set<std::string> seen_;
+  std::set<std::string> seen_, vms_;
 };
 
 class BackupJob {
@@ -87,7 +93,8 @@ class BackupJob {
  private:
   // backup_job.cpp
   bool load(const JobSpec& spec, Claims& claims);
-  void add_task(const VdiInfo& vdi, const std::string& vm_name, const std::string& vm_uuid);
+  void add_task(const VdiInfo& vdi, const std::string& vm_name, const std::string& vm_uuid,
+                std::optional<std::vector<VdiInfo>> snapshots = std::nullopt);
   void skip(const VmInfo& vm, const VdiInfo* disk, const std::string& why);
   void prepare();
   void say(const Task& t, const std::string& msg);

@@ -64,6 +64,18 @@ class Run {
   // are the jobs' to read.
   void select() {
     std::set<std::string> vms_taken;
+    // With VMs named alone, each job looks its VM up itself, side by side
+    // with the others. Else they are looked up now: --tag, --all and --vdi
+    // leave out the VMs named.
+    if (ctx_.opts.pool.empty() && ctx_.opts.vdis.empty()) {
+      for (auto& key : ctx_.opts.vms) {
+        Job j;
+        j.spec.vm_key = key;
+        j.spec.what = "VM " + key;
+        jobs_.push_back(std::move(j));
+      }
+      return;
+    }
     for (auto& key : ctx_.opts.vms) {
       try {
         VmInfo vm = find_vm(c_, key);

@@ -217,6 +217,23 @@ class Transfer {
   ReorderWindow window_;
 };
 
+// The batches the workers claim the extents in: more connections than
+// that would have nothing to read, and each costs the host a TLS handshake
+// and a VBD plugged into its control domain.
+size_t batch_count(const std::vector<Extent>& extents) {
+  size_t batches = 0, items = 0, bytes = 0;
+  for (auto& e : extents) {
+    size_t size = static_cast<size_t>(e.count * kBlockSize);
+    if (items == 0 || items == kBatchCount || bytes + size > kBatchBytes) {
+      ++batches;
+      items = bytes = 0;
+    }
+    ++items;
+    bytes += size;
+  }
+  return batches;
+}
+
 }  // namespace
 
 std::string host_key(const nbd::Target& t) { return t.subject.empty() ? t.address : t.subject; }
@@ -225,7 +242,7 @@ TransferStats transfer(const Source& source, int connections, const std::vector<
                        uint64_t virtual_size, PointWriter& writer, const std::function<void(uint64_t)>& progress) {
   if (extents.empty()) return {};
   connections = std::clamp<int>(connections, 1,
-                                static_cast<int>(std::min<size_t>(extents.size(), source.budget->per_host())));
+                                static_cast<int>(std::min<size_t>(batch_count(extents), source.budget->per_host())));
   return Transfer(source, static_cast<size_t>(connections), extents, virtual_size, writer, progress).run();
 }
 

@@ -1,5 +1,6 @@
 #include "xapi_ops.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <ctime>
@@ -30,8 +31,9 @@ int64_t xapi_time(const std::string& s) {
 }
 }  // namespace
 
-VdiInfo get_vdi(xapi::Client& c, const std::string& ref) {
-  Value r = c.call("VDI.get_record", {Value(ref)});
+VdiInfo get_vdi(xapi::Client& c, const std::string& ref) { return vdi_from_record(ref, c.call("VDI.get_record", {Value(ref)})); }
+
+VdiInfo vdi_from_record(const std::string& ref, const Value& r) {
   VdiInfo v;
   v.ref = ref;
   v.uuid = r.at("uuid").str();
@@ -47,6 +49,16 @@ VdiInfo get_vdi(xapi::Client& c, const std::string& ref) {
   if (r.has("snapshots"))
     for (auto& s : r.at("snapshots").array()) v.snapshots.push_back(s.str());
   return v;
+}
+
+std::map<std::string, Value> records_where(xapi::Client& c, const std::string& cls, const std::string& expr) {
+  return c.call(cls + ".get_all_records_where", {Value(expr)}).fields();
+}
+
+std::string field_is(const std::string& field, const std::string& value) {
+  if (value.find('"') != std::string::npos)
+    throw std::invalid_argument("a XAPI filter cannot compare with a value holding '\"': " + value);
+  return "field \"" + field + "\" = \"" + value + "\"";
 }
 
 VdiInfo vdi_by_uuid(xapi::Client& c, const std::string& uuid) {
@@ -71,14 +83,46 @@ bool backed_up_kind(const Value& rec) {
 }
 }  // namespace
 
-void load_disks(xapi::Client& c, VmInfo& vm) {
+void load_disks(xapi::Client& c, VmInfo& vm, std::map<std::string, std::vector<VdiInfo>>* snapshots) {
   vm.disks.clear();
-  for (auto& vbd_ref : vm.vbds) {
-    Value vbd = c.call("VBD.get_record", {Value(vbd_ref)});
+  auto vbds = records_where(c, "VBD", field_is("VM", vm.ref));
+  std::vector<std::string> order = vm.vbds;
+  if (order.empty()) {
+    std::vector<std::pair<std::string, std::string>> by_device;  // (userdevice, ref)
+    for (auto& [ref, vbd] : vbds) by_device.emplace_back(text(vbd, "userdevice"), ref);
+    std::sort(by_device.begin(), by_device.end(), [](auto& a, auto& b) {
+      return a.first.size() != b.first.size() ? a.first.size() < b.first.size() : a < b;  // "2" before "10"
+    });
+    for (auto& d : by_device) order.push_back(d.second);
+  }
+  std::vector<std::string> refs;  // the disks' VDIs, in order
+  for (auto& vbd_ref : order) {
+    auto it = vbds.find(vbd_ref);
+    if (it == vbds.end()) throw xapi::XapiError("VBD.get_all_records_where", {"HANDLE_INVALID", "VBD", vbd_ref});
+    const Value& vbd = it->second;
     if (text(vbd, "type") != "Disk" || truthy(vbd, "empty")) continue;
     std::string vdi = text(vbd, "VDI");
     if (vdi.empty() || vdi == kNullRef) continue;
-    vm.disks.push_back(get_vdi(c, vdi));
+    refs.push_back(vdi);
+  }
+  if (refs.empty()) return;
+  std::string expr;
+  for (auto& r : refs) {
+    expr += (expr.empty() ? "" : " or ") + field_is("_ref", r);
+    if (snapshots) expr += " or " + field_is("snapshot_of", r);
+  }
+  auto vdis = records_where(c, "VDI", expr);
+  for (auto& r : refs) {
+    auto it = vdis.find(r);
+    if (it == vdis.end()) throw xapi::XapiError("VDI.get_all_records_where", {"HANDLE_INVALID", "VDI", r});
+    vm.disks.push_back(vdi_from_record(r, it->second));
+  }
+  if (snapshots) {
+    for (auto& [ref, rec] : vdis) {
+      if (!truthy(rec, "is_a_snapshot")) continue;
+      std::string of = text(rec, "snapshot_of");
+      if (std::find(refs.begin(), refs.end(), of) != refs.end()) (*snapshots)[of].push_back(vdi_from_record(ref, rec));
+    }
   }
 }
 
@@ -94,11 +138,15 @@ VmInfo find_vm(xapi::Client& c, const std::string& key) {
       throw std::runtime_error("VM " + key + " is a snapshot, a template or the control domain");
     return vm_from_record(c, ref, rec, false);
   }
-  auto refs = c.call("VM.get_by_name_label", {Value(key)}).array();
   std::vector<std::pair<std::string, Value>> vms;
-  for (auto& r : refs) {
-    Value rec = c.call("VM.get_record", {r});
-    if (backed_up_kind(rec)) vms.emplace_back(r.str(), std::move(rec));
+  if (key.find('"') == std::string::npos) {  // one call
+    for (auto& [ref, rec] : records_where(c, "VM", field_is("name__label", key)))
+      if (backed_up_kind(rec)) vms.emplace_back(ref, rec);
+  } else {
+    for (auto& r : c.call("VM.get_by_name_label", {Value(key)}).array()) {
+      Value rec = c.call("VM.get_record", {r});
+      if (backed_up_kind(rec)) vms.emplace_back(r.str(), std::move(rec));
+    }
   }
   if (vms.empty()) throw std::runtime_error("no VM named '" + key + "'");
   if (vms.size() > 1) throw std::runtime_error(std::to_string(vms.size()) + " VMs are named '" + key + "'; give its uuid");
@@ -184,7 +232,11 @@ std::vector<std::string> leftover_snapshot_vms(xapi::Client& c, const VmInfo& vm
 }
 
 VmInfo snapshot_vm(xapi::Client& c, const VmInfo& vm, const std::string& name) {
-  return get_vm(c, c.call("VM.snapshot", {Value(vm.ref), Value(name)}).str());
+  VmInfo snap;
+  snap.ref = c.call("VM.snapshot", {Value(vm.ref), Value(name)}).str();
+  snap.name = name;
+  load_disks(c, snap);
+  return snap;
 }
 
 std::string start_snapshot_vdi(xapi::Client& c, const VdiInfo& vdi) {

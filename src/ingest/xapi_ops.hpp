@@ -1,6 +1,7 @@
 // The XAPI calls a backup run makes, typed. Knows XAPI, not the repository.
 #pragma once
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -37,14 +38,25 @@ struct VmInfo {
 };
 
 VdiInfo get_vdi(xapi::Client& c, const std::string& ref);
+VdiInfo vdi_from_record(const std::string& ref, const xapi::Value& record);
+// The records of class cls (VM, VBD, VDI) that match a filter of XAPI's
+// database (get_all_records_where, one call whatever the pool's size):
+// `field "VM" = "OpaqueRef:..."`, joined by and/or. field_is builds one
+// comparison; the literal may not hold a double quote (the language has no
+// escape).
+std::map<std::string, xapi::Value> records_where(xapi::Client& c, const std::string& cls, const std::string& expr);
+std::string field_is(const std::string& field, const std::string& value);
 VdiInfo vdi_by_uuid(xapi::Client& c, const std::string& uuid);
 // A VM by uuid or by name label (which must be unique), without its disks.
 VmInfo find_vm(xapi::Client& c, const std::string& uuid_or_name);
-// The VM's record, with its disks unless disks is false (one VBD and one
-// VDI record per drive: a backup job loads them, selection need not).
+// The VM's record, with its disks unless disks is false (see load_disks:
+// a backup job loads them, selection need not).
 VmInfo get_vm(xapi::Client& c, const std::string& ref, bool disks = true);
-// Fills vm.disks from vm.vbds.
-void load_disks(xapi::Client& c, VmInfo& vm);
+// Fills vm.disks, in the order of vm.vbds (of the userdevices when the
+// record was not read), with two calls: the VM's VBDs, then their VDIs.
+// With snapshots, the second call also brings the records of every
+// snapshot of those disks, by the disk's ref.
+void load_disks(xapi::Client& c, VmInfo& vm, std::map<std::string, std::vector<VdiInfo>>* snapshots = nullptr);
 
 // Every VM record of the pool (one call), for selection.
 std::vector<PoolVm> pool_vms(xapi::Client& c);
@@ -66,7 +78,8 @@ std::pair<std::string, std::string> vm_of(xapi::Client& c, const VdiInfo& vdi);
 // with prefix.
 std::vector<std::string> leftover_snapshot_vms(xapi::Client& c, const VmInfo& vm, const std::string& prefix);
 
-// Snapshots the whole VM (a crash-consistent set); returns the snapshot VM.
+// Snapshots the whole VM (a crash-consistent set); returns the snapshot VM
+// (its ref, name and disks).
 VmInfo snapshot_vm(xapi::Client& c, const VmInfo& vm, const std::string& name);
 // VDI.snapshot cannot name its snapshot, so it is taken as a task
 // (Async.VDI.snapshot): the task's ref is known before the snapshot exists,

@@ -206,6 +206,26 @@ def test_login_logout_and_generic_errors(sim):
     assert e.value.description == ["SESSION_INVALID", other]
 
 
+def test_get_all_records_where_filters_as_xapis_database_does(sim):
+    vm = sim.call("VM.get_by_name_label", "web01")[0]
+    vbds = sim.call("VBD.get_all_records_where", f'field "VM" = "{vm}"')
+    assert sorted(vbds) == sorted(sim.call("VM.get_VBDs", vm))
+    assert all(r == sim.call("VBD.get_record", ref) for ref, r in vbds.items())
+    disks = [r["VDI"] for r in vbds.values() if r["type"] == "Disk"]
+    both = sim.call("VDI.get_all_records_where", " or ".join(f'field "_ref" = "{d}"' for d in disks))
+    assert sorted(both) == sorted(disks)
+    snap = sim.call("VDI.snapshot", disks[0], {})
+    found = sim.call("VDI.get_all_records_where", f'field "snapshot_of" = "{disks[0]}" and not field "_ref" = "x"')
+    assert list(found) == [snap] and found[snap]["is_a_snapshot"] is True
+    assert list(sim.call("VM.get_all_records_where", 'field "name__label" = "web01"')) == [vm]
+    assert sim.call("VM.get_all_records_where", 'field "name__label" = "web01" and field "is_a_snapshot" = "true"') == {}
+    assert sim.call("VM.get_all_records_where", '(false or true) and field "is_control_domain" = "true"')
+    assert sim.call("VDI.get_all_records_where", "false") == {}
+    assert sim.error("VM.get_all_records_where", 'field "name__label" ==')[0] == "INTERNAL_ERROR"
+    assert sim.error("VM.get_all_records_where", 'field "no_such_field" = "x"')[0] == "INTERNAL_ERROR"
+    assert sim.error("VM.get_all_records_where")[0] == "MESSAGE_PARAMETER_COUNT_MISMATCH"
+
+
 def test_wire_format_is_xapis_untyped_encoding(sim):
     status, ctype, text = sim.raw(
         "<?xml version='1.0'?><methodCall><methodName>session.login_with_password</methodName><params>"

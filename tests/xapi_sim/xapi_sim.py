@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import re
 import select
 import shlex
 import shutil
@@ -452,6 +453,122 @@ class Task:
 
 def unrelated(reason="Source and target VDI are unrelated"):
     return XapiError("SR_BACKEND_FAILURE_460", "", reason, "")
+
+
+# ----------------------------------------------------------------------------
+# get_all_records_where: XAPI's filter language (ocaml/database/db_filter_lex.mll,
+# db_filter_parse.mly). An expression compares values, each a "literal" or a
+# field "name" of the database row, with =, combined by and, or (one precedence,
+# left to right), not (tighter) and parentheses; true and false stand alone.
+
+FILTER_TOKEN = re.compile(r'\s*(?:(=)|(\()|(\))|"([^"]*)"|(true|false|field|and|or|not))')
+
+
+def parse_filter(text):
+    """The expression as nested tuples; XapiError INTERNAL_ERROR if it does not parse."""
+    tokens, pos = [], 0
+    while pos < len(text.rstrip(" \t\n")):
+        m = FILTER_TOKEN.match(text, pos)
+        if m is None:
+            raise XapiError("INTERNAL_ERROR", f"Db_filter.Expression_error: cannot read {text[pos:]!r}")
+        eq, lp, rp, ident, word = m.groups()
+        tokens.append(("ident", ident) if ident is not None else (eq or lp or rp or word, None))
+        pos = m.end()
+    tokens.append(("eof", None))
+    at = 0
+
+    def take(kind=None):
+        nonlocal at
+        tok = tokens[at]
+        if kind is not None and tok[0] != kind:
+            raise XapiError("INTERNAL_ERROR", f"Db_filter.Expression_error: unexpected {tok[0]} in {text!r}")
+        at += 1
+        return tok
+
+    def value():
+        if tokens[at][0] == "field":
+            take()
+            return ("field", take("ident")[1])
+        return ("literal", take("ident")[1])
+
+    def unary():
+        kind = tokens[at][0]
+        if kind == "not":
+            take()
+            return ("not", unary())
+        if kind in ("true", "false"):
+            take()
+            return (kind,)
+        if kind == "(":
+            take()
+            inner = expr()
+            take(")")
+            return inner
+        left = value()
+        take("=")
+        return ("eq", left, value())
+
+    def expr():
+        left = unary()
+        while tokens[at][0] in ("and", "or"):
+            left = (take()[0], left, unary())
+        return left
+
+    tree = expr()
+    take("eof")
+    return tree
+
+
+def db_field(record, ref, name):
+    """A field of a database row as XAPI marshals it: name_label is name__label there, and
+    every row has its ref as _ref."""
+    if name == "_ref":
+        return ref
+    key = name.replace("__", "_")
+    if key not in record:
+        raise XapiError("INTERNAL_ERROR", f"Db_exn.DBCache_NotFound(\"missing field\", {name!r})")
+    v = record[key]
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return v if isinstance(v, str) else str(v)
+
+
+class Row:
+    """A database row for a filter: the fields a filter usually names are read from the
+    object; the whole record is made only when another is named, or for the answer."""
+    QUICK = {"uuid": lambda o: o.uuid, "name_label": lambda o: o.name_label}
+    QUICK_BY_CLASS = {"VBD": {"VM": lambda o: o.vm.ref, "VDI": lambda o: ref_of(o.vdi)},
+                      "VDI": {"snapshot_of": lambda o: ref_of(o.snapshot_of)},
+                      "VM": {"snapshot_of": lambda o: ref_of(o.snapshot_of)}}
+
+    def __init__(self, model, obj):
+        self.model, self.obj, self._record = model, obj, None
+        self.quick = {**self.QUICK, **self.QUICK_BY_CLASS.get(obj.CLASS, {})}
+
+    def record(self):
+        if self._record is None:
+            self._record = self.model.record(self.obj)
+        return self._record
+
+    def __contains__(self, key):
+        return key in self.quick or key in self.record()
+
+    def __getitem__(self, key):
+        return self.quick[key](self.obj) if key in self.quick else self.record()[key]
+
+
+def eval_filter(tree, record, ref):
+    op = tree[0]
+    if op in ("true", "false"):
+        return op == "true"
+    if op == "not":
+        return not eval_filter(tree[1], record, ref)
+    if op == "and":
+        return eval_filter(tree[1], record, ref) and eval_filter(tree[2], record, ref)
+    if op == "or":
+        return eval_filter(tree[1], record, ref) or eval_filter(tree[2], record, ref)
+    side = [v if kind == "literal" else db_field(record, ref, v) for kind, v in tree[1:]]
+    return side[0] == side[1]
 
 
 class Model:
@@ -917,8 +1034,10 @@ class NbdServer:
             time.sleep(0.01)
             self.log.update()
 
-    def stop(self):
-        self._kill()
+    def stop(self, wait=False):
+        # Not waited for: the caller holds the host lock, and xapi-nbd, one server for
+        # every VDI, has no process to wait for. Its clients are gone by now.
+        self._kill(wait=wait)
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -996,11 +1115,19 @@ class NbdServer:
             self.manager.drops.pop(self.drop[0], None)
             self._spawn(None)
 
-    def _kill(self):
+    def _kill(self, wait=True):
+        """Stops the running nbdkit; without wait, a thread sees it exit."""
         proc, self.proc = self.proc, None
         if proc is None:
             return
         proc.terminate()
+        if wait:
+            self._reap(proc)
+        else:
+            threading.Thread(target=self._reap, args=(proc,), daemon=True).start()
+
+    @staticmethod
+    def _reap(proc):
         try:
             proc.wait(5)
         except subprocess.TimeoutExpired:
@@ -1027,6 +1154,7 @@ class NbdFrontend:
         self.busy = 0               # connections refused because the host was at its limit
         self.served = 0             # connections admitted
         self.listeners = {}         # VDI uuid -> listening socket
+        self.clients = set()        # client sockets of the admitted connections still counted
 
     def listen(self, uuid):
         """The port that reaches VDI uuid through this host."""
@@ -1061,6 +1189,7 @@ class NbdFrontend:
                 client, _ = sock.accept()
             except OSError:
                 return              # closed
+            self._settle()
             with self.lock:
                 self.open += 1
                 self.peak = max(self.peak, self.open)
@@ -1072,6 +1201,22 @@ class NbdFrontend:
                 self._close(client)
                 continue
             threading.Thread(target=self._serve, args=(client, uuid), daemon=True).start()
+
+    def _settle(self, limit=0.05):
+        """Lets the relays take in what the clients sent (a close included) before a new
+        connection is counted: a client that closed one connection and opened the next
+        at once must not be counted twice because a relay thread had not run yet."""
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            with self.lock:
+                clients = list(self.clients)
+            try:
+                readable = select.select(clients, [], [], 0)[0] if clients else []
+            except (OSError, ValueError):   # one closed as we looked
+                readable = [None]
+            if not readable:
+                return
+            time.sleep(0.001)
 
     def _close(self, client):
         try:
@@ -1091,6 +1236,8 @@ class NbdFrontend:
             return
         for s in (client, upstream):
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self.lock:
+            self.clients.add(client)
         back = threading.Thread(target=self._pump, args=(upstream, client), daemon=True)
         back.start()
         self._pump(client, upstream)
@@ -1098,6 +1245,7 @@ class NbdFrontend:
         # nbdkit may take a moment to see it go (xapi-nbd counts until it has
         # unplugged its VBD, seconds later on a real host).
         with self.lock:
+            self.clients.discard(client)
             self.open -= 1
         back.join()
         upstream.close()
@@ -1240,7 +1388,9 @@ class NbdManager:
 
     def close(self):
         for uuid in list(self.servers):
-            self.stop(uuid)
+            for frontend in self.frontends.values():
+                frontend.close(uuid)
+            self.servers[uuid].stop(wait=True)
         self.spawner.shutdown()
 
 
@@ -1432,12 +1582,19 @@ class XapiService:
             raise XapiError("SESSION_INVALID", ref)
 
     def _generic(self, cls, op, *args):
-        """get_all, get_all_records, get_by_uuid, get_by_name_label, get_record, get_<field>."""
+        """get_all, get_all_records, get_all_records_where, get_by_uuid, get_by_name_label, get_record,
+        get_<field>."""
         m = self.model
         if op == "get_all":
             return [o.ref for o in m.all(cls)]
         if op == "get_all_records":
             return {o.ref: m.record(o) for o in m.all(cls)}
+        if op == "get_all_records_where":
+            if not isinstance(args[0], str):
+                raise XapiError("FIELD_TYPE_ERROR", "expr")
+            tree = parse_filter(args[0])
+            rows = [Row(m, o) for o in m.all(cls)]
+            return {row.obj.ref: row.record() for row in rows if eval_filter(tree, row, row.obj.ref)}
         if op == "get_by_uuid":
             return m.by_uuid(cls, args[0]).ref
         if op == "get_by_name_label":
