@@ -337,7 +337,7 @@ TEST_CASE("format 2 gc: one at a time, and not on format 1") {
   CHECK_THROWS_AS(collect_store(*one.repo, false, "unit test"), UsageError);
 }
 
-TEST_CASE("format 2 gc: a failure at any storage step loses nothing") {
+TEST_CASE("format 2 gc: a failure at any storage step loses nothing", "[sweep]") {
   TestRepo t(2);
   Bytes d = template_disk(120, 15);
   std::map<std::string, Bytes> expect;
@@ -713,7 +713,7 @@ TEST_CASE("format 2 gc on an object store: a partly dead pack is rewritten, and 
   CHECK_FALSE(verify_vdi(*fresh, kVdi).problems.empty());
 }
 
-TEST_CASE("format 2 gc on an object store: a failure at any step of a rewrite loses nothing") {
+TEST_CASE("format 2 gc on an object store: a failure at any step of a rewrite loses nothing", "[sweep]") {
   TestRepo t(2);
   auto versions = write_rewritten_versions(t, kVdi, 43, 40, 3);
   Bytes other = template_disk(30, 44);
