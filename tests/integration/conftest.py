@@ -7,10 +7,10 @@ daemon must exit 0.
 CBTFS_TEST_BACKEND=s3 runs the same tests with every repository in a bucket
 of a real Ceph RADOS Gateway, started for the run on loopback; the helpers
 below (list_objects, flip_object_byte, ...) reach repository objects on
-either backend. Repositories the tests make are format 1 (whose layout many
-tests look into) unless a test asks otherwise; CBTFS_TEST_FORMAT=2 makes
-every one format 2 (a shared, deduplicated block store), the default of
-cbtfs-repo init."""
+either backend. Repositories the tests make are format 2 (a shared,
+deduplicated block store), the default of cbtfs-repo init, unless a test
+asks otherwise; CBTFS_TEST_FORMAT=1 makes every one format 1 (a store per
+VDI), which repositories made before format 2 still are."""
 
 import json
 import os
@@ -30,7 +30,7 @@ CBTFS = os.path.abspath(os.path.join(BUILD, "src", "cbtfs"))
 REPO_TOOL = os.path.abspath(os.path.join(BUILD, "src", "cbtfs-repo"))
 BLOCK = 65536
 BACKEND = os.environ.get("CBTFS_TEST_BACKEND", "local")
-FORMAT = os.environ.get("CBTFS_TEST_FORMAT", "1")
+FORMAT = os.environ.get("CBTFS_TEST_FORMAT", "2")
 BUCKET = "cbtfs-tests"
 LEASE_SECONDS = 2  # S3 lock lease in tests: a killed writer's lock frees quickly
 _rgw = None

@@ -48,6 +48,14 @@ def peak_rss_mib(cmd, env):
     return int(p.stderr.strip().splitlines()[-1]) // 1024
 
 
+@pytest.fixture
+def repo(tmp_path):
+    """Format 1: the tests count the parts of the VDI's one pack."""
+    r = conftest.new_repo_location(tmp_path)
+    run(REPO_TOOL, "init", "--format", "1", r)
+    return r
+
+
 def pack_parts(repo):
     """Parts of the one pack of VDI, from its ETag ("md5-N" after a multipart upload)."""
     client = conftest._rgw.client()
