@@ -67,8 +67,8 @@ class Repository {
   // hot). keep=false: a one-off read (a scan of many points) that would only
   // push hot nodes out; it still uses a node already cached.
   std::shared_ptr<const Bytes> node(const std::string& vdi, const BlockRef& ref, bool keep = true);
-  void read_block(const std::string& vdi, const BlockRef& ref, std::span<std::byte> out);
-  // The same through a small cache, for reads of parts of blocks (a file
+  void read_record(const std::string& vdi, const BlockRef& ref, std::span<std::byte> out);
+  // A data block through a small cache, for reads of parts of blocks (a file
   // system's 4 KiB reads of one block come one after the other).
   std::shared_ptr<const Bytes> cached_block(const std::string& vdi, const BlockRef& ref);
   // Checks that a pack the VDI references is there and is what its name
@@ -113,7 +113,6 @@ class Repository {
   };
 
   const void* intern(const std::string& vdi);
-  void read_record(const std::string& vdi, const BlockRef& ref, std::span<std::byte> out);
   // Format 2: the rewrite of a pack a collection made (repacked_pack.hpp),
   // as this process last found it; look=true looks again (after its key
   // went). nullptr when the pack was never rewritten.

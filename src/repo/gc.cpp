@@ -54,7 +54,7 @@ std::map<uint64_t, PackFiles> list_packs(Storage& st) {
 // repacked_pack.hpp), reading neighbouring records together, and removes
 // the files it replaces. refs: ascending by offset, one per record.
 void rewrite_pack(Storage& st, StorageLock& lock, uint64_t pack, const PackFiles& files,
-                      const std::vector<BlockRef>& refs) {
+                  const std::vector<BlockRef>& refs) {
   std::string from = pack_file_key(pack, files.generation);
   std::optional<RepackedPack> moved;
   if (files.generation) moved = read_repacked_pack(st, from, pack);

@@ -40,7 +40,7 @@ size_t PointReader::read(uint64_t offset, std::span<std::byte> out) {
       // Whole-block reads are sequential streams: decode straight into the
       // caller's buffer and keep the cache for small random reads.
       try {
-        repo_->read_block(point_->vdi, ref, {dst, n});
+        repo_->read_record(point_->vdi, ref, {dst, n});
       } catch (const CorruptError& e) {
         throw CorruptError("block " + std::to_string(block) + ": " + e.what());
       }
@@ -50,7 +50,7 @@ size_t PointReader::read(uint64_t offset, std::span<std::byte> out) {
           std::memcpy(dst, repo_->cached_block(point_->vdi, ref)->data() + in_block, n);
         } else {
           thread_local Bytes scratch(kBlockSize);  // never cleared: decoded over at once
-          repo_->read_block(point_->vdi, ref, scratch);
+          repo_->read_record(point_->vdi, ref, scratch);
           std::memcpy(dst, scratch.data() + in_block, n);
         }
       } catch (const CorruptError& e) {

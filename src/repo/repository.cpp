@@ -273,10 +273,6 @@ std::shared_ptr<const Bytes> Repository::node(const std::string& vdi, const Bloc
   return n;
 }
 
-void Repository::read_block(const std::string& vdi, const BlockRef& ref, std::span<std::byte> out) {
-  read_record(vdi, ref, out);
-}
-
 std::shared_ptr<const Bytes> Repository::cached_block(const std::string& vdi, const BlockRef& ref) {
   RecordKey k{format() >= 2 ? nullptr : intern(vdi), ref.pack, ref.offset, ref.hash};
   if (auto hit = blocks_.get(k)) return hit;

@@ -33,7 +33,7 @@ struct Walker {
         repo.node(vdi, ref);
         ++report.nodes;
       } else {
-        repo.read_block(vdi, ref, buf);
+        repo.read_record(vdi, ref, buf);
         ++report.blocks;
       }
       report.bytes_read += ref.length();
