@@ -107,6 +107,16 @@ bool record_equals(std::span<const std::byte> stored, const BlockRef& ref, std::
 uint64_t hash_bytes(std::span<const std::byte> data);
 bool all_zero(std::span<const std::byte> data);
 
+// What a point writer learns from a block's bytes alone. Computing it is most of
+// the cost of taking a block (a keyed SHA-256 on format 2) and needs nothing
+// of the writer's state, so a caller reading with several threads computes
+// it on them and the writer's one thread only looks it up.
+struct BlockDigest {
+  bool zero = false;
+  uint64_t hash = 0;  // XXH3-64, unless zero
+  BlockId id{};       // format 2, unless zero
+};
+
 // One point in time of one VDI: the manifest file points/<seq>.point.
 struct Manifest {
   uint32_t format = 1;  // of the repository it belongs to; it decides how refs are encoded

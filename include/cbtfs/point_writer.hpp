@@ -21,6 +21,7 @@ namespace cbtfs {
 
 class StoreWriter;
 
+
 // What a new point says about itself; everything else the writer derives.
 struct PointInfo {
   int64_t time = 0;
@@ -53,7 +54,11 @@ class PointWriter {
   // point's if the clock says otherwise).
   void set_source(const std::string& snapshot_uuid, int64_t time);
   // data.size() == kBlockSize (the last block zero-padded).
-  void put_block(uint64_t block, std::span<const std::byte> data);
+  void put_block(uint64_t block, std::span<const std::byte> data) { put_block(block, data, digest(data)); }
+  // d is digest(data), computed on any thread.
+  void put_block(uint64_t block, std::span<const std::byte> data, const BlockDigest& d);
+  // Safe to call from any thread while the writer works.
+  BlockDigest digest(std::span<const std::byte> data) const;
   // Blocks [first, end) are all zero. Cheap where the parent has nothing
   // there either: a sparse 1 TiB disk costs one pass over its leaves.
   void put_zeros(uint64_t first, uint64_t end);
@@ -79,7 +84,7 @@ class PointWriter {
   std::vector<BlockRef> load_node(const BlockRef& ref);
   void store_block(uint64_t block, Bytes&& data, uint64_t hash, const BlockId& id = {});
   // Format 2: a block that differs from the parent's, by its id.
-  void put_block_v2(BlockRef& slot, uint64_t block, std::span<const std::byte> data);
+  void put_block_v2(BlockRef& slot, uint64_t block, std::span<const std::byte> data, const BlockDigest& d);
 
   // A block whose checksum equals the parent's is compared with the
   // parent's bytes before it counts as unchanged; such blocks wait here

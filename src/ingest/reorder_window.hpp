@@ -15,6 +15,8 @@
 #include <optional>
 #include <vector>
 
+#include "cbtfs/format.hpp"
+
 namespace cbtfs::ingest {
 
 // What an item's bytes are read into. Buffers go back to the window once
@@ -24,6 +26,7 @@ struct WindowBuffer {
   std::unique_ptr<std::byte[]> data;
   size_t capacity = 0;  // bytes allocated at data
   size_t size = 0;      // bytes of the item it holds
+  std::vector<BlockDigest> digests;  // of each of its blocks, computed by the reader
 };
 
 class ReorderWindow {

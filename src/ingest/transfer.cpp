@@ -165,6 +165,11 @@ class Transfer {
       }
       try {
         conn->pread_batch(reqs);
+        for (auto& buf : batch.buffers) {
+          buf.digests.resize(buf.size / kBlockSize);
+          for (size_t i = 0; i < buf.digests.size(); ++i)
+            buf.digests[i] = writer_.digest({buf.data.get() + i * kBlockSize, kBlockSize});
+        }
       } catch (...) {
         window_.fail(std::current_exception());
         return;
@@ -183,7 +188,7 @@ class Transfer {
       if (!buf) throw std::logic_error("the transfer stopped before its last extent");
       const Extent& e = extents_[idx];
       for (uint64_t i = 0; i < e.count; ++i)
-        writer_.put_block(e.first + i, {buf->data.get() + i * kBlockSize, kBlockSize});
+        writer_.put_block(e.first + i, {buf->data.get() + i * kBlockSize, kBlockSize}, buf->digests[i]);
       blocks += e.count;
       window_.release(std::move(*buf));
       done += std::min<uint64_t>(e.count * kBlockSize, virtual_size_ - e.first * kBlockSize);

@@ -90,6 +90,9 @@ void Connection::connect() {
     bool tls = !t.cert.empty();
     bool named = resolves_to(t.subject, t.address);
     int rc = nbd_set_export_name(h, t.exportname.c_str());
+    // A buffer is used only once its read succeeded, so libnbd's zeroing of
+    // it first would only cost a pass over every byte read.
+    if (rc == 0) rc = nbd_set_pread_initialize(h, false);
     if (rc == 0 && tls && opts_.verify && !named) {
       // libnbd would check the address against a certificate that names
       // a host: the pin is checked by the bridge instead.

@@ -251,7 +251,16 @@ void PointWriter::finish(uint32_t level) {
   l.index = -1;
 }
 
-void PointWriter::put_block(uint64_t block, std::span<const std::byte> data) {
+BlockDigest PointWriter::digest(std::span<const std::byte> data) const {
+  BlockDigest d;
+  d.zero = all_zero(data);
+  if (d.zero) return d;
+  d.hash = hash_bytes(data);
+  if (repo_->format() >= 2) d.id = block_id(repo_->id_key(), data);
+  return d;
+}
+
+void PointWriter::put_block(uint64_t block, std::span<const std::byte> data, const BlockDigest& d) {
   if (committed_) throw std::logic_error("put_block after commit");
   if (block >= nblocks_) throw UsageError("block " + std::to_string(block) + " is beyond the end of the disk");
   if (static_cast<int64_t>(block) <= last_block_) throw std::logic_error("blocks must be given in increasing order");
@@ -260,7 +269,7 @@ void PointWriter::put_block(uint64_t block, std::span<const std::byte> data) {
   ensure(0, block / kFanout);
   Level& leaf = levels_[0];
   BlockRef& slot = leaf.entries[block % kFanout];
-  if (all_zero(data)) {
+  if (d.zero) {
     if (!slot.is_zero()) {
       slot = BlockRef{};
       leaf.dirty = true;
@@ -270,19 +279,19 @@ void PointWriter::put_block(uint64_t block, std::span<const std::byte> data) {
   }
   if (slot.is_zero()) ++blocks_allocated_;
   if (store_) {
-    put_block_v2(slot, block, data);
+    put_block_v2(slot, block, data, d);
     return;
   }
-  uint64_t h = hash_bytes(data);
-  if (!slot.is_zero() && slot.hash == h) {
+  if (!slot.is_zero() && slot.hash == d.hash) {
     compare_later(block, slot, data);  // probably unchanged since the parent
     return;
   }
-  store_block(block, Bytes(data.begin(), data.end()), h);
+  store_block(block, Bytes(data.begin(), data.end()), d.hash);
 }
 
-void PointWriter::put_block_v2(BlockRef& slot, uint64_t block, std::span<const std::byte> data) {
-  BlockId id = block_id(repo_->id_key(), data);
+void PointWriter::put_block_v2(BlockRef& slot, uint64_t block, std::span<const std::byte> data,
+                               const BlockDigest& d) {
+  const BlockId& id = d.id;
   if (!slot.is_zero() && slot.id == id) return;  // unchanged since the parent: a keyed hash is proof
   if (pending_ids_.count(id)) drain(0);  // a repeat of a block still being compressed: store it once
   auto found = store_->find(id);
@@ -297,7 +306,7 @@ void PointWriter::put_block_v2(BlockRef& slot, uint64_t block, std::span<const s
     drain(kMaxPending);
     return;
   }
-  store_block(block, Bytes(data.begin(), data.end()), hash_bytes(data), id);
+  store_block(block, Bytes(data.begin(), data.end()), d.hash, id);
 }
 
 void PointWriter::store_block(uint64_t block, Bytes&& data, uint64_t hash, const BlockId& id) {
