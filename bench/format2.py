@@ -4,7 +4,12 @@ writes each) imported into a repository of each format (bytes stored, and
 against one clone alone), and a sequential read of one clone's image
 through the mount, page cache dropped before each read.
 
-    sudo /usr/bin/python3 bench/format2.py [--template-mib 512] [--clones 20]
+    sudo /usr/bin/python3 bench/format2.py [--template-mib 512] [--clones 20] [--writes random]
+
+--writes like-template (the default) makes each clone's own writes the same
+mix as the template (half random, half text, compressible alike);
+--writes random makes them all incompressible, the worst case for the
+ratio against one clone: half the template compresses to almost nothing.
 
 Uses the binaries in build/src; needs root (mount, drop_caches)."""
 
@@ -63,6 +68,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--template-mib", type=int, default=512)
     ap.add_argument("--clones", type=int, default=20)
+    ap.add_argument("--writes", choices=["like-template", "random"], default="like-template")
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="cbtfs-format2-", dir="/var/tmp")
     try:
@@ -86,9 +92,12 @@ def main():
             shutil.copyfile(template, img)
             r = random.Random(100 + n)
             with open(img, "r+b") as f:
-                for _ in range(unique):
+                for k in range(unique):
                     f.seek(r.randrange(size // BLOCK) * BLOCK)
-                    f.write(r.randbytes(BLOCK))
+                    if a.writes == "random" or k % 2:
+                        f.write(r.randbytes(BLOCK))
+                    else:
+                        f.write(((b"clone %02d write %08d\n" % (n, k)) * (BLOCK // 24 + 1))[:BLOCK])
             for fmt, repo in repos.items():
                 run(os.path.join(BIN, "cbtfs-repo"), "import", "-q", "--vdi", vdi, "--time", "2026-11-30T010000Z", repo, img)
                 if n == 0:
@@ -102,7 +111,7 @@ def main():
         speed = {fmt: sorted(v)[1] for fmt, v in runs.items()}
         print(f"| measure | format 1 | format 2 | ratio 2/1 |")
         print(f"|---|---:|---:|---:|")
-        print(f"| {a.clones} clones of a {a.template_mib} MiB template, 2 % unique each: bytes stored | "
+        print(f"| {a.clones} clones of a {a.template_mib} MiB template, 2 % unique each ({a.writes} writes): bytes stored | "
               f"{sizes['1']:,} | {sizes['2']:,} | {sizes['2'] / sizes['1']:.3f} |")
         print(f"| same, against one clone alone in its format | {sizes['1'] / one['1']:.2f}x | "
               f"{sizes['2'] / one['2']:.2f}x | |")

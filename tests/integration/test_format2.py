@@ -324,3 +324,74 @@ def test_a_collection_drops_what_dead_backups_left_half_written_and_not_a_runnin
     back = tmp_path / "back.img"
     repo_tool("restore", repo2, live, "latest", back)
     assert files_equal(back, img)
+
+
+def test_a_collection_under_a_mounted_guest_file_system_keeps_every_file(tmp_path, repo2):
+    """A guest's ext4 after a week: files deleted and trimmed (its blocks
+    die with the oldest point), others written. The oldest point is pruned
+    while the newest is mounted (loop device on the FUSE image, file system
+    mounted from it) and the collection frees the dead blocks: punched out
+    of packs locally, packs rewritten without them on S3. Every file still
+    reads back, page cache dropped, e2fsck finds the file system clean,
+    verify too."""
+    import hashlib
+    from disk import PART_START, Disk, sh
+
+    vdi = "0d0e7d39-6f1a-4c2e-9a53-2f6d1c1e8a77"
+    rnd = random.Random(21)
+    disk = Disk(tmp_path / "guest.img", 64 * MIB)
+    files = {}
+
+    def write(fs, name):
+        data = rnd.randbytes(MIB)
+        with open(os.path.join(fs, name), "wb") as f:
+            f.write(data)
+        files[name] = hashlib.sha256(data).hexdigest()
+
+    with disk.mount_fs() as fs:
+        for i in range(24):
+            write(fs, f"old{i:02d}")
+    import_image(repo2, disk.path, vdi, "2026-11-01T000000Z")
+    with disk.mount_fs() as fs:
+        for i in range(12):
+            os.unlink(os.path.join(fs, f"old{i:02d}"))
+            del files[f"old{i:02d}"]
+        # As a guest's weekly trim: the deleted files' blocks read as zeros
+        # now. Their blocks are free only once the journal has committed.
+        sh("sync", "-f", fs)
+        sh("fstrim", fs)
+        for i in range(6):
+            write(fs, f"new{i:02d}")
+    import_image(repo2, disk.path, vdi, "2026-11-02T000000Z")
+    with disk.mount_fs() as fs:
+        write(fs, "last")
+    import_image(repo2, disk.path, vdi, "2026-11-03T000000Z")
+
+    fsdir = tmp_path / "guestfs"
+    fsdir.mkdir()
+    with Mount(repo2, tmp_path / "mnt") as m:
+        loop = run("losetup", "-r", "-f", "--show", "-o", PART_START, m.path(vdi, "2026-11-03T000000Z.raw")).stdout.strip()
+        try:
+            run("mount", "-o", "ro", loop, fsdir)
+            try:
+                before = {n: hashlib.sha256(open(fsdir / n, "rb").read()).hexdigest() for n in files}
+                assert before == files
+                out = repo_tool("prune", "--keep-last", "2", repo2, vdi).stdout
+                assert "removed 1 point(s)" in out, out
+                freed = re.search(r"store: (\d+) pack\(s\), (\d+) removed, ([\d.]+ \w+) freed", out)
+                assert freed and freed[3] != "0 B", out
+                if BACKEND == "s3":
+                    packs = [n for d in list_objects(repo2, "store/packs") for n in list_objects(repo2, "store/packs/" + d)]
+                    assert any(re.fullmatch(r"[0-9a-f]{16}-\d+\.pack", n) for n in packs), (packs, out)
+                run("sh", "-c", "echo 3 > /proc/sys/vm/drop_caches")  # read from the repository again
+                after = {n: hashlib.sha256(open(fsdir / n, "rb").read()).hexdigest() for n in files}
+                assert after == files
+            finally:
+                run("umount", fsdir)
+            fsck = run("e2fsck", "-fn", loop, check=False)
+            assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+        finally:
+            run("losetup", "-d", loop)
+    assert "verify OK" in repo_tool("verify", repo2).stdout
+    assert [p["time"] for v in ls_json(repo2)["vdis"] for p in v["points"]] == [
+        "2026-11-02T00:00:00Z", "2026-11-03T00:00:00Z"]
