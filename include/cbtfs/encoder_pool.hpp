@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cbtfs/format.hpp"
+#include "cbtfs/seal.hpp"
 
 namespace cbtfs {
 
@@ -27,7 +28,8 @@ class EncoderPool {
   EncoderPool(const EncoderPool&) = delete;
   EncoderPool& operator=(const EncoderPool&) = delete;
 
-  std::future<Encoded> submit(Bytes plain, uint64_t hash);
+  // sealer: an encrypted repository's (the record is bound to id).
+  std::future<Encoded> submit(Bytes plain, uint64_t hash, const BlockId& id = {}, const Sealer* sealer = nullptr);
 
  private:
   void work();

@@ -41,6 +41,13 @@ class LockedError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// An encrypted repository and nothing that opens it: no passphrase or key
+// file given, or none given opens a key slot.
+class KeyError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 // The request makes no sense for this repository (unknown VDI, bad time, ...).
 class UsageError : public std::runtime_error {
  public:

@@ -16,6 +16,7 @@ enum ExitCode : int {
   kExitXapi = 4,     // XAPI unreachable, TLS refused, login refused, a XAPI error
   kExitIo = 5,       // I/O error, full disk
   kExitLocked = 6,   // another process holds the VDI's lock
+  kExitKey = 7,      // an encrypted repository: no passphrase or key file, or a wrong one
 };
 
 }  // namespace cbtfs

@@ -11,10 +11,13 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "cbtfs/format.hpp"
+#include "cbtfs/key_slots.hpp"
+#include "cbtfs/seal.hpp"
 #include "cbtfs/lru_cache.hpp"
 #include "cbtfs/storage.hpp"
 
@@ -31,9 +34,12 @@ struct PointList {
 
 class Repository {
  public:
-  // Creates the repository directory (mode 0700) and its header.
-  static void init(const std::string& path, uint32_t format = 1);
+  // Creates the repository directory (mode 0700) and its header. With
+  // keys, the repository is encrypted (format 2): one key slot per key.
+  static void init(const std::string& path, uint32_t format = 1, const std::vector<Unlocker>& keys = {});
   // Opens and checks the header; throws FormatError/VersionError/StorageError.
+  // An encrypted repository is opened with what unlockers_from_environment()
+  // finds (KeyError when nothing there opens a slot).
   static std::shared_ptr<Repository> open(const std::string& path);
   // The same over a storage already opened (the mount puts a cache in front).
   static std::shared_ptr<Repository> open(std::unique_ptr<Storage> storage);
@@ -46,6 +52,12 @@ class Repository {
   uint32_t format() const { return header_.format; }
   // Format 2: the key of block_id().
   const IdKey& id_key() const { return header_.id_key; }
+  // An encrypted repository's seals of records and manifests; nullptr
+  // for a plain one.
+  const Sealer* sealer() const { return sealer_ ? &*sealer_ : nullptr; }
+  size_t key_slots() const { return header_.slots.size(); }
+  // A manifest as stored (sealed in an encrypted repository).
+  Bytes encode_point(const Manifest& m) const;
   // The key of the pack a record of the VDI lives in: the VDI's own pack
   // (format 1) or the shared store's (format 2).
   std::string pack_key(const std::string& vdi, uint64_t pack) const;
@@ -118,8 +130,12 @@ class Repository {
   // went). nullptr when the pack was never rewritten.
   std::shared_ptr<const RepackedPack> repacked(uint64_t pack, bool look);
 
+  // An encrypted repository's keys from the first slot one of keys opens.
+  void unlock(const std::vector<Unlocker>& keys);
+
   std::unique_ptr<Storage> storage_;
   RepoHeader header_;
+  std::optional<Sealer> sealer_;
   std::unique_ptr<StoreSink> sink_;  // declared after storage_: it goes first
   std::string sink_collection_;
   std::mutex mu_;

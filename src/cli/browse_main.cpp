@@ -369,6 +369,9 @@ int report_repo_error() {
   } catch (const UsageError& e) {
     std::fprintf(stderr, "%s: %s\n", prog, e.what());
     return kExitUsage;
+  } catch (const KeyError& e) {
+    std::fprintf(stderr, "%s: %s\n", prog, e.what());
+    return kExitKey;
   } catch (const FormatError& e) {
     std::fprintf(stderr, "%s: cannot open the repository: %s\n", prog, e.what());
     return kExitRepo;

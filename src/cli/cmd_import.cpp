@@ -279,9 +279,26 @@ int cmd_import(const ImportArgs& a) {
   }
 }
 
-int cmd_init(const std::string& repo, uint32_t format) {
-  Repository::init(repo, format);
-  std::printf("created cbtfs repository %s (format %u)\n", repo.c_str(), format);
+int cmd_init(const InitArgs& a) {
+  std::vector<Unlocker> keys;
+  if (a.encryption != "none") {
+    auto kind = a.encryption == "passphrase" ? Unlocker::Kind::passphrase : Unlocker::Kind::keyfile;
+    for (auto& u : unlockers_from_environment())
+      if (u.kind == kind) keys.push_back(std::move(u));
+    if (keys.empty())
+      throw UsageError(a.encryption == "passphrase"
+                           ? "--encryption passphrase: give the passphrase with --passphrase-file FILE (or "
+                             "CBTFS_PASSPHRASE_FILE, CBTFS_PASSPHRASE)"
+                           : "--encryption keyfile: give the key file with --key-file FILE (or CBTFS_KEY_FILE); "
+                             "make one with: head -c 32 /dev/urandom > FILE");
+    keys.resize(1);
+  }
+  Repository::init(a.repo, a.format, keys);
+  std::printf("created cbtfs repository %s (format %u%s)\n", a.repo.c_str(), a.format,
+              keys.empty() ? "" : (", encrypted, one " + a.encryption + " key slot").c_str());
+  if (!keys.empty())
+    std::printf("keep the %s safe and apart from the repository: without it nothing stored can be read\n",
+                a.encryption == "passphrase" ? "passphrase" : "key file");
   return kExitOk;
 }
 

@@ -37,7 +37,12 @@ size_t read_for_vdi(PointReader& reader, uint64_t image_size, uint64_t offset, s
 // Best effort, after a command committed points: see merge_index_segments.
 void merge_index_after_writing(Repository& repo, const char* program);
 
-int cmd_init(const std::string& repo, uint32_t format);
+struct InitArgs {
+  std::string repo;
+  uint32_t format = 2;
+  std::string encryption = "none";
+};
+int cmd_init(const InitArgs& a);
 int cmd_import(const ImportArgs& a);
 int cmd_ls(const std::string& repo, bool json);
 int cmd_info(const std::string& repo, const std::string& vdi);

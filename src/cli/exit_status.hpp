@@ -24,6 +24,9 @@ inline int report_exception(const char* prog) {
   } catch (const LockedError& e) {
     std::fprintf(stderr, "%s: %s\n", prog, e.what());
     return kExitLocked;
+  } catch (const KeyError& e) {
+    std::fprintf(stderr, "%s: %s\n", prog, e.what());
+    return kExitKey;
   } catch (const CorruptError& e) {
     std::fprintf(stderr, "%s: damaged data: %s\n", prog, e.what());
     return kExitFailed;

@@ -122,7 +122,7 @@ int run(int argc, char** argv) {
     repo = Repository::open(repo_path);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "cbtfs-ingest: cannot open repository %s: %s\n", repo_path.c_str(), e.what());
-    return kExitRepo;
+    return dynamic_cast<const KeyError*>(&e) ? kExitKey : kExitRepo;
   }
 
   xapi::Client client(co);

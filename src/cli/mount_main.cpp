@@ -38,6 +38,8 @@ struct Options {
   int overlay = 0;
   char* overlay_dir = nullptr;    // overlay=DIR; plain "overlay" keeps the writes in RAM
   char* overlay_max = nullptr;    // overlay_max=SIZE
+  char* passphrase_file = nullptr;  // an encrypted repository's (fstab has no environment)
+  char* key_file = nullptr;
   unsigned cache_mb = 2048;
   int help = 0;
   int version = 0;
@@ -46,6 +48,8 @@ struct Options {
     free(cache_dir);
     free(overlay_dir);
     free(overlay_max);
+    free(passphrase_file);
+    free(key_file);
   }
 };
 
@@ -59,6 +63,7 @@ const fuse_opt kOptions[] = {CBTFS_OPT("mode=%o", mode),      CBTFS_OPT("readahe
                              CBTFS_OPT("cache_dir=%s", cache_dir), CBTFS_OPT("cache_mb=%u", cache_mb),
                              CBTFS_OPT("overlay", overlay),  CBTFS_OPT("overlay=%s", overlay_dir),
                              CBTFS_OPT("overlay_max=%s", overlay_max),
+                             CBTFS_OPT("passphrase_file=%s", passphrase_file), CBTFS_OPT("key_file=%s", key_file),
                              CBTFS_OPT("-h", help),          CBTFS_OPT("--help", help),
                              CBTFS_OPT("-V", version), CBTFS_OPT("--version", version), FUSE_OPT_END};
 
@@ -95,6 +100,9 @@ void usage() {
       "                     quarter of the RAM in RAM, unlimited in a DIR)\n"
       "  -o cache_dir=DIR   S3 repositories: where the read cache lives (default /var/tmp)\n"
       "  -o cache_mb=N      S3 repositories: read cache size in MiB (default 2048)\n"
+      "  -o passphrase_file=FILE, -o key_file=FILE\n"
+      "                     what opens an encrypted repository (or CBTFS_PASSPHRASE_FILE,\n"
+      "                     CBTFS_KEY_FILE, systemd credentials; see cbtfs-repo(1))\n"
       "  -o allow_other     let other users in (the mode still applies)\n"
       "  -o OPTION          any other FUSE mount option\n"
       "See cbtfs(1).\n");
@@ -175,7 +183,12 @@ std::optional<int> parse(Args& args, Options& o, uint64_t& overlay_max) {
 // Step 2: the repository, or nullptr after saying why not. fsname: what
 // mount(8) and df(1) show, an absolute path or the URL without its query
 // (an endpoint is no secret, but it is noise there).
-std::shared_ptr<Repository> open_repository(const Options& o, std::string& fsname) {
+std::shared_ptr<Repository> open_repository(const Options& o, std::string& fsname, int& rc) {
+  rc = kExitRepo;
+  // The files are read (and the process made undumpable) as the
+  // environment's are, before the daemon leaves the foreground.
+  if (o.passphrase_file) ::setenv("CBTFS_PASSPHRASE_FILE", o.passphrase_file, 1);
+  if (o.key_file) ::setenv("CBTFS_KEY_FILE", o.key_file, 1);
   std::string where;
   try {
     where = absolute_location(o.repo);  // the daemon runs in "/"
@@ -189,6 +202,10 @@ std::shared_ptr<Repository> open_repository(const Options& o, std::string& fsnam
     if (o.cache_dir) cache.dir = o.cache_dir;
     cache.size = uint64_t{o.cache_mb} << 20;
     return Repository::open(open_storage(where, cache));
+  } catch (const KeyError& e) {
+    std::fprintf(stderr, "cbtfs: cannot open repository %s: %s\n", fsname.c_str(), e.what());
+    rc = kExitKey;
+    return nullptr;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "cbtfs: cannot open repository %s: %s\n", fsname.c_str(), e.what());
     return nullptr;
@@ -262,7 +279,8 @@ int main(int argc, char* argv[]) {
   uint64_t overlay_max = 0;
   if (auto done = parse(args, o, overlay_max)) return *done;
   std::string fsname;
-  auto repo = open_repository(o, fsname);
-  if (!repo) return kExitRepo;
+  int rc = kExitOk;
+  auto repo = open_repository(o, fsname, rc);
+  if (!repo) return rc;
   return serve(args, o, overlay_max, std::move(repo), fsname);
 }

@@ -1,7 +1,5 @@
 #include "password.hpp"
 
-#include <sys/prctl.h>
-
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -10,11 +8,6 @@
 #include "cbtfs/errors.hpp"
 
 namespace cbtfs {
-
-void keep_secrets_out_of_core_dumps() {
-  if (::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0)
-    throw UsageError(std::string("cannot protect the password from core dumps: ") + std::strerror(errno));
-}
 
 std::string read_password(const std::string& file) {
   keep_secrets_out_of_core_dumps();

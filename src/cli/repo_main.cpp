@@ -2,6 +2,7 @@
 // where errors become exit codes and messages.
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cstdlib>
 #include <cstdio>
 
 #include "cbtfs/errors.hpp"
@@ -60,11 +61,24 @@ int run(int argc, char** argv) {
   bool json = false;
   ImportArgs ia;
 
+  // Every command: what opens an encrypted repository (also from the
+  // environment, see ENCRYPTION in cbtfs-repo(1)); never the secret itself.
+  std::string passphrase_file, key_file;
+  app.add_option("--passphrase-file", passphrase_file,
+                 "file whose first line is the passphrase of an encrypted repository (or CBTFS_PASSPHRASE_FILE)");
+  app.add_option("--key-file", key_file, "key file of an encrypted repository (or CBTFS_KEY_FILE)");
+  app.fallthrough();  // before the commands are made: they inherit it
+
   auto* init = app.add_subcommand("init", "create an empty repository");
   uint32_t format = 2;
   init->add_option("--format", format,
                    "2 (the default): one deduplicated block store for every VDI; 1: packs per VDI (the first format)")
       ->check(CLI::Range(1u, kFormatVersion));
+  InitArgs ina;
+  init->add_option("--encryption", ina.encryption,
+                   "none (the default), passphrase or keyfile: seal every block, index and manifest with AES-256-GCM "
+                   "under a random key held in a key slot that the passphrase or key file opens")
+      ->check(CLI::IsMember({"none", "passphrase", "keyfile"}));
   init->add_option("REPO", repo, "repository directory")->required();
 
   auto* imp = app.add_subcommand("import", "store a raw disk image as the next point of a VDI");
@@ -173,7 +187,15 @@ int run(int argc, char** argv) {
   if (!vdi.empty() && !is_uuid(vdi)) throw UsageError("'" + vdi + "' is not a VDI uuid");
   if (!ia.vdi.empty() && !is_uuid(ia.vdi)) throw UsageError("--vdi '" + ia.vdi + "' is not a uuid");
 
-  if (*init) return cmd_init(repo, format);
+  // Given here, they reach every repository the command opens, as the
+  // environment does for the other commands.
+  if (!passphrase_file.empty()) ::setenv("CBTFS_PASSPHRASE_FILE", passphrase_file.c_str(), 1);
+  if (!key_file.empty()) ::setenv("CBTFS_KEY_FILE", key_file.c_str(), 1);
+  if (*init) {
+    ina.repo = repo;
+    ina.format = format;
+    return cmd_init(ina);
+  }
   if (*imp) return cmd_import(ia);
   if (*ls) return cmd_ls(repo, json);
   if (*info) return cmd_info(repo, vdi);

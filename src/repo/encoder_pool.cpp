@@ -15,10 +15,15 @@ EncoderPool::~EncoderPool() {
   for (auto& t : threads_) t.join();
 }
 
-std::future<EncoderPool::Encoded> EncoderPool::submit(Bytes plain, uint64_t hash) {
-  std::packaged_task<Encoded()> task([plain = std::move(plain), hash]() mutable {
+std::future<EncoderPool::Encoded> EncoderPool::submit(Bytes plain, uint64_t hash, const BlockId& id,
+                                                     const Sealer* sealer) {
+  std::packaged_task<Encoded()> task([plain = std::move(plain), hash, id, sealer]() mutable {
     Encoded e;
     e.stored = encode_record(std::move(plain), e.ref, hash);
+    if (sealer) {
+      e.ref.id = id;
+      e.stored = seal_record(*sealer, e.stored, e.ref);
+    }
     return e;
   });
   auto f = task.get_future();

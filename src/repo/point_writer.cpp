@@ -131,9 +131,15 @@ BlockRef PointWriter::store(std::span<const std::byte> plain) {
     ref.id = block_id(repo_->id_key(), plain);
     if (auto found = store_->find(ref.id); found.ref) return *found.ref;  // else stored here and now
   }
-  Bytes stored = encode_record(plain, ref);
+  Bytes stored = encode(plain, ref, hash_bytes(plain));
   append(ref, stored);
   return ref;
+}
+
+// ref.id set, for a sealed record's binding.
+Bytes PointWriter::encode(std::span<const std::byte> plain, BlockRef& ref, uint64_t hash) const {
+  Bytes stored = encode_record(plain, ref, hash);
+  return repo_->sealer() ? seal_record(*repo_->sealer(), stored, ref) : stored;
 }
 
 void PointWriter::drain(size_t keep) {
@@ -197,7 +203,7 @@ void PointWriter::settle(Pending& p) {
   if (!ref) {
     ref.emplace();
     ref->id = p.id;
-    Bytes stored = encode_record(p.data, *ref);
+    Bytes stored = encode(p.data, *ref, hash_bytes(p.data));
     append(*ref, stored);
     ++blocks_written_;
   }
@@ -314,7 +320,7 @@ void PointWriter::store_block(uint64_t block, Bytes&& data, uint64_t hash, const
   levels_[0].dirty = true;
   ++blocks_written_;
   if (store_) pending_ids_.insert(id);
-  pending_.push_back({block, id, pool_->submit(std::move(data), hash), std::nullopt, {}});
+  pending_.push_back({block, id, pool_->submit(std::move(data), hash, id, repo_->sealer()), std::nullopt, {}});
   drain(kMaxPending);
 }
 
@@ -426,7 +432,7 @@ Manifest PointWriter::commit() {
     m_.packs = store_->commit();
   }
   lock_->check();
-  repo_->storage().put(layout::point_key(vdi_, m_.seq), encode_manifest(m_));
+  repo_->storage().put(layout::point_key(vdi_, m_.seq), repo_->encode_point(m_));
   committed_ = true;
   if (store_) {
     try {

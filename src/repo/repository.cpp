@@ -16,15 +16,24 @@ namespace cbtfs {
 
 using namespace layout;
 
-void Repository::init(const std::string& path, uint32_t format) {
+void Repository::init(const std::string& path, uint32_t format, const std::vector<Unlocker>& keys) {
   if (format < 1 || format > kFormatVersion) throw UsageError("there is no repository format " + std::to_string(format));
-  auto st = create_storage(path);
-  if (st->size(kHeaderKey)) throw UsageError(path + " is already a cbtfs repository");
-  if (!st->list("").empty()) throw UsageError(path + " is not empty; refusing to create a repository in it");
+  if (!keys.empty() && format < 2) throw UsageError("encryption needs repository format 2");
   RepoHeader h;
   h.id = random_uuid();
   h.format = format;
-  if (format >= 2) h.id_key = random_id_key();
+  if (!keys.empty()) {
+    // The slots are made before anything is created: a key file too short
+    // leaves no half-made repository behind.
+    RepoSecret secret = random_repo_secret();
+    h.encrypted = true;
+    for (auto& k : keys) h.slots.push_back(make_key_slot(secret, k, h.id));
+  } else if (format >= 2) {
+    h.id_key = random_id_key();
+  }
+  auto st = create_storage(path);
+  if (st->size(kHeaderKey)) throw UsageError(path + " is already a cbtfs repository");
+  if (!st->list("").empty()) throw UsageError(path + " is not empty; refusing to create a repository in it");
   st->put(kHeaderKey, encode_repo_header(h));
 }
 
@@ -35,11 +44,37 @@ std::shared_ptr<Repository> Repository::open(std::unique_ptr<Storage> st) {
   auto header = st->get(kHeaderKey);
   if (!header) throw UsageError(where + " is not a cbtfs repository (no " + kHeaderKey + " file; create one with 'cbtfs-repo init')");
   RepoHeader h = check_repo_header(*header, where + "/" + kHeaderKey);
-  return std::make_shared<Repository>(std::move(st), h);
+  auto repo = std::make_shared<Repository>(std::move(st), h);
+  if (h.encrypted) repo->unlock(unlockers_from_environment());
+  return repo;
 }
 
 Repository::Repository(std::unique_ptr<Storage> storage, RepoHeader header)
     : storage_(std::move(storage)), header_(std::move(header)) {}
+
+void Repository::unlock(const std::vector<Unlocker>& keys) {
+  std::string where = storage_->describe();
+  if (keys.empty())
+    throw KeyError(where + " is encrypted: give its passphrase or key file (CBTFS_PASSPHRASE_FILE, CBTFS_KEY_FILE, "
+                   "or systemd credentials cbtfs-passphrase / cbtfs-key; see cbtfs-repo(1), ENCRYPTION)");
+  std::string tried;
+  for (auto& k : keys) {
+    for (auto& slot : header_.slots) {
+      if (auto secret = open_key_slot(slot, k, header_.id)) {
+        header_.id_key = secret->id_key;
+        sealer_.emplace(secret->data_key);
+        return;
+      }
+    }
+    tried += (tried.empty() ? "" : ", ") + k.source;
+  }
+  throw KeyError(where + " is encrypted and " + tried + " opens none of its key slots (a wrong passphrase or key file)");
+}
+
+Bytes Repository::encode_point(const Manifest& m) const {
+  Bytes plain = encode_manifest(m);
+  return sealer_ ? seal_manifest(*sealer_, plain, m.vdi, m.seq) : plain;
+}
 
 Repository::~Repository() = default;
 
@@ -110,6 +145,13 @@ ManifestPtr Repository::manifest(const std::string& vdi, uint32_t seq) {
   std::string where = storage_->describe() + "/" + point_key(vdi, seq);
   auto data = storage_->get(point_key(vdi, seq));
   if (!data) return nullptr;  // removed meanwhile
+  if (sealer_) {
+    try {
+      data = open_manifest(*sealer_, *data, vdi, seq);
+    } catch (const CorruptError& e) {
+      throw FormatError(where + ": " + e.what());
+    }
+  }
   auto m = std::make_shared<const Manifest>(decode_manifest(*data, where));
   if (m->vdi != vdi || m->seq != seq) throw FormatError(where + ": belongs to another VDI or point");
   if (m->format != format())
@@ -217,7 +259,10 @@ void Repository::read_record(const std::string& vdi, const BlockRef& ref, std::s
       place(*moved);
       storage_->read(key, at, stored);
     }
-    decode_record(stored, ref, out);
+    if (sealer_)
+      open_record(*sealer_, stored, ref, out);
+    else
+      decode_record(stored, ref, out);
   } catch (const FormatError& e) {  // damaged or truncated: never data
     throw CorruptError(storage_->describe() + "/" + key + " offset " + std::to_string(at) + ": " + e.what());
   } catch (const StorageError& e) {

@@ -103,6 +103,17 @@ def object_bytes(repo, prefix):
     return sum(o["Size"] for page in pages for o in page.get("Contents", []))
 
 
+def all_object_keys(repo):
+    """Every object of the repository at any depth, temporaries aside."""
+    if BACKEND != "s3":
+        root = str(repo)
+        return [os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files
+                if not f.startswith(".tmp.")]
+    bucket, key = _s3_split(repo, "")
+    pages = _rgw.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+    return [o["Key"][len(key):] for page in pages for o in page.get("Contents", [])]
+
+
 def unfinished_uploads(repo):
     """Multipart uploads left open under the repository (S3's temporaries)."""
     if BACKEND != "s3":

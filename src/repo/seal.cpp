@@ -1,0 +1,119 @@
+#include "cbtfs/seal.hpp"
+
+#include <lz4.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+
+#include "cbtfs/errors.hpp"
+
+namespace cbtfs {
+
+namespace {
+
+using CipherCtx = std::unique_ptr<EVP_CIPHER_CTX, decltype(&EVP_CIPHER_CTX_free)>;
+
+// One context per thread, set up again for each seal: the key schedule is
+// cheap next to 64 KiB of data, and no context is shared between threads.
+EVP_CIPHER_CTX* thread_ctx() {
+  thread_local CipherCtx ctx(EVP_CIPHER_CTX_new(), EVP_CIPHER_CTX_free);
+  if (!ctx) throw std::bad_alloc();
+  return ctx.get();
+}
+
+const unsigned char* u8(const void* p) { return static_cast<const unsigned char*>(p); }
+unsigned char* u8(void* p) { return static_cast<unsigned char*>(p); }
+
+// What a record's seal is bound to: its id, and whether its plaintext is
+// the block itself or LZ4 (a flipped raw flag must not decode garbage).
+std::array<std::byte, 1 + 16 + 1> record_aad(const BlockRef& ref) {
+  std::array<std::byte, 18> aad{};
+  aad[0] = std::byte{'R'};
+  std::memcpy(aad.data() + 1, ref.id.data(), ref.id.size());
+  aad[17] = std::byte{static_cast<unsigned char>(ref.raw() ? 1 : 0)};
+  return aad;
+}
+
+std::string manifest_aad(const std::string& vdi, uint32_t seq) {
+  return "M" + vdi + "/" + std::to_string(seq);
+}
+
+}  // namespace
+
+Bytes Sealer::seal(std::span<const std::byte> plain, std::span<const std::byte> aad) const {
+  Bytes out(kNonceSize + plain.size() + kTagSize);
+  // Random nonces: a key seals at most about 2^32 objects before a repeat
+  // becomes likelier than 2^-32 (NIST SP 800-38D); at 64 KiB per record
+  // that is 256 TiB stored, far past any one repository's key.
+  if (RAND_bytes(u8(out.data()), kNonceSize) != 1) throw std::runtime_error("no random bytes for a nonce");
+  EVP_CIPHER_CTX* c = thread_ctx();
+  int n = 0;
+  bool ok = EVP_EncryptInit_ex(c, EVP_aes_256_gcm(), nullptr, key_.data(), u8(out.data())) == 1 &&
+            EVP_EncryptUpdate(c, nullptr, &n, u8(aad.data()), static_cast<int>(aad.size())) == 1 &&
+            EVP_EncryptUpdate(c, u8(out.data() + kNonceSize), &n, u8(plain.data()), static_cast<int>(plain.size())) == 1 &&
+            EVP_EncryptFinal_ex(c, u8(out.data() + kNonceSize + n), &n) == 1 &&
+            EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_GET_TAG, kTagSize, out.data() + kNonceSize + plain.size()) == 1;
+  if (!ok) throw std::runtime_error("AES-256-GCM sealing failed");
+  return out;
+}
+
+void Sealer::open(std::span<const std::byte> sealed, std::span<const std::byte> aad, std::span<std::byte> out) const {
+  if (sealed.size() < kSealOverhead || out.size() != sealed.size() - kSealOverhead)
+    throw CorruptError("sealed object of impossible size");
+  EVP_CIPHER_CTX* c = thread_ctx();
+  int n = 0;
+  bool ok = EVP_DecryptInit_ex(c, EVP_aes_256_gcm(), nullptr, key_.data(), u8(sealed.data())) == 1 &&
+            EVP_DecryptUpdate(c, nullptr, &n, u8(aad.data()), static_cast<int>(aad.size())) == 1 &&
+            EVP_DecryptUpdate(c, u8(out.data()), &n, u8(sealed.data() + kNonceSize), static_cast<int>(out.size())) == 1 &&
+            EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_TAG, kTagSize,
+                                const_cast<std::byte*>(sealed.data() + sealed.size() - kTagSize)) == 1 &&
+            EVP_DecryptFinal_ex(c, u8(out.data() + n), &n) == 1;
+  if (!ok) {
+    // Whatever was decrypted before the tag failed is not data.
+    std::memset(out.data(), 0, out.size());
+    throw CorruptError("does not open with the repository's key (altered, truncated, or moved from elsewhere)");
+  }
+}
+
+Bytes seal_record(const Sealer& s, std::span<const std::byte> encoded, BlockRef& ref) {
+  auto aad = record_aad(ref);
+  Bytes out = s.seal(encoded, aad);
+  ref.stored_len = static_cast<uint32_t>(out.size()) | (ref.stored_len & BlockRef::kRawFlag);
+  return out;
+}
+
+void open_record(const Sealer& s, std::span<const std::byte> stored, const BlockRef& ref, std::span<std::byte> out) {
+  if (stored.size() != ref.length() || stored.size() < kSealOverhead) throw CorruptError("record length mismatch");
+  auto aad = record_aad(ref);
+  size_t inner = stored.size() - kSealOverhead;
+  if (ref.raw()) {
+    if (inner != out.size()) throw CorruptError("raw record has the wrong size");
+    s.open(stored, aad, out);
+  } else {
+    thread_local Bytes plain;
+    plain.resize(inner);
+    s.open(stored, aad, plain);
+    int n = LZ4_decompress_safe(reinterpret_cast<const char*>(plain.data()), reinterpret_cast<char*>(out.data()),
+                                static_cast<int>(plain.size()), static_cast<int>(out.size()));
+    if (n != static_cast<int>(out.size())) throw CorruptError("record does not decompress");
+  }
+  if (hash_bytes(out) != ref.hash) throw CorruptError("checksum mismatch");
+}
+
+Bytes seal_manifest(const Sealer& s, std::span<const std::byte> encoded, const std::string& vdi, uint32_t seq) {
+  std::string aad = manifest_aad(vdi, seq);
+  return s.seal(encoded, std::as_bytes(std::span(aad)));
+}
+
+Bytes open_manifest(const Sealer& s, std::span<const std::byte> stored, const std::string& vdi, uint32_t seq) {
+  if (stored.size() < kSealOverhead) throw CorruptError("sealed manifest too short");
+  std::string aad = manifest_aad(vdi, seq);
+  Bytes out(stored.size() - kSealOverhead);
+  s.open(stored, std::as_bytes(std::span(aad)), out);
+  return out;
+}
+
+}  // namespace cbtfs

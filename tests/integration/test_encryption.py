@@ -1,0 +1,299 @@
+"""Encrypted repositories through the real commands: everything a user
+does works with the passphrase or key file, nothing stored holds the disks'
+bytes or the VM's names, and a missing or wrong key, or any stored object
+altered, swapped or truncated, is a clear error, never data."""
+
+import json
+import os
+import random
+import re
+
+import pytest
+
+from conftest import (BLOCK, CBTFS, Mount, all_object_keys, files_equal, get_object, import_image, ls_json,
+                      new_repo_location, put_object, repo_tool, run)
+
+MARKER = b"cbtfs-plaintext-marker-7f3a9c"
+VM_NAME = "payroll-db-vm-7f3a9c"
+VDI_NAME = "payroll-db-disk-7f3a9c"
+VDI = "0e0e7d39-6f1a-4c2e-9a53-2f6d1c1e8a01"
+EXIT_KEY = 7
+
+
+def guest_image(path, seed, nblocks=48):
+    """Half text blocks full of MARKER (compressible, as a disk's files
+    are), half random ones."""
+    rnd = random.Random(seed)
+    with open(path, "wb") as f:
+        for i in range(nblocks):
+            if i % 2:
+                f.write(rnd.randbytes(BLOCK))
+            else:
+                line = MARKER + b" block %06d seed %d\n" % (i, seed)
+                f.write((line * (BLOCK // len(line) + 1))[:BLOCK])
+    return path
+
+
+@pytest.fixture
+def passphrase(tmp_path, monkeypatch):
+    p = tmp_path / "passphrase"
+    p.write_text("correct horse battery staple\n")
+    p.chmod(0o600)
+    monkeypatch.setenv("CBTFS_PASSPHRASE_FILE", str(p))
+    return p
+
+
+@pytest.fixture
+def enc_repo(tmp_path, passphrase):
+    r = new_repo_location(tmp_path, "enc")
+    out = repo_tool("init", "--encryption", "passphrase", r).stdout
+    assert "encrypted" in out, out
+    return r
+
+
+def stored_bytes(repo):
+    return {k: get_object(repo, k) for k in all_object_keys(repo)}
+
+
+def test_every_command_works_and_nothing_stored_is_plaintext(enc_repo, tmp_path):
+    img1 = guest_image(tmp_path / "p1.img", 1)
+    img2 = tmp_path / "p2.img"
+    img2.write_bytes(open(img1, "rb").read())
+    with open(img2, "r+b") as f:  # a second point with some blocks changed
+        f.seek(4 * BLOCK)
+        f.write(random.Random(9).randbytes(3 * BLOCK))
+    import_image(enc_repo, img1, VDI, "2026-11-29T010000Z", vm=VM_NAME, name=VDI_NAME)
+    import_image(enc_repo, img2, VDI, "2026-11-30T010000Z", vm=VM_NAME, name=VDI_NAME)
+
+    (vdi,) = ls_json(enc_repo)["vdis"]
+    assert vdi["vm_name"] == VM_NAME and vdi["name"] == VDI_NAME, vdi
+    assert "encryption  AES-256-GCM, 1 key slot(s)" in repo_tool("info", enc_repo).stdout
+    assert "verify OK" in repo_tool("verify", enc_repo).stdout
+    with Mount(enc_repo, tmp_path / "mnt") as m:
+        assert files_equal(m.path(VDI, "2026-11-29T010000Z.raw"), img1)
+        assert files_equal(m.path(VDI, "2026-11-30T010000Z.raw"), img2)
+    restored = tmp_path / "restored.img"
+    repo_tool("restore", enc_repo, VDI, "2026-11-29T010000Z", restored)
+    assert files_equal(restored, img1)
+
+    stored = stored_bytes(enc_repo)
+    assert any(k.startswith("store/packs/") for k in stored), sorted(stored)
+    for key, data in stored.items():
+        for secret in (MARKER, VM_NAME.encode(), VDI_NAME.encode(), b"2026-11-29T01", b"id_key"):
+            assert secret not in data, (key, secret)
+    # the records are not merely compressed: a text block of the image is
+    # nowhere in the packs in any form LZ4 would leave readable
+    assert not any(re.search(rb"block 0000\d\d seed", d) for d in stored.values())
+
+
+def test_a_key_file_opens_it_and_nothing_else_does(tmp_path, monkeypatch):
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32))
+    monkeypatch.delenv("CBTFS_PASSPHRASE_FILE", raising=False)
+    r = new_repo_location(tmp_path, "kf")
+    short = tmp_path / "short"
+    short.write_bytes(b"123")
+    bad = repo_tool("init", "--encryption", "keyfile", "--key-file", short, r, check=False)
+    assert bad.returncode == 2 and "at least 32" in bad.stderr, bad.stderr
+    repo_tool("init", "--encryption", "keyfile", "--key-file", key, r)
+    img = guest_image(tmp_path / "d.img", 3)
+    monkeypatch.setenv("CBTFS_KEY_FILE", str(key))
+    import_image(r, img, VDI, "2026-11-30T010000Z")
+    restored = tmp_path / "back.img"
+    repo_tool("restore", r, VDI, "latest", restored)
+    assert files_equal(restored, img)
+
+    other = tmp_path / "other-key"
+    other.write_bytes(os.urandom(32))
+    monkeypatch.setenv("CBTFS_KEY_FILE", str(other))
+    wrong = repo_tool("ls", r, check=False)
+    assert wrong.returncode == EXIT_KEY and "opens none of its key slots" in wrong.stderr, wrong.stderr
+    monkeypatch.delenv("CBTFS_KEY_FILE")
+    none = repo_tool("ls", r, check=False)
+    assert none.returncode == EXIT_KEY and "is encrypted" in none.stderr, none.stderr
+
+
+def test_a_wrong_or_missing_passphrase_is_a_clear_error_for_every_command(enc_repo, tmp_path, monkeypatch):
+    img = guest_image(tmp_path / "d.img", 4)
+    import_image(enc_repo, img, VDI, "2026-11-30T010000Z")
+    wrong = tmp_path / "wrong"
+    wrong.write_text("Correct horse battery staple\n")
+    monkeypatch.setenv("CBTFS_PASSPHRASE_FILE", str(wrong))
+    for args in (["ls", enc_repo], ["verify", enc_repo], ["restore", enc_repo, VDI, "latest", tmp_path / "x.img"],
+                 ["import", "-q", "--vdi", VDI, enc_repo, img]):
+        p = repo_tool(*args, check=False)
+        assert p.returncode == EXIT_KEY, (args, p.returncode, p.stderr)
+        assert "opens none of its key slots" in p.stderr, p.stderr
+        assert "Correct horse" not in p.stderr + p.stdout
+    assert not os.path.exists(tmp_path / "x.img")
+    (tmp_path / "mnt").mkdir()
+    m = run(CBTFS, "-f", enc_repo, tmp_path / "mnt", check=False)
+    assert m.returncode == EXIT_KEY and "opens none of its key slots" in m.stderr, m.stderr
+    # the mount option fstab uses gives the right one
+    good = tmp_path / "good"
+    good.write_text("correct horse battery staple\n")
+    monkeypatch.delenv("CBTFS_PASSPHRASE_FILE")
+    with Mount(enc_repo, tmp_path / "mnt", "-o", f"passphrase_file={good}") as mnt:
+        assert files_equal(mnt.path(VDI, "latest.raw"), img)
+
+
+def test_altered_swapped_or_truncated_objects_are_errors_never_data(enc_repo, tmp_path):
+    img1 = guest_image(tmp_path / "a.img", 5)
+    img2 = guest_image(tmp_path / "b.img", 6)
+    import_image(enc_repo, img1, VDI, "2026-11-29T010000Z")
+    import_image(enc_repo, img2, VDI, "2026-11-30T010000Z")
+    keys = all_object_keys(enc_repo)
+    points = sorted(k for k in keys if k.startswith(f"vdis/{VDI}/points/"))
+    assert len(points) == 2, keys
+    p1, p2 = get_object(enc_repo, points[0]), get_object(enc_repo, points[1])
+
+    # the two manifests swapped: each is bound to its own name
+    put_object(enc_repo, points[0], p2)
+    put_object(enc_repo, points[1], p1)
+    ls = repo_tool("ls", enc_repo, check=False)
+    assert ls.returncode == 1 and ls.stderr.count("does not open") == 2, (ls.returncode, ls.stderr)
+    put_object(enc_repo, points[0], p1)
+    put_object(enc_repo, points[1], p2)
+    assert "verify OK" in repo_tool("verify", enc_repo).stdout
+
+    # one byte in the middle of every pack altered (a record or an index
+    # node of each point), then the packs truncated: EIO through the mount,
+    # errors from verify and restore, never other bytes
+    packs = sorted(k for k in keys if k.startswith("store/packs/") and k.endswith(".pack"))
+    assert packs, keys
+    pristine = {k: get_object(enc_repo, k) for k in packs}
+    for k, data in pristine.items():
+        data = bytearray(data)
+        data[len(data) // 2] ^= 0x01
+        put_object(enc_repo, k, bytes(data))
+    v = repo_tool("verify", enc_repo, check=False)
+    assert v.returncode == 1, v.stdout + v.stderr
+    for t in ("2026-11-29T010000Z", "2026-11-30T010000Z"):
+        r = repo_tool("restore", "--force", enc_repo, VDI, t, tmp_path / "r.img", check=False)
+        assert r.returncode == 1 and "damaged" in r.stderr, r.stderr
+    with Mount(enc_repo, tmp_path / "mnt") as m:
+        for t in ("2026-11-29T010000Z", "2026-11-30T010000Z"):
+            with pytest.raises(OSError) as e:
+                with open(m.path(VDI, t + ".raw"), "rb") as f:
+                    while f.read(1 << 20):
+                        pass
+            assert e.value.errno == 5
+    for k, data in pristine.items():
+        put_object(enc_repo, k, data[:len(data) - 100])
+    v = repo_tool("verify", enc_repo, check=False)
+    assert v.returncode == 1, v.stdout + v.stderr
+
+
+def test_an_unattended_ingest_with_a_root_only_key_file_from_systemd_credentials(tmp_path, monkeypatch):
+    """As cbtfs-ingest@.service runs it: the key file handed over by
+    LoadCredential= ($CREDENTIALS_DIRECTORY), a full run, a guest write,
+    an incremental run; both points read back through the mount."""
+    from test_ingest import MIB, ingest
+    from xapi import Sim
+
+    creds = tmp_path / "credentials"
+    creds.mkdir(mode=0o700)
+    (creds / "cbtfs-key").write_bytes(os.urandom(32))
+    (creds / "cbtfs-key").chmod(0o400)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    r = new_repo_location(tmp_path, "nightly")
+    repo_tool("init", "--encryption", "keyfile", r)  # the credential is the first slot's key file
+    sim = Sim(tmp_path, [{"name": VM_NAME, "disks": [{"name": VDI_NAME, "size": 4 * MIB}]}])
+    try:
+        (disk,) = sim.disks_of(VM_NAME)
+        guest_image(disk["path"], 7, nblocks=64)
+        ingest(sim, r, "--vm", VM_NAME)
+        first = tmp_path / "first.img"
+        first.write_bytes(open(disk["path"], "rb").read())
+        with open(disk["path"], "r+b") as f:
+            f.seek(10 * BLOCK)
+            f.write(random.Random(11).randbytes(2 * BLOCK))
+        out = ingest(sim, r, "--vm", VM_NAME, "--json").stdout
+        (v,) = json.loads(out)["vdis"]
+        assert v["ok"] and not v["full"], v
+        with Mount(r, tmp_path / "mnt") as m:
+            points = sorted(p for p in os.listdir(m.path(disk["uuid"])) if p.startswith("20"))
+            assert len(points) == 2, points
+            assert files_equal(m.path(disk["uuid"], points[0]), first)
+            assert files_equal(m.path(disk["uuid"], points[1]), disk["path"])
+    finally:
+        sim.stop()
+    for key in all_object_keys(r):
+        data = get_object(r, key)
+        assert MARKER not in data and VM_NAME.encode() not in data, key
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    p = repo_tool("ls", r, check=False)
+    assert p.returncode == EXIT_KEY, p.stderr
+
+
+def test_copy_makes_a_plain_repository_encrypted_and_back(enc_repo, tmp_path):
+    plain = new_repo_location(tmp_path, "plain")
+    repo_tool("init", plain)
+    img = guest_image(tmp_path / "d.img", 8)
+    import_image(plain, img, VDI, "2026-11-30T010000Z", vm=VM_NAME, name=VDI_NAME)
+    assert any(MARKER in get_object(plain, k) for k in all_object_keys(plain))  # the control: plain is plain
+
+    repo_tool("copy", plain, enc_repo)
+    for key in all_object_keys(enc_repo):
+        data = get_object(enc_repo, key)
+        assert MARKER not in data and VM_NAME.encode() not in data, key
+    (vdi,) = ls_json(enc_repo)["vdis"]
+    assert vdi["vm_name"] == VM_NAME
+    back = new_repo_location(tmp_path, "back")
+    repo_tool("init", back)
+    repo_tool("copy", enc_repo, back)
+    restored = tmp_path / "restored.img"
+    repo_tool("restore", back, VDI, "latest", restored)
+    assert files_equal(restored, img)
+
+
+def test_a_mount_holding_the_key_leaves_no_core_dump_and_no_passphrase_in_argv(enc_repo, tmp_path, passphrase):
+    import resource
+    import signal
+    import subprocess
+    import time
+
+    img = guest_image(tmp_path / "d.img", 9)
+    import_image(enc_repo, img, VDI, "2026-11-30T010000Z")
+    cores = tmp_path / "cores"
+    cores.mkdir()
+    core_pattern = "/proc/sys/kernel/core_pattern"
+    saved = open(core_pattern).read()
+
+    def unlimited():
+        resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        signal.signal(signal.SIGABRT, signal.SIG_DFL)
+
+    def wait_for_core():
+        deadline = time.monotonic() + 3
+        while not list(cores.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return list(cores.iterdir())
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        with open(core_pattern, "w") as f:
+            f.write(f"{cores}/core.%e.%p")
+        p = subprocess.Popen(["sh", "-c", "kill -ABRT $$"], preexec_fn=unlimited)
+        p.wait()
+        assert wait_for_core(), "this machine does not write core dumps; the test cannot tell"
+        for c in cores.iterdir():
+            c.unlink()
+        p = subprocess.Popen([CBTFS, "-f", str(enc_repo), str(mnt)], preexec_fn=unlimited,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not os.path.ismount(mnt):
+            assert p.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        assert files_equal(mnt / VDI / "latest.raw", img)  # the key is in use
+        assert b"battery" not in open(f"/proc/{p.pid}/cmdline", "rb").read()
+        p.send_signal(signal.SIGABRT)
+        p.wait()
+        left = wait_for_core()
+        assert all(b"battery staple" not in c.read_bytes() for c in left)
+        assert not left, "the mount dumped core while holding the key"
+    finally:
+        with open(core_pattern, "w") as f:
+            f.write(saved)
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)

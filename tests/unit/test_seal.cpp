@@ -1,0 +1,147 @@
+// Encryption at rest: seals, sealed records and manifests, key slots, and
+// the encrypted header, against hostile input.
+#include <catch2/catch.hpp>
+#include <cstring>
+#include <random>
+#include <string>
+
+#include "cbtfs/errors.hpp"
+#include "cbtfs/format.hpp"
+#include "cbtfs/key_slots.hpp"
+#include "cbtfs/seal.hpp"
+
+using namespace cbtfs;
+
+namespace {
+
+Bytes text(const std::string& s) {
+  Bytes b(s.size());
+  std::memcpy(b.data(), s.data(), s.size());
+  return b;
+}
+
+DataKey key(uint8_t fill) {
+  DataKey k;
+  k.fill(fill);
+  return k;
+}
+
+Bytes block_of(char c, bool compressible) {
+  Bytes b(kBlockSize, std::byte(static_cast<unsigned char>(c)));
+  std::mt19937 rnd(static_cast<unsigned>(c));
+  if (!compressible)
+    for (auto& x : b) x = std::byte(static_cast<unsigned char>(rnd()));
+  return b;
+}
+
+}  // namespace
+
+TEST_CASE("a seal opens only with its key and its associated data, whole") {
+  Sealer s(key(1));
+  Bytes plain = text("what the guest wrote"), aad = text("R-id");
+  Bytes sealed = s.seal(plain, aad);
+  REQUIRE(sealed.size() == plain.size() + kSealOverhead);
+  Bytes out(plain.size());
+  s.open(sealed, aad, out);
+  CHECK(out == plain);
+  CHECK(s.seal(plain, aad) != sealed);  // a fresh nonce every time
+
+  CHECK_THROWS_AS(Sealer(key(2)).open(sealed, aad, out), CorruptError);
+  CHECK_THROWS_AS(s.open(sealed, text("R-other"), out), CorruptError);
+  for (size_t at : {size_t{0}, kNonceSize, sealed.size() - 1}) {
+    Bytes bad = sealed;
+    bad[at] ^= std::byte{1};
+    CHECK_THROWS_AS(s.open(bad, aad, out), CorruptError);
+  }
+  Bytes shorter(sealed.begin(), sealed.end() - 1), short_out(out.size() - 1);
+  CHECK_THROWS_AS(s.open(shorter, aad, short_out), CorruptError);
+  CHECK_THROWS_AS(s.open(shorter, aad, out), CorruptError);
+}
+
+TEST_CASE("sealed records round-trip, compressed or raw, and are bound to their id and encoding") {
+  Sealer s(key(3));
+  for (bool compressible : {true, false}) {
+    Bytes plain = block_of('x', compressible);
+    BlockRef ref;
+    ref.id[0] = 42;
+    Bytes encoded = encode_record(plain, ref);
+    CHECK(ref.raw() == !compressible);
+    Bytes stored = seal_record(s, encoded, ref);
+    CHECK(ref.length() == stored.size());
+    CHECK(ref.raw() == !compressible);
+    Bytes out(kBlockSize);
+    open_record(s, stored, ref, out);
+    CHECK(out == plain);
+
+    BlockRef other = ref;
+    other.id[0] = 43;  // another record's place in an index
+    CHECK_THROWS_AS(open_record(s, stored, other, out), CorruptError);
+    BlockRef flag = ref;
+    flag.stored_len ^= BlockRef::kRawFlag;
+    CHECK_THROWS_AS(open_record(s, stored, flag, out), CorruptError);
+    BlockRef sum = ref;
+    sum.hash ^= 1;
+    CHECK_THROWS_AS(open_record(s, stored, sum, out), CorruptError);
+    CHECK_THROWS_AS(open_record(Sealer(key(4)), stored, ref, out), CorruptError);
+  }
+}
+
+TEST_CASE("a sealed manifest opens only under its own VDI and number") {
+  Sealer s(key(5));
+  Bytes m = text("{\"point\":{}}");
+  Bytes stored = seal_manifest(s, m, "vdi-a", 3);
+  CHECK(open_manifest(s, stored, "vdi-a", 3) == m);
+  CHECK_THROWS_AS(open_manifest(s, stored, "vdi-a", 4), CorruptError);
+  CHECK_THROWS_AS(open_manifest(s, stored, "vdi-b", 3), CorruptError);
+  CHECK_THROWS_AS(open_manifest(s, Bytes(stored.begin(), stored.begin() + 10), "vdi-a", 3), CorruptError);
+}
+
+TEST_CASE("key slots open with their passphrase or key file, in their repository only") {
+  RepoSecret secret = random_repo_secret();
+  Unlocker pass{Unlocker::Kind::passphrase, "correct horse", "test"};
+  Unlocker file{Unlocker::Kind::keyfile, std::string(32, 'k'), "test"};
+  KeySlot ps = make_key_slot(secret, pass, "repo-1");
+  KeySlot fs = make_key_slot(secret, file, "repo-1");
+  CHECK(ps.kind == "passphrase");
+  CHECK(ps.n >= (1u << 17));
+  CHECK(fs.kind == "keyfile");
+
+  auto opened = open_key_slot(ps, pass, "repo-1");
+  REQUIRE(opened);
+  CHECK(opened->data_key == secret.data_key);
+  CHECK(opened->id_key == secret.id_key);
+  REQUIRE(open_key_slot(fs, file, "repo-1"));
+  CHECK(open_key_slot(fs, file, "repo-1")->data_key == secret.data_key);
+
+  CHECK_FALSE(open_key_slot(ps, Unlocker{Unlocker::Kind::passphrase, "Correct horse", "test"}, "repo-1"));
+  CHECK_FALSE(open_key_slot(ps, pass, "repo-2"));  // a slot copied into another repository's header
+  CHECK_FALSE(open_key_slot(ps, file, "repo-1"));  // a slot of the other kind is not tried
+  CHECK_THROWS_AS(make_key_slot(secret, Unlocker{Unlocker::Kind::keyfile, "short", "f"}, "repo-1"), UsageError);
+  CHECK_THROWS_AS(make_key_slot(secret, Unlocker{Unlocker::Kind::passphrase, "", "p"}, "repo-1"), UsageError);
+
+  KeySlot bad = ps;
+  bad.n = uint64_t{1} << 40;  // a header asking for a terabyte of scrypt memory
+  CHECK_THROWS_AS(open_key_slot(bad, pass, "repo-1"), FormatError);
+  bad = fs;
+  bad.sealed[3] = bad.sealed[3] == 'a' ? 'b' : 'a';
+  CHECK_FALSE(open_key_slot(bad, file, "repo-1"));
+}
+
+TEST_CASE("an encrypted header keeps its slots and never the id key") {
+  RepoHeader h;
+  h.id = "0e0e7d39-6f1a-4c2e-9a53-2f6d1c1e8a01";
+  h.format = 2;
+  h.encrypted = true;
+  h.id_key.fill(0xAB);
+  RepoSecret secret = random_repo_secret();
+  h.slots.push_back(make_key_slot(secret, Unlocker{Unlocker::Kind::keyfile, std::string(40, 'z'), "f"}, h.id));
+  Bytes enc = encode_repo_header(h);
+  std::string s(reinterpret_cast<const char*>(enc.data()), enc.size());
+  CHECK(s.find("id_key") == std::string::npos);
+  CHECK(s.find("abababab") == std::string::npos);
+  RepoHeader back = check_repo_header(enc, "header");
+  CHECK(back.encrypted);
+  REQUIRE(back.slots.size() == 1);
+  CHECK(back.slots[0].sealed == h.slots[0].sealed);
+  CHECK(back.slots[0].kind == "keyfile");
+}
