@@ -411,10 +411,11 @@ class Obj:
 
 
 REPO_FORMAT = "1"  # --format
+REPO_ENCRYPTION = "none"  # --encryption: every repository's (its passphrase in CBTFS_PASSPHRASE_FILE)
 
 
 def new_repo(path):
-    run([CBTFS_REPO, "init", "--format", REPO_FORMAT, path])
+    run([CBTFS_REPO, "init", "--format", REPO_FORMAT, "--encryption", REPO_ENCRYPTION, path])
     return path
 
 
@@ -982,9 +983,18 @@ def main():
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated case numbers (default all)")
     ap.add_argument("--keep", action="store_true", help=f"keep the data under {WORK}/data")
     ap.add_argument("--format", default="1", choices=["1", "2"], help="repository format of cbtfs's repositories")
+    ap.add_argument("--encryption", default="none", choices=["none", "passphrase"],
+                    help="encrypt cbtfs's repositories (format 2)")
     args = ap.parse_args()
-    global REPO_FORMAT
+    global REPO_FORMAT, REPO_ENCRYPTION
     REPO_FORMAT = args.format
+    REPO_ENCRYPTION = args.encryption
+    if REPO_ENCRYPTION != "none":
+        passphrase = os.path.join(WORK, "passphrase")
+        os.makedirs(WORK, exist_ok=True)
+        with open(passphrase, "w") as f:
+            f.write("bench passphrase\n")
+        os.environ["CBTFS_PASSPHRASE_FILE"] = passphrase  # every cbtfs process the run starts inherits it
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     if bad := [c for c in cases if c not in CASES]:
         sys.exit(f"unknown case(s): {', '.join(bad)}; cases are {', '.join(CASES)}")

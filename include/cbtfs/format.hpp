@@ -148,20 +148,13 @@ Manifest decode_manifest(std::span<const std::byte> data, const std::string& whe
 // The header names the repository with a uuid, so that two repositories
 // backing up the same disk can tell their host-side snapshots apart.
 // Format 2's header also holds the id key of block_id(), in the clear
-// unless the repository is encrypted: then only key slots hold it.
-struct KeySlot {
-  std::string kind;  // "passphrase" (scrypt) or "keyfile"
-  std::string salt;  // hex
-  uint64_t n = 0;    // scrypt's cost parameters (passphrase slots)
-  uint32_t r = 0, p = 0;
-  std::string sealed;  // hex: the repository's secret, sealed with the derived key
-};
+// unless the repository is encrypted: then only its key slots (objects of
+// their own, key_slots.hpp) hold it, sealed.
 struct RepoHeader {
   std::string id;  // "" for a header written before ids existed
   uint32_t format = 1;
   IdKey id_key{};  // format 2; in an encrypted repository, known once a slot is opened
   bool encrypted = false;
-  std::vector<KeySlot> slots;  // encrypted: at least one
 };
 Bytes encode_repo_header(const RepoHeader& h);
 RepoHeader check_repo_header(std::span<const std::byte> data, const std::string& where);

@@ -2,9 +2,10 @@
 //
 // init makes the repository's secret at random: the data key (every seal)
 // and the id key (block ids). Neither is ever stored in the clear: each key
-// slot in the header holds the secret sealed with a key-encryption key
-// derived from one passphrase (scrypt, memory-hard) or one key file. Adding,
-// changing or removing a slot rewrites the header only, never the data.
+// slot holds the secret sealed with a key-encryption key derived from one
+// passphrase (scrypt, memory-hard) or one key file. A slot is an object of
+// its own, so adding or removing one writes or removes that object only:
+// never the header, never the data.
 #pragma once
 
 #include <optional>
@@ -29,6 +30,20 @@ struct Unlocker {
   std::string secret;
   std::string source;  // where it came from, for messages (never the secret)
 };
+
+// One key slot: the object keys/<id>.slot, JSON. Its parameters need no
+// checksum of their own: altered ones derive another key, which opens
+// nothing.
+struct KeySlot {
+  std::string kind;  // "passphrase" (scrypt) or "keyfile"
+  std::string salt;  // hex
+  uint64_t n = 0;    // scrypt's cost parameters (passphrase slots)
+  uint32_t r = 0, p = 0;
+  std::string sealed;  // hex: the secret (data key, then id key), sealed with the derived key
+};
+Bytes encode_key_slot(const KeySlot& slot);
+KeySlot decode_key_slot(std::span<const std::byte> data, const std::string& where);  // FormatError
+std::string random_slot_id();  // 16 hex digits
 
 // A new slot holding secret, opened by u. repo_id binds it to this repository.
 KeySlot make_key_slot(const RepoSecret& secret, const Unlocker& u, const std::string& repo_id);

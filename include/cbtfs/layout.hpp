@@ -22,6 +22,10 @@ namespace cbtfs::layout {
 
 inline constexpr const char* kHeaderKey = "cbtfs-repository";
 inline constexpr const char* kVdisDir = "vdis";
+// An encrypted repository's key slots, one object each (keys/<16 hex>.slot):
+// added and removed, never rewritten.
+inline constexpr const char* kKeysDir = "keys";
+std::string key_slot_key(const std::string& slot_id);
 
 std::string vdi_dir(const std::string& vdi);
 std::string points_dir(const std::string& vdi);

@@ -55,7 +55,13 @@ class Repository {
   // An encrypted repository's seals of records and manifests; nullptr
   // for a plain one.
   const Sealer* sealer() const { return sealer_ ? &*sealer_ : nullptr; }
-  size_t key_slots() const { return header_.slots.size(); }
+  // An encrypted repository's key slots by id; which one opened it.
+  std::map<std::string, KeySlot> key_slots();
+  const std::string& opened_slot() const { return opened_slot_; }
+  // A new slot that key opens (the repository must be open); its id.
+  std::string add_key_slot(const Unlocker& key);
+  // Refuses to remove the last slot.
+  void remove_key_slot(const std::string& id);
   // A manifest as stored (sealed in an encrypted repository).
   Bytes encode_point(const Manifest& m) const;
   // The key of the pack a record of the VDI lives in: the VDI's own pack
@@ -136,6 +142,8 @@ class Repository {
   std::unique_ptr<Storage> storage_;
   RepoHeader header_;
   std::optional<Sealer> sealer_;
+  std::optional<RepoSecret> secret_;  // encrypted: what new key slots hold
+  std::string opened_slot_;
   std::unique_ptr<StoreSink> sink_;  // declared after storage_: it goes first
   std::string sink_collection_;
   std::mutex mu_;

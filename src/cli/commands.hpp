@@ -61,6 +61,13 @@ struct CopyArgs {
   bool dry_run = false, quiet = false;
 };
 int cmd_copy(const CopyArgs& a);
+
+struct KeyArgs {
+  std::string action;  // list, add, remove
+  std::string repo, slot;
+  std::string new_passphrase_file, new_key_file;  // add
+};
+int cmd_key(const KeyArgs& a);
 int cmd_restore(const std::string& repo, const std::string& vdi, const std::string& point, const std::string& dest,
                 bool force);
 struct RestoreXapiArgs {

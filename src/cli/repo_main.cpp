@@ -156,6 +156,19 @@ int run(int argc, char** argv) {
   forget->add_option("REPO", repo, "repository")->required();
   forget->add_option("VDI", vdi, "VDI uuid")->required();
 
+  KeyArgs ka;
+  auto* key = app.add_subcommand("key", "an encrypted repository's key slots: list, add, remove");
+  key->require_subcommand(1);
+  auto* key_list = key->add_subcommand("list", "the key slots, and which one opened the repository");
+  key_list->add_option("REPO", ka.repo, "repository")->required();
+  auto* key_add = key->add_subcommand("add", "a new key slot, opened by another passphrase or key file");
+  key_add->add_option("--new-passphrase-file", ka.new_passphrase_file, "file whose first line is the new passphrase");
+  key_add->add_option("--new-key-file", ka.new_key_file, "the new key file (at least 32 random bytes)");
+  key_add->add_option("REPO", ka.repo, "repository")->required();
+  auto* key_remove = key->add_subcommand("remove", "remove a key slot (never the last one)");
+  key_remove->add_option("REPO", ka.repo, "repository")->required();
+  key_remove->add_option("SLOT", ka.slot, "slot id, as key list shows it")->required();
+
   bool gc_dry_run = false;
   auto* gc = app.add_subcommand("gc", "format 2: free the blocks no point references (prune and forget run it)");
   gc->add_flag("-n,--dry-run", gc_dry_run, "only say what would be freed");
@@ -203,6 +216,10 @@ int run(int argc, char** argv) {
   if (*prune) return cmd_prune(pa);
   if (*forget) return cmd_forget(repo, vdi);
   if (*gc) return cmd_gc(repo, gc_dry_run);
+  if (*key) {
+    ka.action = *key_list ? "list" : *key_add ? "add" : "remove";
+    return cmd_key(ka);
+  }
   if (*copy) {
     for (auto& v : ca.vdis) {
       v = lower(v);

@@ -358,17 +358,10 @@ Manifest decode_manifest(std::span<const std::byte> data, const std::string& whe
 
 Bytes encode_repo_header(const RepoHeader& h) {
   json body{{"version", h.format}, {"format", "cbtfs"}, {"block_size", kBlockSize}, {"id", h.id}};
-  if (h.encrypted) {
-    json slots = json::array();
-    for (auto& k : h.slots) {
-      json j{{"kind", k.kind}, {"salt", k.salt}, {"sealed", k.sealed}};
-      if (k.kind == "passphrase") j.update({{"kdf", "scrypt"}, {"n", k.n}, {"r", k.r}, {"p", k.p}});
-      slots.push_back(j);
-    }
-    body["encryption"] = {{"cipher", "aes-256-gcm"}, {"slots", slots}};
-  } else if (h.format >= 2) {
+  if (h.encrypted)
+    body["encryption"] = {{"cipher", "aes-256-gcm"}};
+  else if (h.format >= 2)
     body["id_key"] = hex_bytes(h.id_key);
-  }
   return sign("repository", body);
 }
 
@@ -381,26 +374,10 @@ RepoHeader check_repo_header(std::span<const std::byte> data, const std::string&
     h.id = b.value("id", "");
     if (!h.id.empty() && !is_uuid(h.id)) throw FormatError("malformed repository id");
     if (b.contains("encryption")) {
-      const json& e = b.at("encryption");
-      if (e.at("cipher").get<std::string>() != "aes-256-gcm")
-        throw VersionError("encrypted with " + e.at("cipher").get<std::string>() + ", which this cbtfs does not know");
-      h.encrypted = true;
-      for (auto& j : e.at("slots")) {
-        KeySlot k;
-        k.kind = j.at("kind").get<std::string>();
-        k.salt = j.at("salt").get<std::string>();
-        k.sealed = j.at("sealed").get<std::string>();
-        if (k.kind == "passphrase") {
-          if (j.at("kdf").get<std::string>() != "scrypt") throw VersionError("a key slot of an unknown kind");
-          k.n = j.at("n").get<uint64_t>();
-          k.r = j.at("r").get<uint32_t>();
-          k.p = j.at("p").get<uint32_t>();
-        } else if (k.kind != "keyfile") {
-          throw VersionError("a key slot of an unknown kind (" + k.kind + ")");
-        }
-        h.slots.push_back(std::move(k));
-      }
+      std::string cipher = b.at("encryption").at("cipher").get<std::string>();
+      if (cipher != "aes-256-gcm") throw VersionError("encrypted with " + cipher + ", which this cbtfs does not know");
       if (h.format < 2) throw FormatError("an encrypted repository of format 1");
+      h.encrypted = true;
     } else if (h.format >= 2) {
       h.id_key = parse_hex_bytes<32>(b.at("id_key").get<std::string>(), "id key");
     }

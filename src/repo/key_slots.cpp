@@ -10,6 +10,7 @@
 #include <cstring>
 #include <fstream>
 #include <iterator>
+#include <nlohmann/json.hpp>
 #include <stdexcept>
 
 #include "cbtfs/errors.hpp"
@@ -84,6 +85,44 @@ std::string read_all(const std::string& path, const char* what) {
 void keep_secrets_out_of_core_dumps() {
   if (::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0)
     throw UsageError(std::string("cannot protect secrets from core dumps: ") + std::strerror(errno));
+}
+
+Bytes encode_key_slot(const KeySlot& k) {
+  nlohmann::json j{{"kind", k.kind}, {"salt", k.salt}, {"sealed", k.sealed}};
+  if (k.kind == "passphrase") j.update({{"kdf", "scrypt"}, {"n", k.n}, {"r", k.r}, {"p", k.p}});
+  std::string text = nlohmann::json{{"key_slot", j}}.dump(1) + "\n";
+  return Bytes(reinterpret_cast<const std::byte*>(text.data()), reinterpret_cast<const std::byte*>(text.data()) + text.size());
+}
+
+KeySlot decode_key_slot(std::span<const std::byte> data, const std::string& where) {
+  try {
+    auto j = nlohmann::json::parse(reinterpret_cast<const char*>(data.data()),
+                                   reinterpret_cast<const char*>(data.data()) + data.size())
+                 .at("key_slot");
+    KeySlot k;
+    k.kind = j.at("kind").get<std::string>();
+    k.salt = j.at("salt").get<std::string>();
+    k.sealed = j.at("sealed").get<std::string>();
+    if (k.kind == "passphrase") {
+      if (j.at("kdf").get<std::string>() != "scrypt") throw FormatError("a key slot of an unknown kind");
+      k.n = j.at("n").get<uint64_t>();
+      k.r = j.at("r").get<uint32_t>();
+      k.p = j.at("p").get<uint32_t>();
+    } else if (k.kind != "keyfile") {
+      throw FormatError("a key slot of an unknown kind (" + k.kind + ")");
+    }
+    return k;
+  } catch (const nlohmann::json::exception&) {
+    throw FormatError(where + ": malformed key slot");
+  } catch (const FormatError& e) {
+    throw FormatError(where + ": " + e.what());
+  }
+}
+
+std::string random_slot_id() {
+  unsigned char b[8];
+  if (RAND_bytes(b, sizeof b) != 1) throw std::runtime_error("no random bytes for a key slot");
+  return to_hex(b, sizeof b);
 }
 
 RepoSecret random_repo_secret() {

@@ -43,6 +43,8 @@ uint64_t parse_hex_id(const std::string& name, const std::string& suffix) {
 
 }  // namespace
 
+std::string key_slot_key(const std::string& slot_id) { return std::string(kKeysDir) + "/" + slot_id + ".slot"; }
+
 std::string vdi_dir(const std::string& vdi) { return std::string(kVdisDir) + "/" + vdi; }
 std::string points_dir(const std::string& vdi) { return vdi_dir(vdi) + "/points"; }
 std::string packs_dir(const std::string& vdi) { return vdi_dir(vdi) + "/packs"; }

@@ -22,19 +22,21 @@ void Repository::init(const std::string& path, uint32_t format, const std::vecto
   RepoHeader h;
   h.id = random_uuid();
   h.format = format;
+  // The slots are made before anything is created: a key file too short
+  // leaves no half-made repository behind.
+  std::vector<KeySlot> slots;
   if (!keys.empty()) {
-    // The slots are made before anything is created: a key file too short
-    // leaves no half-made repository behind.
     RepoSecret secret = random_repo_secret();
     h.encrypted = true;
-    for (auto& k : keys) h.slots.push_back(make_key_slot(secret, k, h.id));
+    for (auto& k : keys) slots.push_back(make_key_slot(secret, k, h.id));
   } else if (format >= 2) {
     h.id_key = random_id_key();
   }
   auto st = create_storage(path);
   if (st->size(kHeaderKey)) throw UsageError(path + " is already a cbtfs repository");
   if (!st->list("").empty()) throw UsageError(path + " is not empty; refusing to create a repository in it");
-  st->put(kHeaderKey, encode_repo_header(h));
+  for (auto& slot : slots) st->put(key_slot_key(random_slot_id()), encode_key_slot(slot));
+  st->put(kHeaderKey, encode_repo_header(h));  // last: a repository exists with its keys
 }
 
 std::shared_ptr<Repository> Repository::open(const std::string& path) { return open(open_storage(path)); }
@@ -44,9 +46,42 @@ std::shared_ptr<Repository> Repository::open(std::unique_ptr<Storage> st) {
   auto header = st->get(kHeaderKey);
   if (!header) throw UsageError(where + " is not a cbtfs repository (no " + kHeaderKey + " file; create one with 'cbtfs-repo init')");
   RepoHeader h = check_repo_header(*header, where + "/" + kHeaderKey);
+  // A plain header beside key slots was put there by someone who wants
+  // the next backups stored in the clear.
+  if (!h.encrypted && !st->list(kKeysDir).empty())
+    throw FormatError(where + "/" + kHeaderKey + ": says the repository is not encrypted, but it has key slots (" +
+                      kKeysDir + "/): the header was altered or replaced");
   auto repo = std::make_shared<Repository>(std::move(st), h);
   if (h.encrypted) repo->unlock(unlockers_from_environment());
   return repo;
+}
+
+std::map<std::string, KeySlot> Repository::key_slots() {
+  std::map<std::string, KeySlot> out;
+  for (auto& name : storage_->list(kKeysDir)) {
+    if (!name.ends_with(".slot")) continue;
+    std::string id = name.substr(0, name.size() - 5);
+    auto data = storage_->get(key_slot_key(id));
+    if (!data) continue;  // removed meanwhile
+    out.emplace(id, decode_key_slot(*data, storage_->describe() + "/" + key_slot_key(id)));
+  }
+  return out;
+}
+
+std::string Repository::add_key_slot(const Unlocker& key) {
+  if (!secret_) throw UsageError("the repository is not encrypted: it has no key slots");
+  std::string id = random_slot_id();
+  storage_->put(key_slot_key(id), encode_key_slot(make_key_slot(*secret_, key, header_.id)));
+  return id;
+}
+
+void Repository::remove_key_slot(const std::string& id) {
+  if (!secret_) throw UsageError("the repository is not encrypted: it has no key slots");
+  auto slots = key_slots();
+  if (!slots.count(id)) throw UsageError("there is no key slot " + id + " (cbtfs-repo key list shows them)");
+  if (slots.size() == 1)
+    throw UsageError("key slot " + id + " is the last one: without it nothing stored could be read; add another first");
+  storage_->remove(key_slot_key(id));
 }
 
 Repository::Repository(std::unique_ptr<Storage> storage, RepoHeader header)
@@ -57,12 +92,16 @@ void Repository::unlock(const std::vector<Unlocker>& keys) {
   if (keys.empty())
     throw KeyError(where + " is encrypted: give its passphrase or key file (CBTFS_PASSPHRASE_FILE, CBTFS_KEY_FILE, "
                    "or systemd credentials cbtfs-passphrase / cbtfs-key; see cbtfs-repo(1), ENCRYPTION)");
+  auto slots = key_slots();
+  if (slots.empty()) throw FormatError(where + " is encrypted but has no key slots (" + kKeysDir + "/ is empty)");
   std::string tried;
   for (auto& k : keys) {
-    for (auto& slot : header_.slots) {
+    for (auto& [id, slot] : slots) {
       if (auto secret = open_key_slot(slot, k, header_.id)) {
         header_.id_key = secret->id_key;
         sealer_.emplace(secret->data_key);
+        secret_ = secret;
+        opened_slot_ = id;
         return;
       }
     }

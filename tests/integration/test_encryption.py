@@ -297,3 +297,57 @@ def test_a_mount_holding_the_key_leaves_no_core_dump_and_no_passphrase_in_argv(e
         with open(core_pattern, "w") as f:
             f.write(saved)
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
+def test_key_slots_change_without_touching_the_data(enc_repo, tmp_path, monkeypatch):
+    import hashlib
+
+    img = guest_image(tmp_path / "d.img", 10)
+    import_image(enc_repo, img, VDI, "2026-11-30T010000Z")
+
+    def data_digest():
+        return {k: hashlib.sha256(get_object(enc_repo, k)).hexdigest() for k in all_object_keys(enc_repo)
+                if not k.startswith("keys/")}
+
+    before = data_digest()
+    (first,) = [l.split()[0] for l in repo_tool("key", "list", enc_repo).stdout.splitlines()]
+    new_pass = tmp_path / "new-passphrase"
+    new_pass.write_text("a second passphrase for the night shift\n")
+    keyfile = tmp_path / "key"
+    keyfile.write_bytes(os.urandom(48))
+    out = repo_tool("key", "add", "--new-passphrase-file", new_pass, enc_repo).stdout
+    second = re.search(r"added key slot ([0-9a-f]{16}) \(passphrase\)", out)[1]
+    third = re.search(r"added key slot ([0-9a-f]{16})", repo_tool("key", "add", "--new-key-file", keyfile,
+                                                                  enc_repo).stdout)[1]
+    listed = repo_tool("key", "list", enc_repo).stdout
+    assert {first, second, third} == {l.split()[0] for l in listed.splitlines()}, listed
+    assert f"{first}  passphrase" in listed and "(opened this time)" in listed
+
+    # the first passphrase goes: the repository is opened with the second
+    monkeypatch.setenv("CBTFS_PASSPHRASE_FILE", str(new_pass))
+    assert "removed key slot " + first in repo_tool("key", "remove", enc_repo, first).stdout
+    restored = tmp_path / "r.img"
+    repo_tool("restore", enc_repo, VDI, "latest", restored)
+    assert files_equal(restored, img)
+    monkeypatch.setenv("CBTFS_PASSPHRASE_FILE", str(tmp_path / "passphrase"))
+    old = repo_tool("ls", enc_repo, check=False)
+    assert old.returncode == EXIT_KEY, old.stderr
+    monkeypatch.delenv("CBTFS_PASSPHRASE_FILE")
+    monkeypatch.setenv("CBTFS_KEY_FILE", str(keyfile))
+    repo_tool("key", "remove", enc_repo, second)
+    last = repo_tool("key", "remove", enc_repo, third, check=False)
+    assert last.returncode == 2 and "last one" in last.stderr, last.stderr
+    assert data_digest() == before  # no block, index or manifest was rewritten
+    assert "verify OK" in repo_tool("verify", enc_repo).stdout
+
+
+def test_a_header_replaced_by_a_plain_one_is_refused(enc_repo, tmp_path):
+    """Whoever can write the bucket could swap in a plain header so that the
+    next backups land in the clear: the key slots beside it give it away."""
+    plain = new_repo_location(tmp_path, "plain")
+    repo_tool("init", plain)
+    put_object(enc_repo, "cbtfs-repository", get_object(plain, "cbtfs-repository"))
+    img = guest_image(tmp_path / "d.img", 12)
+    p = repo_tool("import", "-q", "--vdi", VDI, enc_repo, img, check=False)
+    assert p.returncode == 3 and "altered or replaced" in p.stderr, p.stderr
+    assert not any(k.startswith("store/packs/") for k in all_object_keys(enc_repo))

@@ -240,11 +240,11 @@ TEST_CASE("manifests of a newer version are refused with a clear message") {
 
 TEST_CASE("repository header: good, damaged, newer, foreign") {
   std::string id = random_uuid();
-  Bytes h = encode_repo_header(RepoHeader{id, 1, {}, false, {}});
+  Bytes h = encode_repo_header(RepoHeader{id, 1, {}, false});
   CHECK(check_repo_header(h, "r").id == id);
   CHECK(check_repo_header(h, "r").format == 1);
   CHECK(check_repo_header(signed_json("repository", {{"version", 1}, {"format", "cbtfs"}}), "r").id.empty());
-  RepoHeader two{id, 2, random_id_key(), false, {}};
+  RepoHeader two{id, 2, random_id_key(), false};
   CHECK(check_repo_header(encode_repo_header(two), "r").id_key == two.id_key);
   CHECK_THROWS_AS(check_repo_header(signed_json("repository", {{"version", 2}, {"format", "cbtfs"}}), "r"), FormatError);
   CHECK_THROWS_AS(check_repo_header(signed_json("repository", {{"version", 1}, {"format", "cbtfs"}, {"id", "../x"}}), "r"),

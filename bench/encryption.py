@@ -1,0 +1,138 @@
+#!/usr/bin/python3
+"""Encrypted against plain format 2 repositories, one run, side by side:
+the same image imported into each, then read through the mount
+(sequential 1 MiB reads, random 4 KiB reads) and restored to a file,
+alternating between the two, median of the rounds. The full ingest
+against nbdcopy on an encrypted repository is bench/run.py --cases 7
+--format 2 --encryption passphrase.
+
+    sudo /usr/bin/python3 bench/encryption.py [--image-mib 1024] [--rounds 3]
+
+Uses the binaries in build/src; needs root (mounts). Every read is the
+first after a fresh mount, with the repositories' files warm in the host
+page cache (as bench/run.py), and is checked against the source image."""
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+BIN = os.path.join(ROOT, "build", "src")
+MIB = 1 << 20
+VDI = "0e0e7d39-6f1a-4c2e-9a53-2f6d1c1e8a02"
+
+
+def run(*args, env=None):
+    return subprocess.run([str(a) for a in args], check=True, capture_output=True, text=True, env=env).stdout
+
+
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def readbench(tool, mode, path, bs, count=0):
+    out = run(tool, mode, path, bs, *([count, 1] if mode == "rand" else []))
+    r = dict(kv.split("=") for kv in out.split())
+    return {"bytes": int(r["bytes"]), "ops": int(r["ops"]), "secs": float(r["secs"]), "hash": r["hash"]}
+
+
+def warm(path):
+    for d, _, files in os.walk(path):
+        for f in files:
+            with open(os.path.join(d, f), "rb") as fh:
+                while fh.read(8 * MIB):
+                    pass
+
+
+class Mount:
+    def __init__(self, repo, mnt, env):
+        self.mnt = mnt
+        self.proc = subprocess.Popen([os.path.join(BIN, "cbtfs"), "-f", repo, mnt], env=env,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not os.path.ismount(mnt):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("cbtfs did not mount " + repo)
+            time.sleep(0.02)
+
+    def __enter__(self):
+        return os.path.join(self.mnt, VDI, "latest.raw")
+
+    def __exit__(self, *exc):
+        subprocess.run(["fusermount3", "-u", self.mnt], check=True)
+        self.proc.wait()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--image-mib", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="cbtfs-encryption-", dir="/var/tmp")
+    try:
+        tool = os.path.join(work, "readbench")
+        run("gcc", "-O3", "-march=native", "-Wall", "-o", tool, os.path.join(BENCH, "readbench.c"))
+        image = os.path.join(work, "disk.img")
+        run("/usr/bin/python3", os.path.join(BENCH, "gen_image.py"), "base", image, a.image_mib)
+        with open(os.path.join(work, "pass"), "w") as f:
+            f.write("bench passphrase\n")
+        plain_env = {k: v for k, v in os.environ.items() if not k.startswith("CBTFS_")}
+        enc_env = dict(plain_env, CBTFS_PASSPHRASE_FILE=os.path.join(work, "pass"))
+        repos = {"plain": (os.path.join(work, "plain"), plain_env), "encrypted": (os.path.join(work, "enc"), enc_env)}
+        repo_tool = os.path.join(BIN, "cbtfs-repo")
+        run(repo_tool, "init", repos["plain"][0])
+        run(repo_tool, "init", "--encryption", "passphrase", repos["encrypted"][0], env=enc_env)
+        want_seq = readbench(tool, "seq", image, MIB)["hash"]
+        want_rand = readbench(tool, "rand", image, 4096, 20000)["hash"]
+        res = {k: {"import": [], "seq": [], "rand": [], "restore": []} for k in repos}
+        for name, (repo, env) in repos.items():
+            t = time.monotonic()
+            run(repo_tool, "import", "-q", "--vdi", VDI, "--time", "2026-11-30T010000Z", repo, image, env=env)
+            res[name]["import"].append(a.image_mib * MIB / (time.monotonic() - t) / 1e6)
+        mnt = os.path.join(work, "mnt")
+        os.makedirs(mnt)
+        for r in range(a.rounds):
+            for name in (["plain", "encrypted"] if r % 2 == 0 else ["encrypted", "plain"]):
+                repo, env = repos[name]
+                warm(repo)
+                with Mount(repo, mnt, env) as path:
+                    s = readbench(tool, "seq", path, MIB)
+                    assert s["hash"] == want_seq, f"{name}: wrong data in the sequential read"
+                    res[name]["seq"].append(s["bytes"] / s["secs"] / 1e6)
+                with Mount(repo, mnt, env) as path:
+                    s = readbench(tool, "rand", path, 4096, 20000)
+                    assert s["hash"] == want_rand, f"{name}: wrong data in the random reads"
+                    res[name]["rand"].append(s["ops"] / s["secs"])
+                out = os.path.join(work, "restored.img")
+                t = time.monotonic()
+                run(repo_tool, "restore", "--force", repo, VDI, "latest", out, env=env)
+                res[name]["restore"].append(a.image_mib * MIB / (time.monotonic() - t) / 1e6)
+                with open(out, "rb") as f1, open(image, "rb") as f2:
+                    assert hashlib.sha256(f1.read()).digest() == hashlib.sha256(f2.read()).digest(), "restore"
+                os.unlink(out)
+        rows = [("import of the image (one process, page cache)", "import", "MB/s", None),
+                ("sequential 1 MiB reads through the mount", "seq", "MB/s", 0.85),
+                ("random 4 KiB reads through the mount, 20000 offsets", "rand", "reads/s", 0.9),
+                ("cbtfs-repo restore to a file", "restore", "MB/s", 0.85)]
+        print(f"{a.image_mib} MiB image (bench/gen_image.py base), median of {a.rounds} rounds; "
+              f"load average {os.getloadavg()[0]:.2f} at the end\n")
+        print("| measure | unit | encrypted | plain | encrypted/plain | target |")
+        print("|---|---|---:|---:|---:|---|")
+        for what, key, unit, target in rows:
+            e, p = median(res["encrypted"][key]), median(res["plain"][key])
+            met = "" if target is None else f"≥ {target} {'met' if e / p >= target else '**missed**'}"
+            print(f"| {what} | {unit} | {e:.0f} | {p:.0f} | {e / p:.3f} | {met} |")
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", os.path.join(work, "mnt")], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
