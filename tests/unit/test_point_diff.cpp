@@ -26,13 +26,14 @@ Bytes disk_of(size_t nblocks, size_t tail, uint32_t seed) {
 std::vector<uint64_t> differing(const Bytes& x, const Bytes& y) {
   std::vector<uint64_t> out;
   size_t n = std::max(x.size(), y.size());
+  // Both padded with zeros to the longer one's length: then a memcmp per
+  // block (a byte loop takes minutes under ASan on images of 64+ MiB).
+  Bytes a = x, c = y;
+  a.resize(n);
+  c.resize(n);
   for (size_t b = 0; b * kBlockSize < n; ++b) {
-    bool diff = false;
-    for (size_t i = b * kBlockSize; i < std::min(n, (b + 1) * kBlockSize) && !diff; ++i) {
-      std::byte u = i < x.size() ? x[i] : std::byte{0}, v = i < y.size() ? y[i] : std::byte{0};
-      diff = u != v;
-    }
-    if (diff) out.push_back(b);
+    size_t at = b * kBlockSize, len = std::min<size_t>(n - at, kBlockSize);
+    if (std::memcmp(a.data() + at, c.data() + at, len) != 0) out.push_back(b);
   }
   return out;
 }
