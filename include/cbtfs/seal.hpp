@@ -24,7 +24,7 @@ using DataKey = std::array<uint8_t, 32>;
 
 class Sealer {
  public:
-  explicit Sealer(const DataKey& key) : key_(key) {}
+  explicit Sealer(const DataKey& key);
   // plain sealed, bound to aad.
   Bytes seal(std::span<const std::byte> plain, std::span<const std::byte> aad) const;
   // Opens sealed into out, which must be sealed.size() - kSealOverhead
@@ -33,6 +33,7 @@ class Sealer {
 
  private:
   DataKey key_;
+  uint64_t serial_;  // tells this sealer's keyed contexts from another's (see seal.cpp)
 };
 
 // A record of an encrypted repository: its encoding (encode_record's
