@@ -103,6 +103,53 @@ def object_bytes(repo, prefix):
     return sum(o["Size"] for page in pages for o in page.get("Contents", []))
 
 
+class CoreDumps:
+    """Core dumps written to DIR while in effect, and proof that this
+    machine writes them (a control process dumps core first): a test that
+    finds no core from cbtfs can then tell. preexec (for Popen) gives a
+    child unlimited cores and the dumping signals their default."""
+
+    PATTERN = "/proc/sys/kernel/core_pattern"
+
+    def __init__(self, dir):
+        self.dir = dir
+        dir.mkdir()
+
+    @staticmethod
+    def preexec():
+        import resource
+        import signal
+        resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        # a background job may have inherited SIGQUIT ignored (POSIX)
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+        signal.signal(signal.SIGABRT, signal.SIG_DFL)
+
+    def cores(self, wait=5):
+        deadline = time.monotonic() + wait
+        while not list(self.dir.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return list(self.dir.iterdir())
+
+    def __enter__(self):
+        import signal
+        self.saved = open(self.PATTERN).read()
+        with open(self.PATTERN, "w") as f:
+            f.write(f"{self.dir}/core.%e.%p")
+        # it kills itself once it runs, so no signal can come too early
+        p = subprocess.Popen(["sh", "-c", "kill -ABRT $$"], preexec_fn=self.preexec)
+        p.wait()
+        assert p.returncode == -signal.SIGABRT
+        assert self.cores(), ("this machine does not write core dumps; the test cannot tell",
+                              open(self.PATTERN).read())
+        for c in self.dir.iterdir():
+            c.unlink()
+        return self
+
+    def __exit__(self, *exc):
+        with open(self.PATTERN, "w") as f:
+            f.write(self.saved)
+
+
 def all_object_keys(repo):
     """Every object of the repository at any depth, temporaries aside."""
     if BACKEND != "s3":

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from conftest import (BLOCK, CBTFS, Mount, all_object_keys, files_equal, get_object, import_image, ls_json,
+from conftest import (BLOCK, CBTFS, CoreDumps, Mount, all_object_keys, files_equal, get_object, import_image, ls_json,
                       new_repo_location, put_object, repo_tool, run)
 
 MARKER = b"cbtfs-plaintext-marker-7f3a9c"
@@ -248,54 +248,30 @@ def test_copy_makes_a_plain_repository_encrypted_and_back(enc_repo, tmp_path):
 
 
 def test_a_mount_holding_the_key_leaves_no_core_dump_and_no_passphrase_in_argv(enc_repo, tmp_path, passphrase):
-    import resource
     import signal
     import subprocess
     import time
 
     img = guest_image(tmp_path / "d.img", 9)
     import_image(enc_repo, img, VDI, "2026-11-30T010000Z")
-    cores = tmp_path / "cores"
-    cores.mkdir()
-    core_pattern = "/proc/sys/kernel/core_pattern"
-    saved = open(core_pattern).read()
-
-    def unlimited():
-        resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-        signal.signal(signal.SIGABRT, signal.SIG_DFL)
-
-    def wait_for_core():
-        deadline = time.monotonic() + 3
-        while not list(cores.iterdir()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return list(cores.iterdir())
-
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     try:
-        with open(core_pattern, "w") as f:
-            f.write(f"{cores}/core.%e.%p")
-        p = subprocess.Popen(["sh", "-c", "kill -ABRT $$"], preexec_fn=unlimited)
-        p.wait()
-        assert wait_for_core(), "this machine does not write core dumps; the test cannot tell"
-        for c in cores.iterdir():
-            c.unlink()
-        p = subprocess.Popen([CBTFS, "-f", str(enc_repo), str(mnt)], preexec_fn=unlimited,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not os.path.ismount(mnt):
-            assert p.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
-        assert files_equal(mnt / VDI / "latest.raw", img)  # the key is in use
-        assert b"battery" not in open(f"/proc/{p.pid}/cmdline", "rb").read()
-        p.send_signal(signal.SIGABRT)
-        p.wait()
-        left = wait_for_core()
-        assert all(b"battery staple" not in c.read_bytes() for c in left)
-        assert not left, "the mount dumped core while holding the key"
+        with CoreDumps(tmp_path / "cores") as dumps:
+            p = subprocess.Popen([CBTFS, "-f", str(enc_repo), str(mnt)], preexec_fn=dumps.preexec,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 10
+            while not os.path.ismount(mnt):
+                assert p.poll() is None and time.monotonic() < deadline
+                time.sleep(0.02)
+            assert files_equal(mnt / VDI / "latest.raw", img)  # the key is in use
+            assert b"battery" not in open(f"/proc/{p.pid}/cmdline", "rb").read()
+            p.send_signal(signal.SIGABRT)
+            p.wait()
+            left = dumps.cores(wait=0)  # a dumping process is reaped after its core is written
+            assert all(b"battery staple" not in c.read_bytes() for c in left)
+            assert not left, "the mount dumped core while holding the key"
     finally:
-        with open(core_pattern, "w") as f:
-            f.write(saved)
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
 
 

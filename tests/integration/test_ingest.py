@@ -4,7 +4,6 @@ over TLS, real FUSE mounts for checking what was stored."""
 import json
 import os
 import random
-import resource
 import shutil
 import signal
 import subprocess
@@ -12,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import (BACKEND, BLOCK, REPO_TOOL, Mount, after_kill, files_equal, flip_object_byte, ls_json,
+from conftest import (BACKEND, BLOCK, REPO_TOOL, CoreDumps, Mount, after_kill, files_equal, flip_object_byte, ls_json,
                       pack_of_point, repo_tool, run)
 from xapi import PASSWORD, Sim
 
@@ -448,37 +447,13 @@ def test_restore_to_xenserver(sim, repo, tmp_path):
 
 
 def test_no_core_dump_can_carry_the_password(sim, repo, tmp_path):
-    cores = tmp_path / "cores"
-    cores.mkdir()
-    core_pattern = "/proc/sys/kernel/core_pattern"
-    saved = open(core_pattern).read()
-    def unlimited():
-        # Core files of any size; and a background job may have inherited
-        # SIGQUIT ignored (POSIX), so the dumping signals get their default.
-        resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
-        signal.signal(signal.SIGABRT, signal.SIG_DFL)
-    try:
-        with open(core_pattern, "w") as f:
-            f.write(f"{cores}/core.%e.%p")
-        # The control: here, a process that may dump core does (it kills
-        # itself once it runs, so no signal can come too early).
-        p = subprocess.Popen(["sh", "-c", "kill -ABRT $$"], preexec_fn=unlimited)
-        p.wait()
-        assert p.returncode == -signal.SIGABRT
-        deadline = time.monotonic() + 5
-        while not list(cores.iterdir()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert list(cores.iterdir()), ("this machine does not write core dumps; the test cannot tell",
-                                       open(core_pattern).read(), resource.getrlimit(resource.RLIMIT_CORE))
-        for c in cores.iterdir():
-            c.unlink()
+    with CoreDumps(tmp_path / "cores") as dumps:
         # cbtfs-ingest, logged in (the password is in its memory), held up by the host.
         db = sim.disks_of("db01")[0]
         sim.post("/reset_counters", {})
         sim.post("/fail", {"method": "Async.VDI.snapshot", "delay": 2, "count": 1})
         p = subprocess.Popen([INGEST, "--xapi", sim.url, "--password-file", sim.password_file, "--ca-file",
-                              sim.ca_file, "--vdi", db["uuid"], str(repo)], preexec_fn=unlimited,
+                              sim.ca_file, "--vdi", db["uuid"], str(repo)], preexec_fn=dumps.preexec,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while sim.get("/calls").get("Async.VDI.snapshot", 0) == 0:
@@ -489,12 +464,9 @@ def test_no_core_dump_can_carry_the_password(sim, repo, tmp_path):
         p.send_signal(signal.SIGABRT)
         p.wait()
         assert p.returncode == -signal.SIGABRT
-        left = list(cores.iterdir())
+        left = dumps.cores(wait=0)  # a dumping process is reaped after its core is written
         assert all(PASSWORD.encode() not in c.read_bytes() for c in left)
         assert not left, "cbtfs-ingest dumped core while holding the password"
-    finally:
-        with open(core_pattern, "w") as f:
-            f.write(saved)
     time.sleep(2.5)  # the held call is dropped; the next run is clean
     ingest(sim, repo, "--vdi", db["uuid"])
     no_data_snapshots_left(sim)
