@@ -81,7 +81,6 @@ class PointWriter {
   void ensure(uint32_t level, uint64_t index);
   void finish(uint32_t level);
   BlockRef store(std::span<const std::byte> plain);
-  Bytes encode(std::span<const std::byte> plain, BlockRef& ref, uint64_t hash) const;
   std::vector<BlockRef> load_node(const BlockRef& ref);
   void store_block(uint64_t block, Bytes&& data, uint64_t hash, const BlockId& id = {});
   // Format 2: a block that differs from the parent's, by its id.

@@ -19,11 +19,8 @@ std::future<EncoderPool::Encoded> EncoderPool::submit(Bytes plain, uint64_t hash
                                                      const Sealer* sealer) {
   std::packaged_task<Encoded()> task([plain = std::move(plain), hash, id, sealer]() mutable {
     Encoded e;
-    e.stored = encode_record(std::move(plain), e.ref, hash);
-    if (sealer) {
-      e.ref.id = id;
-      e.stored = seal_record(*sealer, e.stored, e.ref);
-    }
+    e.ref.id = id;
+    e.stored = encode_stored_record(std::move(plain), e.ref, hash, sealer);
     return e;
   });
   auto f = task.get_future();

@@ -131,15 +131,9 @@ BlockRef PointWriter::store(std::span<const std::byte> plain) {
     ref.id = block_id(repo_->id_key(), plain);
     if (auto found = store_->find(ref.id); found.ref) return *found.ref;  // else stored here and now
   }
-  Bytes stored = encode(plain, ref, hash_bytes(plain));
+  Bytes stored = encode_stored_record(Bytes(plain.begin(), plain.end()), ref, hash_bytes(plain), repo_->sealer());
   append(ref, stored);
   return ref;
-}
-
-// ref.id set, for a sealed record's binding.
-Bytes PointWriter::encode(std::span<const std::byte> plain, BlockRef& ref, uint64_t hash) const {
-  Bytes stored = encode_record(plain, ref, hash);
-  return repo_->sealer() ? seal_record(*repo_->sealer(), stored, ref) : stored;
 }
 
 void PointWriter::drain(size_t keep) {
@@ -203,7 +197,8 @@ void PointWriter::settle(Pending& p) {
   if (!ref) {
     ref.emplace();
     ref->id = p.id;
-    Bytes stored = encode(p.data, *ref, hash_bytes(p.data));
+    uint64_t hash = hash_bytes(p.data);
+    Bytes stored = encode_stored_record(std::move(p.data), *ref, hash, repo_->sealer());
     append(*ref, stored);
     ++blocks_written_;
   }

@@ -112,6 +112,11 @@ Bytes seal_record(const Sealer& s, std::span<const std::byte> encoded, BlockRef&
   return out;
 }
 
+Bytes encode_stored_record(Bytes&& plain, BlockRef& ref, uint64_t hash, const Sealer* sealer) {
+  Bytes encoded = encode_record(std::move(plain), ref, hash);
+  return sealer ? seal_record(*sealer, encoded, ref) : encoded;
+}
+
 void open_record(const Sealer& s, std::span<const std::byte> stored, const BlockRef& ref, std::span<std::byte> out) {
   if (stored.size() != ref.length() || stored.size() < kSealOverhead) throw CorruptError("record length mismatch");
   auto aad = record_aad(ref);
