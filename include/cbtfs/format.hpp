@@ -51,6 +51,10 @@ struct BlockRef {
   uint64_t offset = 0;      // byte offset in the pack
   uint64_t hash = 0;        // XXH3-64 of the uncompressed record, checked on every read
   BlockId id{};             // format 2 only: block_id() of the uncompressed record
+  // Format 2: stored_check() of the bytes as stored (sealed, in an
+  // encrypted repository), so that what is stored can be checked without
+  // the key; 0 in references written before it existed.
+  uint32_t stored_check = 0;
 
   static constexpr uint32_t kRawFlag = 0x80000000u;
   bool is_zero() const { return pack == 0; }
@@ -105,6 +109,9 @@ void decode_record(std::span<const std::byte> stored, const BlockRef& ref, std::
 bool record_equals(std::span<const std::byte> stored, const BlockRef& ref, std::span<const std::byte> plain,
                    Bytes& scratch);
 uint64_t hash_bytes(std::span<const std::byte> data);
+// The low 32 bits of XXH3-64 of a record as stored, never 0 (0 says "not
+// recorded"): a check of the stored bytes that needs no key.
+uint32_t stored_check(std::span<const std::byte> stored);
 bool all_zero(std::span<const std::byte> data);
 
 // What a point writer learns from a block's bytes alone. Computing it is most of

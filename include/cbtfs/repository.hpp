@@ -41,8 +41,11 @@ class Repository {
   // An encrypted repository is opened with what unlockers_from_environment()
   // finds (KeyError when nothing there opens a slot).
   static std::shared_ptr<Repository> open(const std::string& path);
+  // Opens an encrypted repository without its key: only what is stored can
+  // be checked (verify_stored); reading a point throws KeyError.
+  static std::shared_ptr<Repository> open_without_key(const std::string& path);
   // The same over a storage already opened (the mount puts a cache in front).
-  static std::shared_ptr<Repository> open(std::unique_ptr<Storage> storage);
+  static std::shared_ptr<Repository> open(std::unique_ptr<Storage> storage, bool unlock = true);
   explicit Repository(std::unique_ptr<Storage> storage, RepoHeader header = {});
   ~Repository();
 
@@ -55,6 +58,7 @@ class Repository {
   // An encrypted repository's seals of records and manifests; nullptr
   // for a plain one.
   const Sealer* sealer() const { return sealer_ ? &*sealer_ : nullptr; }
+  bool encrypted() const { return header_.encrypted; }
   // An encrypted repository's key slots by id; which one opened it.
   std::map<std::string, KeySlot> key_slots();
   const std::string& opened_slot() const { return opened_slot_; }
@@ -85,7 +89,17 @@ class Repository {
   // hot). keep=false: a one-off read (a scan of many points) that would only
   // push hot nodes out; it still uses a node already cached.
   std::shared_ptr<const Bytes> node(const std::string& vdi, const BlockRef& ref, bool keep = true);
-  void read_record(const std::string& vdi, const BlockRef& ref, std::span<std::byte> out);
+  // check_stored: also compare the stored bytes with ref.stored_check
+  // (verify does; a read's seal or XXH3 is the check that matters).
+  void read_record(const std::string& vdi, const BlockRef& ref, std::span<std::byte> out, bool check_stored = false);
+  // Reads a record's bytes as stored (sealed, compressed) into `into`
+  // (ref.length() bytes), wherever a collection moved them; returns where
+  // they were. Checks nothing but that they are there.
+  struct Place {
+    std::string key;
+    uint64_t offset;
+  };
+  Place read_stored(const std::string& vdi, const BlockRef& ref, std::span<std::byte> into);
   // A data block through a small cache, for reads of parts of blocks (a file
   // system's 4 KiB reads of one block come one after the other).
   std::shared_ptr<const Bytes> cached_block(const std::string& vdi, const BlockRef& ref);

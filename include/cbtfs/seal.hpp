@@ -47,8 +47,11 @@ Bytes encode_stored_record(Bytes&& plain, BlockRef& ref, uint64_t hash, const Se
 // contract: CorruptError, never bad data).
 void open_record(const Sealer& s, std::span<const std::byte> stored, const BlockRef& ref, std::span<std::byte> out);
 
-// A manifest of an encrypted repository, bound to its VDI and number.
+// A manifest of an encrypted repository, bound to its VDI and number, in
+// a frame whose checksum needs no key.
 Bytes seal_manifest(const Sealer& s, std::span<const std::byte> encoded, const std::string& vdi, uint32_t seq);
 Bytes open_manifest(const Sealer& s, std::span<const std::byte> stored, const std::string& vdi, uint32_t seq);
+// Whether a sealed manifest's frame and checksum hold (no key needed).
+bool sealed_manifest_intact(std::span<const std::byte> stored);
 
 }  // namespace cbtfs

@@ -47,6 +47,7 @@ int cmd_import(const ImportArgs& a);
 int cmd_ls(const std::string& repo, bool json);
 int cmd_info(const std::string& repo, const std::string& vdi);
 int cmd_verify(const std::string& repo, const std::string& vdi);
+int cmd_verify_stored(const std::string& repo, const std::string& vdi);
 struct PruneArgs {
   std::string repo, vdi;
   int last = 0, hourly = 0, daily = 0, weekly = 0, monthly = 0, yearly = 0;

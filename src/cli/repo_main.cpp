@@ -103,6 +103,9 @@ int run(int argc, char** argv) {
   auto* verify = app.add_subcommand("verify", "read every stored block and check every checksum");
   verify->add_option("REPO", repo, "repository")->required();
   verify->add_option("VDI", vdi, "VDI uuid (default: all)");
+  bool stored_only = false;
+  verify->add_flag("--stored-only", stored_only,
+                   "check what is stored against its stored checksums, without the key (format 2)");
 
   std::string point, dest;
   bool force = false;
@@ -212,7 +215,7 @@ int run(int argc, char** argv) {
   if (*imp) return cmd_import(ia);
   if (*ls) return cmd_ls(repo, json);
   if (*info) return cmd_info(repo, vdi);
-  if (*verify) return cmd_verify(repo, vdi);
+  if (*verify) return stored_only ? cmd_verify_stored(repo, vdi) : cmd_verify(repo, vdi);
   if (*prune) return cmd_prune(pa);
   if (*forget) return cmd_forget(repo, vdi);
   if (*gc) return cmd_gc(repo, gc_dry_run);

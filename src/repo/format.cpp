@@ -124,7 +124,7 @@ json verify(const char* kind, std::span<const std::byte> data, const std::string
 }  // namespace
 
 // Format 1: pack u32, stored_len u32, offset u64, hash u64.
-// Format 2: pack u64, offset u64, stored_len u32, 0 u32, hash u64, id[16].
+// Format 2: pack u64, offset u64, stored_len u32, stored_check u32, hash u64, id[16].
 void encode_ref(const BlockRef& r, std::byte* out, uint32_t format) {
   if (format < 2) {
     if (r.pack > UINT32_MAX) throw std::logic_error("format 1 pack number out of range");
@@ -137,7 +137,7 @@ void encode_ref(const BlockRef& r, std::byte* out, uint32_t format) {
   put_le<uint64_t>(out, r.pack);
   put_le<uint64_t>(out + 8, r.offset);
   put_le<uint32_t>(out + 16, r.stored_len);
-  put_le<uint32_t>(out + 20, 0);
+  put_le<uint32_t>(out + 20, r.stored_check);
   put_le<uint64_t>(out + 24, r.hash);
   std::memcpy(out + 32, r.id.data(), r.id.size());
 }
@@ -147,6 +147,7 @@ BlockRef decode_ref(const std::byte* in, uint32_t format) {
     return BlockRef{get_le<uint32_t>(in), get_le<uint32_t>(in + 4), get_le<uint64_t>(in + 8), get_le<uint64_t>(in + 16), {}};
   BlockRef r{get_le<uint64_t>(in), get_le<uint32_t>(in + 16), get_le<uint64_t>(in + 8), get_le<uint64_t>(in + 24), {}};
   std::memcpy(r.id.data(), in + 32, r.id.size());
+  r.stored_check = get_le<uint32_t>(in + 20);
   return r;
 }
 
@@ -209,6 +210,11 @@ void check_pack_header(std::span<const std::byte> h, uint64_t pack, uint32_t for
 }
 
 uint64_t hash_bytes(std::span<const std::byte> d) { return XXH3_64bits(d.data(), d.size()); }
+
+uint32_t stored_check(std::span<const std::byte> stored) {
+  auto c = static_cast<uint32_t>(hash_bytes(stored));
+  return c ? c : 1;
+}
 
 bool all_zero(std::span<const std::byte> d) {
   // Word-at-a-time compare; blocks are 64 KiB-aligned buffers.

@@ -122,6 +122,7 @@ void PointWriter::append(BlockRef& ref, Bytes& stored) {
   }
   ref.pack = m_.seq;
   ref.offset = pack_->size();
+  ref.stored_check = 0;  // a format 1 reference has no room for it: as it reads back
   pack_->append(std::move(stored));
 }
 

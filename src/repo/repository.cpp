@@ -41,7 +41,11 @@ void Repository::init(const std::string& path, uint32_t format, const std::vecto
 
 std::shared_ptr<Repository> Repository::open(const std::string& path) { return open(open_storage(path)); }
 
-std::shared_ptr<Repository> Repository::open(std::unique_ptr<Storage> st) {
+std::shared_ptr<Repository> Repository::open_without_key(const std::string& path) {
+  return open(open_storage(path), false);
+}
+
+std::shared_ptr<Repository> Repository::open(std::unique_ptr<Storage> st, bool unlock) {
   std::string where = st->describe();
   auto header = st->get(kHeaderKey);
   if (!header) throw UsageError(where + " is not a cbtfs repository (no " + kHeaderKey + " file; create one with 'cbtfs-repo init')");
@@ -52,7 +56,7 @@ std::shared_ptr<Repository> Repository::open(std::unique_ptr<Storage> st) {
     throw FormatError(where + "/" + kHeaderKey + ": says the repository is not encrypted, but it has key slots (" +
                       kKeysDir + "/): the header was altered or replaced");
   auto repo = std::make_shared<Repository>(std::move(st), h);
-  if (h.encrypted) repo->unlock(unlockers_from_environment());
+  if (h.encrypted && unlock) repo->unlock(unlockers_from_environment());
   return repo;
 }
 
@@ -182,6 +186,7 @@ ManifestPtr Repository::manifest(const std::string& vdi, uint32_t seq) {
     if (auto it = manifests_.find({vdi, seq}); it != manifests_.end()) return it->second;
   }
   std::string where = storage_->describe() + "/" + point_key(vdi, seq);
+  if (header_.encrypted && !sealer_) throw KeyError(where + ": the repository was opened without its key");
   auto data = storage_->get(point_key(vdi, seq));
   if (!data) return nullptr;  // removed meanwhile
   if (sealer_) {
@@ -266,47 +271,62 @@ const void* Repository::intern(const std::string& vdi) {
   return slot.get();
 }
 
-void Repository::read_record(const std::string& vdi, const BlockRef& ref, std::span<std::byte> out) {
-  if (ref.length() == 0 || ref.length() > kBlockSize + 1024 || ref.offset < pack_header_size(format()))
+Repository::Place Repository::read_stored(const std::string& vdi, const BlockRef& ref, std::span<std::byte> into) {
+  if (ref.length() == 0 || ref.length() > kBlockSize + 1024 || ref.offset < pack_header_size(format()) ||
+      into.size() != ref.length())
     throw CorruptError("pack " + std::to_string(ref.pack) + " offset " + std::to_string(ref.offset) +
                        ": impossible record reference");
-  // A record stored raw is read where it goes; a compressed one into this
-  // thread's buffer, which is never cleared (it is read over at once).
-  thread_local Bytes buffer(kBlockSize + 1024);
-  std::span<std::byte> stored =
-      ref.raw() && ref.length() == out.size() ? out : std::span<std::byte>(buffer).first(ref.length());
-  std::string key = pack_key(vdi, ref.pack);
-  uint64_t at = ref.offset;
+  Place p{pack_key(vdi, ref.pack), ref.offset};
   // Where a rewritten pack keeps the record now (the reference keeps the
   // offset it was written at).
   auto place = [&](const RepackedPack& moved) {
-    key = store_repacked_key(ref.pack, moved.generation);
+    p.key = store_repacked_key(ref.pack, moved.generation);
     auto found = moved.find(ref.offset, ref.length());
     if (!found)
       throw FormatError("not among the records a collection kept in generation " + std::to_string(moved.generation));
-    at = *found;
+    p.offset = *found;
   };
   try {
     try {
       if (format() >= 2 && any_repacked_)
         if (auto moved = repacked(ref.pack, false)) place(*moved);
-      storage_->read(key, at, stored);
+      storage_->read(p.key, p.offset, into);
     } catch (const StorageError& e) {
       if (e.error_number() != ENOENT || format() < 2) throw;
       auto moved = repacked(ref.pack, true);  // rewritten since it was last found
       if (!moved) throw;
       place(*moved);
-      storage_->read(key, at, stored);
+      storage_->read(p.key, p.offset, into);
     }
+  } catch (const FormatError& e) {
+    throw CorruptError(storage_->describe() + "/" + p.key + " offset " + std::to_string(p.offset) + ": " + e.what());
+  } catch (const StorageError& e) {
+    if (e.error_number() == ENOENT) throw CorruptError(std::string(e.what()) + " (a pack file is missing)");
+    throw;
+  }
+  return p;
+}
+
+void Repository::read_record(const std::string& vdi, const BlockRef& ref, std::span<std::byte> out, bool check_stored) {
+  if (header_.encrypted && !sealer_) throw KeyError(storage_->describe() + ": the repository was opened without its key");
+  // A record stored raw is read where it goes; a compressed one into this
+  // thread's buffer, which is never cleared (it is read over at once).
+  thread_local Bytes buffer(kBlockSize + 1024);
+  if (ref.length() > buffer.size())
+    throw CorruptError("pack " + std::to_string(ref.pack) + " offset " + std::to_string(ref.offset) +
+                       ": impossible record reference");
+  std::span<std::byte> stored =
+      ref.raw() && ref.length() == out.size() ? out : std::span<std::byte>(buffer).first(ref.length());
+  Place p = read_stored(vdi, ref, stored);
+  try {
+    if (check_stored && ref.stored_check && stored_check(stored) != ref.stored_check)
+      throw FormatError("the stored bytes differ from their checksum");
     if (sealer_)
       open_record(*sealer_, stored, ref, out);
     else
       decode_record(stored, ref, out);
   } catch (const FormatError& e) {  // damaged or truncated: never data
-    throw CorruptError(storage_->describe() + "/" + key + " offset " + std::to_string(at) + ": " + e.what());
-  } catch (const StorageError& e) {
-    if (e.error_number() == ENOENT) throw CorruptError(std::string(e.what()) + " (a pack file is missing)");
-    throw;
+    throw CorruptError(storage_->describe() + "/" + p.key + " offset " + std::to_string(p.offset) + ": " + e.what());
   }
 }
 

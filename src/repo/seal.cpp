@@ -1,5 +1,6 @@
 #include "cbtfs/seal.hpp"
 
+#include <endian.h>
 #include <lz4.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
@@ -114,7 +115,9 @@ Bytes seal_record(const Sealer& s, std::span<const std::byte> encoded, BlockRef&
 
 Bytes encode_stored_record(Bytes&& plain, BlockRef& ref, uint64_t hash, const Sealer* sealer) {
   Bytes encoded = encode_record(std::move(plain), ref, hash);
-  return sealer ? seal_record(*sealer, encoded, ref) : encoded;
+  Bytes stored = sealer ? seal_record(*sealer, encoded, ref) : std::move(encoded);
+  ref.stored_check = stored_check(stored);
+  return stored;
 }
 
 void open_record(const Sealer& s, std::span<const std::byte> stored, const BlockRef& ref, std::span<std::byte> out) {
@@ -137,16 +140,39 @@ void open_record(const Sealer& s, std::span<const std::byte> stored, const Block
   // costs the mount a tenth of its speed.
 }
 
+// A sealed manifest is framed: magic, the seal, then XXH3-64 of both, so
+// that what is stored can be checked without the key.
+namespace {
+constexpr std::array<char, 8> kSealedManifestMagic = {'C', 'B', 'T', 'F', 'S', 'S', 'M', '1'};
+constexpr size_t kFrameHead = kSealedManifestMagic.size(), kFrameTail = 8;
+}  // namespace
+
 Bytes seal_manifest(const Sealer& s, std::span<const std::byte> encoded, const std::string& vdi, uint32_t seq) {
   std::string aad = manifest_aad(vdi, seq);
-  return s.seal(encoded, std::as_bytes(std::span(aad)));
+  Bytes sealed = s.seal(encoded, std::as_bytes(std::span(aad)));
+  Bytes out(kFrameHead + sealed.size() + kFrameTail);
+  std::memcpy(out.data(), kSealedManifestMagic.data(), kFrameHead);
+  std::memcpy(out.data() + kFrameHead, sealed.data(), sealed.size());
+  uint64_t sum = htole64(hash_bytes(std::span(out).first(out.size() - kFrameTail)));
+  std::memcpy(out.data() + out.size() - kFrameTail, &sum, kFrameTail);
+  return out;
+}
+
+bool sealed_manifest_intact(std::span<const std::byte> stored) {
+  if (stored.size() < kFrameHead + kSealOverhead + kFrameTail ||
+      std::memcmp(stored.data(), kSealedManifestMagic.data(), kFrameHead) != 0)
+    return false;
+  uint64_t sum = 0;
+  std::memcpy(&sum, stored.data() + stored.size() - kFrameTail, kFrameTail);
+  return hash_bytes(stored.first(stored.size() - kFrameTail)) == le64toh(sum);
 }
 
 Bytes open_manifest(const Sealer& s, std::span<const std::byte> stored, const std::string& vdi, uint32_t seq) {
-  if (stored.size() < kSealOverhead) throw CorruptError("sealed manifest too short");
+  if (!sealed_manifest_intact(stored)) throw CorruptError("damaged (its stored checksum differs)");
+  auto sealed = stored.subspan(kFrameHead, stored.size() - kFrameHead - kFrameTail);
   std::string aad = manifest_aad(vdi, seq);
-  Bytes out(stored.size() - kSealOverhead);
-  s.open(stored, std::as_bytes(std::span(aad)), out);
+  Bytes out(sealed.size() - kSealOverhead);
+  s.open(sealed, std::as_bytes(std::span(aad)), out);
   return out;
 }
 

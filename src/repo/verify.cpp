@@ -30,10 +30,11 @@ struct Walker {
     try {
       if (packs_seen.insert(ref.pack).second) repo.check_pack(vdi, ref.pack);
       if (is_node) {
-        repo.node(vdi, ref);
+        Bytes node(node_size(repo.format()));
+        repo.read_record(vdi, ref, node, true);
         ++report.nodes;
       } else {
-        repo.read_record(vdi, ref, buf);
+        repo.read_record(vdi, ref, buf, true);
         ++report.blocks;
       }
       report.bytes_read += ref.length();

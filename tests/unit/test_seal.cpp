@@ -93,6 +93,43 @@ TEST_CASE("a sealed manifest opens only under its own VDI and number") {
   CHECK_THROWS_AS(open_manifest(s, Bytes(stored.begin(), stored.begin() + 10), "vdi-a", 3), CorruptError);
 }
 
+TEST_CASE("a sealed manifest can be checked as stored without the key") {
+  Sealer s(key(5));
+  Bytes m = text("{\"point\":{}}");
+  Bytes stored = seal_manifest(s, m, "vdi-a", 3);
+  CHECK(sealed_manifest_intact(stored));
+  for (size_t i = 0; i < stored.size(); ++i) {
+    Bytes bad = stored;
+    bad[i] ^= std::byte{0x10};
+    CHECK_FALSE(sealed_manifest_intact(bad));
+    CHECK_THROWS_AS(open_manifest(s, bad, "vdi-a", 3), CorruptError);
+  }
+  CHECK_FALSE(sealed_manifest_intact(Bytes(stored.begin(), stored.end() - 1)));
+  // the bare seal, without its frame, is refused
+  std::string aad = "Mvdi-a/3";
+  Bytes bare = s.seal(m, std::as_bytes(std::span(aad)));
+  CHECK_FALSE(sealed_manifest_intact(bare));
+  CHECK_THROWS_AS(open_manifest(s, bare, "vdi-a", 3), CorruptError);
+}
+
+TEST_CASE("a stored record carries a checksum of its stored bytes") {
+  Bytes plain = text(std::string(kBlockSize, 'x'));
+  Sealer sl(key(6));
+  for (const Sealer* sealer : std::initializer_list<const Sealer*>{nullptr, &sl}) {
+    BlockRef ref;
+    ref.id[0] = 1;
+    Bytes stored = encode_stored_record(Bytes(plain), ref, hash_bytes(plain), sealer);
+    CHECK(ref.stored_check == stored_check(stored));
+    CHECK(ref.stored_check != 0);
+    stored[stored.size() / 2] ^= std::byte{1};
+    CHECK(ref.stored_check != stored_check(stored));
+    // it travels in a format 2 reference
+    std::byte enc[48];
+    encode_ref(ref, enc, 2);
+    CHECK(decode_ref(enc, 2) == ref);
+  }
+}
+
 TEST_CASE("key slots open with their passphrase or key file, in their repository only") {
   RepoSecret secret = random_repo_secret();
   Unlocker pass{Unlocker::Kind::passphrase, "correct horse", "test"};
