@@ -45,7 +45,10 @@ class Repository {
   // be checked (verify_stored); reading a point throws KeyError.
   static std::shared_ptr<Repository> open_without_key(const std::string& path);
   // The same over a storage already opened (the mount puts a cache in front).
-  static std::shared_ptr<Repository> open(std::unique_ptr<Storage> storage, bool unlock = true);
+  // keys: what may open an encrypted repository (called only for one);
+  // an empty function leaves it locked, as open_without_key does.
+  static std::shared_ptr<Repository> open(std::unique_ptr<Storage> storage,
+                                          const std::function<std::vector<Unlocker>()>& keys = unlockers_from_environment);
   explicit Repository(std::unique_ptr<Storage> storage, RepoHeader header = {});
   ~Repository();
 
@@ -64,6 +67,12 @@ class Repository {
   const std::string& opened_slot() const { return opened_slot_; }
   // A new slot that key opens (the repository must be open); its id.
   std::string add_key_slot(const Unlocker& key);
+  // The secret the slots hold, once one opened (key export); else nullptr.
+  const RepoSecret* secret() const { return secret_ ? &*secret_ : nullptr; }
+  // A new slot, opened by key, for a secret typed back from a recovery
+  // key (the repository may be locked: every slot may be lost). Refuses a
+  // secret that does not open the repository's points.
+  std::string recover_key_slot(const RepoSecret& secret, const Unlocker& key);
   // Refuses to remove the last slot.
   void remove_key_slot(const std::string& id);
   // A manifest as stored (sealed in an encrypted repository).

@@ -7,6 +7,8 @@
 #include "cbtfs/copy.hpp"
 #include "cbtfs/errors.hpp"
 #include "cbtfs/human_bytes.hpp"
+#include "cbtfs/key_slots.hpp"
+#include "cbtfs/open_storage.hpp"
 #include "commands.hpp"
 #include "progress.hpp"
 
@@ -16,7 +18,17 @@ int cmd_copy(const CopyArgs& a) {
   auto src = open_repository(a.src);
   std::shared_ptr<Repository> dst;
   try {
-    dst = open_repository(a.dst);
+    if (a.dst_passphrase_file.empty() && a.dst_key_file.empty()) {
+      dst = open_repository(a.dst);
+    } else {
+      auto keys = [&] {
+        return std::vector<Unlocker>{a.dst_key_file.empty() ? read_passphrase_file(a.dst_passphrase_file)
+                                                            : read_key_file(a.dst_key_file)};
+      };
+      dst = Repository::open(open_storage(a.dst), keys);
+    }
+  } catch (const KeyError&) {
+    throw;
   } catch (const std::exception&) {
     std::fprintf(stderr, "cbtfs-repo copy: DST must be a repository: create it first with "
                          "'cbtfs-repo init --format 2 %s'\n", a.dst.c_str());

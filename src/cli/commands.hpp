@@ -58,15 +58,19 @@ int cmd_forget(const std::string& repo, const std::string& vdi);
 int cmd_gc(const std::string& repo, bool dry_run);
 struct CopyArgs {
   std::string src, dst;
+  // What opens DST when it has a key of its own (else what opens SRC).
+  std::string dst_passphrase_file, dst_key_file;
   std::vector<std::string> vdis;  // empty: every VDI of src
   bool dry_run = false, quiet = false;
 };
 int cmd_copy(const CopyArgs& a);
 
 struct KeyArgs {
-  std::string action;  // list, add, remove
+  std::string action;  // list, add, change, remove, export, import
   std::string repo, slot;
-  std::string new_passphrase_file, new_key_file;  // add
+  std::string new_passphrase_file, new_key_file;  // add, change, import
+  bool paper = false;         // export
+  std::string recovery_file;  // import ("-" or "": standard input)
 };
 int cmd_key(const KeyArgs& a);
 int cmd_restore(const std::string& repo, const std::string& vdi, const std::string& point, const std::string& dest,

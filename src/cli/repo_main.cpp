@@ -44,7 +44,12 @@ std::string command_names(CLI::App& app) {
 void check_command(CLI::App& app, int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
-    if (a.empty() || a[0] == '-') continue;  // the program's own flags (--help, --version) take no value
+    if (a.empty()) continue;
+    if (a[0] == '-') {  // the program's own options: --help, or --key-file FILE before the command
+      auto* opt = a.find('=') == std::string::npos ? app.get_option_no_throw(a) : nullptr;
+      if (opt && opt->get_items_expected_min() > 0) ++i;
+      continue;
+    }
     auto subs = app.get_subcommands({});
     if (std::none_of(subs.begin(), subs.end(), [&](CLI::App* sub) { return sub->check_name(a); }))
       throw UsageError("unknown command '" + a + "'; the commands are: " + command_names(app));
@@ -160,17 +165,30 @@ int run(int argc, char** argv) {
   forget->add_option("VDI", vdi, "VDI uuid")->required();
 
   KeyArgs ka;
-  auto* key = app.add_subcommand("key", "an encrypted repository's key slots: list, add, remove");
+  auto* key = app.add_subcommand("key", "an encrypted repository's keys: list, add, change, remove, export, import");
   key->require_subcommand(1);
+  auto new_key_options = [&](CLI::App* sub) {
+    auto* p = sub->add_option("--new-passphrase-file", ka.new_passphrase_file, "file whose first line is the new passphrase");
+    sub->add_option("--new-key-file", ka.new_key_file, "the new key file (at least 32 random bytes)")->excludes(p);
+  };
   auto* key_list = key->add_subcommand("list", "the key slots, and which one opened the repository");
   key_list->add_option("REPO", ka.repo, "repository")->required();
   auto* key_add = key->add_subcommand("add", "a new key slot, opened by another passphrase or key file");
-  key_add->add_option("--new-passphrase-file", ka.new_passphrase_file, "file whose first line is the new passphrase");
-  key_add->add_option("--new-key-file", ka.new_key_file, "the new key file (at least 32 random bytes)");
+  new_key_options(key_add);
   key_add->add_option("REPO", ka.repo, "repository")->required();
+  auto* key_change = key->add_subcommand("change", "replace the slot that opens the repository with a new passphrase or key file");
+  new_key_options(key_change);
+  key_change->add_option("REPO", ka.repo, "repository")->required();
   auto* key_remove = key->add_subcommand("remove", "remove a key slot (never the last one)");
   key_remove->add_option("REPO", ka.repo, "repository")->required();
   key_remove->add_option("SLOT", ka.slot, "slot id, as key list shows it")->required();
+  auto* key_export = key->add_subcommand("export", "print the recovery key: keep it apart from the backups");
+  key_export->add_flag("--paper", ka.paper, "numbered lines with check digits, to print and type back");
+  key_export->add_option("REPO", ka.repo, "repository")->required();
+  auto* key_import = key->add_subcommand("import", "a new key slot from the recovery key, when every other is lost");
+  new_key_options(key_import);
+  key_import->add_option("--recovery-file", ka.recovery_file, "file holding the recovery key (default: standard input)");
+  key_import->add_option("REPO", ka.repo, "repository")->required();
 
   bool gc_dry_run = false;
   auto* gc = app.add_subcommand("gc", "format 2: free the blocks no point references (prune and forget run it)");
@@ -184,6 +202,9 @@ int run(int argc, char** argv) {
   copy->add_option("SRC", ca.src, "repository to copy from")->required();
   copy->add_option("DST", ca.dst, "repository to copy into (created with cbtfs-repo init)")->required();
   copy->add_option("VDI", ca.vdis, "VDI uuids (default: all)");
+  auto* dst_pass = copy->add_option("--dst-passphrase-file", ca.dst_passphrase_file,
+                                    "file whose first line is DST's passphrase, when it is not SRC's");
+  copy->add_option("--dst-key-file", ca.dst_key_file, "DST's key file, when it is not SRC's")->excludes(dst_pass);
 
   check_command(app, argc, argv);
   try {
@@ -220,7 +241,8 @@ int run(int argc, char** argv) {
   if (*forget) return cmd_forget(repo, vdi);
   if (*gc) return cmd_gc(repo, gc_dry_run);
   if (*key) {
-    ka.action = *key_list ? "list" : *key_add ? "add" : "remove";
+    for (auto* sub : {key_list, key_add, key_change, key_remove, key_export, key_import})
+      if (*sub) ka.action = sub->get_name();
     return cmd_key(ka);
   }
   if (*copy) {

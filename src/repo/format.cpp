@@ -71,6 +71,7 @@ std::array<uint8_t, N> parse_hex_bytes(const std::string& s, const char* what) {
 json ref_to_json(const BlockRef& r, uint32_t format) {
   json j{{"pack", r.pack}, {"stored_len", r.stored_len}, {"offset", r.offset}, {"hash", hex64(r.hash)}};
   if (format >= 2) j["id"] = hex_bytes(r.id);
+  if (format >= 2 && r.stored_check) j["stored_check"] = r.stored_check;
   return j;
 }
 
@@ -81,6 +82,7 @@ BlockRef ref_from_json(const json& j, uint32_t format) {
   r.offset = j.at("offset").get<uint64_t>();
   r.hash = parse_hex64(j.at("hash").get<std::string>());
   if (format >= 2) r.id = parse_hex_bytes<16>(j.at("id").get<std::string>(), "block id");
+  if (format >= 2) r.stored_check = j.value("stored_check", uint32_t{0});
   return r;
 }
 

@@ -42,10 +42,11 @@ void Repository::init(const std::string& path, uint32_t format, const std::vecto
 std::shared_ptr<Repository> Repository::open(const std::string& path) { return open(open_storage(path)); }
 
 std::shared_ptr<Repository> Repository::open_without_key(const std::string& path) {
-  return open(open_storage(path), false);
+  return open(open_storage(path), {});
 }
 
-std::shared_ptr<Repository> Repository::open(std::unique_ptr<Storage> st, bool unlock) {
+std::shared_ptr<Repository> Repository::open(std::unique_ptr<Storage> st,
+                                             const std::function<std::vector<Unlocker>()>& keys) {
   std::string where = st->describe();
   auto header = st->get(kHeaderKey);
   if (!header) throw UsageError(where + " is not a cbtfs repository (no " + kHeaderKey + " file; create one with 'cbtfs-repo init')");
@@ -56,7 +57,7 @@ std::shared_ptr<Repository> Repository::open(std::unique_ptr<Storage> st, bool u
     throw FormatError(where + "/" + kHeaderKey + ": says the repository is not encrypted, but it has key slots (" +
                       kKeysDir + "/): the header was altered or replaced");
   auto repo = std::make_shared<Repository>(std::move(st), h);
-  if (h.encrypted && unlock) repo->unlock(unlockers_from_environment());
+  if (h.encrypted && keys) repo->unlock(keys());
   return repo;
 }
 
@@ -79,6 +80,35 @@ std::string Repository::add_key_slot(const Unlocker& key) {
   return id;
 }
 
+std::string Repository::recover_key_slot(const RepoSecret& secret, const Unlocker& key) {
+  if (!header_.encrypted) throw UsageError("the repository is not encrypted: it has no key slots");
+  // The recovery key's check binds it to this repository's id; a manifest
+  // that opens says the secret is the one its data was sealed with (when
+  // nothing is stored yet, there is nothing it could be wrong about).
+  Sealer sealer(secret.data_key);
+  auto opens_a_point = [&] {
+    bool any = false;
+    for (auto& vdi : vdis())
+      for (auto& name : storage_->list(points_dir(vdi))) {
+        uint32_t seq = parse_point_name(name);
+        auto data = seq ? storage_->get(point_key(vdi, seq)) : std::nullopt;
+        if (!data) continue;
+        any = true;
+        try {
+          open_manifest(sealer, *data, vdi, seq);
+          return true;
+        } catch (const CorruptError&) {  // damaged, or another key: another point says
+        }
+      }
+    return !any;
+  };
+  if (!opens_a_point())
+    throw KeyError(storage_->describe() + ": the recovery key opens none of the repository's points");
+  std::string id = random_slot_id();
+  storage_->put(key_slot_key(id), encode_key_slot(make_key_slot(secret, key, header_.id)));
+  return id;
+}
+
 void Repository::remove_key_slot(const std::string& id) {
   if (!secret_) throw UsageError("the repository is not encrypted: it has no key slots");
   auto slots = key_slots();
@@ -97,7 +127,9 @@ void Repository::unlock(const std::vector<Unlocker>& keys) {
     throw KeyError(where + " is encrypted: give its passphrase or key file (CBTFS_PASSPHRASE_FILE, CBTFS_KEY_FILE, "
                    "or systemd credentials cbtfs-passphrase / cbtfs-key; see cbtfs-repo(1), ENCRYPTION)");
   auto slots = key_slots();
-  if (slots.empty()) throw FormatError(where + " is encrypted but has no key slots (" + kKeysDir + "/ is empty)");
+  if (slots.empty())
+    throw FormatError(where + " is encrypted but has no key slots (" + kKeysDir +
+                      "/ is empty): 'cbtfs-repo key import' makes one from the recovery key");
   std::string tried;
   for (auto& k : keys) {
     for (auto& [id, slot] : slots) {
@@ -111,7 +143,9 @@ void Repository::unlock(const std::vector<Unlocker>& keys) {
     }
     tried += (tried.empty() ? "" : ", ") + k.source;
   }
-  throw KeyError(where + " is encrypted and " + tried + " opens none of its key slots (a wrong passphrase or key file)");
+  throw KeyError(where + " is encrypted and " + tried +
+                 " opens none of its key slots (a wrong passphrase or key file; if it is forgotten, 'cbtfs-repo key "
+                 "import' makes a new slot from the recovery key)");
 }
 
 Bytes Repository::encode_point(const Manifest& m) const {

@@ -188,6 +188,15 @@ def put_object(repo, key, data):
     _rgw.client().put_object(Bucket=bucket, Key=k, Body=data)
 
 
+def remove_object(repo, key):
+    """Removes a repository object, as a lost file or a careless admin would."""
+    if BACKEND != "s3":
+        os.remove(os.path.join(str(repo), key))
+        return
+    bucket, k = _s3_split(repo, key)
+    _rgw.client().delete_object(Bucket=bucket, Key=k)
+
+
 def pack_of_point(repo, vdi, seq=1):
     """The key of the (first) pack point seq wrote, in either format: the
     VDI's own (format 1), or one in the shared store (format 2)."""

@@ -10,8 +10,8 @@ import re
 
 import pytest
 
-from conftest import (BLOCK, CBTFS, CoreDumps, Mount, all_object_keys, files_equal, get_object, import_image, ls_json,
-                      new_repo_location, put_object, repo_tool, run)
+from conftest import (BLOCK, CBTFS, CoreDumps, Mount, all_object_keys, files_equal, flip_object_byte, get_object,
+                      import_image, ls_json, new_repo_location, put_object, remove_object, REPO_TOOL, repo_tool, run)
 
 MARKER = b"cbtfs-plaintext-marker-7f3a9c"
 VM_NAME = "payroll-db-vm-7f3a9c"
@@ -329,12 +329,6 @@ def test_a_header_replaced_by_a_plain_one_is_refused(enc_repo, tmp_path):
     assert not any(k.startswith("store/packs/") for k in all_object_keys(enc_repo))
 
 
-def flip_middle_byte(repo, key):
-    data = bytearray(get_object(repo, key))
-    data[len(data) // 2] ^= 0x01
-    put_object(repo, key, bytes(data))
-
-
 @pytest.mark.parametrize("encryption", ["passphrase", "none"])
 def test_verify_without_the_key_checks_what_is_stored(tmp_path, monkeypatch, encryption):
     """An off-site admin holds the bucket but not the key: verify
@@ -370,7 +364,7 @@ def test_verify_without_the_key_checks_what_is_stored(tmp_path, monkeypatch, enc
     points = sorted(k for k in keys if k.startswith(f"vdis/{VDI}/points/"))
     for key in (packs[0], segments[0], points[1]):
         pristine = get_object(repo, key)
-        flip_middle_byte(repo, key)
+        flip_object_byte(repo, key, len(pristine) // 2)
         bad = repo_tool("verify", "--stored-only", repo, check=False)
         assert bad.returncode == 1 and "DAMAGED" in bad.stdout, (key, bad.stdout, bad.stderr)
         assert key.split("/")[-1] in bad.stdout, (key, bad.stdout)
@@ -383,4 +377,119 @@ def test_verify_without_the_key_checks_what_is_stored(tmp_path, monkeypatch, enc
     monkeypatch.delenv("CBTFS_PASSPHRASE_FILE")
     after = repo_tool("verify", "--stored-only", repo)
     assert "verify OK: 2 manifest(s)" in after.stdout, after.stdout
+    assert "not checked" not in after.stdout, after.stdout
     assert "no index segment lists" not in after.stderr, after.stderr
+
+
+def test_key_change_and_recovery_from_the_paper_key(enc_repo, tmp_path, monkeypatch):
+    """The passphrase is changed, then every key slot is lost: the recovery
+    key printed on paper (typed back with a typo first) makes a new way in,
+    and no data object is rewritten on the way."""
+    import hashlib
+    import subprocess
+
+    img = guest_image(tmp_path / "d.img", 13)
+    import_image(enc_repo, img, VDI, "2026-11-30T010000Z")
+
+    def data_digest():
+        return {k: hashlib.sha256(get_object(enc_repo, k)).hexdigest() for k in all_object_keys(enc_repo)
+                if not k.startswith("keys/")}
+
+    before = data_digest()
+    paper = repo_tool("key", "export", "--paper", enc_repo).stdout
+    one_line = repo_tool("key", "export", enc_repo).stdout.strip()
+    assert len(re.findall(r"^ ?\d: [0-9a-f]{4} [0-9a-f]{4} [0-9a-f]{4} [0-9a-f]{4}  [0-9a-f]{4}$", paper, re.M)) == 8, paper
+    assert one_line.startswith("cbtfs-recovery-1:"), one_line
+
+    new_pass = tmp_path / "new-passphrase"
+    new_pass.write_text("the passphrase after the audit\n")
+    out = repo_tool("key", "change", "--new-passphrase-file", new_pass, enc_repo).stdout
+    assert "replaced by" in out, out
+    assert repo_tool("ls", enc_repo, check=False).returncode == EXIT_KEY  # the old one opens nothing now
+    monkeypatch.setenv("CBTFS_PASSPHRASE_FILE", str(new_pass))
+    assert len(repo_tool("key", "list", enc_repo).stdout.splitlines()) == 1
+
+    for k in all_object_keys(enc_repo):  # every slot lost
+        if k.startswith("keys/"):
+            remove_object(enc_repo, k)
+    lost = repo_tool("ls", enc_repo, check=False)
+    assert lost.returncode != 0 and "key import" in lost.stderr, lost.stderr
+
+    keyfile = tmp_path / "key"
+    keyfile.write_bytes(os.urandom(32))
+
+    def key_import(text):
+        return subprocess.run([REPO_TOOL, "key", "import", "--new-key-file", str(keyfile), str(enc_repo)],
+                              input=text, capture_output=True, text=True)
+
+    lines = paper.splitlines()
+    typo = "\n".join(l.replace(l[4:8], "%04x" % (int(l[4:8], 16) ^ 1)) if l.startswith(" 3:") else l for l in lines)
+    p = key_import(typo)
+    assert p.returncode == 2 and "line 3: a typo" in p.stderr, p.stderr
+    other = new_repo_location(tmp_path, "other")
+    repo_tool("init", "--encryption", "passphrase", other)
+    p = key_import(repo_tool("key", "export", "--paper", other).stdout)
+    assert p.returncode == EXIT_KEY and "not this repository's" in p.stderr, p.stderr
+    assert not any(k.startswith("keys/") for k in all_object_keys(enc_repo))  # neither wrote a slot
+
+    p = key_import(paper)
+    assert p.returncode == 0 and "from the recovery key" in p.stdout, p.stderr
+    monkeypatch.delenv("CBTFS_PASSPHRASE_FILE")
+    monkeypatch.setenv("CBTFS_KEY_FILE", str(keyfile))
+    restored = tmp_path / "r.img"
+    repo_tool("restore", enc_repo, VDI, "latest", restored)
+    assert files_equal(restored, img)
+    assert key_import(one_line + "\n").returncode == 0  # the one-line form is as good
+    assert len(repo_tool("key", "list", enc_repo).stdout.splitlines()) == 2
+    assert data_digest() == before
+    assert "verify OK" in repo_tool("verify", enc_repo).stdout
+
+
+def test_copy_between_two_encrypted_repositories_with_their_own_passphrases(enc_repo, tmp_path, monkeypatch,
+                                                                             passphrase):
+    img = guest_image(tmp_path / "d.img", 14)
+    import_image(enc_repo, img, VDI, "2026-11-30T010000Z", vm=VM_NAME)
+    offsite_pass = tmp_path / "offsite-passphrase"
+    offsite_pass.write_text("the off-site copy's own passphrase\n")
+    offsite = new_repo_location(tmp_path, "offsite")
+    repo_tool("--passphrase-file", offsite_pass, "init", "--encryption", "passphrase", offsite)
+
+    p = repo_tool("copy", enc_repo, offsite, check=False)  # the source's passphrase does not open it
+    assert p.returncode == EXIT_KEY and "opens none of its key slots" in p.stderr, p.stderr
+    repo_tool("copy", "--dst-passphrase-file", offsite_pass, enc_repo, offsite)
+    monkeypatch.setenv("CBTFS_PASSPHRASE_FILE", str(offsite_pass))
+    restored = tmp_path / "r.img"
+    repo_tool("restore", offsite, VDI, "latest", restored)
+    assert files_equal(restored, img)
+    assert ls_json(offsite)["vdis"][0]["vm_name"] == VM_NAME
+    for key in all_object_keys(offsite):
+        assert MARKER not in get_object(offsite, key), key
+
+
+def test_secrets_reach_no_output_log_or_json(enc_repo, tmp_path, monkeypatch):
+    """The passphrase given the leakiest way (the environment) and a wrong
+    one: no command prints either, in text, --json or errors."""
+    secret = "s3cret-passphrase-7f3a9c"
+    wrong = "wr0ng-passphrase-7f3a9c"
+    r = new_repo_location(tmp_path, "env")
+    monkeypatch.delenv("CBTFS_PASSPHRASE_FILE")
+    monkeypatch.setenv("CBTFS_PASSPHRASE", secret)
+    outputs = [repo_tool("init", "--encryption", "passphrase", r)]
+    img = guest_image(tmp_path / "d.img", 15)
+    outputs.append(import_image(r, img, VDI, "2026-11-30T010000Z"))
+    for args in (["ls", r], ["ls", "--json", r], ["info", r], ["info", r, VDI], ["verify", r],
+                 ["verify", "--stored-only", r], ["key", "list", r], ["restore", r, VDI, "latest", tmp_path / "x.img"]):
+        outputs.append(repo_tool(*args))
+    with Mount(r, tmp_path / "mnt") as m:
+        assert files_equal(m.path(VDI, "latest.raw"), img)
+    monkeypatch.setenv("CBTFS_PASSPHRASE", wrong)
+    for args in (["ls", "--json", r], ["verify", r], ["import", "-q", "--vdi", VDI, r, img]):
+        p = repo_tool(*args, check=False)
+        assert p.returncode == EXIT_KEY, p.stderr
+        outputs.append(p)
+    m = run(CBTFS, "-f", r, tmp_path / "mnt", check=False)
+    assert m.returncode == EXIT_KEY
+    outputs.append(m)
+    for p in outputs:
+        for s in (secret, wrong):
+            assert s not in p.stdout + p.stderr, (p.args, p.stdout, p.stderr)
