@@ -58,6 +58,8 @@ Connection::Connection(const std::vector<Target>& targets, const Options& opts) 
       if (!opts_.retry_busy || attempt >= opts_.retries) throw;
       std::this_thread::sleep_for(backoff);
       backoff *= 2;
+    } catch (const UntrustedServer&) {
+      throw;  // the same certificate will come back
     } catch (const NbdError&) {
       if (attempt >= opts_.retries) throw;
       std::this_thread::sleep_for(backoff);
@@ -81,7 +83,8 @@ void Connection::disconnect() noexcept {
 
 void Connection::connect() {
   std::string errors;
-  size_t hung_up = 0;  // targets that closed the connection during the handshake
+  size_t hung_up = 0;    // targets that closed the connection during the handshake
+  size_t untrusted = 0;  // targets whose certificate is not the one XAPI gave
   for (auto& t : targets_) {
     disconnect();
     nbd_handle* h = nbd_create();
@@ -100,6 +103,10 @@ void Connection::connect() {
         bridge_ = std::make_unique<TlsBridge>(t.address, t.port, t.cert, opts_.timeout);
       } catch (const ServerBusy& e) {
         ++hung_up;
+        errors += std::string("; ") + e.what();
+        continue;
+      } catch (const UntrustedServer& e) {
+        ++untrusted;
         errors += std::string("; ") + e.what();
         continue;
       } catch (const NbdError& e) {
@@ -141,8 +148,10 @@ void Connection::connect() {
     }
     std::string why = last_error();
     if (why.find("server disconnected unexpectedly") != std::string::npos) ++hung_up;
-    if (tls && opts_.verify && why.find("certificate") != std::string::npos)
+    if (tls && opts_.verify && why.find("certificate") != std::string::npos) {
+      ++untrusted;
       why += " (the NBD server's certificate does not match the one XAPI gave; --insecure-nbd skips the check)";
+    }
     if (errors.find(t.address + ":" + t.port + ": timed out") == std::string::npos)
       errors += "; " + t.address + ":" + t.port + ": " + why;
   }
@@ -151,6 +160,7 @@ void Connection::connect() {
     throw ServerBusy("the NBD server closed every connection during the handshake (XenServer's NBD server "
                      "does this when it already serves its 16 connections, counting other tools'; or it "
                      "refused the export)" + errors);
+  if (untrusted == targets_.size()) throw UntrustedServer("no NBD address can be trusted" + errors);
   throw NbdError("cannot connect to any NBD address" + errors);
 }
 

@@ -31,6 +31,13 @@ class ServerBusy : public NbdError {
   using NbdError::NbdError;
 };
 
+// Every address answered with a certificate other than the one XAPI gave:
+// not a server to wait for, so nothing retries it.
+class UntrustedServer : public NbdError {
+ public:
+  using NbdError::NbdError;
+};
+
 // One record of VDI.get_nbd_info.
 struct Target {
   std::string address;

@@ -165,7 +165,7 @@ TlsBridge::TlsBridge(const std::string& address, const std::string& port, const 
   X509_free(peer);
   if (!pinned) throw NbdError("the certificate XAPI gave for " + where + " cannot be read");
   if (!same)
-    throw NbdError(where + ": the NBD server's certificate is not the one XAPI gave for it (certificate pinning)");
+    throw UntrustedServer(where + ": the NBD server's certificate is not the one XAPI gave for it (certificate pinning)");
 
   int pair[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) != 0)

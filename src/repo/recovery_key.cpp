@@ -113,8 +113,8 @@ RepoSecret parse_recovery_key(const std::string& text, const std::string& repo_i
   static const std::regex whole(R"(^\s*check\s*:\s*([0-9a-fA-F]{8})\s*$)", std::regex::icase);
   while (std::getline(in, line)) {
     std::smatch m;
-    if (auto pos = line.find(kOneLinePrefix); pos != std::string::npos) {
-      std::string rest = squeeze(line.substr(pos + std::strlen(kOneLinePrefix)));
+    if (auto pos = squeeze(line).find(kOneLinePrefix); pos != std::string::npos) {
+      std::string rest = squeeze(line).substr(pos + std::strlen(kOneLinePrefix));
       auto colon = rest.find(':');
       if (colon != 2 * kSecretSize || rest.size() != colon + 9 || !all_hex(rest.substr(0, colon)) ||
           !all_hex(rest.substr(colon + 1)))

@@ -128,8 +128,11 @@ void open_record(const Sealer& s, std::span<const std::byte> stored, const Block
     if (inner != out.size()) throw CorruptError("raw record has the wrong size");
     s.open(stored, aad, out);
   } else {
-    thread_local Bytes plain;
-    plain.resize(inner);
+    // Grown once, never shrunk: resize() would zero what it grows by at
+    // every record larger than the one before.
+    thread_local Bytes buffer;
+    if (buffer.size() < inner) buffer.resize(inner);
+    auto plain = std::span<std::byte>(buffer).first(inner);
     s.open(stored, aad, plain);
     int n = LZ4_decompress_safe(reinterpret_cast<const char*>(plain.data()), reinterpret_cast<char*>(out.data()),
                                 static_cast<int>(plain.size()), static_cast<int>(out.size()));

@@ -1,6 +1,7 @@
 // Encryption at rest: seals, sealed records and manifests, key slots, and
 // the encrypted header, against hostile input.
 #include <catch2/catch.hpp>
+#include <cctype>
 #include <cstring>
 #include <random>
 #include <string>
@@ -8,6 +9,7 @@
 #include "cbtfs/errors.hpp"
 #include "cbtfs/format.hpp"
 #include "cbtfs/key_slots.hpp"
+#include "cbtfs/recovery_key.hpp"
 #include "cbtfs/seal.hpp"
 
 using namespace cbtfs;
@@ -190,4 +192,36 @@ TEST_CASE("an encrypted header says so and never holds the id key; slots round-t
                                         reinterpret_cast<const std::byte*>(t.data()) + t.size()),
                                   "slot"),
                   FormatError);
+}
+
+TEST_CASE("a recovery key reads back in either form, and a typo is found on its line") {
+  RepoSecret secret = random_repo_secret();
+  const std::string repo = "3903fc94-7513-4d1b-a8ab-6c79e0e00f36";
+  auto same = [&](const RepoSecret& s) { return s.data_key == secret.data_key && s.id_key == secret.id_key; };
+  std::string paper = format_recovery_key(secret, repo, true);
+  std::string line = format_recovery_key(secret, repo, false);
+  CHECK(same(parse_recovery_key(paper, repo)));
+  CHECK(same(parse_recovery_key(line, repo)));
+  // as a person types it back: upper case, spaces moved, lines reordered
+  std::string sloppy;
+  for (char c : paper) sloppy += c == ' ' ? "  " : std::string(1, static_cast<char>(std::toupper(c)));
+  CHECK(same(parse_recovery_key(sloppy, repo)));
+  CHECK_THROWS_AS(parse_recovery_key(paper, "another-repository"), KeyError);
+  CHECK_THROWS_AS(parse_recovery_key(line, "another-repository"), KeyError);
+  // one digit wrong on any line is named by that line
+  for (int n = 1; n <= 8; ++n) {
+    std::string typo = paper;
+    size_t at = typo.find(std::to_string(n) + ": ") + 3;
+    typo[at] = typo[at] == '0' ? '1' : '0';
+    try {
+      parse_recovery_key(typo, repo);
+      FAIL("a typo on line " << n << " went through");
+    } catch (const UsageError& e) {
+      CHECK(std::string(e.what()).find("line " + std::to_string(n) + ":") != std::string::npos);
+    }
+  }
+  std::string short_line = line;
+  short_line.erase(30, 1);
+  CHECK_THROWS_AS(parse_recovery_key(short_line, repo), UsageError);
+  CHECK_THROWS_AS(parse_recovery_key("", repo), UsageError);
 }
