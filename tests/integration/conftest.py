@@ -38,6 +38,8 @@ _rgw = None
 
 def pytest_configure(config):
     global _rgw
+    config.addinivalue_line("markers", "same_on_every_backend: a test of what no storage backend changes (key "
+                            "handling, messages, TLS); CI's S3 session leaves it to the local run")
     if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
         pytest.exit("integration tests need root and /dev/fuse", returncode=77)
     for tool in (CBTFS, REPO_TOOL):

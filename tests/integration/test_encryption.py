@@ -86,6 +86,7 @@ def test_every_command_works_and_nothing_stored_is_plaintext(enc_repo, tmp_path)
     assert not any(re.search(rb"block 0000\d\d seed", d) for d in stored.values())
 
 
+@pytest.mark.same_on_every_backend
 def test_a_key_file_opens_it_and_nothing_else_does(tmp_path, monkeypatch):
     key = tmp_path / "key"
     key.write_bytes(os.urandom(32))
@@ -113,6 +114,7 @@ def test_a_key_file_opens_it_and_nothing_else_does(tmp_path, monkeypatch):
     assert none.returncode == EXIT_KEY and "is encrypted" in none.stderr, none.stderr
 
 
+@pytest.mark.same_on_every_backend
 def test_a_wrong_or_missing_passphrase_is_a_clear_error_for_every_command(enc_repo, tmp_path, monkeypatch):
     img = guest_image(tmp_path / "d.img", 4)
     import_image(enc_repo, img, VDI, "2026-11-30T010000Z")
@@ -184,6 +186,7 @@ def test_altered_swapped_or_truncated_objects_are_errors_never_data(enc_repo, tm
     assert v.returncode == 1, v.stdout + v.stderr
 
 
+@pytest.mark.same_on_every_backend
 def test_an_unattended_ingest_with_a_root_only_key_file_from_systemd_credentials(tmp_path, monkeypatch):
     """As cbtfs-ingest@.service runs it: the key file handed over by
     LoadCredential= ($CREDENTIALS_DIRECTORY), a full run, a guest write,
@@ -247,6 +250,7 @@ def test_copy_makes_a_plain_repository_encrypted_and_back(enc_repo, tmp_path):
     assert files_equal(restored, img)
 
 
+@pytest.mark.same_on_every_backend
 def test_a_mount_holding_the_key_leaves_no_core_dump_and_no_passphrase_in_argv(enc_repo, tmp_path, passphrase):
     import signal
     import subprocess
@@ -275,6 +279,7 @@ def test_a_mount_holding_the_key_leaves_no_core_dump_and_no_passphrase_in_argv(e
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
 
 
+@pytest.mark.same_on_every_backend
 def test_key_slots_change_without_touching_the_data(enc_repo, tmp_path, monkeypatch):
     import hashlib
 
@@ -329,7 +334,7 @@ def test_a_header_replaced_by_a_plain_one_is_refused(enc_repo, tmp_path):
     assert not any(k.startswith("store/packs/") for k in all_object_keys(enc_repo))
 
 
-@pytest.mark.parametrize("encryption", ["passphrase", "none"])
+@pytest.mark.parametrize("encryption", ["passphrase", pytest.param("none", marks=pytest.mark.same_on_every_backend)])
 def test_verify_without_the_key_checks_what_is_stored(tmp_path, monkeypatch, encryption):
     """An off-site admin holds the bucket but not the key: verify
     --stored-only checks every record, manifest and segment as stored, finds
@@ -381,6 +386,7 @@ def test_verify_without_the_key_checks_what_is_stored(tmp_path, monkeypatch, enc
     assert "no index segment lists" not in after.stderr, after.stderr
 
 
+@pytest.mark.same_on_every_backend
 def test_key_change_and_recovery_from_the_paper_key(enc_repo, tmp_path, monkeypatch):
     """The passphrase is changed, then every key slot is lost: the recovery
     key printed on paper (typed back with a typo first) makes a new way in,
@@ -445,6 +451,7 @@ def test_key_change_and_recovery_from_the_paper_key(enc_repo, tmp_path, monkeypa
     assert "verify OK" in repo_tool("verify", enc_repo).stdout
 
 
+@pytest.mark.same_on_every_backend
 def test_copy_between_two_encrypted_repositories_with_their_own_passphrases(enc_repo, tmp_path, monkeypatch,
                                                                              passphrase):
     img = guest_image(tmp_path / "d.img", 14)
@@ -466,6 +473,7 @@ def test_copy_between_two_encrypted_repositories_with_their_own_passphrases(enc_
         assert MARKER not in get_object(offsite, key), key
 
 
+@pytest.mark.same_on_every_backend
 def test_secrets_reach_no_output_log_or_json(enc_repo, tmp_path, monkeypatch):
     """The passphrase given the leakiest way (the environment) and a wrong
     one: no command prints either, in text, --json or errors."""

@@ -375,6 +375,7 @@ def test_kill_9_at_many_moments(sim, repo, mnt, tmp_path):
             assert files_equal(d["path"], m.path(vdis[d["uuid"]]["points"][-1]["path"])), d["name"]
 
 
+@pytest.mark.same_on_every_backend
 def test_a_pool_member_sends_us_to_its_master(sim, repo):
     db = sim.disks_of("db01")[0]
     sim.post("/fail", {"method": "session.login_with_password", "error": ["HOST_IS_SLAVE", "127.0.0.1"], "count": 1})
@@ -446,6 +447,7 @@ def test_restore_to_xenserver(sim, repo, tmp_path):
     assert {v["uuid"] for v in sim.vdis()} == before
 
 
+@pytest.mark.same_on_every_backend
 def test_no_core_dump_can_carry_the_password(sim, repo, tmp_path):
     with CoreDumps(tmp_path / "cores") as dumps:
         # cbtfs-ingest, logged in (the password is in its memory), held up by the host.
@@ -472,6 +474,7 @@ def test_no_core_dump_can_carry_the_password(sim, repo, tmp_path):
     no_data_snapshots_left(sim)
 
 
+@pytest.mark.same_on_every_backend
 @pytest.mark.parametrize("pin", ["right", "other"])
 def test_nbd_tls_when_the_certificate_names_a_host_that_does_not_resolve(tmp_path, repo, mnt, pin):
     """A dedicated backup network: XAPI gives the NBD address 127.0.0.1 and
