@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import time
 
 import pytest
 
@@ -501,3 +502,67 @@ def test_secrets_reach_no_output_log_or_json(enc_repo, tmp_path, monkeypatch):
     for p in outputs:
         for s in (secret, wrong):
             assert s not in p.stdout + p.stderr, (p.args, p.stdout, p.stderr)
+
+
+def test_an_admins_week_on_an_encrypted_repository(tmp_path, monkeypatch, mnt):
+    """The paths an admin walks, on an encrypted repository, with the key
+    in a root-only file and nowhere in the environment: a 6 GiB sparse disk
+    mounted by mount(8) as an fstab line does (daemonized, the key file as a
+    mount option), read through the kernel past 4 GiB; a new backup and a
+    prune with its collection while that mount stays up."""
+    from test_user_paths import BIG_EXTENTS, BIG_SIZE, GiB, HelperMount, sparse_image
+
+    monkeypatch.delenv("CBTFS_PASSPHRASE_FILE", raising=False)
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o700)
+    pf = keys / "passphrase"
+    pf.write_text("an admin's passphrase, root only\n")
+    pf.chmod(0o400)
+    repo = new_repo_location(tmp_path, "enc")
+
+    def tool(*args, check=True):
+        return repo_tool("--passphrase-file", pf, *args, check=check)
+
+    tool("init", "--encryption", "passphrase", repo)
+    img = sparse_image(tmp_path / "big.img", BIG_SIZE, BIG_EXTENTS)
+    tool("import", "-q", "--vdi", VDI, "--time", "2026-11-23T03:00:00Z", repo, img)
+    # what to read back: every extent, the 4 GiB boundary and the disk's end
+    places = BIG_EXTENTS + [(4 * GiB - BLOCK, 2 * BLOCK), (BIG_SIZE - 100, 100)]
+
+    def contents(path):
+        with open(path, "rb") as f:
+            return [(f.seek(off), f.read(length))[1] for off, length in places]
+
+    first = contents(img)
+
+    def read_extents(path, want):
+        assert contents(path) == want
+
+    with HelperMount(repo, mnt, f"passphrase_file={pf}") as m:
+        p1 = m.path(VDI, "2026-11-23T030000Z.raw")
+        assert os.path.getsize(p1) == BIG_SIZE
+        read_extents(p1, first)
+
+        # Tuesday's backup: data changed past 4 GiB, seen by the mount
+        with open(img, "r+b") as f:
+            f.seek(5 * GiB + BLOCK)
+            f.write(random.Random(21).randbytes(2 * BLOCK))
+        tool("import", "-q", "--vdi", VDI, "--time", "2026-11-24T03:00:00Z", repo, img)
+        time.sleep(1.1)  # the kernel's entry and attribute timeouts
+        p2 = m.path(VDI, "2026-11-24T030000Z.raw")
+        second = contents(img)
+        assert second != first
+        read_extents(p2, second)
+        read_extents(p1, first)
+
+        # the retention: Monday's point goes, and the collection with it
+        out = tool("prune", "--keep-last", "1", repo).stdout
+        assert "removed 1 point(s)" in out, out
+        time.sleep(1.1)
+        assert sorted(os.listdir(m.path(VDI))) == ["2026-11-24T030000Z.raw", "latest.raw"]
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3")
+        read_extents(p2, second)
+        read_extents(m.path(VDI, "latest.raw"), second)
+    assert "verify OK" in tool("verify", repo).stdout
+    assert "verify OK" in repo_tool("verify", "--stored-only", repo).stdout
