@@ -5,6 +5,7 @@
 //   vdis/<uuid>/points/<seq>.point    one manifest per committed point
 //   vdis/<uuid>/packs/<seq>.pack      the records (data blocks, index nodes) it added
 //   vdis/<uuid>/forgotten/<seq>       the highest number a forgotten point had
+//   vdis/<uuid>/lists/<gen>.list      encrypted: the sealed list of its points (point_list.hpp)
 //   vdis/<uuid>/lock                  the writer lock
 //   vdis/<uuid>/journal               what a writer must clean up should it die
 // Format 2 adds the block store that every VDI shares:
@@ -31,10 +32,12 @@ std::string vdi_dir(const std::string& vdi);
 std::string points_dir(const std::string& vdi);
 std::string packs_dir(const std::string& vdi);
 std::string forgotten_dir(const std::string& vdi);
+std::string lists_dir(const std::string& vdi);
 
 std::string point_key(const std::string& vdi, uint32_t seq);
 std::string pack_key(const std::string& vdi, uint32_t pack);
 std::string forgotten_key(const std::string& vdi, uint32_t seq);
+std::string point_list_key(const std::string& vdi, uint32_t generation);
 std::string lock_key(const std::string& vdi);
 std::string journal_key(const std::string& vdi);
 
@@ -43,6 +46,7 @@ std::string journal_key(const std::string& vdi);
 uint32_t parse_point_name(const std::string& name);
 uint32_t parse_pack_name(const std::string& name);
 uint32_t parse_forgotten_name(const std::string& name);
+uint32_t parse_point_list_name(const std::string& name);
 
 inline constexpr const char* kStorePacksDir = "store/packs";
 inline constexpr const char* kStoreIndexDir = "store/index";

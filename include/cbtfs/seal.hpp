@@ -51,7 +51,12 @@ void open_record(const Sealer& s, std::span<const std::byte> stored, const Block
 // a frame whose checksum needs no key.
 Bytes seal_manifest(const Sealer& s, std::span<const std::byte> encoded, const std::string& vdi, uint32_t seq);
 Bytes open_manifest(const Sealer& s, std::span<const std::byte> stored, const std::string& vdi, uint32_t seq);
-// Whether a sealed manifest's frame and checksum hold (no key needed).
-bool sealed_manifest_intact(std::span<const std::byte> stored);
+// A VDI's point list (point_list.hpp), bound to its VDI and generation, in
+// the same frame.
+Bytes seal_point_list(const Sealer& s, std::span<const std::byte> encoded, const std::string& vdi, uint32_t generation);
+Bytes open_point_list(const Sealer& s, std::span<const std::byte> stored, const std::string& vdi, uint32_t generation);
+// Whether a sealed manifest's or point list's frame and checksum hold (no
+// key needed).
+bool sealed_frame_intact(std::span<const std::byte> stored);
 
 }  // namespace cbtfs

@@ -49,16 +49,21 @@ std::string vdi_dir(const std::string& vdi) { return std::string(kVdisDir) + "/"
 std::string points_dir(const std::string& vdi) { return vdi_dir(vdi) + "/points"; }
 std::string packs_dir(const std::string& vdi) { return vdi_dir(vdi) + "/packs"; }
 std::string forgotten_dir(const std::string& vdi) { return vdi_dir(vdi) + "/forgotten"; }
+std::string lists_dir(const std::string& vdi) { return vdi_dir(vdi) + "/lists"; }
 
 std::string point_key(const std::string& vdi, uint32_t seq) { return points_dir(vdi) + "/" + seq_name(seq, ".point"); }
 std::string pack_key(const std::string& vdi, uint32_t pack) { return packs_dir(vdi) + "/" + seq_name(pack, ".pack"); }
 std::string forgotten_key(const std::string& vdi, uint32_t seq) { return forgotten_dir(vdi) + "/" + seq_name(seq, ""); }
+std::string point_list_key(const std::string& vdi, uint32_t generation) {
+  return lists_dir(vdi) + "/" + seq_name(generation, ".list");
+}
 std::string lock_key(const std::string& vdi) { return vdi_dir(vdi) + "/lock"; }
 std::string journal_key(const std::string& vdi) { return vdi_dir(vdi) + "/journal"; }
 
 uint32_t parse_point_name(const std::string& name) { return parse_seq(name, ".point"); }
 uint32_t parse_pack_name(const std::string& name) { return parse_seq(name, ".pack"); }
 uint32_t parse_forgotten_name(const std::string& name) { return parse_seq(name, ""); }
+uint32_t parse_point_list_name(const std::string& name) { return parse_seq(name, ".list"); }
 
 // Two hex digits of fan-out keep a directory of a large store listable.
 std::string store_pack_dir(uint64_t pack) { return std::string(kStorePacksDir) + "/" + hex_id(pack).substr(0, 2); }

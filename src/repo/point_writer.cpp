@@ -22,6 +22,7 @@
 
 #include "cbtfs/errors.hpp"
 #include "cbtfs/layout.hpp"
+#include "cbtfs/point_list.hpp"
 #include "cbtfs/point_reader.hpp"
 #include "store_writer.hpp"
 
@@ -430,6 +431,14 @@ Manifest PointWriter::commit() {
   lock_->check();
   repo_->storage().put(layout::point_key(vdi_, m_.seq), repo_->encode_point(m_));
   committed_ = true;
+  try {
+    lock_->check();
+    write_point_list(*repo_, vdi_);
+  } catch (const std::exception&) {
+    // The point is committed. A list that lags behind takes it for one
+    // committed after it was written, which it is; the next writer's
+    // list names it.
+  }
   if (store_) {
     try {
       store_->release_uses();

@@ -8,6 +8,7 @@
 
 #include "cbtfs/errors.hpp"
 #include "cbtfs/layout.hpp"
+#include "cbtfs/point_list.hpp"
 
 namespace cbtfs {
 
@@ -115,6 +116,9 @@ PruneReport prune_vdi(std::shared_ptr<Repository> repo, const std::string& vdi, 
       }
       repo->forget_point(vdi, pl.points[i]->seq);
     }
+  // The list of the points there are now, sealed: a pruned point put
+  // back behind cbtfs's back is then told from a kept one.
+  if (!dry_run && std::find(keep.begin(), keep.end(), false) != keep.end()) write_point_list(*repo, vdi);
   std::vector<ManifestPtr> remaining;
   for (size_t i = 0; i < pl.points.size(); ++i) {
     std::string name = format_point_name(pl.points[i]->time) + ".raw";
@@ -175,6 +179,7 @@ void forget_vdi(std::shared_ptr<Repository> repo, const std::string& vdi, const 
   auto names = st.list(points);
   for (auto it = names.rbegin(); it != names.rend(); ++it) st.remove(points + "/" + *it);
   for (auto& n : st.list(packs)) st.remove(packs + "/" + n);
+  for (auto& n : st.list(layout::lists_dir(vdi))) st.remove(layout::lists_dir(vdi) + "/" + n);
   st.remove_temporaries(points);
   st.remove_temporaries(packs);
 }

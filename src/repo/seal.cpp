@@ -143,40 +143,54 @@ void open_record(const Sealer& s, std::span<const std::byte> stored, const Block
   // costs the mount a tenth of its speed.
 }
 
-// A sealed manifest is framed: magic, the seal, then XXH3-64 of both, so
-// that what is stored can be checked without the key.
+// Sealed metadata (manifests, point lists) is framed: magic, the seal, then
+// XXH3-64 of both, so that what is stored can be checked without the key.
 namespace {
-constexpr std::array<char, 8> kSealedManifestMagic = {'C', 'B', 'T', 'F', 'S', 'S', 'M', '1'};
-constexpr size_t kFrameHead = kSealedManifestMagic.size(), kFrameTail = 8;
-}  // namespace
+constexpr std::array<char, 8> kFrameMagic = {'C', 'B', 'T', 'F', 'S', 'S', 'M', '1'};
+constexpr size_t kFrameHead = kFrameMagic.size(), kFrameTail = 8;
 
-Bytes seal_manifest(const Sealer& s, std::span<const std::byte> encoded, const std::string& vdi, uint32_t seq) {
-  std::string aad = manifest_aad(vdi, seq);
+Bytes seal_in_frame(const Sealer& s, std::span<const std::byte> encoded, const std::string& aad) {
   Bytes sealed = s.seal(encoded, std::as_bytes(std::span(aad)));
   Bytes out(kFrameHead + sealed.size() + kFrameTail);
-  std::memcpy(out.data(), kSealedManifestMagic.data(), kFrameHead);
+  std::memcpy(out.data(), kFrameMagic.data(), kFrameHead);
   std::memcpy(out.data() + kFrameHead, sealed.data(), sealed.size());
   uint64_t sum = htole64(hash_bytes(std::span(out).first(out.size() - kFrameTail)));
   std::memcpy(out.data() + out.size() - kFrameTail, &sum, kFrameTail);
   return out;
 }
 
-bool sealed_manifest_intact(std::span<const std::byte> stored) {
+Bytes open_frame(const Sealer& s, std::span<const std::byte> stored, const std::string& aad) {
+  if (!sealed_frame_intact(stored)) throw CorruptError("damaged (its stored checksum differs)");
+  auto sealed = stored.subspan(kFrameHead, stored.size() - kFrameHead - kFrameTail);
+  Bytes out(sealed.size() - kSealOverhead);
+  s.open(sealed, std::as_bytes(std::span(aad)), out);
+  return out;
+}
+}  // namespace
+
+bool sealed_frame_intact(std::span<const std::byte> stored) {
   if (stored.size() < kFrameHead + kSealOverhead + kFrameTail ||
-      std::memcmp(stored.data(), kSealedManifestMagic.data(), kFrameHead) != 0)
+      std::memcmp(stored.data(), kFrameMagic.data(), kFrameHead) != 0)
     return false;
   uint64_t sum = 0;
   std::memcpy(&sum, stored.data() + stored.size() - kFrameTail, kFrameTail);
   return hash_bytes(stored.first(stored.size() - kFrameTail)) == le64toh(sum);
 }
 
+Bytes seal_manifest(const Sealer& s, std::span<const std::byte> encoded, const std::string& vdi, uint32_t seq) {
+  return seal_in_frame(s, encoded, manifest_aad(vdi, seq));
+}
+
 Bytes open_manifest(const Sealer& s, std::span<const std::byte> stored, const std::string& vdi, uint32_t seq) {
-  if (!sealed_manifest_intact(stored)) throw CorruptError("damaged (its stored checksum differs)");
-  auto sealed = stored.subspan(kFrameHead, stored.size() - kFrameHead - kFrameTail);
-  std::string aad = manifest_aad(vdi, seq);
-  Bytes out(sealed.size() - kSealOverhead);
-  s.open(sealed, std::as_bytes(std::span(aad)), out);
-  return out;
+  return open_frame(s, stored, manifest_aad(vdi, seq));
+}
+
+Bytes seal_point_list(const Sealer& s, std::span<const std::byte> encoded, const std::string& vdi, uint32_t generation) {
+  return seal_in_frame(s, encoded, "L" + vdi + "/" + std::to_string(generation));
+}
+
+Bytes open_point_list(const Sealer& s, std::span<const std::byte> stored, const std::string& vdi, uint32_t generation) {
+  return open_frame(s, stored, "L" + vdi + "/" + std::to_string(generation));
 }
 
 }  // namespace cbtfs

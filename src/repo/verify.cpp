@@ -6,6 +6,7 @@
 
 #include "cbtfs/errors.hpp"
 #include "cbtfs/layout.hpp"
+#include "cbtfs/point_list.hpp"
 
 namespace cbtfs {
 
@@ -83,6 +84,9 @@ VerifyReport verify_vdi(Repository& repo, const std::string& vdi, const std::fun
   VerifyReport report;
   auto pl = repo.points(vdi);
   for (auto& e : pl.errors) report.problems.push_back("VDI " + vdi + ": " + e);
+  auto listed = check_point_list(repo, vdi);
+  report.problems.insert(report.problems.end(), listed.problems.begin(), listed.problems.end());
+  report.warnings.insert(report.warnings.end(), listed.warnings.begin(), listed.warnings.end());
   Walker w{repo, vdi, progress, report, {}, {}, {}};
   std::set<uint32_t> owned;
   for (auto& m : pl.points) {

@@ -32,8 +32,17 @@ void check_manifests(Repository& repo, StoredReport& r) {
         }
         continue;
       }
-      if (!sealed_manifest_intact(*data)) r.problems.push_back(where + ": damaged (its stored checksum differs)");
+      if (!sealed_frame_intact(*data)) r.problems.push_back(where + ": damaged (its stored checksum differs)");
     }
+  if (repo.encrypted())
+    for (auto& vdi : repo.vdis())
+      for (auto& name : st.list(layout::lists_dir(vdi))) {
+        uint32_t g = layout::parse_point_list_name(name);
+        auto data = g ? st.get(layout::point_list_key(vdi, g)) : std::nullopt;
+        if (data && !sealed_frame_intact(*data))
+          r.problems.push_back(st.describe() + "/" + layout::point_list_key(vdi, g) +
+                               ": damaged (its stored checksum differs)");
+      }
 }
 
 // Every record some segment lists, once, by pack and offset.

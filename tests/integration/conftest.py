@@ -180,9 +180,11 @@ def get_object(repo, key):
 
 
 def put_object(repo, key, data):
-    """Overwrites a repository object in place, as damage would."""
+    """Overwrites a repository object in place, as damage would (or puts
+    back one that was removed)."""
     if BACKEND != "s3":
-        with open(os.path.join(str(repo), key), "r+b") as f:
+        path = os.path.join(str(repo), key)
+        with open(path, "r+b" if os.path.exists(path) else "wb") as f:
             f.write(data)
             f.truncate()
         return

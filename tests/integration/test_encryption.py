@@ -566,3 +566,48 @@ def test_an_admins_week_on_an_encrypted_repository(tmp_path, monkeypatch, mnt):
         read_extents(m.path(VDI, "latest.raw"), second)
     assert "verify OK" in tool("verify", repo).stdout
     assert "verify OK" in repo_tool("verify", "--stored-only", repo).stdout
+
+
+def test_a_pruned_point_put_back_or_the_newest_removed_is_found_by_verify(enc_repo, tmp_path):
+    """Each manifest opens on its own; the sealed point list that every
+    commit and prune writes tells verify which points there should be."""
+    img = guest_image(tmp_path / "d.img", 16)
+    times = ("2026-11-27T010000Z", "2026-11-28T010000Z", "2026-11-29T010000Z", "2026-11-30T010000Z")
+    for i, t in enumerate(times):
+        with open(img, "r+b") as f:
+            f.seek(i * BLOCK)
+            f.write(random.Random(i).randbytes(BLOCK))
+        import_image(enc_repo, img, VDI, t)
+    points = sorted(k for k in all_object_keys(enc_repo) if k.startswith(f"vdis/{VDI}/points/"))
+    saved = {k: get_object(enc_repo, k) for k in points}
+    lists = [k for k in all_object_keys(enc_repo) if k.startswith(f"vdis/{VDI}/lists/")]
+    assert len(lists) == 1, lists  # each generation replaces the one before
+    old_list = (lists[0], get_object(enc_repo, lists[0]))
+    assert "verify OK" in repo_tool("verify", enc_repo).stdout
+
+    repo_tool("prune", "--keep-last", "2", enc_repo)
+    assert "verify OK" in repo_tool("verify", enc_repo).stdout
+    put_object(enc_repo, points[0], saved[points[0]])  # a pruned point put back
+    v = repo_tool("verify", enc_repo, check=False)
+    assert v.returncode == 1 and "2026-11-27T010000Z (seq 1) was removed by a prune and its manifest is back" in v.stdout, v.stdout
+    remove_object(enc_repo, points[0])
+
+    remove_object(enc_repo, points[-1])  # the newest point removed
+    v = repo_tool("verify", enc_repo, check=False)
+    assert v.returncode == 1 and "point 4 is missing" in v.stdout, v.stdout
+    put_object(enc_repo, points[-1], saved[points[-1]])
+    assert "verify OK" in repo_tool("verify", enc_repo).stdout
+
+    # the old list put back in place of the newest, with the pruned points:
+    # it names them as missing
+    current = [k for k in all_object_keys(enc_repo) if k.startswith(f"vdis/{VDI}/lists/")]
+    for k in current:
+        remove_object(enc_repo, k)
+    put_object(enc_repo, old_list[0], old_list[1])
+    v = repo_tool("verify", enc_repo, check=False)
+    assert v.returncode == 1 and "point 1 is missing" in v.stdout and "point 2 is missing" in v.stdout, v.stdout
+    # a list moved from another name does not open
+    remove_object(enc_repo, old_list[0])
+    put_object(enc_repo, old_list[0].replace(old_list[0].split("/")[-1], "00000099.list"), old_list[1])
+    v = repo_tool("verify", enc_repo, check=False)
+    assert v.returncode == 1 and "does not open" in v.stdout, v.stdout

@@ -99,18 +99,18 @@ TEST_CASE("a sealed manifest can be checked as stored without the key") {
   Sealer s(key(5));
   Bytes m = text("{\"point\":{}}");
   Bytes stored = seal_manifest(s, m, "vdi-a", 3);
-  CHECK(sealed_manifest_intact(stored));
+  CHECK(sealed_frame_intact(stored));
   for (size_t i = 0; i < stored.size(); ++i) {
     Bytes bad = stored;
     bad[i] ^= std::byte{0x10};
-    CHECK_FALSE(sealed_manifest_intact(bad));
+    CHECK_FALSE(sealed_frame_intact(bad));
     CHECK_THROWS_AS(open_manifest(s, bad, "vdi-a", 3), CorruptError);
   }
-  CHECK_FALSE(sealed_manifest_intact(Bytes(stored.begin(), stored.end() - 1)));
+  CHECK_FALSE(sealed_frame_intact(Bytes(stored.begin(), stored.end() - 1)));
   // the bare seal, without its frame, is refused
   std::string aad = "Mvdi-a/3";
   Bytes bare = s.seal(m, std::as_bytes(std::span(aad)));
-  CHECK_FALSE(sealed_manifest_intact(bare));
+  CHECK_FALSE(sealed_frame_intact(bare));
   CHECK_THROWS_AS(open_manifest(s, bare, "vdi-a", 3), CorruptError);
 }
 
