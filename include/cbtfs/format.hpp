@@ -109,6 +109,8 @@ void decode_record(std::span<const std::byte> stored, const BlockRef& ref, std::
 bool record_equals(std::span<const std::byte> stored, const BlockRef& ref, std::span<const std::byte> plain,
                    Bytes& scratch);
 uint64_t hash_bytes(std::span<const std::byte> data);
+// Lower-case hexadecimal of n bytes.
+std::string to_hex(const void* data, size_t n);
 // The low 32 bits of XXH3-64 of a record as stored, never 0 (0 says "not
 // recorded"): a check of the stored bytes that needs no key.
 uint32_t stored_check(std::span<const std::byte> stored);

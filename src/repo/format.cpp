@@ -50,13 +50,7 @@ uint64_t parse_hex64(const std::string& s) {
 
 template <size_t N>
 std::string hex_bytes(const std::array<uint8_t, N>& a) {
-  static const char* digits = "0123456789abcdef";
-  std::string s;
-  for (uint8_t b : a) {
-    s += digits[b >> 4];
-    s += digits[b & 15];
-  }
-  return s;
+  return to_hex(a.data(), a.size());
 }
 
 template <size_t N>
@@ -212,6 +206,18 @@ void check_pack_header(std::span<const std::byte> h, uint64_t pack, uint32_t for
 }
 
 uint64_t hash_bytes(std::span<const std::byte> d) { return XXH3_64bits(d.data(), d.size()); }
+
+std::string to_hex(const void* data, size_t n) {
+  static const char* digits = "0123456789abcdef";
+  auto* p = static_cast<const uint8_t*>(data);
+  std::string s;
+  s.reserve(2 * n);
+  for (size_t i = 0; i < n; ++i) {
+    s += digits[p[i] >> 4];
+    s += digits[p[i] & 15];
+  }
+  return s;
+}
 
 uint32_t stored_check(std::span<const std::byte> stored) {
   auto c = static_cast<uint32_t>(hash_bytes(stored));

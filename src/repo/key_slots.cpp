@@ -25,16 +25,6 @@ constexpr uint64_t kScryptN = 1 << 17;
 constexpr uint32_t kScryptR = 8, kScryptP = 1;
 constexpr size_t kSaltSize = 16, kMinKeyFile = 32;
 
-std::string to_hex(const unsigned char* p, size_t n) {
-  static const char* d = "0123456789abcdef";
-  std::string s;
-  for (size_t i = 0; i < n; ++i) {
-    s += d[p[i] >> 4];
-    s += d[p[i] & 15];
-  }
-  return s;
-}
-
 Bytes from_hex(const std::string& s) {
   auto v = [](char c) -> int {
     if (c >= '0' && c <= '9') return c - '0';

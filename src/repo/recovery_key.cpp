@@ -35,16 +35,6 @@ std::array<unsigned char, 32> sha256(const std::string& data) {
   return d;
 }
 
-std::string hex(const unsigned char* p, size_t n) {
-  static const char* digits = "0123456789abcdef";
-  std::string s;
-  for (size_t i = 0; i < n; ++i) {
-    s += digits[p[i] >> 4];
-    s += digits[p[i] & 15];
-  }
-  return s;
-}
-
 std::string secret_bytes(const RepoSecret& s) {
   std::string b(kSecretSize, '\0');
   std::memcpy(b.data(), s.data_key.data(), 32);
@@ -54,12 +44,12 @@ std::string secret_bytes(const RepoSecret& s) {
 
 std::string line_check(size_t line, const std::string& bytes) {
   auto d = sha256("cbtfs recovery line " + std::to_string(line) + ":" + bytes);
-  return hex(d.data(), 2);
+  return to_hex(d.data(), 2);
 }
 
 std::string whole_check(const std::string& repo_id, const std::string& bytes) {
   auto d = sha256("cbtfs recovery key " + repo_id + ":" + bytes);
-  return hex(d.data(), 4);
+  return to_hex(d.data(), 4);
 }
 
 std::string unhex(const std::string& h) {
@@ -92,11 +82,11 @@ RepoSecret to_secret(const std::string& bytes) {
 std::string format_recovery_key(const RepoSecret& secret, const std::string& repo_id, bool paper) {
   std::string b = secret_bytes(secret);
   auto* p = reinterpret_cast<const unsigned char*>(b.data());
-  if (!paper) return kOneLinePrefix + hex(p, b.size()) + ":" + whole_check(repo_id, b) + "\n";
+  if (!paper) return kOneLinePrefix + to_hex(p, b.size()) + ":" + whole_check(repo_id, b) + "\n";
   std::ostringstream out;
   out << "cbtfs recovery key, repository " << repo_id << "\n";
   for (size_t l = 0; l < kLines; ++l) {
-    std::string h = hex(p + l * kLineBytes, kLineBytes);
+    std::string h = to_hex(p + l * kLineBytes, kLineBytes);
     out << (l + 1 < 10 ? " " : "") << l + 1 << ": " << h.substr(0, 4) << " " << h.substr(4, 4) << " " << h.substr(8, 4)
         << " " << h.substr(12, 4) << "  " << line_check(l + 1, b.substr(l * kLineBytes, kLineBytes)) << "\n";
   }

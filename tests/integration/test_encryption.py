@@ -3,6 +3,7 @@ does works with the passphrase or key file, nothing stored holds the disks'
 bytes or the VM's names, and a missing or wrong key, or any stored object
 altered, swapped or truncated, is a clear error, never data."""
 
+import hashlib
 import json
 import os
 import random
@@ -50,6 +51,11 @@ def enc_repo(tmp_path, passphrase):
     out = repo_tool("init", "--encryption", "passphrase", r).stdout
     assert "encrypted" in out, out
     return r
+
+
+def data_digest(repo):
+    """A hash of every stored object but the key slots."""
+    return {k: hashlib.sha256(get_object(repo, k)).hexdigest() for k in all_object_keys(repo) if not k.startswith("keys/")}
 
 
 def stored_bytes(repo):
@@ -282,16 +288,11 @@ def test_a_mount_holding_the_key_leaves_no_core_dump_and_no_passphrase_in_argv(e
 
 @pytest.mark.same_on_every_backend
 def test_key_slots_change_without_touching_the_data(enc_repo, tmp_path, monkeypatch):
-    import hashlib
 
     img = guest_image(tmp_path / "d.img", 10)
     import_image(enc_repo, img, VDI, "2026-11-30T010000Z")
 
-    def data_digest():
-        return {k: hashlib.sha256(get_object(enc_repo, k)).hexdigest() for k in all_object_keys(enc_repo)
-                if not k.startswith("keys/")}
-
-    before = data_digest()
+    before = data_digest(enc_repo)
     (first,) = [l.split()[0] for l in repo_tool("key", "list", enc_repo).stdout.splitlines()]
     new_pass = tmp_path / "new-passphrase"
     new_pass.write_text("a second passphrase for the night shift\n")
@@ -319,7 +320,7 @@ def test_key_slots_change_without_touching_the_data(enc_repo, tmp_path, monkeypa
     repo_tool("key", "remove", enc_repo, second)
     last = repo_tool("key", "remove", enc_repo, third, check=False)
     assert last.returncode == 2 and "last one" in last.stderr, last.stderr
-    assert data_digest() == before  # no block, index or manifest was rewritten
+    assert data_digest(enc_repo) == before  # no block, index or manifest was rewritten
     assert "verify OK" in repo_tool("verify", enc_repo).stdout
 
 
@@ -392,17 +393,12 @@ def test_key_change_and_recovery_from_the_paper_key(enc_repo, tmp_path, monkeypa
     """The passphrase is changed, then every key slot is lost: the recovery
     key printed on paper (typed back with a typo first) makes a new way in,
     and no data object is rewritten on the way."""
-    import hashlib
     import subprocess
 
     img = guest_image(tmp_path / "d.img", 13)
     import_image(enc_repo, img, VDI, "2026-11-30T010000Z")
 
-    def data_digest():
-        return {k: hashlib.sha256(get_object(enc_repo, k)).hexdigest() for k in all_object_keys(enc_repo)
-                if not k.startswith("keys/")}
-
-    before = data_digest()
+    before = data_digest(enc_repo)
     paper = repo_tool("key", "export", "--paper", enc_repo).stdout
     one_line = repo_tool("key", "export", enc_repo).stdout.strip()
     assert len(re.findall(r"^ ?\d: [0-9a-f]{4} [0-9a-f]{4} [0-9a-f]{4} [0-9a-f]{4}  [0-9a-f]{4}$", paper, re.M)) == 8, paper
@@ -448,7 +444,7 @@ def test_key_change_and_recovery_from_the_paper_key(enc_repo, tmp_path, monkeypa
     assert files_equal(restored, img)
     assert key_import(one_line + "\n").returncode == 0  # the one-line form is as good
     assert len(repo_tool("key", "list", enc_repo).stdout.splitlines()) == 2
-    assert data_digest() == before
+    assert data_digest(enc_repo) == before
     assert "verify OK" in repo_tool("verify", enc_repo).stdout
 
 
