@@ -58,5 +58,9 @@ Bytes open_point_list(const Sealer& s, std::span<const std::byte> stored, const 
 // Whether a sealed manifest's or point list's frame and checksum hold (no
 // key needed).
 bool sealed_frame_intact(std::span<const std::byte> stored);
+// Whether it starts as a frame does: a manifest that does not was sealed
+// before frames existed (or was damaged in its first 8 bytes), which only
+// the key can tell apart.
+bool is_framed(std::span<const std::byte> stored);
 
 }  // namespace cbtfs

@@ -35,6 +35,10 @@ struct StoredReport {
   // Records stored before stored checksums existed: found where their
   // references say, not checked.
   uint64_t unrecorded = 0;
+  // Encrypted manifests without the frame that holds their stored
+  // checksum: sealed by the first encrypted repositories, or damaged in
+  // their first bytes; the full verify, with the key, tells which.
+  uint64_t unframed = 0;
   std::vector<std::string> problems;
   std::vector<std::string> warnings;
 };

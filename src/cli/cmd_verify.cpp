@@ -57,6 +57,10 @@ int cmd_verify_stored(const std::string& path, const std::string& only) {
   progress.finish();
   for (auto& w : r.warnings) std::fprintf(stderr, "warning: %s\n", w.c_str());
   for (auto& p : r.problems) std::printf("DAMAGED: %s\n", p.c_str());
+  if (r.unframed)
+    std::printf("%llu manifest(s) have no stored checksum (sealed before cbtfs kept one, or damaged in their first "
+                "bytes): only verify with the key checks them\n",
+                static_cast<unsigned long long>(r.unframed));
   if (r.unrecorded)
     std::printf("%llu record(s) were stored before stored checksums existed: found, not checked\n",
                 static_cast<unsigned long long>(r.unrecorded));

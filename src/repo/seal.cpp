@@ -159,19 +159,30 @@ Bytes seal_in_frame(const Sealer& s, std::span<const std::byte> encoded, const s
   return out;
 }
 
-Bytes open_frame(const Sealer& s, std::span<const std::byte> stored, const std::string& aad) {
-  if (!sealed_frame_intact(stored)) throw CorruptError("damaged (its stored checksum differs)");
-  auto sealed = stored.subspan(kFrameHead, stored.size() - kFrameHead - kFrameTail);
+bool has_magic(std::span<const std::byte> stored) {
+  return stored.size() >= kFrameHead && std::memcmp(stored.data(), kFrameMagic.data(), kFrameHead) == 0;
+}
+
+// bare_too: a manifest sealed before frames existed (cbtfs's first
+// encrypted repositories) is the seal alone; its tag is still the check
+// (a framed one whose magic was damaged fails it).
+Bytes open_frame(const Sealer& s, std::span<const std::byte> stored, const std::string& aad, bool bare_too) {
+  std::span<const std::byte> sealed = stored;
+  if (has_magic(stored) || !bare_too) {
+    if (!sealed_frame_intact(stored)) throw CorruptError("damaged (its stored checksum differs)");
+    sealed = stored.subspan(kFrameHead, stored.size() - kFrameHead - kFrameTail);
+  }
+  if (sealed.size() < kSealOverhead) throw CorruptError("sealed object too short");
   Bytes out(sealed.size() - kSealOverhead);
   s.open(sealed, std::as_bytes(std::span(aad)), out);
   return out;
 }
 }  // namespace
 
+bool is_framed(std::span<const std::byte> stored) { return has_magic(stored); }
+
 bool sealed_frame_intact(std::span<const std::byte> stored) {
-  if (stored.size() < kFrameHead + kSealOverhead + kFrameTail ||
-      std::memcmp(stored.data(), kFrameMagic.data(), kFrameHead) != 0)
-    return false;
+  if (stored.size() < kFrameHead + kSealOverhead + kFrameTail || !has_magic(stored)) return false;
   uint64_t sum = 0;
   std::memcpy(&sum, stored.data() + stored.size() - kFrameTail, kFrameTail);
   return hash_bytes(stored.first(stored.size() - kFrameTail)) == le64toh(sum);
@@ -182,7 +193,7 @@ Bytes seal_manifest(const Sealer& s, std::span<const std::byte> encoded, const s
 }
 
 Bytes open_manifest(const Sealer& s, std::span<const std::byte> stored, const std::string& vdi, uint32_t seq) {
-  return open_frame(s, stored, manifest_aad(vdi, seq));
+  return open_frame(s, stored, manifest_aad(vdi, seq), true);
 }
 
 Bytes seal_point_list(const Sealer& s, std::span<const std::byte> encoded, const std::string& vdi, uint32_t generation) {
@@ -190,7 +201,7 @@ Bytes seal_point_list(const Sealer& s, std::span<const std::byte> encoded, const
 }
 
 Bytes open_point_list(const Sealer& s, std::span<const std::byte> stored, const std::string& vdi, uint32_t generation) {
-  return open_frame(s, stored, "L" + vdi + "/" + std::to_string(generation));
+  return open_frame(s, stored, "L" + vdi + "/" + std::to_string(generation), false);
 }
 
 }  // namespace cbtfs

@@ -32,7 +32,10 @@ void check_manifests(Repository& repo, StoredReport& r) {
         }
         continue;
       }
-      if (!sealed_frame_intact(*data)) r.problems.push_back(where + ": damaged (its stored checksum differs)");
+      if (!is_framed(*data))
+        ++r.unframed;
+      else if (!sealed_frame_intact(*data))
+        r.problems.push_back(where + ": damaged (its stored checksum differs)");
     }
   if (repo.encrypted())
     for (auto& vdi : repo.vdis())

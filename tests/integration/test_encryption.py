@@ -377,6 +377,17 @@ def test_verify_without_the_key_checks_what_is_stored(tmp_path, monkeypatch, enc
         assert key.split("/")[-1] in bad.stdout, (key, bad.stdout)
         put_object(repo, key, pristine)
 
+    if encryption != "none":
+        # a manifest as the first encrypted repositories sealed it, the bare
+        # seal without its frame: opened with the key, counted apart without
+        framed = get_object(repo, points[2])
+        assert framed.startswith(b"CBTFSSM1")
+        put_object(repo, points[2], framed[8:-8])
+        bare = repo_tool("verify", "--stored-only", repo)
+        assert "verify OK" in bare.stdout and "1 manifest(s) have no stored checksum" in bare.stdout, bare.stdout
+        assert "verify OK" in repo_tool("--passphrase-file", pf, "verify", repo).stdout
+        put_object(repo, points[2], framed)
+
     # the oldest point pruned and collected: records moved into rewritten
     # packs, and the merged segment lists every record the rest need
     monkeypatch.setenv("CBTFS_PASSPHRASE_FILE", str(pf))
@@ -564,6 +575,7 @@ def test_an_admins_week_on_an_encrypted_repository(tmp_path, monkeypatch, mnt):
     assert "verify OK" in repo_tool("verify", "--stored-only", repo).stdout
 
 
+@pytest.mark.same_on_every_backend
 def test_a_pruned_point_put_back_or_the_newest_removed_is_found_by_verify(enc_repo, tmp_path):
     """Each manifest opens on its own; the sealed point list that every
     commit and prune writes tells verify which points there should be."""

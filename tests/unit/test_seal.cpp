@@ -107,11 +107,19 @@ TEST_CASE("a sealed manifest can be checked as stored without the key") {
     CHECK_THROWS_AS(open_manifest(s, bad, "vdi-a", 3), CorruptError);
   }
   CHECK_FALSE(sealed_frame_intact(Bytes(stored.begin(), stored.end() - 1)));
-  // the bare seal, without its frame, is refused
+  // a manifest sealed before frames existed is the bare seal: it still
+  // opens with the key, and says it has no stored checksum
   std::string aad = "Mvdi-a/3";
   Bytes bare = s.seal(m, std::as_bytes(std::span(aad)));
-  CHECK_FALSE(sealed_frame_intact(bare));
-  CHECK_THROWS_AS(open_manifest(s, bare, "vdi-a", 3), CorruptError);
+  CHECK_FALSE(is_framed(bare));
+  CHECK(open_manifest(s, bare, "vdi-a", 3) == m);
+  CHECK_THROWS_AS(open_manifest(s, bare, "vdi-a", 4), CorruptError);
+  // a point list is always framed
+  Bytes list = seal_point_list(s, m, "vdi-a", 7);
+  CHECK(open_point_list(s, list, "vdi-a", 7) == m);
+  CHECK_THROWS_AS(open_point_list(s, list, "vdi-a", 8), CorruptError);
+  std::string list_aad = "Lvdi-a/7";
+  CHECK_THROWS_AS(open_point_list(s, s.seal(m, std::as_bytes(std::span(list_aad))), "vdi-a", 7), CorruptError);
 }
 
 TEST_CASE("a stored record carries a checksum of its stored bytes") {
