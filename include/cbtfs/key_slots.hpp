@@ -66,5 +66,7 @@ Unlocker read_passphrase_file(const std::string& path);
 // buffers that no amount of wiping reaches.
 void keep_secrets_out_of_core_dumps();
 Unlocker read_key_file(const std::string& path);
+// The key file when one is named, else the passphrase file.
+Unlocker read_unlocker(const std::string& passphrase_file, const std::string& key_file);
 
 }  // namespace cbtfs

@@ -161,6 +161,8 @@ class Repository {
 
   // An encrypted repository's keys from the first slot one of keys opens.
   void unlock(const std::vector<Unlocker>& keys);
+  // Writes a new slot holding secret, opened by key; its id.
+  std::string put_key_slot(const RepoSecret& secret, const Unlocker& key);
 
   std::unique_ptr<Storage> storage_;
   RepoHeader header_;

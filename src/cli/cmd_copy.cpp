@@ -21,10 +21,7 @@ int cmd_copy(const CopyArgs& a) {
     if (a.dst_passphrase_file.empty() && a.dst_key_file.empty()) {
       dst = open_repository(a.dst);
     } else {
-      auto keys = [&] {
-        return std::vector<Unlocker>{a.dst_key_file.empty() ? read_passphrase_file(a.dst_passphrase_file)
-                                                            : read_key_file(a.dst_key_file)};
-      };
+      auto keys = [&] { return std::vector<Unlocker>{read_unlocker(a.dst_passphrase_file, a.dst_key_file)}; };
       dst = Repository::open(open_storage(a.dst), keys);
     }
   } catch (const KeyError&) {

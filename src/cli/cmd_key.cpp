@@ -29,7 +29,7 @@ std::shared_ptr<Repository> open_encrypted(const std::string& path) {
 Unlocker new_key(const KeyArgs& a) {
   if (a.new_passphrase_file.empty() == a.new_key_file.empty())
     throw UsageError("key " + a.action + ": give the new --new-passphrase-file FILE or --new-key-file FILE (one)");
-  return a.new_key_file.empty() ? read_passphrase_file(a.new_passphrase_file) : read_key_file(a.new_key_file);
+  return read_unlocker(a.new_passphrase_file, a.new_key_file);
 }
 
 const char* kind_of(const KeyArgs& a) { return a.new_key_file.empty() ? "passphrase" : "keyfile"; }
@@ -47,12 +47,7 @@ std::string read_recovery_key(const std::string& file) {
 
 int import_key(const KeyArgs& a) {
   Unlocker u = new_key(a);
-  std::shared_ptr<Repository> repo;
-  try {
-    repo = Repository::open_without_key(a.repo);
-  } catch (const UsageError& e) {
-    throw FormatError(e.what());
-  }
+  auto repo = open_repository(a.repo, false);
   if (!repo->encrypted()) throw UsageError(a.repo + " is not encrypted: it has no keys");
   RepoSecret secret = parse_recovery_key(read_recovery_key(a.recovery_file), repo->id());
   std::string id = repo->recover_key_slot(secret, u);

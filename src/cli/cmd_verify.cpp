@@ -42,12 +42,7 @@ int cmd_verify(const std::string& path, const std::string& only) {
 
 int cmd_verify_stored(const std::string& path, const std::string& only) {
   if (!only.empty()) throw UsageError("--stored-only checks the whole repository: its records are shared by every VDI");
-  std::shared_ptr<Repository> repo;
-  try {
-    repo = Repository::open_without_key(path);
-  } catch (const UsageError& e) {
-    throw FormatError(e.what());
-  }
+  auto repo = open_repository(path, false);
   if (repo->format() < 2) {
     std::printf("format 1 keeps no stored checksums apart and is never encrypted: verifying everything\n");
     return cmd_verify(path, only);

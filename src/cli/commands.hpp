@@ -24,7 +24,8 @@ struct ImportArgs {
 
 // Repository::open, with every reason it cannot be opened (missing, not a
 // repository, newer format, unreadable) one exit status (kExitRepo).
-std::shared_ptr<Repository> open_repository(const std::string& path);
+// with_key=false: an encrypted repository stays locked (Repository::open_without_key).
+std::shared_ptr<Repository> open_repository(const std::string& path, bool with_key = true);
 
 // A VDI's point by its name as in ls ("2026-11-24T030000Z", with or without
 // ".raw") or "latest"; UsageError naming what exists when there is none.

@@ -16,9 +16,9 @@ using namespace cbtfs;
 
 namespace cbtfs {
 
-std::shared_ptr<Repository> open_repository(const std::string& path) {
+std::shared_ptr<Repository> open_repository(const std::string& path, bool with_key) {
   try {
-    return Repository::open(path);
+    return with_key ? Repository::open(path) : Repository::open_without_key(path);
   } catch (const UsageError& e) {  // a directory that is no repository
     throw FormatError(e.what());
   }

@@ -177,6 +177,10 @@ Unlocker read_key_file(const std::string& path) {
   return {Unlocker::Kind::keyfile, read_all(path, "key file"), path};
 }
 
+Unlocker read_unlocker(const std::string& passphrase_file, const std::string& key_file) {
+  return key_file.empty() ? read_passphrase_file(passphrase_file) : read_key_file(key_file);
+}
+
 std::vector<Unlocker> unlockers_from_environment() {
   std::vector<Unlocker> out;
   if (const char* f = std::getenv("CBTFS_PASSPHRASE_FILE"); f && *f) out.push_back(read_passphrase_file(f));

@@ -75,8 +75,12 @@ std::map<std::string, KeySlot> Repository::key_slots() {
 
 std::string Repository::add_key_slot(const Unlocker& key) {
   if (!secret_) throw UsageError("the repository is not encrypted: it has no key slots");
+  return put_key_slot(*secret_, key);
+}
+
+std::string Repository::put_key_slot(const RepoSecret& secret, const Unlocker& key) {
   std::string id = random_slot_id();
-  storage_->put(key_slot_key(id), encode_key_slot(make_key_slot(*secret_, key, header_.id)));
+  storage_->put(key_slot_key(id), encode_key_slot(make_key_slot(secret, key, header_.id)));
   return id;
 }
 
@@ -104,9 +108,7 @@ std::string Repository::recover_key_slot(const RepoSecret& secret, const Unlocke
   };
   if (!opens_a_point())
     throw KeyError(storage_->describe() + ": the recovery key opens none of the repository's points");
-  std::string id = random_slot_id();
-  storage_->put(key_slot_key(id), encode_key_slot(make_key_slot(secret, key, header_.id)));
-  return id;
+  return put_key_slot(secret, key);
 }
 
 void Repository::remove_key_slot(const std::string& id) {
@@ -305,11 +307,21 @@ const void* Repository::intern(const std::string& vdi) {
   return slot.get();
 }
 
-Repository::Place Repository::read_stored(const std::string& vdi, const BlockRef& ref, std::span<std::byte> into) {
-  if (ref.length() == 0 || ref.length() > kBlockSize + 1024 || ref.offset < pack_header_size(format()) ||
-      into.size() != ref.length())
+namespace {
+
+constexpr uint32_t kMaxStored = kBlockSize + 1024;  // a record's largest stored length, seal included
+
+void check_reference(const BlockRef& ref, uint32_t format) {
+  if (ref.length() == 0 || ref.length() > kMaxStored || ref.offset < pack_header_size(format))
     throw CorruptError("pack " + std::to_string(ref.pack) + " offset " + std::to_string(ref.offset) +
                        ": impossible record reference");
+}
+
+}  // namespace
+
+Repository::Place Repository::read_stored(const std::string& vdi, const BlockRef& ref, std::span<std::byte> into) {
+  check_reference(ref, format());
+  if (into.size() != ref.length()) throw std::logic_error("read_stored: the buffer is not the record's length");
   Place p{pack_key(vdi, ref.pack), ref.offset};
   // Where a rewritten pack keeps the record now (the reference keeps the
   // offset it was written at).
@@ -345,10 +357,8 @@ void Repository::read_record(const std::string& vdi, const BlockRef& ref, std::s
   if (header_.encrypted && !sealer_) throw KeyError(storage_->describe() + ": the repository was opened without its key");
   // A record stored raw is read where it goes; a compressed one into this
   // thread's buffer, which is never cleared (it is read over at once).
-  thread_local Bytes buffer(kBlockSize + 1024);
-  if (ref.length() > buffer.size())
-    throw CorruptError("pack " + std::to_string(ref.pack) + " offset " + std::to_string(ref.offset) +
-                       ": impossible record reference");
+  thread_local Bytes buffer(kMaxStored);
+  check_reference(ref, format());
   std::span<std::byte> stored =
       ref.raw() && ref.length() == out.size() ? out : std::span<std::byte>(buffer).first(ref.length());
   Place p = read_stored(vdi, ref, stored);
