@@ -2,15 +2,20 @@
 """A full cbtfs-ingest of one VDI over NBD with latency, against nbdcopy with
 the same number of connections reading the same export. The XAPI simulator
 serves the disk through nbdkit with its delay filter (every read answered
-that many milliseconds late, as over a link with that round trip), without
-TLS so that nbdcopy can read it too. The disk is incompressible random data.
+that many milliseconds late, as over a link with that round trip), and
+with --links, through its rate filter too (the link's bandwidth, shared by
+every connection), without TLS so that nbdcopy can read it too. The disk is incompressible random data.
 Prints one side-by-side table: MB/s of each and their ratio (cbtfs / nbdcopy).
 
 cbtfs-ingest's time is the one it reports for the disk (reading and storing:
-it also compresses, checksums and writes the repository); nbdcopy writes to
-null:. Neither counts the snapshot. One run per row: not a timed test.
+it also compresses, checksums and writes the repository). nbdcopy copies to
+a file beside the repository with --flush, which is what an ingest does
+(read, then land the bytes on disk; bench/run.py compares the same way), and
+the ratio is against that copy. nbdcopy to null: (reading only) is shown too,
+as the link's ceiling. Neither counts the snapshot. One run per row: not a
+timed test.
 
-CBTFS_BUILD=build /usr/bin/python3 bench/ingest_latency.py [--size-mib 256] [--connections 4,8] [--delays 0,10,50] [WORKDIR]"""
+CBTFS_BUILD=build /usr/bin/python3 bench/ingest_latency.py [--size-mib 256] [--connections 4,8] [--delays 0,10,50] [--links 0,1000] [WORKDIR]"""
 
 import argparse
 import json
@@ -38,12 +43,17 @@ def cbtfs_ingest(sim, repo, connections):
     return vdi["bytes_read"], vdi["seconds"]
 
 
-def nbdcopy(sim, uuid, connections, size):
+def nbdcopy(sim, uuid, connections, size, dst):
+    """MB/s of nbdcopy from the VDI's export to dst (a file, copied with --flush, or null:)."""
     proxy, session = sim.xapi()
     (info,) = proxy.VDI.get_nbd_info(session, proxy.VDI.get_by_uuid(session, uuid)["Value"])["Value"]
+    flush = [] if dst == "null:" else ["--flush"]
     start = time.monotonic()
-    run("nbdcopy", f"--connections={connections}", f"nbd://{info['address']}:{info['port']}/", "null:")
-    return size, time.monotonic() - start
+    run("nbdcopy", f"--connections={connections}", *flush, f"nbd://{info['address']}:{info['port']}/", dst)
+    secs = time.monotonic() - start
+    if dst != "null:":
+        os.unlink(dst)
+    return size / secs / 1e6
 
 
 def main():
@@ -51,6 +61,7 @@ def main():
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--connections", default="4,8")
     ap.add_argument("--delays", default="0,10,50")
+    ap.add_argument("--links", default="0", help="link bandwidths in Mbit/s, 0 for none")
     ap.add_argument("workdir", nargs="?", default="/tmp/cbtfs-ingest-latency-bench")
     args = ap.parse_args()
     for tool in ("nbdcopy", "nbdkit"):
@@ -69,19 +80,23 @@ def main():
         print(f"full read of a {args.size_mib} MiB VDI of random data over NBD (no TLS), one run each, "
               f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs")
         print()
-        print("| read delay | connections | cbtfs-ingest MB/s | nbdcopy MB/s | ratio |")
-        print("|---:|---:|---:|---:|---:|")
-        for delay in (int(d) for d in args.delays.split(",")):
-            sim.post("/nbd_faults", {"vdi": disk["uuid"], "read_delay_ms": delay})
-            for conns in (int(c) for c in args.connections.split(",")):
-                repo = work / f"repo-{delay}-{conns}"
-                run(REPO_TOOL, "init", repo)
-                got, secs = cbtfs_ingest(sim, repo, conns)
-                ours = got / secs / 1e6
-                got, secs = nbdcopy(sim, disk["uuid"], conns, size)
-                theirs = got / secs / 1e6
-                print(f"| {delay} ms | {conns} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.2f} |", flush=True)
-                shutil.rmtree(repo)
+        print("| read delay | link | connections | cbtfs-ingest MB/s | nbdcopy to a file MB/s | ratio "
+              "| nbdcopy to null: MB/s |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        rows = [(int(d), int(l), int(c)) for l in args.links.split(",") for d in args.delays.split(",")
+                for c in args.connections.split(",")]
+        for delay, link, conns in rows:
+            sim.post("/nbd_faults", {"vdi": disk["uuid"], "read_delay_ms": delay, "link_mbit": link})
+            repo = work / f"repo-{delay}-{conns}"
+            run(REPO_TOOL, "init", repo)
+            got, secs = cbtfs_ingest(sim, repo, conns)
+            ours = got / secs / 1e6
+            theirs = nbdcopy(sim, disk["uuid"], conns, size, str(work / "copy.raw"))
+            ceiling = nbdcopy(sim, disk["uuid"], conns, size, "null:")
+            link_text = f"{link} Mbit/s" if link else "-"
+            print(f"| {delay} ms | {link_text} | {conns} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.2f} "
+                  f"| {ceiling:.0f} |", flush=True)
+            shutil.rmtree(repo)
     finally:
         sim.stop()
 

@@ -30,7 +30,7 @@ MIB, BLOCK = 1 << 20, 65536
 
 
 def ingest(sim, repo, *args):
-    """(wall seconds, peak RSS in KiB, summary) of one run under /usr/bin/time -v."""
+    """(wall seconds, peak RSS in KiB, CPU seconds, summary) of one run under /usr/bin/time -v."""
     cmd = ["/usr/bin/time", "-v", INGEST, "--xapi", sim.url, "--password-file", sim.password_file,
            "--ca-file", sim.ca_file, "--json", "-q", *map(str, args), str(repo)]
     start = time.monotonic()
@@ -39,15 +39,17 @@ def ingest(sim, repo, *args):
     if p.returncode != 0:
         sys.exit(f"cbtfs-ingest failed:\n{p.stderr}")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1))
+    cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([0-9.]+)", p.stderr).group(1)) for kind in ("User", "System"))
     summary = json.loads(p.stdout)
     assert summary["ok"], summary
-    return wall, rss, summary
+    return wall, rss, cpu, summary
 
 
 def sim_cpu(sim):
-    """CPU seconds of the simulator, its nbdkit processes that have exited included."""
+    """CPU seconds of the simulator itself, and of its nbdkit processes that have exited."""
     fields = open(f"/proc/{sim.proc.pid}/stat").read().rsplit(")", 1)[1].split()
-    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick
 
 
 def change(sim, disk, share, rnd):
@@ -90,11 +92,11 @@ def main():
         change(sim, bigdisk, 0.05, rnd)
         sim.post("/reset_counters", {})
         cpu0 = sim_cpu(sim)
-        wall_pool, rss_pool, s_pool = ingest(sim, repo, *pool, "--jobs", 8)
+        wall_pool, rss_pool, cpu_pool, s_pool = ingest(sim, repo, *pool, "--jobs", 8)
         cpu1 = sim_cpu(sim)
         calls = sim.get("/calls")
         served = sum(h["served"] for h in sim.get("/nbd_hosts")["hosts"])
-        wall_big, rss_big, s_big = ingest(sim, repo, "--vm", "big", "--connections", 8)
+        wall_big, rss_big, cpu_big, s_big = ingest(sim, repo, "--vm", "big", "--connections", 8)
         cpu2 = sim_cpu(sim)
         read_pool = sum(v["bytes_read"] for v in s_pool["vdis"])
         read_big = sum(v["bytes_read"] for v in s_big["vdis"])
@@ -106,7 +108,9 @@ def main():
         print(f"| disks x size | {len(small)} x {args.disk_mib} MiB | 1 x {big // MIB} MiB | | |")
         print(f"| bytes read over NBD | {read_pool / MIB:.1f} MiB | {read_big / MIB:.1f} MiB | | |")
         print(f"| wall time (--jobs 8) | {wall_pool:.1f} s | {wall_big:.1f} s | {wall_pool / wall_big:.2f} | <= 1.5 |")
-        print(f"| simulator CPU (its nbdkits included) | {cpu1 - cpu0:.1f} s | {cpu2 - cpu1:.1f} s | | |")
+        print(f"| cbtfs-ingest CPU (user + system) | {cpu_pool:.1f} s | {cpu_big:.1f} s | | |")
+        print(f"| simulator CPU: itself / its nbdkits | {cpu1[0] - cpu0[0]:.1f} / {cpu1[1] - cpu0[1]:.1f} s "
+              f"| {cpu2[0] - cpu1[0]:.1f} / {cpu2[1] - cpu1[1]:.1f} s | | |")
         print(f"| XAPI calls per disk | {sum(calls.values()) / len(small):.1f} | | | |")
         print(f"| NBD connections | {served} | | | |")
         print(f"| peak RSS | {rss_pool / 1024:.0f} MiB | {rss_big / 1024:.0f} MiB | | pool <= 256 MiB |")

@@ -134,6 +134,7 @@ Source BackupJob::source_for(Task& t, const std::vector<nbd::Target>& targets) {
   s.opts = ctx_.opts.nbd;
   s.budget = &ctx_.budget;
   s.busy_timeout = ctx_.opts.busy_timeout;
+  s.read_ahead = ctx_.read_ahead();
   s.log = [this, &t](const std::string& m) { say(t, m); };
   t.out.nbd_host = s.host;
   return s;

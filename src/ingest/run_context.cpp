@@ -14,6 +14,11 @@ RunContext::RunContext(std::shared_ptr<Repository> r, const Options& o, const Lo
   prefix = "cbtfs-ingest " + (repo->id().empty() ? std::string() : repo->id().substr(0, 8) + " ");
 }
 
+size_t RunContext::read_ahead() const {
+  constexpr size_t kRunReadAhead = 96 << 20, kMost = 64 << 20, kLeast = 8 << 20;
+  return std::clamp(kRunReadAhead / static_cast<size_t>(std::clamp(opts.jobs, 1, 16)), kLeast, kMost);
+}
+
 void RunContext::add_to_copy(uint64_t bytes) {
   std::lock_guard g(progress_mu_);
   total_ += bytes;

@@ -27,6 +27,12 @@ class RunContext {
   std::string prefix;
   HostBudget budget;  // NBD connections per host, across every transfer of the run
 
+  // What each transfer may read ahead of its writer. The run's memory is
+  // bounded by the run, not by --jobs: 96 MiB shared among the transfer
+  // slots, at most 64 MiB and at least 8 MiB (two batches) each. Even at
+  // 50 ms round trips that keeps more in flight than a link of 1 GB/s needs.
+  size_t read_ahead() const;
+
   // --jobs disks copy at once, whichever jobs they belong to: a job that
   // holds a VM of several disks copies them side by side, each in a slot.
   class Slot {

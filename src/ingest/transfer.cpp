@@ -17,8 +17,9 @@ namespace cbtfs::ingest {
 namespace {
 
 // Each worker claims a batch of extents (up to 16, up to 4 MiB) and has
-// them all in flight at once; at most 64 MiB is read ahead of the writer.
-constexpr size_t kBatchCount = 16, kBatchBytes = 4 << 20, kMaxAhead = 64 << 20;
+// them all in flight at once; at most source.read_ahead bytes are read
+// ahead of the writer.
+constexpr size_t kBatchCount = 16, kBatchBytes = 4 << 20;
 // A busy NBD server is asked again after 1 s, then 2, 4, ... at most 30 s apart.
 constexpr std::chrono::seconds kFirstBusyWait{1}, kMaxBusyWait{30};
 
@@ -43,7 +44,7 @@ class Transfer {
         share_(*source.budget, source.host),
         slots_(connections),
         conns_(connections),
-        window_(extents.size(), [this](size_t i) { return bytes_of(i); }, kMaxAhead) {}
+        window_(extents.size(), [this](size_t i) { return bytes_of(i); }, source.read_ahead) {}
 
   // Throws the first failure of any worker, or the writer's; the workers
   // are joined either way.
@@ -222,9 +223,15 @@ class Transfer {
   ReorderWindow window_;
 };
 
-// The batches the workers claim the extents in: more connections than
-// that would have nothing to read, and each costs the host a TLS handshake
-// and a VBD plugged into its control domain.
+// How many connections are worth opening for these extents. Each costs
+// the host a TLS handshake and a VBD plugged into its control domain (a
+// good part of a second on a real host, and a busy-waiting handshake in
+// libnbd 1.14 here), while one connection keeps a batch of up to 4 MiB in
+// flight: a connection per 32 MiB to read, and never more than there are
+// batches to claim. A pool's many small deltas then take one each, and its
+// parallelism comes from --jobs.
+constexpr uint64_t kBytesPerConnection = 32 << 20;
+
 size_t batch_count(const std::vector<Extent>& extents) {
   size_t batches = 0, items = 0, bytes = 0;
   for (auto& e : extents) {
@@ -246,8 +253,10 @@ std::string host_key(const nbd::Target& t) { return t.subject.empty() ? t.addres
 TransferStats transfer(const Source& source, int connections, const std::vector<Extent>& extents,
                        uint64_t virtual_size, PointWriter& writer, const std::function<void(uint64_t)>& progress) {
   if (extents.empty()) return {};
-  connections = std::clamp<int>(connections, 1,
-                                static_cast<int>(std::min<size_t>(batch_count(extents), source.budget->per_host())));
+  uint64_t bytes = 0;
+  for (auto& e : extents) bytes += e.count * kBlockSize;
+  size_t worth = std::min<size_t>(batch_count(extents), (bytes + kBytesPerConnection - 1) / kBytesPerConnection);
+  connections = std::clamp<int>(connections, 1, static_cast<int>(std::min<size_t>(worth, source.budget->per_host())));
   return Transfer(source, static_cast<size_t>(connections), extents, virtual_size, writer, progress).run();
 }
 

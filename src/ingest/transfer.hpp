@@ -33,6 +33,9 @@ struct Source {
   // it is busy (ServerBusy), before the disk fails.
   std::chrono::seconds busy_timeout{900};
   std::function<void(const std::string&)> log;  // may be empty
+  // Bytes read and not yet written that the transfer may hold: the run
+  // shares its read-ahead among the disks it copies at once.
+  size_t read_ahead = 64 << 20;
 };
 
 // The budget's key for the host behind a get_nbd_info record: the name its

@@ -355,3 +355,26 @@ def test_xapi_calls_per_disk_of_an_incremental_run_stay_few(tmp_path, repo):
         assert all(len([s for s in sim.snapshots_of(d["uuid"])]) == 1 for d in disks)
     finally:
         sim.stop()
+
+
+def test_nbd_connections_follow_what_there_is_to_read(tmp_path, repo):
+    """A connection costs the host a TLS handshake and a VBD plug: a disk gets one per
+    32 MiB it has to read, up to --connections. A full read of 96 MiB takes three, one
+    of 4 MiB a single one, and an incremental run with a few changes one per disk."""
+    sim = Sim(tmp_path, [{"name": "vm", "disks": [{"name": "big", "size": 96 * MIB},
+                                                  {"name": "small", "size": 4 * MIB}]}])
+    try:
+        big, small = sorted(sim.disks_of("vm"), key=lambda d: -d["virtual_size"])
+        # Slow reads, so that every connection the transfer wants gets to open.
+        sim.post("/nbd_faults", {"vdi": big["uuid"], "read_delay_ms": 30})
+        _, summary = ingest(sim, repo, "--vm", "vm", "--jobs", 1, "--connections", 8, "--host-connections", 8)
+        assert all(v["ok"] and v["full"] for v in summary["vdis"]), summary
+        assert sum(h["served"] for h in sim.get("/nbd_hosts")["hosts"]) == 3 + 1
+        for d in (big, small):
+            sim.write(d["uuid"], 2 * MIB, b"changed")
+        sim.post("/reset_counters", {})
+        _, summary = ingest(sim, repo, "--vm", "vm", "--jobs", 1, "--connections", 8, "--host-connections", 8)
+        assert all(v["ok"] and not v["full"] for v in summary["vdis"]), summary
+        assert sum(h["served"] for h in sim.get("/nbd_hosts")["hosts"]) == 2
+    finally:
+        sim.stop()

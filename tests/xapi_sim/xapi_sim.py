@@ -1072,6 +1072,9 @@ class NbdServer:
         if self.faults is not None and self.faults.read_delay_ms:
             args.append("--filter=delay")
             faults.append(f"delay-read={self.faults.read_delay_ms}ms")
+        if self.faults is not None and self.faults.link_mbit:
+            args.append("--filter=rate")
+            faults.append(f"rate={self.faults.link_mbit}M")
         args.append("--filter=blocksize-policy")
         if self.manager.mode == "tls":
             args += ["--tls=require", f"--tls-certificates={self.manager.tls_dir}"]
@@ -1274,6 +1277,7 @@ class NbdFaults:
     trigger: str                    # the error filter injects errors only while this file exists
     read_error_rate: float = 0.0    # share of reads that fail with EIO while errors are on
     read_delay_ms: int = 0          # every read waits this long
+    link_mbit: int = 0              # the server's bandwidth, Mbit/s shared by its connections; 0: unlimited
     errors: bool = True             # errors on: the trigger file exists
 
 
@@ -1329,9 +1333,10 @@ class NbdManager:
         """The read faults a server is to be started with (its own VDI's, else its origin's), or None."""
         key = next((k for k in (server.vdi_uuid, server.origin_uuid) if k in self.faults), None)
         faults = self.faults.get(key)
-        return faults if faults is not None and (faults.read_error_rate or faults.read_delay_ms) else None
+        return (faults if faults is not None and (faults.read_error_rate or faults.read_delay_ms or faults.link_mbit)
+                else None)
 
-    def set_faults(self, uuid, read_error_rate=None, read_delay_ms=None, errors=None):
+    def set_faults(self, uuid, read_error_rate=None, read_delay_ms=None, errors=None, link_mbit=None):
         """Changes the read faults of a VDI and its snapshots. A new error rate or delay applies to
         the servers started later, and running ones restart with it at once; errors switches the
         injected errors on or off at once (the error filter's trigger file)."""
@@ -1339,11 +1344,14 @@ class NbdManager:
         if faults is None:
             faults = self.faults[uuid] = NbdFaults(trigger=os.path.join(self.state_dir, f"nbd-{uuid}.errors-on"))
         changed = ((read_error_rate is not None and read_error_rate != faults.read_error_rate)
-                   or (read_delay_ms is not None and read_delay_ms != faults.read_delay_ms))
+                   or (read_delay_ms is not None and read_delay_ms != faults.read_delay_ms)
+                   or (link_mbit is not None and link_mbit != faults.link_mbit))
         if read_error_rate is not None:
             faults.read_error_rate = read_error_rate
         if read_delay_ms is not None:
             faults.read_delay_ms = read_delay_ms
+        if link_mbit is not None:
+            faults.link_mbit = link_mbit
         if errors is not None:
             faults.errors = errors
         if faults.errors:
@@ -2007,12 +2015,17 @@ class ControlApi:
             delay = int_field(body, "read_delay_ms")
             if delay < 0:
                 raise HttpError(400, "read_delay_ms must not be negative")
+        link = body.get("link_mbit")
+        if link is not None:
+            link = int_field(body, "link_mbit")
+            if link < 0:
+                raise HttpError(400, "link_mbit must not be negative")
         errors = body.get("errors")
         if errors is not None and not isinstance(errors, bool):
             raise HttpError(400, "errors must be true or false")
-        faults = self.host.nbd.set_faults(uuid, rate, delay, errors)
+        faults = self.host.nbd.set_faults(uuid, rate, delay, errors, link)
         return {"vdi": uuid, "read_error_rate": faults.read_error_rate, "read_delay_ms": faults.read_delay_ms,
-                "errors": faults.errors}
+                "link_mbit": faults.link_mbit, "errors": faults.errors}
 
     def reset_counters(self, body):
         self.host.calls.clear()
