@@ -4,7 +4,10 @@ the same number of connections reading the same export. The XAPI simulator
 serves the disk through nbdkit with its delay filter (every read answered
 that many milliseconds late, as over a link with that round trip), and
 with --links, through its rate filter too (the link's bandwidth, shared by
-every connection), without TLS so that nbdcopy can read it too. The disk is incompressible random data.
+every connection), without TLS so that nbdcopy can read it too. The rate
+filter's token bucket starts full, so a server's first seconds run at full
+speed: a row with a link needs a disk many times larger than what the link
+carries in those seconds, or it measures the burst. The disk is incompressible random data.
 Prints one side-by-side table: MB/s of each and their ratio (cbtfs / nbdcopy).
 
 cbtfs-ingest's time is the one it reports for the disk (reading and storing:

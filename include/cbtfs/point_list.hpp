@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -30,6 +31,22 @@ struct PointListCheck {
 // now, then removes the older ones. The caller holds the VDI's lock. Does
 // nothing in a plain repository.
 void write_point_list(Repository& repo, const std::string& vdi);
+
+// What the newest list says, for the readers (the mount, ls, restore).
+struct ListedPoints {
+  std::set<uint32_t> points;
+  uint32_t highest = 0;  // the highest point number used when it was written
+  // A manifest the list does not name, numbered at most the highest, was
+  // removed by a prune and put back by something other than cbtfs. One
+  // numbered past it was committed after the list (or by a backup that
+  // died before writing its list): it stands.
+  bool allows(uint32_t seq) const { return seq > highest || points.count(seq) > 0; }
+};
+
+// The VDI's newest list. nullopt in a plain repository, for a VDI whose
+// points an older cbtfs wrote (no list yet), or when the list does not open:
+// verify names that, and the readers go on without it.
+std::optional<ListedPoints> read_listed_points(Repository& repo, const std::string& vdi);
 
 // Compares the newest list with the manifests there are; what differs is
 // looked at again under the VDI's lock (a writer that holds it makes this a

@@ -88,7 +88,9 @@ class Repository {
   void set_store_sink_collection(const std::string& name);
   std::vector<std::string> vdis();
   bool has_vdi(const std::string& vdi);
-  // Manifests are immutable, so they are parsed once and kept.
+  // Manifests are immutable, so they are parsed once and kept. In an
+  // encrypted repository, a point its sealed point list does not allow (a
+  // pruned one put back) is left out: an error in points(), skipped by latest().
   PointList points(const std::string& vdi);
   ManifestPtr latest(const std::string& vdi);
   // nullptr when the point does not exist; throws FormatError when damaged.

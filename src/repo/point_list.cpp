@@ -63,9 +63,21 @@ void write_point_list(Repository& repo, const std::string& vdi) {
 
 namespace {
 
+// Throws CorruptError when the list is gone or does not open.
+ListedPoints open_list(Repository& repo, const std::string& vdi, uint32_t generation) {
+  auto data = repo.storage().get(layout::point_list_key(vdi, generation));
+  if (!data) throw CorruptError("gone");
+  Bytes plain = open_point_list(*repo.sealer(), *data, vdi, generation);
+  try {
+    auto list = json::parse(std::string(reinterpret_cast<const char*>(plain.data()), plain.size())).at("point_list");
+    return {list.at("points").get<std::set<uint32_t>>(), list.at("highest").get<uint32_t>()};
+  } catch (const json::exception& e) {  // JSON that a sealed list cannot hold
+    throw CorruptError(e.what());
+  }
+}
+
 PointListCheck compare(Repository& repo, const std::string& vdi, const ListState& s) {
   PointListCheck c;
-  auto& st = repo.storage();
   std::string where = "VDI " + vdi + ": ";
   if (!s.generation) {
     if (!s.manifests.empty())
@@ -73,25 +85,20 @@ PointListCheck compare(Repository& repo, const std::string& vdi, const ListState
                                    "backup or prune writes one");
     return c;
   }
-  std::string key = layout::point_list_key(vdi, s.generation);
-  json list;
+  ListedPoints list;
   try {
-    auto data = st.get(key);
-    if (!data) throw CorruptError("gone");
-    Bytes plain = open_point_list(*repo.sealer(), *data, vdi, s.generation);
-    list = json::parse(std::string(reinterpret_cast<const char*>(plain.data()), plain.size())).at("point_list");
-  } catch (const std::exception& e) {  // CorruptError, or JSON that a sealed list cannot hold
-    c.problems.push_back(where + "the point list " + key + " does not open: " + e.what());
+    list = open_list(repo, vdi, s.generation);
+  } catch (const std::exception& e) {  // damaged, gone, or a storage error: verify reports each
+    c.problems.push_back(where + "the point list " + layout::point_list_key(vdi, s.generation) +
+                         " does not open: " + e.what());
     return c;
   }
-  auto listed = list.at("points").get<std::set<uint32_t>>();
-  auto highest = list.at("highest").get<uint32_t>();
-  for (uint32_t seq : listed)
+  for (uint32_t seq : list.points)
     if (!s.manifests.count(seq))
       c.problems.push_back(where + "point " + std::to_string(seq) +
                            " is missing: its manifest was removed by something other than cbtfs");
   for (uint32_t seq : s.manifests)
-    if (!listed.count(seq) && seq <= highest)
+    if (!list.allows(seq))
       c.problems.push_back(where + "point " + point_name(repo, vdi, seq) +
                            " was removed by a prune and its manifest is back (put there by something other than "
                            "cbtfs)");
@@ -99,6 +106,23 @@ PointListCheck compare(Repository& repo, const std::string& vdi, const ListState
 }
 
 }  // namespace
+
+std::optional<ListedPoints> read_listed_points(Repository& repo, const std::string& vdi) {
+  if (!repo.sealer()) return std::nullopt;
+  // A writer may replace the newest list between the listing and the read:
+  // the second look finds its successor.
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    uint32_t generation = 0;
+    for (auto& name : repo.storage().list(layout::lists_dir(vdi)))
+      generation = std::max(generation, layout::parse_point_list_name(name));
+    if (!generation) return std::nullopt;
+    try {
+      return open_list(repo, vdi, generation);
+    } catch (const CorruptError&) {
+    }
+  }
+  return std::nullopt;
+}
 
 PointListCheck check_point_list(Repository& repo, const std::string& vdi) {
   if (!repo.sealer()) return {};

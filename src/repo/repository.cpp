@@ -9,6 +9,7 @@
 #include "cbtfs/errors.hpp"
 #include "cbtfs/layout.hpp"
 #include "cbtfs/open_storage.hpp"
+#include "cbtfs/point_list.hpp"
 #include "repacked_pack.hpp"
 #include "store_sink.hpp"
 
@@ -242,12 +243,28 @@ ManifestPtr Repository::manifest(const std::string& vdi, uint32_t seq) {
   return m;
 }
 
+// A manifest the sealed point list does not allow is left out: a pruned
+// point put back by someone who can write the storage is not offered, even
+// though its manifest opens. The list is read before the manifests are
+// listed, so a commit or prune meanwhile shows its points as they were or
+// as they are, never as this.
+static std::string unlisted(const std::string& vdi, uint32_t seq) {
+  return "VDI " + vdi + ": point " + std::to_string(seq) +
+         " is not in the sealed point list: a pruned point put back by something other than cbtfs. It is left out; "
+         "cbtfs-repo verify tells more";
+}
+
 PointList Repository::points(const std::string& vdi) {
   PointList out;
   if (!is_uuid(vdi)) return out;
+  auto listed = read_listed_points(*this, vdi);
   for (auto& name : storage_->list(points_dir(vdi))) {
     uint32_t seq = parse_point_name(name);
     if (seq == 0) continue;
+    if (listed && !listed->allows(seq)) {
+      out.errors.push_back(unlisted(vdi, seq));
+      continue;
+    }
     // A damaged manifest is reported and skipped; an I/O error is not
     // damage, and the caller must not act on a partial list: it propagates.
     try {
@@ -263,10 +280,11 @@ PointList Repository::points(const std::string& vdi) {
 // manifest of a long chain at each backup would cost a request per point.
 ManifestPtr Repository::latest(const std::string& vdi) {
   if (!is_uuid(vdi)) return nullptr;
+  auto listed = read_listed_points(*this, vdi);
   auto names = storage_->list(points_dir(vdi));
   for (auto it = names.rbegin(); it != names.rend(); ++it) {
     uint32_t seq = parse_point_name(*it);
-    if (seq == 0) continue;
+    if (seq == 0 || (listed && !listed->allows(seq))) continue;
     try {
       if (auto m = manifest(vdi, seq)) return m;
     } catch (const FormatError&) {

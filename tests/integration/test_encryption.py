@@ -578,7 +578,8 @@ def test_an_admins_week_on_an_encrypted_repository(tmp_path, monkeypatch, mnt):
 @pytest.mark.same_on_every_backend
 def test_a_pruned_point_put_back_or_the_newest_removed_is_found_by_verify(enc_repo, tmp_path):
     """Each manifest opens on its own; the sealed point list that every
-    commit and prune writes tells verify which points there should be."""
+    commit and prune writes tells verify which points there should be, and
+    the readers (ls, the mount, restore) which to leave out."""
     img = guest_image(tmp_path / "d.img", 16)
     times = ("2026-11-27T010000Z", "2026-11-28T010000Z", "2026-11-29T010000Z", "2026-11-30T010000Z")
     for i, t in enumerate(times):
@@ -598,6 +599,14 @@ def test_a_pruned_point_put_back_or_the_newest_removed_is_found_by_verify(enc_re
     put_object(enc_repo, points[0], saved[points[0]])  # a pruned point put back
     v = repo_tool("verify", enc_repo, check=False)
     assert v.returncode == 1 and "2026-11-27T010000Z (seq 1) was removed by a prune and its manifest is back" in v.stdout, v.stdout
+    # the readers leave it out, and say why
+    ls = repo_tool("ls", enc_repo, check=False)
+    assert "2026-11-27T010000Z" not in ls.stdout and "2026-11-29T010000Z" in ls.stdout, ls.stdout
+    assert "point 1 is not in the sealed point list" in ls.stderr, ls.stderr
+    with Mount(enc_repo, tmp_path / "mnt") as m:
+        assert sorted(os.listdir(m.path(VDI))) == ["2026-11-29T010000Z.raw", "2026-11-30T010000Z.raw", "latest.raw"]
+    r = repo_tool("restore", enc_repo, VDI, "2026-11-27T010000Z", tmp_path / "back.img", check=False)
+    assert r.returncode != 0 and not (tmp_path / "back.img").exists(), r.stdout + r.stderr
     remove_object(enc_repo, points[0])
 
     remove_object(enc_repo, points[-1])  # the newest point removed
