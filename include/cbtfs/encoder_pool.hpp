@@ -29,7 +29,9 @@ class EncoderPool {
   EncoderPool& operator=(const EncoderPool&) = delete;
 
   // sealer: an encrypted repository's (the record is bound to id).
-  std::future<Encoded> submit(Bytes plain, uint64_t hash, const BlockId& id = {}, const Sealer* sealer = nullptr);
+  // compress=false: stored raw, LZ4 not tried.
+  std::future<Encoded> submit(Bytes plain, uint64_t hash, const BlockId& id = {}, const Sealer* sealer = nullptr,
+                              bool compress = true);
 
  private:
   void work();

@@ -100,7 +100,9 @@ Bytes encode_record(std::span<const std::byte> plain, BlockRef& ref);
 // The same with the hash already computed by the caller.
 Bytes encode_record(std::span<const std::byte> plain, BlockRef& ref, uint64_t hash);
 // The same, reusing plain's buffer when the record is stored raw.
-Bytes encode_record(Bytes&& plain, BlockRef& ref, uint64_t hash);
+// compress=false stores the block raw without trying LZ4 (a run of
+// incompressible data, see PointWriter).
+Bytes encode_record(Bytes&& plain, BlockRef& ref, uint64_t hash, bool compress = true);
 // Verifies the checksum and decompresses into out (whose size is the
 // record's uncompressed size). Throws CorruptError, never returns bad data.
 void decode_record(std::span<const std::byte> stored, const BlockRef& ref, std::span<std::byte> out);
@@ -114,6 +116,8 @@ std::string to_hex(const void* data, size_t n);
 // The low 32 bits of XXH3-64 of a record as stored, never 0 (0 says "not
 // recorded"): a check of the stored bytes that needs no key.
 uint32_t stored_check(std::span<const std::byte> stored);
+// The same, from hash_bytes() of the stored bytes when it is known already.
+uint32_t stored_check_of_hash(uint64_t hash);
 bool all_zero(std::span<const std::byte> data);
 
 // What a point writer learns from a block's bytes alone. Computing it is most of

@@ -108,6 +108,7 @@ class PointWriter {
     std::future<EncoderPool::Encoded> encoded;
     std::optional<std::shared_future<BlockRef>> waiting;
     Bytes data;
+    bool compress = true;  // LZ4 was tried on it
   };
   void drain(size_t keep);
   void append_encoded(Pending& p);
@@ -133,6 +134,13 @@ class PointWriter {
   std::vector<Candidate> candidates_;  // all in the loaded leaf, parent records in one pack, in order
   Bytes compare_;                      // a parent block decompressed to compare with
   uint64_t blocks_written_ = 0;
+  // Incompressible data (compressed files, media, encrypted guest volumes)
+  // comes in runs, and LZ4 tried on it costs a full ingest a tenth of its
+  // CPU for nothing: after kRawRun blocks in a row that did not compress,
+  // only every kProbeEvery-th is tried, until one does.
+  static constexpr unsigned kRawRun = 16, kProbeEvery = 8;
+  unsigned raw_run_ = 0;  // blocks tried in a row that did not compress
+  unsigned untried_ = 0;  // blocks since the last one tried
   uint64_t blocks_allocated_ = 0;  // of the point being built: the parent's, then each change
   bool committed_ = false;
   bool patient_ = true;  // format 2: still waiting for other points' records

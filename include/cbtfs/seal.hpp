@@ -42,7 +42,7 @@ class Sealer {
 Bytes seal_record(const Sealer& s, std::span<const std::byte> encoded, BlockRef& ref);
 // encode_record's output, sealed when the repository is encrypted (sealer
 // not null; ref.id set): what a writer stores.
-Bytes encode_stored_record(Bytes&& plain, BlockRef& ref, uint64_t hash, const Sealer* sealer);
+Bytes encode_stored_record(Bytes&& plain, BlockRef& ref, uint64_t hash, const Sealer* sealer, bool compress = true);
 // Opens, decodes and checks a sealed record into out (decode_record's
 // contract: CorruptError, never bad data).
 void open_record(const Sealer& s, std::span<const std::byte> stored, const BlockRef& ref, std::span<std::byte> out);

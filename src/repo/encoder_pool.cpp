@@ -16,11 +16,11 @@ EncoderPool::~EncoderPool() {
 }
 
 std::future<EncoderPool::Encoded> EncoderPool::submit(Bytes plain, uint64_t hash, const BlockId& id,
-                                                     const Sealer* sealer) {
-  std::packaged_task<Encoded()> task([plain = std::move(plain), hash, id, sealer]() mutable {
+                                                     const Sealer* sealer, bool compress) {
+  std::packaged_task<Encoded()> task([plain = std::move(plain), hash, id, sealer, compress]() mutable {
     Encoded e;
     e.ref.id = id;
-    e.stored = encode_stored_record(std::move(plain), e.ref, hash, sealer);
+    e.stored = encode_stored_record(std::move(plain), e.ref, hash, sealer, compress);
     return e;
   });
   auto f = task.get_future();

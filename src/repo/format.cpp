@@ -219,8 +219,10 @@ std::string to_hex(const void* data, size_t n) {
   return s;
 }
 
-uint32_t stored_check(std::span<const std::byte> stored) {
-  auto c = static_cast<uint32_t>(hash_bytes(stored));
+uint32_t stored_check(std::span<const std::byte> stored) { return stored_check_of_hash(hash_bytes(stored)); }
+
+uint32_t stored_check_of_hash(uint64_t hash) {
+  auto c = static_cast<uint32_t>(hash);
   return c ? c : 1;
 }
 
@@ -249,8 +251,12 @@ Bytes encode_record(std::span<const std::byte> plain, BlockRef& ref, uint64_t ha
   return encode_record(Bytes(plain.begin(), plain.end()), ref, hash);
 }
 
-Bytes encode_record(Bytes&& plain, BlockRef& ref, uint64_t hash) {
+Bytes encode_record(Bytes&& plain, BlockRef& ref, uint64_t hash, bool compress) {
   ref.hash = hash;
+  if (!compress) {
+    ref.stored_len = static_cast<uint32_t>(plain.size()) | BlockRef::kRawFlag;
+    return std::move(plain);
+  }
   // Compressed into scratch space that needs no zeroing; only the result
   // is copied out.
   // The LZ4 stream is reused too: a fast reset skips clearing its 16 KiB

@@ -166,6 +166,7 @@ void PointWriter::drain(size_t keep) {
 void PointWriter::append_encoded(Pending& p) {
   EncoderPool::Encoded e = p.encoded.get();
   e.ref.id = p.id;
+  if (p.compress) raw_run_ = e.ref.raw() ? raw_run_ + 1 : 0;
   append(e.ref, e.stored);
   pending_ids_.erase(p.id);
   levels_[0].entries[p.block % kFanout] = e.ref;
@@ -317,7 +318,10 @@ void PointWriter::store_block(uint64_t block, Bytes&& data, uint64_t hash, const
   levels_[0].dirty = true;
   ++blocks_written_;
   if (store_) pending_ids_.insert(id);
-  pending_.push_back({block, id, pool_->submit(std::move(data), hash, id, repo_->sealer()), std::nullopt, {}});
+  bool compress = raw_run_ < kRawRun || ++untried_ >= kProbeEvery;
+  if (compress) untried_ = 0;
+  pending_.push_back(
+      {block, id, pool_->submit(std::move(data), hash, id, repo_->sealer(), compress), std::nullopt, {}, compress});
   drain(kMaxPending);
 }
 

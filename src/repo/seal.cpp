@@ -113,8 +113,14 @@ Bytes seal_record(const Sealer& s, std::span<const std::byte> encoded, BlockRef&
   return out;
 }
 
-Bytes encode_stored_record(Bytes&& plain, BlockRef& ref, uint64_t hash, const Sealer* sealer) {
-  Bytes encoded = encode_record(std::move(plain), ref, hash);
+Bytes encode_stored_record(Bytes&& plain, BlockRef& ref, uint64_t hash, const Sealer* sealer, bool compress) {
+  Bytes encoded = encode_record(std::move(plain), ref, hash, compress);
+  if (!sealer && ref.raw()) {
+    // Stored as it is: the block's own checksum is the stored bytes',
+    // and a second pass over them would only compute it again.
+    ref.stored_check = stored_check_of_hash(hash);
+    return encoded;
+  }
   Bytes stored = sealer ? seal_record(*sealer, encoded, ref) : std::move(encoded);
   ref.stored_check = stored_check(stored);
   return stored;

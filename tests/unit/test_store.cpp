@@ -819,3 +819,22 @@ TEST_CASE("format 2 gc with requests side by side does what it does one at a tim
     CHECK(verify_vdi(*r, vdi).problems.empty());
   }
 }
+
+TEST_CASE("format 2: a run of incompressible blocks is stored without trying LZ4, until the data compresses again") {
+  TestRepo t(2);
+  constexpr size_t kRandom = 64, kText = 128;
+  Bytes d = random_bytes(kRandom * kBlockSize, 31);
+  Bytes text = text_bytes(kText * kBlockSize, 32);
+  d.insert(d.end(), text.begin(), text.end());
+  t.write(kVdi, d, kT0);
+  CHECK(t.read_all(kVdi, 1) == d);
+  // Every random block is stored raw; once the text starts, a probe finds
+  // that it compresses, and at least half the text blocks are compressed
+  // (a quarter of a block each or less).
+  CHECK(store_bytes(t) < (kRandom + kText / 2) * kBlockSize + kText / 2 * kBlockSize / 4 + (1 << 20));
+
+  TestRepo u(2);
+  u.write(kVdi, text, kT0);
+  CHECK(u.read_all(kVdi, 1) == text);
+  CHECK(store_bytes(u) < kText * kBlockSize / 4 + (1 << 20));  // compressible from the start: every block
+}
