@@ -18,7 +18,7 @@ the ratio is against that copy. nbdcopy to null: (reading only) is shown too,
 as the link's ceiling. Neither counts the snapshot. One run per row: not a
 timed test.
 
-CBTFS_BUILD=build /usr/bin/python3 bench/ingest_latency.py [--size-mib 256] [--connections 4,8] [--delays 0,10,50] [--links 0,1000] [WORKDIR]"""
+CBTFS_BUILD=build /usr/bin/python3 bench/ingest_latency.py [--size-mib 256] [--connections 4,8] [--delays 0,10,50] [--links 0,1000] [--format 2] [WORKDIR]"""
 
 import argparse
 import json
@@ -65,6 +65,8 @@ def main():
     ap.add_argument("--connections", default="4,8")
     ap.add_argument("--delays", default="0,10,50")
     ap.add_argument("--links", default="0", help="link bandwidths in Mbit/s, 0 for none")
+    ap.add_argument("--format", default="2", help="of the repository (2, the default, hashes every block with "
+                    "HMAC-SHA-256 for deduplication; 1 does not)")
     ap.add_argument("workdir", nargs="?", default="/tmp/cbtfs-ingest-latency-bench")
     args = ap.parse_args()
     for tool in ("nbdcopy", "nbdkit"):
@@ -80,7 +82,8 @@ def main():
         with open(disk["path"], "r+b") as f:
             for _ in range(args.size_mib):
                 f.write(os.urandom(MIB))
-        print(f"full read of a {args.size_mib} MiB VDI of random data over NBD (no TLS), one run each, "
+        print(f"full read of a {args.size_mib} MiB VDI of random data over NBD (no TLS) into a format {args.format} "
+              "repository, one run each, "
               f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs")
         print()
         print("| read delay | link | connections | cbtfs-ingest MB/s | nbdcopy to a file MB/s | ratio "
@@ -91,7 +94,7 @@ def main():
         for delay, link, conns in rows:
             sim.post("/nbd_faults", {"vdi": disk["uuid"], "read_delay_ms": delay, "link_mbit": link})
             repo = work / f"repo-{delay}-{conns}"
-            run(REPO_TOOL, "init", repo)
+            run(REPO_TOOL, "init", "--format", args.format, repo)
             got, secs = cbtfs_ingest(sim, repo, conns)
             ours = got / secs / 1e6
             theirs = nbdcopy(sim, disk["uuid"], conns, size, str(work / "copy.raw"))
