@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import BUILD, import_image, run
+from conftest import BUILD, REPO_TOOL, import_image, new_repo_location, run
 
 BROWSE = os.path.abspath(os.path.join(BUILD, "src", "cbtfs-browse"))
 MIB = 1 << 20
@@ -282,6 +282,10 @@ def parse_listing(out):
 
 @pytest.fixture
 def gpt_points(tmp_path, repo):
+    return make_gpt_points(tmp_path, repo)
+
+
+def make_gpt_points(tmp_path, repo):
     """VDI A: two points of a GPT disk with ext4 and XFS, each taken while
     mounted and written; VDI B: a clone of that disk (same file system
     uuids) with other files."""
@@ -349,6 +353,32 @@ def test_browse_replays_journals_and_shows_every_file(gpt_points, repo, browses)
     assert "nothing to undo" in p.stdout
     # The repository still verifies: nothing was written to it.
     run(os.path.join(BUILD, "src", "cbtfs-repo"), "verify", repo)
+
+
+def test_an_encrypted_repository_browses_with_its_key_from_the_environment(tmp_path, browses, monkeypatch):
+    """File-level restore from an encrypted repository: the key comes as for
+    every other command (here a root-only passphrase file named in the
+    environment); without it, a clear error and nothing left behind."""
+    secret = tmp_path / "passphrase"
+    secret.write_text("file-level restore from an encrypted backup\n")
+    secret.chmod(0o400)
+    monkeypatch.setenv("CBTFS_PASSPHRASE_FILE", str(secret))
+    repo = new_repo_location(tmp_path, "enc")
+    assert "encrypted" in run(REPO_TOOL, "init", "--encryption", "passphrase", repo).stdout
+    points = make_gpt_points(tmp_path, repo)
+    d = browses.dir("view")
+    p = browse(repo, "web01/root disk", P2, d)
+    listing = parse_listing(p.stdout)
+    assert listing["part1"] == ("ext4", f"{d}/part1") and listing["part2"] == ("xfs", f"{d}/part2"), p.stdout
+    for name in ("part1", "part2"):
+        assert_tree(f"{d}/{name}", points["a2"][name])
+    browse("-u", d)
+    assert_clean(d)
+    monkeypatch.delenv("CBTFS_PASSPHRASE_FILE")
+    p = browse(repo, "web01/root disk", P2, d, check=False)
+    assert p.returncode == 7 and "encrypted" in p.stderr, p.stdout + p.stderr
+    assert_clean(d)
+    assert os.listdir(d) == []
 
 
 def test_points_and_clones_browse_at_once(gpt_points, repo, browses):
