@@ -29,8 +29,8 @@ class RunContext {
 
   // What each transfer may read ahead of its writer. The run's memory is
   // bounded by the run, not by --jobs: 96 MiB shared among the transfer
-  // slots, at most 64 MiB and at least 8 MiB (two batches) each. Even at
-  // 50 ms round trips that keeps more in flight than a link of 1 GB/s needs.
+  // slots, at most 64 MiB and at least 8 MiB (two batches) each. At 50 ms
+  // round trips 96 MiB in flight is about 2 GB/s for the run.
   size_t read_ahead() const;
 
   // --jobs disks copy at once, whichever jobs they belong to: a job that

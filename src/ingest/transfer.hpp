@@ -34,7 +34,7 @@ struct Source {
   std::chrono::seconds busy_timeout{900};
   std::function<void(const std::string&)> log;  // may be empty
   // Bytes read and not yet written that the transfer may hold: the run
-  // shares its read-ahead among the disks it copies at once.
+  // divides its read-ahead among its transfer slots (RunContext).
   size_t read_ahead = 64 << 20;
 };
 
