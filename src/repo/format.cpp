@@ -253,33 +253,31 @@ Bytes encode_record(std::span<const std::byte> plain, BlockRef& ref, uint64_t ha
 
 Bytes encode_record(Bytes&& plain, BlockRef& ref, uint64_t hash, bool compress) {
   ref.hash = hash;
-  if (!compress) {
-    ref.stored_len = static_cast<uint32_t>(plain.size()) | BlockRef::kRawFlag;
-    return std::move(plain);
+  if (compress) {
+    // Compressed into scratch space that needs no zeroing; only the result
+    // is copied out.
+    // The LZ4 stream is reused too: a fast reset skips clearing its 16 KiB
+    // table for every block, and with a reset before each block no block
+    // refers to another (each decodes with LZ4_decompress_safe alone).
+    thread_local std::unique_ptr<char[]> scratch;
+    thread_local int scratch_size = 0;
+    thread_local std::unique_ptr<LZ4_stream_t, int (*)(LZ4_stream_t*)> stream(LZ4_createStream(), LZ4_freeStream);
+    int bound = LZ4_compressBound(static_cast<int>(plain.size()));
+    if (scratch_size < bound) {
+      scratch.reset(new char[static_cast<size_t>(bound)]);
+      scratch_size = bound;
+    }
+    if (!stream) throw std::bad_alloc();
+    LZ4_resetStream_fast(stream.get());
+    int n = LZ4_compress_fast_continue(stream.get(), reinterpret_cast<const char*>(plain.data()), scratch.get(),
+                                       static_cast<int>(plain.size()), bound, 1);
+    if (n > 0 && static_cast<size_t>(n) < plain.size()) {
+      ref.stored_len = static_cast<uint32_t>(n);
+      auto* p = reinterpret_cast<const std::byte*>(scratch.get());
+      return Bytes(p, p + n);
+    }
   }
-  // Compressed into scratch space that needs no zeroing; only the result
-  // is copied out.
-  // The LZ4 stream is reused too: a fast reset skips clearing its 16 KiB
-  // table for every block, and with a reset before each block no block
-  // refers to another (each decodes with LZ4_decompress_safe alone).
-  thread_local std::unique_ptr<char[]> scratch;
-  thread_local int scratch_size = 0;
-  thread_local std::unique_ptr<LZ4_stream_t, int (*)(LZ4_stream_t*)> stream(LZ4_createStream(), LZ4_freeStream);
-  int bound = LZ4_compressBound(static_cast<int>(plain.size()));
-  if (scratch_size < bound) {
-    scratch.reset(new char[static_cast<size_t>(bound)]);
-    scratch_size = bound;
-  }
-  if (!stream) throw std::bad_alloc();
-  LZ4_resetStream_fast(stream.get());
-  int n = LZ4_compress_fast_continue(stream.get(), reinterpret_cast<const char*>(plain.data()), scratch.get(),
-                                     static_cast<int>(plain.size()), bound, 1);
-  if (n > 0 && static_cast<size_t>(n) < plain.size()) {
-    ref.stored_len = static_cast<uint32_t>(n);
-    auto* p = reinterpret_cast<const std::byte*>(scratch.get());
-    return Bytes(p, p + n);
-  }
-  // Incompressible: stored raw, reads are then a plain copy.
+  // Incompressible, or not tried: stored raw, reads are then a plain copy.
   ref.stored_len = static_cast<uint32_t>(plain.size()) | BlockRef::kRawFlag;
   return std::move(plain);
 }

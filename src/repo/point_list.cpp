@@ -21,13 +21,22 @@ struct ListState {
   std::set<uint32_t> manifests;
 };
 
+// The generations of the VDI's lists there are, oldest first.
+std::vector<uint32_t> list_generations(Storage& st, const std::string& vdi) {
+  std::vector<uint32_t> out;
+  for (auto& name : st.list(layout::lists_dir(vdi)))
+    if (uint32_t g = layout::parse_point_list_name(name)) out.push_back(g);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
 ListState list_state(Storage& st, const std::string& vdi) {
   ListState s;
-  for (auto& name : st.list(layout::lists_dir(vdi)))
-    if (uint32_t g = layout::parse_point_list_name(name)) {
-      if (s.generation) s.older.push_back(std::min(s.generation, g));
-      s.generation = std::max(s.generation, g);
-    }
+  s.older = list_generations(st, vdi);
+  if (!s.older.empty()) {
+    s.generation = s.older.back();
+    s.older.pop_back();
+  }
   for (auto& name : st.list(layout::points_dir(vdi)))
     if (uint32_t seq = layout::parse_point_name(name)) s.manifests.insert(seq);
   return s;
@@ -112,12 +121,10 @@ std::optional<ListedPoints> read_listed_points(Repository& repo, const std::stri
   // A writer may replace the newest list between the listing and the read:
   // the second look finds its successor.
   for (int attempt = 0; attempt < 2; ++attempt) {
-    uint32_t generation = 0;
-    for (auto& name : repo.storage().list(layout::lists_dir(vdi)))
-      generation = std::max(generation, layout::parse_point_list_name(name));
-    if (!generation) return std::nullopt;
+    auto generations = list_generations(repo.storage(), vdi);
+    if (generations.empty()) return std::nullopt;
     try {
-      return open_list(repo, vdi, generation);
+      return open_list(repo, vdi, generations.back());
     } catch (const CorruptError&) {
     }
   }

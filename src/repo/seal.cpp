@@ -165,16 +165,12 @@ Bytes seal_in_frame(const Sealer& s, std::span<const std::byte> encoded, const s
   return out;
 }
 
-bool has_magic(std::span<const std::byte> stored) {
-  return stored.size() >= kFrameHead && std::memcmp(stored.data(), kFrameMagic.data(), kFrameHead) == 0;
-}
-
 // bare_too: a manifest sealed before frames existed (cbtfs's first
 // encrypted repositories) is the seal alone; its tag is still the check
 // (a framed one whose magic was damaged fails it).
 Bytes open_frame(const Sealer& s, std::span<const std::byte> stored, const std::string& aad, bool bare_too) {
   std::span<const std::byte> sealed = stored;
-  if (has_magic(stored) || !bare_too) {
+  if (is_framed(stored) || !bare_too) {
     if (!sealed_frame_intact(stored)) throw CorruptError("damaged (its stored checksum differs)");
     sealed = stored.subspan(kFrameHead, stored.size() - kFrameHead - kFrameTail);
   }
@@ -185,10 +181,12 @@ Bytes open_frame(const Sealer& s, std::span<const std::byte> stored, const std::
 }
 }  // namespace
 
-bool is_framed(std::span<const std::byte> stored) { return has_magic(stored); }
+bool is_framed(std::span<const std::byte> stored) {
+  return stored.size() >= kFrameHead && std::memcmp(stored.data(), kFrameMagic.data(), kFrameHead) == 0;
+}
 
 bool sealed_frame_intact(std::span<const std::byte> stored) {
-  if (stored.size() < kFrameHead + kSealOverhead + kFrameTail || !has_magic(stored)) return false;
+  if (stored.size() < kFrameHead + kSealOverhead + kFrameTail || !is_framed(stored)) return false;
   uint64_t sum = 0;
   std::memcpy(&sum, stored.data() + stored.size() - kFrameTail, kFrameTail);
   return hash_bytes(stored.first(stored.size() - kFrameTail)) == le64toh(sum);
