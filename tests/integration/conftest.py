@@ -244,6 +244,27 @@ def ls_json(repo):
     return json.loads(repo_tool("ls", "--json", repo).stdout)
 
 
+def process_state(pid):
+    """Where each thread of a stuck process waits, and whether its mount
+    lives on in some other mount namespace: what a hang report needs."""
+    lines = []
+    for tid in sorted(os.listdir(f"/proc/{pid}/task")):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                wchan = f.read()
+            with open(f"/proc/{pid}/task/{tid}/stack") as f:
+                stack = " < ".join(l.split()[1] for l in f.read().splitlines()[:6])
+        except OSError as e:
+            state, wchan, stack = "?", "?", str(e)
+        lines.append(f"thread {tid}: {state} in {wchan}: {stack}")
+    fuse_elsewhere = subprocess.run("grep -l 'fuse.cbtfs' /proc/[0-9]*/mountinfo 2>/dev/null | head -5", shell=True,
+                                    capture_output=True, text=True).stdout.split()
+    lines.append(f"processes whose mount namespace still holds a cbtfs mount: {fuse_elsewhere}")
+    return "\n".join(lines)
+
+
 class Mount:
     def __init__(self, repo, mnt, *opts):
         self.repo, self.mnt = str(repo), str(mnt)
@@ -268,10 +289,12 @@ class Mount:
             return
         run("fusermount3", "-u", self.mnt)
         try:
-            rc = self.proc.wait(timeout=10)
+            rc = self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
+            state = process_state(self.proc.pid)
             self.proc.kill()
-            raise AssertionError("cbtfs did not exit after unmount")
+            _, err = self.proc.communicate()
+            raise AssertionError(f"cbtfs did not exit within 30 s of its unmount\n{state}\nstderr: {err[-4000:]}")
         self.log = self.proc.stderr.read()
         self.proc = None
         assert rc == 0, f"cbtfs exited with {rc}: {self.log}"
