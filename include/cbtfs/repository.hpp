@@ -113,7 +113,7 @@ class Repository {
   Place read_stored(const std::string& vdi, const BlockRef& ref, std::span<std::byte> into);
   // A data block through a small cache, for reads of parts of blocks (a file
   // system's 4 KiB reads of one block come one after the other).
-  std::shared_ptr<const Bytes> cached_block(const std::string& vdi, const BlockRef& ref);
+  std::shared_ptr<const std::byte[]> cached_block(const std::string& vdi, const BlockRef& ref);
   // Checks that a pack the VDI references is there and is what its name
   // says (its header; a rewritten one's record table). Throws as reads do.
   void check_pack(const std::string& vdi, uint64_t pack);
@@ -179,7 +179,7 @@ class Repository {
   std::map<uint64_t, std::shared_ptr<const RepackedPack>> repacked_;
   std::atomic<bool> any_repacked_{false};  // spares reads of packs never rewritten the lock
   LruCache<RecordKey, Bytes, RecordKeyHash> nodes_{1024};   // 24 MiB at most
-  LruCache<RecordKey, Bytes, RecordKeyHash> blocks_{64};    // 4 MiB
+  LruCache<RecordKey, std::byte[], RecordKeyHash> blocks_{64};  // 4 MiB of kBlockSize blocks
 };
 
 // "<program>, pid N on HOST": what a second writer is told about the first.

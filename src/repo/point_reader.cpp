@@ -47,7 +47,7 @@ size_t PointReader::read(uint64_t offset, std::span<std::byte> out) {
     } else {
       try {
         if (keep_cached_) {
-          std::memcpy(dst, repo_->cached_block(point_->vdi, ref)->data() + in_block, n);
+          std::memcpy(dst, repo_->cached_block(point_->vdi, ref).get() + in_block, n);
         } else {
           thread_local Bytes scratch(kBlockSize);  // never cleared: decoded over at once
           repo_->read_record(point_->vdi, ref, scratch);

@@ -439,11 +439,13 @@ std::shared_ptr<const Bytes> Repository::node(const std::string& vdi, const Bloc
   return n;
 }
 
-std::shared_ptr<const Bytes> Repository::cached_block(const std::string& vdi, const BlockRef& ref) {
+std::shared_ptr<const std::byte[]> Repository::cached_block(const std::string& vdi, const BlockRef& ref) {
   RecordKey k{format() >= 2 ? nullptr : intern(vdi), ref.pack, ref.offset, ref.hash};
   if (auto hit = blocks_.get(k)) return hit;
-  auto b = std::make_shared<Bytes>(kBlockSize);
-  read_record(vdi, ref, *b);
+  // Not zeroed first: read_record fills all of it or throws. Zeroing 64 KiB
+  // per small random read was 6 % of the mount's CPU.
+  auto b = std::make_shared_for_overwrite<std::byte[]>(kBlockSize);
+  read_record(vdi, ref, {b.get(), kBlockSize});
   blocks_.put(k, b);
   return b;
 }
