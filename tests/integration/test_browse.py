@@ -400,7 +400,7 @@ def test_points_and_clones_browse_at_once(gpt_points, repo, browses):
         assert_clean(d)
 
 
-def test_mbr_with_ntfs_in_primary_and_logical(tmp_path, repo, browses):
+def test_mbr_with_ntfs_in_primary_and_logical(tmp_path, repo, browses, monkeypatch):
     if not shutil.which("mkntfs") or not shutil.which("ntfs-3g"):
         pytest.skip("ntfs-3g is not installed")
     disk = sparse_file(tmp_path / "win.img", 96 * MIB)
@@ -460,6 +460,21 @@ def test_mbr_with_ntfs_in_primary_and_logical(tmp_path, repo, browses):
         assert_tree(f"{d}/{name}", exp[name])
     with pytest.raises(OSError):
         open(f"{d}/part1/new.txt", "w")
+    browse("-u", d)
+    assert_clean(d)
+    # The same from an encrypted copy of the repository, the passphrase in a
+    # root-only file: NTFS, hibernated or not, reads as from the plain one.
+    secret = tmp_path / "passphrase"
+    secret.write_text("windows guest, encrypted copy\n")
+    secret.chmod(0o400)
+    enc = new_repo_location(tmp_path, "enc")
+    run(REPO_TOOL, "--passphrase-file", secret, "init", "--encryption", "passphrase", enc)
+    run(REPO_TOOL, "--passphrase-file", secret, "copy", repo, enc)
+    monkeypatch.setenv("CBTFS_PASSPHRASE_FILE", str(secret))
+    p = browse(enc, "win/C", d)
+    assert parse_listing(p.stdout) == listing, p.stdout
+    for name in ("part1", "part5", "part6"):
+        assert_tree(f"{d}/{name}", exp[name])
     browse("-u", d)
     assert_clean(d)
 

@@ -563,6 +563,8 @@ def test_an_admins_week_on_an_encrypted_repository(tmp_path, monkeypatch, mnt):
         read_extents(p1, first)
 
         # the retention: Monday's point goes, and the collection with it
+        mondays = sorted(k for k in all_object_keys(repo) if k.startswith(f"vdis/{VDI}/points/"))[0]
+        monday = get_object(repo, mondays)
         out = tool("prune", "--keep-last", "1", repo).stdout
         assert "removed 1 point(s)" in out, out
         time.sleep(1.1)
@@ -571,6 +573,17 @@ def test_an_admins_week_on_an_encrypted_repository(tmp_path, monkeypatch, mnt):
             f.write("3")
         read_extents(p2, second)
         read_extents(m.path(VDI, "latest.raw"), second)
+
+        # Monday's manifest put back by hand (a restored bucket, an old
+        # rsync): the sealed point list keeps it out of the running mount
+        put_object(repo, mondays, monday)
+        time.sleep(1.1)
+        assert sorted(os.listdir(m.path(VDI))) == ["2026-11-24T030000Z.raw", "latest.raw"]
+        assert not os.path.exists(p1)
+        read_extents(m.path(VDI, "latest.raw"), second)
+    v = tool("verify", repo, check=False)
+    assert v.returncode == 1 and "was removed by a prune and its manifest is back" in v.stdout, v.stdout
+    remove_object(repo, mondays)
     assert "verify OK" in tool("verify", repo).stdout
     assert "verify OK" in repo_tool("verify", "--stored-only", repo).stdout
 

@@ -421,3 +421,37 @@ def test_browse_mounts_the_logical_volumes(guest, tmp_path):
         assert_clean(d2)
     finally:
         b.undo_all()
+
+
+def test_an_encrypted_copy_browses_its_logical_volumes(guest, tmp_path, monkeypatch):
+    """The guest's repository made encrypted by copying it (as an admin moves
+    backups to a bucket of another site), then browsed from the copy with
+    the passphrase in a root-only file: each LV as the guest had it."""
+    from test_browse import Browses, assert_clean, browse, parse_listing
+
+    secret = tmp_path / "passphrase"
+    secret.write_text("lvm guest, encrypted copy\n")
+    secret.chmod(0o400)
+    monkeypatch.setenv("CBTFS_PASSPHRASE_FILE", str(secret))
+    enc = str(tmp_path / "enc")
+    repo_tool("init", "--encryption", "passphrase", enc)
+    repo_tool("copy", guest["repo"], enc, VDI)
+    assert "verify OK" in repo_tool("verify", enc).stdout
+    b = Browses(tmp_path)
+    try:
+        d = b.dir("view")
+        listing = parse_listing(browse(enc, VDI, POINTS[1], d).stdout)
+        assert [listing[f"lv-debian--vg-{lv}"][0] for lv in SHOWN] == ["ext4", "ext4", "xfs"], listing
+        with open(os.path.join(d, "lv-debian--vg-root", "hello.txt"), "rb") as f:
+            assert f.read() == b"state two\n"
+        assert not os.path.exists(os.path.join(d, "lv-debian--vg-root", "file0.bin"))
+        with open(os.path.join(d, "lv-debian--vg-data", "x.txt"), "rb") as f:
+            assert f.read() == b"on xfs\n"
+        # each LV's bytes are those of the plain repository's LV file
+        with Mount(enc, tmp_path / "mnt") as m:
+            for lv in SHOWN:
+                assert files_equal(m.path(VDI, lv_file(POINTS[1], lv)), guest["refs"][1][lv]), lv
+        browse("-u", d)
+        assert_clean(d)
+    finally:
+        b.undo_all()
