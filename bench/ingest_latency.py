@@ -15,13 +15,17 @@ it also compresses, checksums and writes the repository). nbdcopy copies to
 a file beside the repository with --flush, which is what an ingest does
 (read, then land the bytes on disk; bench/run.py compares the same way), and
 the ratio is against that copy. nbdcopy to null: (reading only) is shown too,
-as the link's ceiling. Neither counts the snapshot. One run per row: not a
+as the link's ceiling. Neither counts the snapshot. The last column is the
+ingest process's CPU time (user and system) per GiB read: on a machine where
+the NBD server runs on the same cores, it tells whether the ingest is bound
+by the link or by the CPU it shares. One run per row: not a
 timed test.
 
 CBTFS_BUILD=build /usr/bin/python3 bench/ingest_latency.py [--size-mib 256] [--connections 4,8] [--delays 0,10,50] [--links 0,1000] [--format 2] [WORKDIR]"""
 
 import argparse
 import json
+import resource
 import os
 import shutil
 import subprocess
@@ -87,21 +91,24 @@ def main():
               f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs")
         print()
         print("| read delay | link | connections | cbtfs-ingest MB/s | nbdcopy to a file MB/s | ratio "
-              "| nbdcopy to null: MB/s |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
+              "| nbdcopy to null: MB/s | cbtfs-ingest CPU s per GiB |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
         rows = [(int(d), int(l), int(c)) for l in args.links.split(",") for d in args.delays.split(",")
                 for c in args.connections.split(",")]
         for delay, link, conns in rows:
             sim.post("/nbd_faults", {"vdi": disk["uuid"], "read_delay_ms": delay, "link_mbit": link})
             repo = work / f"repo-{delay}-{conns}"
             run(REPO_TOOL, "init", "--format", args.format, repo)
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             got, secs = cbtfs_ingest(sim, repo, conns)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
             ours = got / secs / 1e6
             theirs = nbdcopy(sim, disk["uuid"], conns, size, str(work / "copy.raw"))
             ceiling = nbdcopy(sim, disk["uuid"], conns, size, "null:")
             link_text = f"{link} Mbit/s" if link else "-"
             print(f"| {delay} ms | {link_text} | {conns} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.2f} "
-                  f"| {ceiling:.0f} |", flush=True)
+                  f"| {ceiling:.0f} | {cpu / (got / (1 << 30)):.2f} |", flush=True)
             shutil.rmtree(repo)
     finally:
         sim.stop()
