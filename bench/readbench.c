@@ -4,8 +4,14 @@
  *   readbench seq  FILE BS                  read FILE from start to end, BS bytes per read
  *   readbench rand FILE BS COUNT SEED       COUNT preads of BS bytes at BS-aligned offsets
  *                                           drawn with a fixed-seed generator
+ *   readbench rand2 A B BS COUNT SEED CHUNK the same offsets read from two files of
+ *                                           one size, CHUNK reads from one, then the
+ *                                           same CHUNK from the other (which goes first
+ *                                           alternates): an A/B comparison on which a
+ *                                           shared machine's swings fall alike
  *
- * Prints one line: bytes=N ops=N secs=F hash=HEX
+ * Prints one line: bytes=N ops=N secs=F hash=HEX (rand2: one line per file,
+ * A's first, each with its own reads' time and hash)
  * secs runs from just after open(2) (path lookup is not timed) to just
  * after the last read, hashing included.
  * The hash (below) depends on the bytes and their order; every hashed
@@ -113,7 +119,69 @@ static size_t read_full(int fd, unsigned char *buf, size_t n, off_t off, const c
   return got;
 }
 
+/* rand2: each file's reads are timed and hashed apart. */
+static int rand2(const char *pa, const char *pb, size_t bs, uint64_t count, uint64_t seed, uint64_t chunk,
+                 unsigned char *buf) {
+  const char *paths[2] = {pa, pb};
+  int fds[2];
+  uint64_t ha[2][LANES] = {{0}}, hb[2][LANES] = {{0}}, bytes[2] = {0, 0};
+  double secs[2] = {0, 0};
+  prime(pa);
+  for (int f = 0; f < 2; f++) {
+    fds[f] = open(paths[f], O_RDONLY);
+    if (fds[f] < 0) {
+      fprintf(stderr, "readbench: %s: %s\n", paths[f], strerror(errno));
+      return 1;
+    }
+  }
+  struct stat st;
+  if (fstat(fds[0], &st) || (uint64_t)st.st_size < bs) {
+    fprintf(stderr, "readbench: %s: too small\n", pa);
+    return 1;
+  }
+  uint64_t slots = (uint64_t)st.st_size / bs;
+  off_t *offs = malloc(chunk * sizeof *offs);
+  if (!offs || chunk == 0) return 2;
+  for (uint64_t done = 0, c = 0; done < count; done += chunk, c++) {
+    uint64_t n = count - done < chunk ? count - done : chunk;
+    for (uint64_t i = 0; i < n; i++) offs[i] = (off_t)((splitmix(&seed) % slots) * bs);
+    for (int k = 0; k < 2; k++) {
+      int f = (int)((c + k) % 2);
+      memcpy(sum_a, ha[f], sizeof sum_a);
+      memcpy(sum_b, hb[f], sizeof sum_b);
+      double t0 = now();
+      for (uint64_t i = 0; i < n; i++) {
+        if (read_full(fds[f], buf, bs, offs[i], paths[f]) != bs) {
+          fprintf(stderr, "readbench: %s: short read at %lld\n", paths[f], (long long)offs[i]);
+          return 1;
+        }
+        hash_piece(buf, bs);
+      }
+      secs[f] += now() - t0;
+      bytes[f] += n * bs;
+      memcpy(ha[f], sum_a, sizeof sum_a);
+      memcpy(hb[f], sum_b, sizeof sum_b);
+    }
+  }
+  for (int f = 0; f < 2; f++) {
+    memcpy(sum_a, ha[f], sizeof sum_a);
+    memcpy(sum_b, hb[f], sizeof sum_b);
+    printf("bytes=%" PRIu64 " ops=%" PRIu64 " secs=%.6f hash=%016" PRIx64 "\n", bytes[f], bytes[f] / bs, secs[f],
+           hash_final());
+    close(fds[f]);
+  }
+  free(offs);
+  return 0;
+}
+
 int main(int argc, char **argv) {
+  if (argc >= 8 && !strcmp(argv[1], "rand2")) {
+    size_t bs = strtoull(argv[4], NULL, 0);
+    unsigned char *buf = NULL;
+    if (bs == 0 || posix_memalign((void **)&buf, 4096, bs)) return 2;
+    return rand2(argv[2], argv[3], bs, strtoull(argv[5], NULL, 0), strtoull(argv[6], NULL, 0),
+                 strtoull(argv[7], NULL, 0), buf);
+  }
   if (argc < 4 || (strcmp(argv[1], "seq") && strcmp(argv[1], "rand")) ||
       (!strcmp(argv[1], "rand") && argc < 6)) {
     fprintf(stderr, "usage: readbench seq FILE BS | readbench rand FILE BS COUNT SEED\n");
