@@ -246,9 +246,9 @@ class Transfer {
 // the host a TLS handshake and a VBD plugged into its control domain (a
 // good part of a second on a real host), and costs us a core while libnbd
 // 1.14 busy-waits through the handshake; one connection keeps a batch of
-// up to 4 MiB in flight: a connection per 32 MiB to read, and never more than there are
-// batches to claim. A pool's many small deltas then take one each, and its
-// parallelism comes from --jobs.
+// up to 4 MiB in flight: a connection per 32 MiB to read, and never more
+// than there are batches to claim. A pool's many small deltas then take
+// one each, and its parallelism comes from --jobs.
 constexpr uint64_t kBytesPerConnection = 32 << 20;
 
 size_t batch_count(const std::vector<Extent>& extents) {

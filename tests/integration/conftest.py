@@ -336,6 +336,13 @@ def image(path, nblocks, seed):
     return str(path)
 
 
+def root_only_file(path, text):
+    """A secret as an admin keeps one: a file only root can read."""
+    path.write_text(text)
+    path.chmod(0o400)
+    return path
+
+
 def files_equal(a, b):
     return run("cmp", a, b, check=False).returncode == 0
 

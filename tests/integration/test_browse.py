@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import BUILD, REPO_TOOL, import_image, new_repo_location, run
+from conftest import BUILD, REPO_TOOL, import_image, new_repo_location, root_only_file, run
 
 BROWSE = os.path.abspath(os.path.join(BUILD, "src", "cbtfs-browse"))
 MIB = 1 << 20
@@ -359,9 +359,7 @@ def test_an_encrypted_repository_browses_with_its_key_from_the_environment(tmp_p
     """File-level restore from an encrypted repository: the key comes as for
     every other command (here a root-only passphrase file named in the
     environment); without it, a clear error and nothing left behind."""
-    secret = tmp_path / "passphrase"
-    secret.write_text("file-level restore from an encrypted backup\n")
-    secret.chmod(0o400)
+    secret = root_only_file(tmp_path / "passphrase", "file-level restore from an encrypted backup\n")
     monkeypatch.setenv("CBTFS_PASSPHRASE_FILE", str(secret))
     repo = new_repo_location(tmp_path, "enc")
     assert "encrypted" in run(REPO_TOOL, "init", "--encryption", "passphrase", repo).stdout
@@ -464,9 +462,7 @@ def test_mbr_with_ntfs_in_primary_and_logical(tmp_path, repo, browses, monkeypat
     assert_clean(d)
     # The same from an encrypted copy of the repository, the passphrase in a
     # root-only file: NTFS, hibernated or not, reads as from the plain one.
-    secret = tmp_path / "passphrase"
-    secret.write_text("windows guest, encrypted copy\n")
-    secret.chmod(0o400)
+    secret = root_only_file(tmp_path / "passphrase", "windows guest, encrypted copy\n")
     enc = new_repo_location(tmp_path, "enc")
     run(REPO_TOOL, "--passphrase-file", secret, "init", "--encryption", "passphrase", enc)
     run(REPO_TOOL, "--passphrase-file", secret, "copy", repo, enc)

@@ -13,7 +13,8 @@ import time
 import pytest
 
 from conftest import (BLOCK, CBTFS, CoreDumps, Mount, all_object_keys, files_equal, flip_object_byte, get_object,
-                      import_image, ls_json, new_repo_location, put_object, remove_object, REPO_TOOL, repo_tool, run)
+                      import_image, ls_json, new_repo_location, put_object, remove_object, REPO_TOOL, repo_tool,
+                      root_only_file, run)
 
 MARKER = b"cbtfs-plaintext-marker-7f3a9c"
 VM_NAME = "payroll-db-vm-7f3a9c"
@@ -522,9 +523,7 @@ def test_an_admins_week_on_an_encrypted_repository(tmp_path, monkeypatch, mnt):
     monkeypatch.delenv("CBTFS_PASSPHRASE_FILE", raising=False)
     keys = tmp_path / "keys"
     keys.mkdir(mode=0o700)
-    pf = keys / "passphrase"
-    pf.write_text("an admin's passphrase, root only\n")
-    pf.chmod(0o400)
+    pf = root_only_file(keys / "passphrase", "an admin's passphrase, root only\n")
     repo = new_repo_location(tmp_path, "enc")
 
     def tool(*args, check=True):

@@ -25,7 +25,7 @@ import tempfile
 
 import pytest
 
-from conftest import Mount, files_equal, import_image, repo_tool, run
+from conftest import Mount, files_equal, import_image, repo_tool, root_only_file, run
 
 VDI = "3c1d6a52-7b0e-4f19-9d8a-5e2f4b6c7d80"
 CLONE = "9e8d7c6b-5a49-4382-a1b0-c9d8e7f6a5b4"
@@ -429,9 +429,7 @@ def test_an_encrypted_copy_browses_its_logical_volumes(guest, tmp_path, monkeypa
     the passphrase in a root-only file: each LV as the guest had it."""
     from test_browse import Browses, assert_clean, browse, parse_listing
 
-    secret = tmp_path / "passphrase"
-    secret.write_text("lvm guest, encrypted copy\n")
-    secret.chmod(0o400)
+    secret = root_only_file(tmp_path / "passphrase", "lvm guest, encrypted copy\n")
     monkeypatch.setenv("CBTFS_PASSPHRASE_FILE", str(secret))
     enc = str(tmp_path / "enc")
     repo_tool("init", "--encryption", "passphrase", enc)
