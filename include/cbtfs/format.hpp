@@ -163,11 +163,18 @@ Manifest decode_manifest(std::span<const std::byte> data, const std::string& whe
 // Format 2's header also holds the id key of block_id(), in the clear
 // unless the repository is encrypted: then only its key slots (objects of
 // their own, key_slots.hpp) hold it, sealed.
+// The AEAD an encrypted repository seals with (the header's "cipher").
+// Repositories made before OCB was offered are GCM.
+enum class Cipher : uint8_t { aes256_gcm, aes256_ocb };
+const char* cipher_name(Cipher c);  // "aes-256-gcm", "aes-256-ocb"
+std::optional<Cipher> parse_cipher(const std::string& name);
+
 struct RepoHeader {
   std::string id;  // "" for a header written before ids existed
   uint32_t format = 1;
   IdKey id_key{};  // format 2; in an encrypted repository, known once a slot is opened
   bool encrypted = false;
+  Cipher cipher = Cipher::aes256_gcm;  // when encrypted
 };
 Bytes encode_repo_header(const RepoHeader& h);
 RepoHeader check_repo_header(std::span<const std::byte> data, const std::string& where);

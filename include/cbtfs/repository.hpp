@@ -35,8 +35,10 @@ struct PointList {
 class Repository {
  public:
   // Creates the repository directory (mode 0700) and its header. With
-  // keys, the repository is encrypted (format 2): one key slot per key.
-  static void init(const std::string& path, uint32_t format = 1, const std::vector<Unlocker>& keys = {});
+  // keys, the repository is encrypted (format 2): one key slot per key,
+  // everything stored sealed with cipher.
+  static void init(const std::string& path, uint32_t format = 1, const std::vector<Unlocker>& keys = {},
+                   Cipher cipher = Cipher::aes256_ocb);
   // Opens and checks the header; throws FormatError/VersionError/StorageError.
   // An encrypted repository is opened with what unlockers_from_environment()
   // finds (KeyError when nothing there opens a slot).
@@ -61,6 +63,7 @@ class Repository {
   // An encrypted repository's seals of records and manifests; nullptr
   // for a plain one.
   const Sealer* sealer() const { return sealer_ ? &*sealer_ : nullptr; }
+  Cipher cipher() const { return header_.cipher; }
   bool encrypted() const { return header_.encrypted; }
   // An encrypted repository's key slots by id; which one opened it.
   std::map<std::string, KeySlot> key_slots();

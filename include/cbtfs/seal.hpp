@@ -1,5 +1,6 @@
 // Encryption at rest: what an encrypted repository stores is sealed with
-// AES-256-GCM (OpenSSL EVP; AES-NI makes it several GB/s per core):
+// an AEAD, AES-256-OCB (RFC 7253) or AES-256-GCM as its header says
+// (libgcrypt, with AES-NI):
 //
 //   nonce (12 random bytes) || ciphertext || tag (16 bytes)
 //
@@ -24,7 +25,7 @@ using DataKey = std::array<uint8_t, 32>;
 
 class Sealer {
  public:
-  explicit Sealer(const DataKey& key);
+  explicit Sealer(const DataKey& key, Cipher cipher = Cipher::aes256_gcm);
   // plain sealed, bound to aad.
   Bytes seal(std::span<const std::byte> plain, std::span<const std::byte> aad) const;
   // Opens sealed into out, which must be sealed.size() - kSealOverhead
@@ -33,6 +34,7 @@ class Sealer {
 
  private:
   DataKey key_;
+  Cipher cipher_;
   uint64_t serial_;  // tells this sealer's keyed contexts from another's (see seal.cpp)
 };
 

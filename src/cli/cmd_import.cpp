@@ -293,9 +293,11 @@ int cmd_init(const InitArgs& a) {
                              "make one with: head -c 32 /dev/urandom > FILE");
     keys.resize(1);
   }
-  Repository::init(a.repo, a.format, keys);
+  auto cipher = parse_cipher(a.cipher);
+  if (!cipher) throw UsageError("--cipher: aes-256-ocb or aes-256-gcm, not " + a.cipher);
+  Repository::init(a.repo, a.format, keys, *cipher);
   std::printf("created cbtfs repository %s (format %u%s)\n", a.repo.c_str(), a.format,
-              keys.empty() ? "" : (", encrypted, one " + a.encryption + " key slot").c_str());
+              keys.empty() ? "" : (", encrypted with " + a.cipher + ", one " + a.encryption + " key slot").c_str());
   if (!keys.empty())
     std::printf("keep the %s safe and apart from the repository: without it nothing stored can be read\n",
                 a.encryption == "passphrase" ? "passphrase" : "key file");

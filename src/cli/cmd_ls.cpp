@@ -70,7 +70,9 @@ int cmd_info(const std::string& path, const std::string& only) {
   auto repo = open_repository(path);
   std::printf("repository  %s\nformat      cbtfs v%u, %u KiB blocks\n", repo->storage().describe().c_str(),
               repo->format(), kBlockSize / 1024);
-  if (repo->sealer()) std::printf("encryption  AES-256-GCM, %zu key slot(s)\n", repo->key_slots().size());
+  if (repo->sealer())
+    std::printf("encryption  %s, %zu key slot(s)\n", repo->cipher() == Cipher::aes256_ocb ? "AES-256-OCB" : "AES-256-GCM",
+                repo->key_slots().size());
   uint64_t total = 0, npoints = 0, nvdis = 0;
   for (auto& vdi : repo->vdis()) {
     if (!only.empty() && vdi != only) continue;

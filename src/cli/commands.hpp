@@ -42,6 +42,7 @@ struct InitArgs {
   std::string repo;
   uint32_t format = 2;
   std::string encryption = "none";
+  std::string cipher = "aes-256-ocb";
 };
 int cmd_init(const InitArgs& a);
 int cmd_import(const ImportArgs& a);

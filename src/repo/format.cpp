@@ -374,10 +374,18 @@ Manifest decode_manifest(std::span<const std::byte> data, const std::string& whe
   }
 }
 
+const char* cipher_name(Cipher c) { return c == Cipher::aes256_ocb ? "aes-256-ocb" : "aes-256-gcm"; }
+
+std::optional<Cipher> parse_cipher(const std::string& name) {
+  if (name == "aes-256-gcm") return Cipher::aes256_gcm;
+  if (name == "aes-256-ocb") return Cipher::aes256_ocb;
+  return std::nullopt;
+}
+
 Bytes encode_repo_header(const RepoHeader& h) {
   json body{{"version", h.format}, {"format", "cbtfs"}, {"block_size", kBlockSize}, {"id", h.id}};
   if (h.encrypted)
-    body["encryption"] = {{"cipher", "aes-256-gcm"}};
+    body["encryption"] = {{"cipher", cipher_name(h.cipher)}};
   else if (h.format >= 2)
     body["id_key"] = hex_bytes(h.id_key);
   return sign("repository", body);
@@ -392,8 +400,10 @@ RepoHeader check_repo_header(std::span<const std::byte> data, const std::string&
     h.id = b.value("id", "");
     if (!h.id.empty() && !is_uuid(h.id)) throw FormatError("malformed repository id");
     if (b.contains("encryption")) {
-      std::string cipher = b.at("encryption").at("cipher").get<std::string>();
-      if (cipher != "aes-256-gcm") throw VersionError("encrypted with " + cipher + ", which this cbtfs does not know");
+      std::string name = b.at("encryption").at("cipher").get<std::string>();
+      auto cipher = parse_cipher(name);
+      if (!cipher) throw VersionError("encrypted with " + name + ", which this cbtfs does not know; upgrade cbtfs");
+      h.cipher = *cipher;
       if (h.format < 2) throw FormatError("an encrypted repository of format 1");
       h.encrypted = true;
     } else if (h.format >= 2) {
@@ -402,6 +412,8 @@ RepoHeader check_repo_header(std::span<const std::byte> data, const std::string&
     return h;
   } catch (const json::exception&) {
     throw FormatError(where + ": malformed repository header");
+  } catch (const VersionError& e) {  // a newer cbtfs's repository, not a damaged one
+    throw VersionError(where + ": " + e.what());
   } catch (const FormatError& e) {
     throw FormatError(where + ": " + e.what());
   }

@@ -17,7 +17,7 @@ namespace cbtfs {
 
 using namespace layout;
 
-void Repository::init(const std::string& path, uint32_t format, const std::vector<Unlocker>& keys) {
+void Repository::init(const std::string& path, uint32_t format, const std::vector<Unlocker>& keys, Cipher cipher) {
   if (format < 1 || format > kFormatVersion) throw UsageError("there is no repository format " + std::to_string(format));
   if (!keys.empty() && format < 2) throw UsageError("encryption needs repository format 2");
   RepoHeader h;
@@ -29,6 +29,7 @@ void Repository::init(const std::string& path, uint32_t format, const std::vecto
   if (!keys.empty()) {
     RepoSecret secret = random_repo_secret();
     h.encrypted = true;
+    h.cipher = cipher;
     for (auto& k : keys) slots.push_back(make_key_slot(secret, k, h.id));
   } else if (format >= 2) {
     h.id_key = random_id_key();
@@ -90,7 +91,7 @@ std::string Repository::recover_key_slot(const RepoSecret& secret, const Unlocke
   // The recovery key's check binds it to this repository's id; a manifest
   // that opens says the secret is the one its data was sealed with (when
   // nothing is stored yet, there is nothing it could be wrong about).
-  Sealer sealer(secret.data_key);
+  Sealer sealer(secret.data_key, header_.cipher);
   auto opens_a_point = [&] {
     bool any = false;
     for (auto& vdi : vdis())
@@ -138,7 +139,7 @@ void Repository::unlock(const std::vector<Unlocker>& keys) {
     for (auto& [id, slot] : slots) {
       if (auto secret = open_key_slot(slot, k, header_.id)) {
         header_.id_key = secret->id_key;
-        sealer_.emplace(secret->data_key);
+        sealer_.emplace(secret->data_key, header_.cipher);
         secret_ = secret;
         opened_slot_ = id;
         return;

@@ -21,6 +21,7 @@ VM_NAME = "payroll-db-vm-7f3a9c"
 VDI_NAME = "payroll-db-disk-7f3a9c"
 VDI = "0e0e7d39-6f1a-4c2e-9a53-2f6d1c1e8a01"
 EXIT_KEY = 7
+EXIT_USAGE = 2
 
 
 def guest_image(path, seed, nblocks=48):
@@ -75,7 +76,7 @@ def test_every_command_works_and_nothing_stored_is_plaintext(enc_repo, tmp_path)
 
     (vdi,) = ls_json(enc_repo)["vdis"]
     assert vdi["vm_name"] == VM_NAME and vdi["name"] == VDI_NAME, vdi
-    assert "encryption  AES-256-GCM, 1 key slot(s)" in repo_tool("info", enc_repo).stdout
+    assert "encryption  AES-256-OCB, 1 key slot(s)" in repo_tool("info", enc_repo).stdout  # the default
     assert "verify OK" in repo_tool("verify", enc_repo).stdout
     with Mount(enc_repo, tmp_path / "mnt") as m:
         assert files_equal(m.path(VDI, "2026-11-29T010000Z.raw"), img1)
@@ -463,12 +464,17 @@ def test_key_change_and_recovery_from_the_paper_key(enc_repo, tmp_path, monkeypa
 @pytest.mark.same_on_every_backend
 def test_copy_between_two_encrypted_repositories_with_their_own_passphrases(enc_repo, tmp_path, monkeypatch,
                                                                              passphrase):
+    """And with their own ciphers: the off-site copy is AES-256-GCM, as a
+    site whose rules ask for GCM would make it."""
     img = guest_image(tmp_path / "d.img", 14)
     import_image(enc_repo, img, VDI, "2026-11-30T010000Z", vm=VM_NAME)
     offsite_pass = tmp_path / "offsite-passphrase"
     offsite_pass.write_text("the off-site copy's own passphrase\n")
     offsite = new_repo_location(tmp_path, "offsite")
-    repo_tool("--passphrase-file", offsite_pass, "init", "--encryption", "passphrase", offsite)
+    p = repo_tool("init", "--cipher", "aes-256-gcm", offsite, check=False)
+    assert p.returncode == EXIT_USAGE and "--encryption" in p.stderr, p.stderr
+    repo_tool("--passphrase-file", offsite_pass, "init", "--encryption", "passphrase", "--cipher", "aes-256-gcm",
+              offsite)
 
     p = repo_tool("copy", enc_repo, offsite, check=False)  # the source's passphrase does not open it
     assert p.returncode == EXIT_KEY and "opens none of its key slots" in p.stderr, p.stderr
@@ -478,6 +484,10 @@ def test_copy_between_two_encrypted_repositories_with_their_own_passphrases(enc_
     repo_tool("restore", offsite, VDI, "latest", restored)
     assert files_equal(restored, img)
     assert ls_json(offsite)["vdis"][0]["vm_name"] == VM_NAME
+    assert "encryption  AES-256-GCM, 1 key slot(s)" in repo_tool("info", offsite).stdout
+    assert "verify OK" in repo_tool("verify", offsite).stdout
+    with Mount(offsite, tmp_path / "mnt") as m:
+        assert files_equal(m.path(VDI, "latest.raw"), img)
     for key in all_object_keys(offsite):
         assert MARKER not in get_object(offsite, key), key
 

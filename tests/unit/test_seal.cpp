@@ -1,8 +1,13 @@
 // Encryption at rest: seals, sealed records and manifests, key slots, and
 // the encrypted header, against hostile input.
+#include <openssl/evp.h>
+#include <xxhash.h>
+
 #include <catch2/catch.hpp>
 #include <cctype>
+#include <cstdio>
 #include <cstring>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <string>
 
@@ -39,7 +44,9 @@ Bytes block_of(char c, bool compressible) {
 }  // namespace
 
 TEST_CASE("a seal opens only with its key and its associated data, whole") {
-  Sealer s(key(1));
+  Cipher cipher = GENERATE(Cipher::aes256_gcm, Cipher::aes256_ocb);
+  CAPTURE(cipher_name(cipher));
+  Sealer s(key(1), cipher);
   Bytes plain = text("what the guest wrote"), aad = text("R-id");
   Bytes sealed = s.seal(plain, aad);
   REQUIRE(sealed.size() == plain.size() + kSealOverhead);
@@ -48,7 +55,9 @@ TEST_CASE("a seal opens only with its key and its associated data, whole") {
   CHECK(out == plain);
   CHECK(s.seal(plain, aad) != sealed);  // a fresh nonce every time
 
-  CHECK_THROWS_AS(Sealer(key(2)).open(sealed, aad, out), CorruptError);
+  CHECK_THROWS_AS(Sealer(key(2), cipher).open(sealed, aad, out), CorruptError);
+  Cipher other = cipher == Cipher::aes256_gcm ? Cipher::aes256_ocb : Cipher::aes256_gcm;
+  CHECK_THROWS_AS(Sealer(key(1), other).open(sealed, aad, out), CorruptError);
   CHECK_THROWS_AS(s.open(sealed, text("R-other"), out), CorruptError);
   for (size_t at : {size_t{0}, kNonceSize, sealed.size() - 1}) {
     Bytes bad = sealed;
@@ -92,8 +101,54 @@ TEST_CASE("a seal is the standard AES-256-GCM: nonce, ciphertext, tag (the GCM p
   CHECK(back == plain);
 }
 
+TEST_CASE("an OCB seal is the standard AES-256-OCB (RFC 7253): OpenSSL's implementation opens it, and it opens OpenSSL's") {
+  // Two implementations written apart agree on layout, nonce and tag:
+  // what cbtfs seals is not tied to libgcrypt.
+  DataKey k = key(7);
+  Bytes plain = block_of('o', false), aad = text("R-some-record-id!");
+  plain.resize(26000);
+  auto openssl = [&](bool encrypt, const Bytes& nonce, const Bytes& in, Bytes& out, std::byte* tag) {
+    EVP_CIPHER_CTX* c = EVP_CIPHER_CTX_new();
+    int n = 0;
+    bool ok = EVP_CipherInit_ex(c, EVP_aes_256_ocb(), nullptr, nullptr, nullptr, encrypt) == 1 &&
+              EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_AEAD_SET_IVLEN, static_cast<int>(kNonceSize), nullptr) == 1 &&
+              EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_AEAD_SET_TAG, static_cast<int>(kTagSize), encrypt ? nullptr : tag) == 1 &&
+              EVP_CipherInit_ex(c, nullptr, nullptr, k.data(), reinterpret_cast<const unsigned char*>(nonce.data()),
+                                encrypt) == 1 &&
+              EVP_CipherUpdate(c, nullptr, &n, reinterpret_cast<const unsigned char*>(aad.data()),
+                               static_cast<int>(aad.size())) == 1 &&
+              EVP_CipherUpdate(c, reinterpret_cast<unsigned char*>(out.data()), &n,
+                               reinterpret_cast<const unsigned char*>(in.data()), static_cast<int>(in.size())) == 1 &&
+              EVP_CipherFinal_ex(c, reinterpret_cast<unsigned char*>(out.data()) + n, &n) == 1 &&
+              (!encrypt || EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_AEAD_GET_TAG, static_cast<int>(kTagSize), tag) == 1);
+    EVP_CIPHER_CTX_free(c);
+    return ok;
+  };
+  Sealer s(k, Cipher::aes256_ocb);
+  Bytes sealed = s.seal(plain, aad);
+  Bytes nonce(sealed.begin(), sealed.begin() + kNonceSize);
+  Bytes body(sealed.begin() + kNonceSize, sealed.end() - kTagSize), tag(sealed.end() - kTagSize, sealed.end());
+  Bytes out(plain.size());
+  REQUIRE(openssl(false, nonce, body, out, tag.data()));
+  CHECK(out == plain);
+  tag[3] ^= std::byte{0x10};
+  CHECK_FALSE(openssl(false, nonce, body, out, tag.data()));
+
+  Bytes theirs(plain.size()), their_tag(kTagSize);
+  REQUIRE(openssl(true, nonce, plain, theirs, their_tag.data()));
+  Bytes stored = nonce;
+  stored.insert(stored.end(), theirs.begin(), theirs.end());
+  stored.insert(stored.end(), their_tag.begin(), their_tag.end());
+  CHECK(stored == sealed);  // same key, nonce and text: the very same bytes
+  Bytes back(plain.size());
+  s.open(stored, aad, back);
+  CHECK(back == plain);
+}
+
 TEST_CASE("sealed records round-trip, compressed or raw, and are bound to their id and encoding") {
-  Sealer s(key(3));
+  Cipher cipher = GENERATE(Cipher::aes256_gcm, Cipher::aes256_ocb);
+  CAPTURE(cipher_name(cipher));
+  Sealer s(key(3), cipher);
   for (bool compressible : {true, false}) {
     Bytes plain = block_of('x', compressible);
     BlockRef ref;
@@ -113,7 +168,7 @@ TEST_CASE("sealed records round-trip, compressed or raw, and are bound to their 
     BlockRef flag = ref;
     flag.stored_len ^= BlockRef::kRawFlag;
     CHECK_THROWS_AS(open_record(s, stored, flag, out), CorruptError);
-    CHECK_THROWS_AS(open_record(Sealer(key(4)), stored, ref, out), CorruptError);
+    CHECK_THROWS_AS(open_record(Sealer(key(4), cipher), stored, ref, out), CorruptError);
   }
 }
 
@@ -215,6 +270,22 @@ TEST_CASE("an encrypted header says so and never holds the id key; slots round-t
   CHECK(s.find("abababab") == std::string::npos);
   RepoHeader back = check_repo_header(enc, "header");
   CHECK(back.encrypted);
+  CHECK(back.cipher == Cipher::aes256_gcm);  // what headers without a choice were: GCM
+  h.cipher = Cipher::aes256_ocb;
+  CHECK(check_repo_header(encode_repo_header(h), "header").cipher == Cipher::aes256_ocb);
+  {  // a cipher this build does not know is a newer cbtfs's repository, not damage
+    auto j = nlohmann::json::parse(std::string(reinterpret_cast<const char*>(enc.data()), enc.size()));
+    j["repository"]["encryption"]["cipher"] = "aes-512-xyz";
+    std::string body = j["repository"].dump();
+    char sum[17];
+    std::snprintf(sum, sizeof sum, "%016llx", static_cast<unsigned long long>(XXH3_64bits(body.data(), body.size())));
+    j["xxh3"] = sum;
+    std::string t = j.dump();
+    CHECK_THROWS_AS(check_repo_header(Bytes(reinterpret_cast<const std::byte*>(t.data()),
+                                            reinterpret_cast<const std::byte*>(t.data()) + t.size()),
+                                      "header"),
+                    VersionError);
+  }
 
   RepoSecret secret = random_repo_secret();
   Unlocker pass{Unlocker::Kind::passphrase, "pw", "p"};
