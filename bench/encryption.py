@@ -7,6 +7,7 @@ against nbdcopy on an encrypted repository is bench/run.py --cases 7
 --format 2 --encryption passphrase.
 
     sudo /usr/bin/python3 bench/encryption.py [--image-mib 1024] [--rounds 3] [--encryption passphrase]
+                                              [--cipher aes-256-ocb|aes-256-gcm]
 
 Uses the binaries in build/src; needs root (mounts). Every read is the
 first after a fresh mount, with the repositories' files warm in the host
@@ -87,6 +88,7 @@ def main():
     ap.add_argument("--image-mib", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--encryption", choices=("passphrase", "keyfile"), default="passphrase")
+    ap.add_argument("--cipher", choices=("aes-256-ocb", "aes-256-gcm"), default="aes-256-ocb")
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="cbtfs-encryption-", dir="/var/tmp")
     restore_dir = work
@@ -103,7 +105,7 @@ def main():
         repos = {"plain": (os.path.join(work, "plain"), plain_env), "encrypted": (os.path.join(work, "enc"), enc_env)}
         repo_tool = os.path.join(BIN, "cbtfs-repo")
         run(repo_tool, "init", repos["plain"][0])
-        run(repo_tool, "init", "--encryption", a.encryption, repos["encrypted"][0], env=enc_env)
+        run(repo_tool, "init", "--encryption", a.encryption, "--cipher", a.cipher, repos["encrypted"][0], env=enc_env)
         want_seq = readbench(tool, "seq", image, MIB)["hash"]
         # Random reads come in chunks of 1000 offsets, each chunk read from
         # both mounts one after the other: this shared machine's swings then
@@ -160,7 +162,7 @@ def main():
                 ("cbtfs-repo restore to a file", "restore", "MB/s", 0.85),
                 ("the same, less what opening the repository costs (ls)", "restore_data", "MB/s", 0.85),
                 ("opening the repository (cbtfs-repo ls)", "open", "ms", None)]
-        print(f"{a.image_mib} MiB image (bench/gen_image.py base), encrypted with a {a.encryption}, "
+        print(f"{a.image_mib} MiB image (bench/gen_image.py base), {a.cipher}, unlocked by a {a.encryption}, "
               f"median of {a.rounds} rounds, restored to "
               f"{'memory (/dev/shm)' if restore_dir != work else 'disk'}; "
               f"load average {os.getloadavg()[0]:.2f} at the end\n")
