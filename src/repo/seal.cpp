@@ -5,6 +5,7 @@
 #include <gcrypt.h>
 #include <openssl/rand.h>
 
+#include <array>
 #include <atomic>
 #include <cstring>
 #include <memory>
@@ -37,9 +38,10 @@ void init_gcrypt() {
 
 std::atomic<uint64_t> next_serial{1};
 
-// Each thread keeps a handle with the key schedule of the sealer it last
-// served; a seal then only sets its nonce. Handles are never shared
-// between threads.
+// Each thread keeps handles with the key schedules of the two sealers it
+// served last; a seal then only sets its nonce. Two, because a copy
+// between encrypted repositories opens with one key and seals with the
+// other, record after record. Handles are never shared between threads.
 struct KeyedHandle {
   uint64_t serial = 0;
   Cipher cipher = Cipher::aes256_gcm;
@@ -50,8 +52,15 @@ struct KeyedHandle {
 };
 
 gcry_cipher_hd_t handle_for(uint64_t serial, const DataKey& key, Cipher cipher) {
-  thread_local KeyedHandle k;
-  if (k.serial == serial) return k.h;
+  thread_local std::array<KeyedHandle, 2> handles;
+  thread_local size_t last = 0;
+  for (size_t i = 0; i < handles.size(); ++i)
+    if (handles[i].serial == serial) {
+      last = i;
+      return handles[i].h;
+    }
+  last = 1 - last;  // the one served longer ago
+  KeyedHandle& k = handles[last];
   k.serial = 0;
   if (k.h && k.cipher != cipher) {
     gcry_cipher_close(k.h);

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
+#include <vector>
 
 #include "cbtfs/errors.hpp"
 #include "cbtfs/format.hpp"
@@ -99,6 +100,30 @@ TEST_CASE("a seal is the standard AES-256-GCM: nonce, ciphertext, tag (the GCM p
   Bytes back(plain.size());
   Sealer(dk).open(again, aad, back);
   CHECK(back == plain);
+}
+
+TEST_CASE("sealers of several keys and ciphers in turns on one thread never mix their keys") {
+  // A copy between encrypted repositories opens with one and seals with
+  // another, record after record; a third (a key slot) comes and goes.
+  std::vector<Sealer> sealers;
+  sealers.emplace_back(key(11), Cipher::aes256_gcm);
+  sealers.emplace_back(key(12), Cipher::aes256_ocb);
+  sealers.emplace_back(key(13), Cipher::aes256_ocb);
+  sealers.emplace_back(key(11), Cipher::aes256_ocb);  // the first's key, another cipher
+  Bytes plain = text("a record in transit"), aad = text("R-id"), out(plain.size());
+  std::mt19937 rnd(5);
+  for (int i = 0; i < 200; ++i) {
+    size_t a = rnd() % sealers.size(), b = rnd() % sealers.size();
+    Bytes sealed = sealers[a].seal(plain, aad);
+    if (a == b) {
+      sealers[b].open(sealed, aad, out);
+      CHECK(out == plain);
+    } else {
+      CHECK_THROWS_AS(sealers[b].open(sealed, aad, out), CorruptError);
+      sealers[a].open(sealed, aad, out);
+      CHECK(out == plain);
+    }
+  }
 }
 
 TEST_CASE("an OCB seal is the standard AES-256-OCB (RFC 7253): OpenSSL's implementation opens it, and it opens OpenSSL's") {
