@@ -157,18 +157,18 @@ Bytes encode_manifest(const Manifest& m);
 // Throws FormatError (VersionError for a newer format) naming `where`.
 Manifest decode_manifest(std::span<const std::byte> data, const std::string& where);
 
-// The repository header file "cbtfs-repository".
-// The header names the repository with a uuid, so that two repositories
-// backing up the same disk can tell their host-side snapshots apart.
-// Format 2's header also holds the id key of block_id(), in the clear
-// unless the repository is encrypted: then only its key slots (objects of
-// their own, key_slots.hpp) hold it, sealed.
 // The AEAD an encrypted repository seals with (the header's "cipher").
 // Repositories made before OCB was offered are GCM.
 enum class Cipher : uint8_t { aes256_gcm, aes256_ocb };
 const char* cipher_name(Cipher c);  // "aes-256-gcm", "aes-256-ocb"
 std::optional<Cipher> parse_cipher(const std::string& name);
 
+// The repository header file "cbtfs-repository".
+// The header names the repository with a uuid, so that two repositories
+// backing up the same disk can tell their host-side snapshots apart.
+// Format 2's header also holds the id key of block_id(), in the clear
+// unless the repository is encrypted: then only its key slots (objects of
+// their own, key_slots.hpp) hold it, sealed.
 struct RepoHeader {
   std::string id;  // "" for a header written before ids existed
   uint32_t format = 1;
