@@ -300,3 +300,37 @@ def test_prune_keeps_the_exported_point_until_the_export_stops(tmp_path, repo):
     assert list_objects(repo, f"vdis/{VDI}/points") == ["00000004.point"]
     err = nbdkit_fails(f"repo={repo}", f"vdi={VDI}", f"point={oldest}")
     assert f"has no point {oldest}" in err, err
+
+
+def test_an_encrypted_repository_is_exported_with_its_key_and_refused_without(tmp_path, monkeypatch):
+    """The key comes as for every other command (here a root-only key file
+    named by CBTFS_KEY_FILE); without it nbdkit does not start, and says why."""
+    from conftest import new_repo_location, root_only_file
+
+    keyfile = tmp_path / "repo.key"
+    keyfile.write_bytes(os.urandom(32))
+    keyfile.chmod(0o400)
+    monkeypatch.setenv("CBTFS_KEY_FILE", str(keyfile))
+    repo = new_repo_location(tmp_path, "enc")
+    repo_tool("init", "--encryption", "keyfile", repo)
+    img = sparse_image(tmp_path / "d.img", 5 * GIB, [(0, 4 * BLOCK), (4 * GIB + 5 * BLOCK, 3 * BLOCK)], 11)
+    import_image(repo, img, VDI, "2026-11-30T03:00:00Z", vm="payroll", name="db")
+    with Export(tmp_path, f"repo={repo}", "vdi=payroll/db") as e:
+        run("qemu-img", "compare", "-f", "raw", "-F", "raw", e.uri, img)
+        h = e.connect()
+        assert h.pread(3 * BLOCK, 4 * GIB + 5 * BLOCK) == _read_at(img, 4 * GIB + 5 * BLOCK, 3 * BLOCK)
+        h.shutdown()
+
+    monkeypatch.delenv("CBTFS_KEY_FILE")
+    err = nbdkit_fails(f"repo={repo}", f"vdi={VDI}")
+    assert "encrypted" in err and "key" in err, err
+    wrong = root_only_file(tmp_path / "wrong.key", "x" * 40)
+    monkeypatch.setenv("CBTFS_KEY_FILE", str(wrong))
+    err = nbdkit_fails(f"repo={repo}", f"vdi={VDI}")
+    assert "opens none of its key slots" in err, err
+
+
+def _read_at(path, offset, length):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
