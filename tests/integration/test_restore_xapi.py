@@ -175,3 +175,29 @@ def test_the_upload_goes_to_the_pool_master(sim, repo, point):
     new = sim.vdi(restore(sim, repo, url=f"https://localhost:{port}", sr=sr).stdout.strip())
     assert files_equal(new["path"], img)
     assert [r["http_host"] for r in imports(sim)] == [f"127.0.0.1:{port}"]
+
+
+def test_a_point_of_an_encrypted_repository_restores_to_a_new_vdi(sim, tmp_path, monkeypatch):
+    """The repository's passphrase and XAPI's password each from a root-only
+    file: the new VDI is the point's plaintext, and neither secret is printed."""
+    from conftest import new_repo_location, repo_tool, root_only_file
+
+    phrase = "the restore operator's passphrase 7f3a"
+    monkeypatch.setenv("CBTFS_PASSPHRASE_FILE", str(root_only_file(tmp_path / "passphrase", phrase + "\n")))
+    repo = new_repo_location(tmp_path, "enc")
+    repo_tool("init", "--encryption", "passphrase", repo)
+    img = tmp_path / "disk.img"
+    data = scattered_image(img, 64 * MIB, 12)
+    import_image(repo, img, VDI, "2024-05-01T10:00:00Z", name="scattered")
+    sim.post("/reset_counters", {})
+    p = restore(sim, repo)
+    assert files_equal(sim.vdi(p.stdout.strip())["path"], img)
+    (rec,) = imports(sim)
+    assert (rec["outcome"], rec["data_bytes"]) == ("success", data)
+    assert phrase not in p.stdout + p.stderr
+
+    monkeypatch.delenv("CBTFS_PASSPHRASE_FILE")
+    before = vdi_uuids(sim)
+    p = restore(sim, repo, check=False)
+    assert p.returncode == 7 and "encrypted" in p.stderr, p.stderr
+    assert vdi_uuids(sim) == before  # nothing made before the key was found missing
