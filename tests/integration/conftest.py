@@ -343,6 +343,17 @@ def root_only_file(path, text):
     return path
 
 
+def keyfile_repo(tmp_path, monkeypatch, name="enc"):
+    """An encrypted repository opened by a root-only key file, as a nightly
+    job keeps one; CBTFS_KEY_FILE names it for every command the test runs."""
+    import secrets
+    key = root_only_file(tmp_path / f"{name}.key", secrets.token_hex(32))
+    monkeypatch.setenv("CBTFS_KEY_FILE", str(key))
+    repo = new_repo_location(tmp_path, name)
+    repo_tool("init", "--encryption", "keyfile", repo)
+    return repo
+
+
 def files_equal(a, b):
     return run("cmp", a, b, check=False).returncode == 0
 

@@ -305,14 +305,9 @@ def test_prune_keeps_the_exported_point_until_the_export_stops(tmp_path, repo):
 def test_an_encrypted_repository_is_exported_with_its_key_and_refused_without(tmp_path, monkeypatch):
     """The key comes as for every other command (here a root-only key file
     named by CBTFS_KEY_FILE); without it nbdkit does not start, and says why."""
-    from conftest import new_repo_location, root_only_file
+    from conftest import keyfile_repo, root_only_file
 
-    keyfile = tmp_path / "repo.key"
-    keyfile.write_bytes(os.urandom(32))
-    keyfile.chmod(0o400)
-    monkeypatch.setenv("CBTFS_KEY_FILE", str(keyfile))
-    repo = new_repo_location(tmp_path, "enc")
-    repo_tool("init", "--encryption", "keyfile", repo)
+    repo = keyfile_repo(tmp_path, monkeypatch)
     img = sparse_image(tmp_path / "d.img", 5 * GIB, [(0, 4 * BLOCK), (4 * GIB + 5 * BLOCK, 3 * BLOCK)], 11)
     import_image(repo, img, VDI, "2026-11-30T03:00:00Z", vm="payroll", name="db")
     with Export(tmp_path, f"repo={repo}", "vdi=payroll/db") as e:

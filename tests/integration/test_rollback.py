@@ -282,15 +282,9 @@ def test_an_encrypted_repository_rolls_back_the_same_way(sim, tmp_path, monkeypa
     """Backed up into an encrypted repository with a root-only key file (as a
     nightly job would), rolled back with it: the same blocks written, the
     VDI is POINT's bytes, and the next ingest stays incremental."""
-    import os
-    from conftest import new_repo_location, repo_tool
+    from conftest import keyfile_repo
 
-    keyfile = tmp_path / "repo.key"
-    keyfile.write_bytes(os.urandom(32))
-    keyfile.chmod(0o400)
-    monkeypatch.setenv("CBTFS_KEY_FILE", str(keyfile))
-    repo = new_repo_location(tmp_path, "enc")
-    repo_tool("init", "--encryption", "keyfile", repo)
+    repo = keyfile_repo(tmp_path, monkeypatch)
     disk, point, point_img = make_history(sim, repo, tmp_path)
     uuid = disk["uuid"]
     p = rollback(sim, repo, uuid, point)
