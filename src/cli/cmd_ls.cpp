@@ -1,4 +1,5 @@
 // cbtfs-repo ls / info: what the repository holds, for people and scripts.
+#include <cctype>
 #include <cstdio>
 #include <set>
 #include <nlohmann/json.hpp>
@@ -70,9 +71,11 @@ int cmd_info(const std::string& path, const std::string& only) {
   auto repo = open_repository(path);
   std::printf("repository  %s\nformat      cbtfs v%u, %u KiB blocks\n", repo->storage().describe().c_str(),
               repo->format(), kBlockSize / 1024);
-  if (repo->sealer())
-    std::printf("encryption  %s, %zu key slot(s)\n", repo->cipher() == Cipher::aes256_ocb ? "AES-256-OCB" : "AES-256-GCM",
-                repo->key_slots().size());
+  if (repo->sealer()) {
+    std::string cipher = cipher_name(repo->cipher());
+    for (auto& c : cipher) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+    std::printf("encryption  %s, %zu key slot(s)\n", cipher.c_str(), repo->key_slots().size());
+  }
   uint64_t total = 0, npoints = 0, nvdis = 0;
   for (auto& vdi : repo->vdis()) {
     if (!only.empty() && vdi != only) continue;

@@ -650,4 +650,3 @@ def test_a_pruned_point_put_back_or_the_newest_removed_is_found_by_verify(enc_re
     put_object(enc_repo, old_list[0].replace(old_list[0].split("/")[-1], "00000099.list"), old_list[1])
     v = repo_tool("verify", enc_repo, check=False)
     assert v.returncode == 1 and "does not open" in v.stdout, v.stdout
-
